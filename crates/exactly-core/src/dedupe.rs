@@ -1,0 +1,279 @@
+//! Dedupe rules as pure state machines. Adapters persist the same rules in tables;
+//! these are the reference the proptests pin down.
+
+use std::collections::{HashMap, VecDeque};
+
+use crate::key::IdempotencyKey;
+use crate::time::UnixMillis;
+
+/// What a dedupe rule says of one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// First sighting: apply the effect.
+    New,
+    /// Seen before: skip the effect (a dedupe hit).
+    Duplicate,
+}
+
+/// One high watermark for one (source, partition): constant space, for monotonic sequences.
+///
+/// Correct only if every key of the source reaches this partition in increasing order,
+/// which is the ordering invariant relays keep.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Watermark {
+    high: Option<u128>,
+}
+
+impl Watermark {
+    /// A watermark that has seen `high` already.
+    pub fn at(high: Option<u128>) -> Self {
+        Watermark { high }
+    }
+
+    /// The highest value applied.
+    pub fn high(&self) -> Option<u128> {
+        self.high
+    }
+
+    /// Accepts `value` only if it is above everything seen, and then moves up to it.
+    pub fn observe(&mut self, value: u128) -> Verdict {
+        match self.high {
+            Some(high) if value <= high => Verdict::Duplicate,
+            _ => {
+                self.high = Some(value);
+                Verdict::New
+            }
+        }
+    }
+}
+
+/// Every key seen within a retention window, for keys with no usable order (UUIDv4).
+#[derive(Debug, Clone)]
+pub struct KeySet {
+    retention_ms: i64,
+    seen: HashMap<IdempotencyKey, UnixMillis>,
+    by_time: VecDeque<(UnixMillis, IdempotencyKey)>,
+}
+
+impl KeySet {
+    /// An empty set that forgets keys `retention_ms` after they were recorded.
+    pub fn new(retention_ms: i64) -> Self {
+        KeySet {
+            retention_ms,
+            seen: HashMap::new(),
+            by_time: VecDeque::new(),
+        }
+    }
+
+    /// New keys are recorded at `now`; keys still retained are duplicates.
+    pub fn observe(&mut self, key: &IdempotencyKey, now: UnixMillis) -> Verdict {
+        self.expire(now);
+        if self.seen.contains_key(key) {
+            return Verdict::Duplicate;
+        }
+        self.seen.insert(key.clone(), now);
+        self.by_time.push_back((now, key.clone()));
+        Verdict::New
+    }
+
+    /// Forgets keys recorded more than the retention ago; returns how many.
+    pub fn expire(&mut self, now: UnixMillis) -> usize {
+        let cutoff = now.plus_ms(-self.retention_ms);
+        let mut forgotten = 0;
+        while let Some((at, _)) = self.by_time.front() {
+            if *at >= cutoff {
+                break;
+            }
+            if let Some((_, key)) = self.by_time.pop_front() {
+                self.seen.remove(&key);
+                forgotten += 1;
+            }
+        }
+        forgotten
+    }
+
+    /// Keys currently remembered.
+    pub fn len(&self) -> usize {
+        self.seen.len()
+    }
+
+    /// True when nothing is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.seen.is_empty()
+    }
+}
+
+/// How a consumer deduplicates, by key kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DedupePolicy {
+    /// How long key-set entries are kept.
+    pub retention_ms: i64,
+    /// Time-ordered keys older than this are refused. Must not exceed `retention_ms`:
+    /// a key accepted by the horizon whose record was already pruned would apply twice.
+    pub horizon_ms: i64,
+}
+
+impl Default for DedupePolicy {
+    fn default() -> Self {
+        const DAY: i64 = 24 * 60 * 60 * 1000;
+        DedupePolicy {
+            retention_ms: 7 * DAY,
+            horizon_ms: 7 * DAY,
+        }
+    }
+}
+
+/// A policy whose horizon outlives its retention.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("dedupe horizon ({horizon_ms} ms) exceeds key retention ({retention_ms} ms): old keys could be applied twice")]
+pub struct PolicyError {
+    /// The horizon asked for.
+    pub horizon_ms: i64,
+    /// The retention asked for.
+    pub retention_ms: i64,
+}
+
+/// Which store decides a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DedupeRoute {
+    /// Look the key up in the key set (insert-if-absent).
+    KeySet,
+    /// Compare with the watermark of this source (per topic and partition).
+    Watermark {
+        /// The sequence's source.
+        source: String,
+        /// The sequence value.
+        value: u128,
+    },
+    /// Refuse: a time-ordered key older than the horizon, reported instead of applied.
+    TooOld {
+        /// How old it is.
+        age_ms: i64,
+    },
+}
+
+impl DedupePolicy {
+    /// Checks the horizon/retention relation.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        if self.horizon_ms > self.retention_ms {
+            return Err(PolicyError {
+                horizon_ms: self.horizon_ms,
+                retention_ms: self.retention_ms,
+            });
+        }
+        Ok(())
+    }
+
+    /// Picks the rule for `key` at time `now`.
+    pub fn route(&self, key: &IdempotencyKey, now: UnixMillis) -> DedupeRoute {
+        if let IdempotencyKey::Sequence { source, value } = key {
+            return DedupeRoute::Watermark {
+                source: source.clone(),
+                value: *value,
+            };
+        }
+        match key.embedded_time() {
+            Some(at) if now.millis_since(at) > self.horizon_ms => DedupeRoute::TooOld {
+                age_ms: now.millis_since(at),
+            },
+            _ => DedupeRoute::KeySet,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use uuid::Uuid;
+
+    proptest! {
+        #[test]
+        fn watermark_never_accepts_a_key_at_or_below_itself(
+            start in proptest::option::of(any::<u128>()), values in proptest::collection::vec(any::<u128>(), 0..200)
+        ) {
+            let mut wm = Watermark::at(start);
+            for v in values {
+                let before = wm.high();
+                let verdict = wm.observe(v);
+                if let Some(high) = before {
+                    if v <= high {
+                        prop_assert_eq!(verdict, Verdict::Duplicate);
+                        prop_assert_eq!(wm.high(), before);
+                    }
+                }
+                if verdict == Verdict::New {
+                    prop_assert_eq!(wm.high(), Some(v));
+                }
+            }
+        }
+
+        #[test]
+        fn watermark_accepts_every_next_key_of_an_ordered_stream_with_repeats(
+            steps in proptest::collection::vec((1u128..1_000, 0usize..3), 1..200)
+        ) {
+            // An ordered stream where each key may be redelivered right after, or after a rewind.
+            let mut wm = Watermark::default();
+            let mut value = 0u128;
+            let mut sent: Vec<u128> = Vec::new();
+            let mut accepted = Vec::new();
+            for (gap, repeats) in steps {
+                value += gap;
+                sent.push(value);
+                if wm.observe(value) == Verdict::New { accepted.push(value); }
+                // A rewind resends a suffix of what was sent.
+                let from = sent.len().saturating_sub(repeats);
+                for v in sent[from..].iter().copied() {
+                    prop_assert_eq!(wm.observe(v), Verdict::Duplicate);
+                }
+            }
+            prop_assert_eq!(accepted, sent);
+        }
+
+        #[test]
+        fn key_set_applies_each_key_once_within_retention(
+            picks in proptest::collection::vec((0u8..20, 0i64..50), 1..300)
+        ) {
+            let mut set = KeySet::new(1_000_000);
+            let mut seen = std::collections::HashSet::new();
+            let mut now = UnixMillis(0);
+            for (k, dt) in picks {
+                now = now.plus_ms(dt);
+                let key = IdempotencyKey::UuidV4(Uuid::from_u128(u128::from(k)));
+                let expected = if seen.insert(k) { Verdict::New } else { Verdict::Duplicate };
+                prop_assert_eq!(set.observe(&key, now), expected);
+            }
+        }
+    }
+
+    #[test]
+    fn key_set_forgets_after_retention() {
+        let mut set = KeySet::new(100);
+        let key = IdempotencyKey::UuidV4(Uuid::from_u128(1));
+        assert_eq!(set.observe(&key, UnixMillis(0)), Verdict::New);
+        assert_eq!(set.observe(&key, UnixMillis(100)), Verdict::Duplicate);
+        assert_eq!(set.expire(UnixMillis(101)), 1);
+        assert!(set.is_empty());
+    }
+
+    #[test]
+    fn horizon_refuses_old_time_keys_only() {
+        let policy = DedupePolicy {
+            retention_ms: 1000,
+            horizon_ms: 500,
+        };
+        let now = UnixMillis(1_700_000_010_000);
+        let old = IdempotencyKey::new_v7_at(UnixMillis(now.0 - 501), [0; 10]);
+        let fresh = IdempotencyKey::new_v7_at(UnixMillis(now.0 - 499), [0; 10]);
+        assert_eq!(policy.route(&old, now), DedupeRoute::TooOld { age_ms: 501 });
+        assert_eq!(policy.route(&fresh, now), DedupeRoute::KeySet);
+        let v4 = IdempotencyKey::UuidV4(Uuid::from_u128(0x0123_4567_89ab_4def_8123_4567_89ab_cdef));
+        assert_eq!(policy.route(&v4, now), DedupeRoute::KeySet);
+        assert!(DedupePolicy {
+            retention_ms: 10,
+            horizon_ms: 11
+        }
+        .validate()
+        .is_err());
+    }
+}

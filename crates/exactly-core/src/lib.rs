@@ -1,0 +1,42 @@
+//! The pure rules of exactly: no sockets, no clocks, no files.
+//!
+//! - [`IdempotencyKey`]: the four key kinds (UUIDv4, UUIDv7, ULID, 128-bit sequence) and their
+//!   persisted text form.
+//! - [`Envelope`] and [`decode_record`]: an event and its strict header encoding.
+//! - [`dedupe`]: [`Watermark`], [`KeySet`] and the [`DedupePolicy`] that routes a key to one.
+//! - [`outbox`]: the row state machine NEW → SENDING → SENT | DEAD and its [`RetryPolicy`].
+//! - [`ports`]: the traits database adapters implement for relays and consumers.
+//!
+//! Time is always an argument ([`UnixMillis`]), so every rule is reproducible in tests.
+//!
+//! ```
+//! use exactly_core::{IdempotencyKey, Verdict, Watermark};
+//!
+//! let mut watermark = Watermark::default();
+//! assert_eq!(watermark.observe(exactly_core::lsn_sequence(0x100, 0)), Verdict::New);
+//! assert_eq!(watermark.observe(exactly_core::lsn_sequence(0x100, 1)), Verdict::New);
+//! // A redelivery after a relay rewind is recognised with one number of state.
+//! assert_eq!(watermark.observe(exactly_core::lsn_sequence(0x100, 0)), Verdict::Duplicate);
+//!
+//! let key: IdempotencyKey = "seq:00000000000001000000000000000001:pg:demo".parse().unwrap();
+//! assert_eq!(key.to_string(), "seq:00000000000001000000000000000001:pg:demo");
+//! ```
+
+pub mod dedupe;
+pub mod envelope;
+pub mod key;
+pub mod outbox;
+pub mod ports;
+pub mod record;
+pub mod time;
+
+pub use dedupe::{DedupePolicy, DedupeRoute, KeySet, Verdict, Watermark};
+pub use envelope::{decode_record, header, Delivery, Envelope, HeaderError};
+pub use key::{lsn_sequence, IdempotencyKey, KeyKind, KeyParseError};
+pub use outbox::{OutboxEvent, OutboxStatus, RetryPolicy, RowState};
+pub use ports::{
+    after_handler_error, AfterError, ApplyOutcome, ClaimRequest, Claimed, EffectStore, HandlerError, Inbound,
+    OutboxStats, OutboxStore, ParkReason, ParkedMessage, Settlement, StoreError,
+};
+pub use record::{KeyMode, OutboxRecord, RawRow, RowDefect};
+pub use time::UnixMillis;

@@ -1,0 +1,274 @@
+//! What the relay and the consumer loop need from a database, as traits the adapters implement.
+//!
+//! Both traits acknowledge only after the database write is durable (committed): the relay marks
+//! SENT after the broker's ack, and a consumer commits its Kafka offset only after `apply`
+//! returned. That order is what makes a crash at any point a redelivery, never a loss.
+
+use std::future::Future;
+use std::time::Duration;
+
+use crate::envelope::Delivery;
+use crate::outbox::{RetryPolicy, RowState};
+use crate::record::{KeyMode, OutboxRecord, RowDefect};
+use crate::time::UnixMillis;
+
+/// A database call failed. Adapters wrap their driver's error with what they were doing.
+#[derive(Debug, thiserror::Error)]
+#[error("{context}: {source}")]
+pub struct StoreError {
+    /// What the store was doing.
+    pub context: String,
+    /// The driver's error.
+    #[source]
+    pub source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl StoreError {
+    /// Wraps `source` with `context`.
+    pub fn new(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        StoreError {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+}
+
+/// What a relay asks for when it claims.
+#[derive(Debug, Clone)]
+pub struct ClaimRequest {
+    /// Who claims; failure marks are fenced on it, so a relay that lost its lease cannot
+    /// overwrite the next owner's state.
+    pub owner: String,
+    /// Batch size.
+    pub max_rows: usize,
+    /// Claim time.
+    pub now: UnixMillis,
+    /// Lease length.
+    pub lease_ms: i64,
+    /// How keys are derived.
+    pub keys: KeyMode,
+    /// Rows above this are DEAD at once.
+    pub max_payload_bytes: usize,
+}
+
+/// One claimed row: publishable, or malformed with the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimed {
+    /// Ready to publish.
+    Ready(OutboxRecord),
+    /// Never publishable.
+    Malformed {
+        /// Row id.
+        id: i64,
+        /// Failures so far.
+        retry_count: u32,
+        /// Why.
+        defect: RowDefect,
+    },
+}
+
+/// A row's new state after a publish attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settlement {
+    /// Row id.
+    pub id: i64,
+    /// State computed by [`RowState::apply`].
+    pub state: RowState,
+    /// Set for failures and DEAD rows.
+    pub last_error: Option<String>,
+}
+
+/// Outbox rows by status, and the age of the oldest unsent one.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutboxStats {
+    /// NEW rows.
+    pub new: u64,
+    /// SENDING rows.
+    pub sending: u64,
+    /// SENT rows.
+    pub sent: u64,
+    /// DEAD rows.
+    pub dead: u64,
+    /// Age of the oldest NEW row, 0 if none.
+    pub oldest_new_age_ms: i64,
+}
+
+/// The relay's side of an outbox table.
+pub trait OutboxStore: Send + Sync {
+    /// Takes up to `max_rows` claimable rows (NEW, or SENDING with an expired lease) in id order,
+    /// marks them SENDING with a lease, and returns them. A row whose aggregate has an earlier row
+    /// leased to another relay or waiting out a backoff is not claimed, so each aggregate's events
+    /// leave in order.
+    fn claim(&self, request: &ClaimRequest) -> impl Future<Output = Result<Vec<Claimed>, StoreError>> + Send;
+
+    /// Writes settlements in one transaction. Failure settlements apply only while `owner` still
+    /// holds the lease; SENT applies regardless (the record is on the topic either way).
+    fn settle(
+        &self,
+        owner: &str,
+        settlements: &[Settlement],
+        now: UnixMillis,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Counts for metrics and `exactly status`.
+    fn stats(&self, now: UnixMillis) -> impl Future<Output = Result<OutboxStats, StoreError>> + Send;
+
+    /// Waits until a new row may be there (a database notification) or `max_wait` passed.
+    fn wait_for_rows(&self, max_wait: Duration) -> impl Future<Output = ()> + Send;
+}
+
+/// A record as a consumer received it.
+#[derive(Debug, Clone, Copy)]
+pub struct Inbound<'a> {
+    /// Topic.
+    pub topic: &'a str,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// The decoded record.
+    pub delivery: &'a Delivery,
+    /// Receive time.
+    pub now: UnixMillis,
+}
+
+/// What a handler says went wrong.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandlerError {
+    /// May work later (a lock timeout, a downstream outage): roll back and retry with backoff.
+    #[error("retryable: {0}")]
+    Retryable(String),
+    /// Will never work (undecodable payload, unknown event type): park at once.
+    #[error("rejected: {0}")]
+    Rejected(String),
+}
+
+/// Result of one apply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ApplyOutcome {
+    /// Key recorded and effect committed in one transaction.
+    Applied,
+    /// Key already recorded: nothing done (a dedupe hit).
+    Duplicate,
+    /// The handler failed; its transaction was rolled back and the key not recorded.
+    Failed(HandlerError),
+}
+
+/// Why a message was parked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParkReason {
+    /// Headers missing, repeated or garbled, including the idempotency key.
+    BadHeaders,
+    /// A time-ordered key older than the dedupe horizon.
+    KeyTooOld,
+    /// The handler rejected the message.
+    Rejected,
+    /// The handler kept failing.
+    RetriesExhausted,
+}
+
+impl ParkReason {
+    /// The persisted code; pinned because parking tables store it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParkReason::BadHeaders => "bad_headers",
+            ParkReason::KeyTooOld => "key_too_old",
+            ParkReason::Rejected => "rejected",
+            ParkReason::RetriesExhausted => "retries_exhausted",
+        }
+    }
+}
+
+/// A message set aside with everything needed to inspect or replay it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParkedMessage {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+    /// Why.
+    pub reason: ParkReason,
+    /// The error in words.
+    pub detail: String,
+    /// The idempotency key header's text, if it was readable.
+    pub key_text: Option<String>,
+    /// The record's key bytes.
+    pub record_key: Option<Vec<u8>>,
+    /// Every header as received.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// The value as received.
+    pub payload: Option<Vec<u8>>,
+    /// When parked.
+    pub parked_at: UnixMillis,
+}
+
+/// The consumer's side of a database: dedupe record and effect in one transaction.
+pub trait EffectStore: Send + Sync {
+    /// In one transaction: records the key (or finds it there: [`ApplyOutcome::Duplicate`]),
+    /// runs the handler with that transaction, and commits. A handler error rolls back both.
+    fn apply(&self, inbound: Inbound<'_>) -> impl Future<Output = Result<ApplyOutcome, StoreError>> + Send;
+
+    /// Stores a parked message; parking the same (topic, partition, offset) twice keeps one row.
+    fn park(&self, message: &ParkedMessage) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// After a handler error on attempt `attempt` (1-based): retry after a delay, or park.
+/// The one place the consumer decides between the two.
+pub fn after_handler_error(error: &HandlerError, attempt: u32, policy: &RetryPolicy) -> AfterError {
+    match error {
+        HandlerError::Rejected(why) => AfterError::Park(ParkReason::Rejected, why.clone()),
+        HandlerError::Retryable(why) if attempt >= policy.max_retries => AfterError::Park(
+            ParkReason::RetriesExhausted,
+            format!("after {attempt} attempts: {why}"),
+        ),
+        HandlerError::Retryable(_) => AfterError::RetryAfter(Duration::from_millis(
+            policy.backoff_ms(attempt.saturating_sub(1)).max(0) as u64,
+        )),
+    }
+}
+
+/// The decision [`after_handler_error`] makes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterError {
+    /// Try the same message again after this delay.
+    RetryAfter(Duration),
+    /// Park it and move on.
+    Park(ParkReason, String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handler_errors_retry_then_park() {
+        let policy = RetryPolicy {
+            base_ms: 10,
+            max_backoff_ms: 1000,
+            max_retries: 3,
+        };
+        let retry = HandlerError::Retryable("locked".into());
+        assert_eq!(
+            after_handler_error(&retry, 1, &policy),
+            AfterError::RetryAfter(Duration::from_millis(10))
+        );
+        assert_eq!(
+            after_handler_error(&retry, 2, &policy),
+            AfterError::RetryAfter(Duration::from_millis(20))
+        );
+        assert!(matches!(
+            after_handler_error(&retry, 3, &policy),
+            AfterError::Park(ParkReason::RetriesExhausted, _)
+        ));
+        let reject = HandlerError::Rejected("bad json".into());
+        assert!(matches!(
+            after_handler_error(&reject, 1, &policy),
+            AfterError::Park(ParkReason::Rejected, _)
+        ));
+    }
+}
