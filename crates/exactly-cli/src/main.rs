@@ -1,1 +1,233 @@
-fn main() {}
+//! The `exactly` binary: argument parsing and wiring; the work is in the library crates.
+
+// In a binary crate `pub` only means visible to sibling modules.
+#![allow(unreachable_pub)]
+
+mod backend;
+mod broker;
+mod commands;
+mod demo;
+mod story;
+mod telemetry;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::commands::{ConsumeArgs, Database, RelayArgs};
+use crate::demo::{run_demo, DemoOptions};
+
+#[derive(Parser)]
+#[command(name = "exactly", version, about = "Exactly-once event delivery from a database outbox through Kafka")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum RelayMode {
+    /// Claim rows from the outbox table (NOTIFY wakes it on PostgreSQL).
+    Poll,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Keys {
+    /// The event's UUID (v7 by default): consumers keep a key set.
+    EventId,
+    /// A sequence assigned at claim time by one leader relay: consumers keep one watermark.
+    Sequence,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the order-service story end to end with faults, and reconcile.
+    Demo {
+        /// Events to commit.
+        #[arg(long, default_value_t = 10_000)]
+        events: u64,
+        /// Concurrent writers.
+        #[arg(long, default_value_t = 4)]
+        writers: usize,
+        /// Concurrent relays.
+        #[arg(long, default_value_t = 2)]
+        relays: usize,
+        /// postgres://… to run on PostgreSQL (a fresh database per run); default: SQLite files.
+        #[arg(long)]
+        database: Option<String>,
+        /// Use this broker instead of starting one.
+        #[arg(long, env = "EXACTLY_DEMO_BROKERS")]
+        brokers: Option<String>,
+        /// Where the SQLite files go (default: a new folder in the temp dir).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Turn off the injected crashes.
+        #[arg(long)]
+        no_faults: bool,
+        /// Seed of the workload and the fault schedule.
+        #[arg(long, default_value_t = 2)]
+        seed: u64,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 600)]
+        timeout_secs: u64,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Publish outbox rows to Kafka.
+    Relay {
+        #[arg(long, value_enum, default_value = "poll")]
+        mode: RelayMode,
+        /// postgres://… or a SQLite file.
+        #[arg(long, env = "EXACTLY_DATABASE")]
+        database: String,
+        #[arg(long, env = "EXACTLY_BROKERS")]
+        brokers: String,
+        #[arg(long, value_enum, default_value = "event-id")]
+        keys: Keys,
+        #[arg(long, default_value_t = 500)]
+        batch_size: usize,
+        /// How long a claim holds rows before another relay may take them.
+        #[arg(long, default_value_t = 30_000)]
+        lease_ms: i64,
+        /// Poll interval when no NOTIFY arrives.
+        #[arg(long, default_value_t = 500)]
+        poll_ms: u64,
+        /// Publish failures before a row is DEAD.
+        #[arg(long, default_value_t = 10)]
+        max_retries: u32,
+        /// Prometheus endpoint.
+        #[arg(long, default_value = "127.0.0.1:9464")]
+        metrics_addr: SocketAddr,
+        /// No metrics endpoint.
+        #[arg(long)]
+        no_metrics: bool,
+        /// Drain what is claimable, then exit.
+        #[arg(long)]
+        exit_when_idle: bool,
+        /// Test fault: SIGKILL this process after the N-th batch was acknowledged, before it is marked SENT.
+        #[arg(long, hide = true)]
+        kill_after_publish: Option<u64>,
+    },
+    /// Consume topics and apply each event once.
+    Consume {
+        #[arg(long, env = "EXACTLY_DATABASE")]
+        database: String,
+        #[arg(long, env = "EXACTLY_BROKERS")]
+        brokers: String,
+        #[arg(long)]
+        group: String,
+        #[arg(long = "topic", required = true)]
+        topics: Vec<String>,
+        /// record (a row per event in exactly_consumed), story-coupons, story-likes, story-products.
+        #[arg(long, default_value = "record")]
+        handler: String,
+        #[arg(long, default_value = "127.0.0.1:9465")]
+        metrics_addr: SocketAddr,
+        #[arg(long)]
+        no_metrics: bool,
+        /// Test fault: SIGKILL this process after the N-th effect committed, before its offset commit.
+        #[arg(long, hide = true)]
+        kill_after_apply: Option<u64>,
+    },
+    /// Outbox rows by status, oldest unsent row, parked messages.
+    Status {
+        #[arg(long, env = "EXACTLY_DATABASE")]
+        database: String,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("EXACTLY_LOG").unwrap_or_else(|_| "warn,rdkafka=error".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("exactly: cannot start the runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("exactly: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Demo { events, writers, relays, database, brokers, dir, no_faults, seed, timeout_secs, quiet } => {
+            let report = run_demo(DemoOptions {
+                events,
+                writers: writers.max(1),
+                relays: relays.max(1),
+                database,
+                brokers,
+                dir,
+                faults: !no_faults,
+                seed,
+                timeout: Duration::from_secs(timeout_secs),
+                quiet,
+            })
+            .await?;
+            report.print();
+            Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Relay {
+            mode: RelayMode::Poll,
+            database,
+            brokers,
+            keys,
+            batch_size,
+            lease_ms,
+            poll_ms,
+            max_retries,
+            metrics_addr,
+            no_metrics,
+            exit_when_idle,
+            kill_after_publish,
+        } => {
+            commands::relay(RelayArgs {
+                database: Database::parse(&database),
+                brokers,
+                sequence_keys: keys == Keys::Sequence,
+                batch_size,
+                lease_ms,
+                poll_ms,
+                max_retries,
+                metrics: (!no_metrics).then_some(metrics_addr),
+                kill_after_publish,
+                exit_when_idle,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Consume { database, brokers, group, topics, handler, metrics_addr, no_metrics, kill_after_apply } => {
+            commands::consume(ConsumeArgs {
+                database: Database::parse(&database),
+                brokers,
+                group,
+                topics,
+                handler,
+                metrics: (!no_metrics).then_some(metrics_addr),
+                kill_after_apply,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { database } => {
+            commands::status(Database::parse(&database)).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

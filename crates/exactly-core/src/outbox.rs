@@ -4,6 +4,7 @@
 //! NEW ──claim──▶ SENDING ──ack──▶ SENT
 //!  ▲               │ fail (retries left): retry_count+1, next_retry_at = now + backoff
 //!  └───────────────┘
+//!  └─── release (lease given back unsent, no retry used)
 //!                  │ fail (no retries left) or malformed row
 //!                  ▼
 //!                 DEAD ──requeue (operator)──▶ NEW
@@ -113,6 +114,12 @@ pub enum OutboxEvent {
     },
     /// The row cannot ever be published (malformed); no retry helps.
     Reject,
+    /// The relay gives its lease back without trying (an earlier record of the batch failed and
+    /// the rest must wait behind it); costs no retry.
+    Release {
+        /// When.
+        now: UnixMillis,
+    },
     /// An operator sends a DEAD row again.
     Requeue {
         /// When.
@@ -188,6 +195,7 @@ impl RowState {
                 }
             }
             (New | Sending, OutboxEvent::Reject) => Ok(RowState { status: Dead, ..self }),
+            (Sending, OutboxEvent::Release { now }) => Ok(RowState { status: New, next_retry_at: now, ..self }),
             (Dead, OutboxEvent::Requeue { now }) => Ok(RowState::new(now)),
             _ => refuse,
         }
@@ -208,6 +216,7 @@ mod tests {
             Just(OutboxEvent::Ack),
             (0i64..1000).prop_map(|n| OutboxEvent::Fail { now: UnixMillis(n) }),
             Just(OutboxEvent::Reject),
+            (0i64..1000).prop_map(|n| OutboxEvent::Release { now: UnixMillis(n) }),
             (0i64..1000).prop_map(|n| OutboxEvent::Requeue { now: UnixMillis(n) }),
         ]
     }

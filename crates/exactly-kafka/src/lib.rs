@@ -1,1 +1,21 @@
-//! placeholder
+//! Kafka side of exactly, on rdkafka (librdkafka).
+//!
+//! - [`Relay`] moves outbox rows to topics: claim, publish in claim order with acks=all and
+//!   idempotence (Kafka key = aggregate id), mark SENT only after the ack.
+//! - [`IdempotentConsumer`] reads with manual offsets and applies each record once through an
+//!   [`exactly_core::EffectStore`], committing the offset only after the effect committed.
+//! - [`Faults`] are crash points for tests and the demo.
+
+mod admin;
+mod config;
+mod consumer;
+mod error;
+mod faults;
+mod relay;
+
+pub use admin::ensure_topics;
+pub use config::{consumer_config, producer_config};
+pub use consumer::{ConsumerConfig, ConsumerCounters, IdempotentConsumer};
+pub use error::KafkaFlowError;
+pub use faults::{FaultPoint, Faults};
+pub use relay::{now, BatchReport, Relay, RelayConfig, RelayCounters};

@@ -1,1 +1,20 @@
-//! placeholder
+//! PostgreSQL adapter of exactly.
+//!
+//! - [`enqueue`] writes an outbox row inside the caller's own transaction (or see
+//!   [`migrations`] for the plain-SQL insert any language can use).
+//! - [`PgOutbox`] is the relay's [`exactly_core::OutboxStore`]: claims with
+//!   `FOR UPDATE SKIP LOCKED`, wakes on the outbox trigger's NOTIFY, settles after acks; in
+//!   sequence-key mode one leader (session advisory lock) assigns sequences at claim time.
+//! - [`PgEffects`] is a consumer's [`exactly_core::EffectStore`]: the dedupe record and the
+//!   [`PgHandler`]'s writes commit in one transaction; parked messages keep their bytes.
+
+mod db;
+mod effects;
+mod error;
+pub mod migrations;
+mod outbox;
+
+pub use db::connect;
+pub use effects::{PgEffects, PgHandler};
+pub use error::PgError;
+pub use outbox::{enqueue, outbox_stats, PgOutbox};

@@ -1,1 +1,21 @@
-//! placeholder
+//! SQLite adapter of exactly, the embedded default.
+//!
+//! - [`enqueue`] writes an outbox row inside the caller's own transaction.
+//! - [`SqliteOutbox`] is the relay's [`exactly_core::OutboxStore`]: claims under `BEGIN IMMEDIATE`
+//!   (SQLite's one writer makes claims by several relays serialize), settles after acks.
+//! - [`SqliteEffects`] is a consumer's [`exactly_core::EffectStore`]: the dedupe record and the
+//!   [`SqliteHandler`]'s writes commit in one transaction; parked messages keep their bytes.
+//!
+//! Tables: `outbox`, `exactly_processed` (key set), `exactly_watermarks`, `exactly_parked`
+//! (see [`migrations`]).
+
+mod db;
+mod effects;
+mod error;
+pub mod migrations;
+mod outbox;
+
+pub use db::open;
+pub use effects::{SqliteEffects, SqliteHandler};
+pub use error::SqliteError;
+pub use outbox::{enqueue, SqliteOutbox};

@@ -1,0 +1,247 @@
+//! `exactly relay`, `exactly consume`, `exactly status`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use exactly_core::{Delivery, EffectStore, HandlerError, KeyMode, OutboxStore};
+use exactly_kafka::{ConsumerConfig, FaultPoint, Faults, IdempotentConsumer, Relay, RelayConfig};
+use exactly_postgres::{PgEffects, PgHandler, PgOutbox};
+use exactly_sqlite::{SqliteEffects, SqliteHandler, SqliteOutbox};
+use futures::future::BoxFuture;
+use tokio::sync::watch;
+
+use crate::backend::StoryHandler;
+use crate::story::StoryConsumer;
+use crate::telemetry::{outbox_gauges, serve_metrics};
+
+/// A database argument: a `postgres://` URL or a SQLite file path.
+#[derive(Debug, Clone)]
+pub enum Database {
+    Postgres(String),
+    Sqlite(PathBuf),
+}
+
+impl Database {
+    pub fn parse(text: &str) -> Database {
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            Database::Postgres(text.to_owned())
+        } else {
+            Database::Sqlite(PathBuf::from(text.strip_prefix("sqlite://").unwrap_or(text)))
+        }
+    }
+}
+
+/// Stops on SIGINT/SIGTERM.
+pub fn stop_on_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+        }
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+/// Kills this process with SIGKILL at the `n`-th time `point` is reached: a real crash, no
+/// destructors, no flush, for tests.
+pub fn kill_at(point: FaultPoint, n: Option<u64>) -> Faults {
+    let Some(n) = n else { return Faults::none() };
+    let seen = std::sync::atomic::AtomicU64::new(0);
+    Faults::new(move |p| {
+        if p == point && seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == n {
+            let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
+            std::thread::sleep(Duration::from_secs(5));
+        }
+        false
+    })
+}
+
+pub struct RelayArgs {
+    pub database: Database,
+    pub brokers: String,
+    pub sequence_keys: bool,
+    pub batch_size: usize,
+    pub lease_ms: i64,
+    pub poll_ms: u64,
+    pub max_retries: u32,
+    pub metrics: Option<SocketAddr>,
+    pub kill_after_publish: Option<u64>,
+    pub exit_when_idle: bool,
+}
+
+pub async fn relay(args: RelayArgs) -> Result<()> {
+    if let Some(addr) = args.metrics {
+        serve_metrics(addr)?;
+    }
+    let mut config = RelayConfig::new(&args.brokers);
+    config.batch_size = args.batch_size;
+    config.lease_ms = args.lease_ms;
+    config.poll_interval = Duration::from_millis(args.poll_ms);
+    config.retry.max_retries = args.max_retries;
+    let faults = kill_at(FaultPoint::RelayAfterPublishBeforeSettle, args.kill_after_publish);
+    match args.database {
+        Database::Sqlite(path) => {
+            if args.sequence_keys {
+                bail!("--keys sequence needs PostgreSQL: on SQLite use event-id keys");
+            }
+            if args.metrics.is_some() {
+                let gauges = SqliteOutbox::open(&path)?;
+                tokio::spawn(async move { outbox_gauges(&gauges, Duration::from_secs(1)).await });
+            }
+            run_relay(SqliteOutbox::open(&path)?, config, faults, args.exit_when_idle).await
+        }
+        Database::Postgres(url) => {
+            let store = if args.sequence_keys {
+                let store = PgOutbox::connect_as_sequence_leader(&url, Duration::from_millis(500)).await?;
+                config.keys = KeyMode::Sequence { source: store.sequence_source().await? };
+                store
+            } else {
+                PgOutbox::connect(&url).await?
+            };
+            if args.metrics.is_some() {
+                let gauges = PgOutbox::connect(&url).await?;
+                tokio::spawn(async move { outbox_gauges(&gauges, Duration::from_secs(1)).await });
+            }
+            run_relay(store, config, faults, args.exit_when_idle).await
+        }
+    }
+}
+
+async fn run_relay<S: OutboxStore + 'static>(store: S, config: RelayConfig, faults: Faults, exit_when_idle: bool) -> Result<()> {
+    let mut relay = Relay::new(store, config)?.with_faults(faults);
+    if exit_when_idle {
+        // For scripts and tests: drain what is claimable now, then stop.
+        while relay.run_once().await?.claimed > 0 {}
+        relay.flush(Duration::from_secs(10));
+        return Ok(());
+    }
+    let stop = stop_on_signal();
+    relay.run(stop).await.context("relay stopped")
+}
+
+/// The built-in handler of `exactly consume --handler record`: one row per event in
+/// `exactly_consumed`, payload required to be JSON (anything else is parked as undecodable).
+#[derive(Debug, Clone, Copy)]
+pub struct RecordHandler;
+
+pub const RECORD_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS exactly_consumed (
+    consumer TEXT NOT NULL, event_id TEXT NOT NULL, event_type TEXT NOT NULL, aggregate_id TEXT NOT NULL,
+    occurred_at BIGINT NOT NULL, payload TEXT NOT NULL, applied_seq BIGINT NOT NULL)";
+
+fn decode_json(delivery: &Delivery) -> Result<String, HandlerError> {
+    let text = std::str::from_utf8(&delivery.envelope.payload)
+        .map_err(|e| HandlerError::Rejected(format!("payload is not UTF-8: {e}")))?;
+    serde_json::from_str::<serde_json::Value>(text).map_err(|e| HandlerError::Rejected(format!("payload is not JSON: {e}")))?;
+    Ok(text.to_owned())
+}
+
+const RECORD_INSERT: &str = "INSERT INTO exactly_consumed (consumer, event_id, event_type, aggregate_id, occurred_at, payload, applied_seq)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT COUNT(*) FROM exactly_consumed))";
+
+impl SqliteHandler for RecordHandler {
+    fn handle(&self, tx: &rusqlite::Transaction<'_>, d: &Delivery) -> Result<(), HandlerError> {
+        let payload = decode_json(d)?;
+        let e = &d.envelope;
+        tx.execute(
+            RECORD_INSERT,
+            rusqlite::params!["record", e.event_id.hyphenated().to_string(), e.event_type, e.aggregate_id, e.occurred_at.0, payload],
+        )
+        .map_err(|e| HandlerError::Retryable(e.to_string()))?;
+        Ok(())
+    }
+}
+
+impl PgHandler for RecordHandler {
+    fn handle<'a>(&'a self, tx: &'a tokio_postgres::Transaction<'a>, d: &'a Delivery) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let payload = decode_json(d)?;
+            let e = &d.envelope;
+            tx.execute(
+                &crate::story::pg_placeholders(RECORD_INSERT),
+                &[&"record", &e.event_id.hyphenated().to_string(), &e.event_type, &e.aggregate_id, &e.occurred_at.0, &payload],
+            )
+            .await
+            .map_err(|e| HandlerError::Retryable(e.to_string()))?;
+            Ok(())
+        })
+    }
+}
+
+pub struct ConsumeArgs {
+    pub database: Database,
+    pub brokers: String,
+    pub group: String,
+    pub topics: Vec<String>,
+    pub handler: String,
+    pub metrics: Option<SocketAddr>,
+    pub kill_after_apply: Option<u64>,
+}
+
+pub async fn consume(args: ConsumeArgs) -> Result<()> {
+    if let Some(addr) = args.metrics {
+        serve_metrics(addr)?;
+    }
+    let topics: Vec<&str> = args.topics.iter().map(String::as_str).collect();
+    let config = ConsumerConfig::new(&args.brokers, &args.group, &topics);
+    let faults = kill_at(FaultPoint::ConsumerAfterApplyBeforeOffsetCommit, args.kill_after_apply);
+    let stop = stop_on_signal();
+    let consumer_name = args.group.clone();
+    match (&args.database, args.handler.as_str()) {
+        (Database::Sqlite(path), "record") => {
+            exactly_sqlite::open(path)?.execute_batch(RECORD_SCHEMA)?;
+            run_consumer(SqliteEffects::open(path, &consumer_name, RecordHandler)?, config, faults, stop).await
+        }
+        (Database::Postgres(url), "record") => {
+            exactly_postgres::connect(url).await?.batch_execute(RECORD_SCHEMA).await?;
+            run_consumer(PgEffects::connect(url, &consumer_name, RecordHandler).await?, config, faults, stop).await
+        }
+        (database, name) => {
+            let story = name
+                .strip_prefix("story-")
+                .and_then(StoryConsumer::parse)
+                .with_context(|| format!("unknown handler {name:?}: use record, story-coupons, story-likes or story-products"))?;
+            match database {
+                Database::Sqlite(path) => {
+                    exactly_sqlite::open(path)?.execute_batch(crate::story::CONSUMER_SCHEMA)?;
+                    run_consumer(SqliteEffects::open(path, story.name(), StoryHandler(story))?, config, faults, stop).await
+                }
+                Database::Postgres(url) => {
+                    exactly_postgres::connect(url).await?.batch_execute(crate::story::CONSUMER_SCHEMA).await?;
+                    run_consumer(PgEffects::connect(url, story.name(), StoryHandler(story)).await?, config, faults, stop).await
+                }
+            }
+        }
+    }
+}
+
+async fn run_consumer<S: EffectStore>(store: S, config: ConsumerConfig, faults: Faults, stop: watch::Receiver<bool>) -> Result<()> {
+    let consumer = IdempotentConsumer::new(store, config)?.with_faults(faults);
+    consumer.run(stop).await.context("consumer stopped")
+}
+
+pub async fn status(database: Database) -> Result<()> {
+    let now = exactly_kafka::now();
+    let (stats, parked) = match database {
+        Database::Sqlite(path) => {
+            let conn = exactly_sqlite::open(&path)?;
+            let store = SqliteOutbox::open(&path)?;
+            let parked: i64 = conn.query_row("SELECT COUNT(*) FROM exactly_parked", [], |r| r.get(0))?;
+            (store.stats(now).await?, parked)
+        }
+        Database::Postgres(url) => {
+            let mut client = exactly_postgres::connect(&url).await?;
+            exactly_postgres::migrations::migrate(&mut client).await?;
+            let parked: i64 = client.query_one("SELECT COUNT(*) FROM exactly_parked", &[]).await?.get(0);
+            (exactly_postgres::outbox_stats(&client, now).await?, parked)
+        }
+    };
+    println!("outbox   NEW {}  SENDING {}  SENT {}  DEAD {}", stats.new, stats.sending, stats.sent, stats.dead);
+    println!("oldest NEW row: {:.1} s", stats.oldest_new_age_ms as f64 / 1000.0);
+    println!("parked messages: {parked}");
+    Ok(())
+}

@@ -1,0 +1,39 @@
+//! Client settings exactly depends on, in one place.
+
+use rdkafka::ClientConfig;
+
+/// A producer that cannot duplicate or reorder on its own retries: acks from every in-sync
+/// replica, idempotence on (which also caps in-flight requests at 5 and keeps order).
+/// `gapless` asks librdkafka to fail fatally rather than leave a gap in a partition, which
+/// sequence keys need (a gap followed by a resend would put a lower key after a higher one).
+pub fn producer_config(brokers: &str, gapless: bool) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "30000")
+        .set("queue.buffering.max.messages", "200000");
+    if gapless {
+        config.set("enable.gapless.guarantee", "true");
+    }
+    config
+}
+
+/// A consumer that commits only what the application committed: no auto commit, start from
+/// the earliest record when the group has no offset, read only committed transactions.
+pub fn consumer_config(brokers: &str, group_id: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .set("session.timeout.ms", "6000")
+        .set("max.poll.interval.ms", "10000")
+        .set("heartbeat.interval.ms", "1000");
+    config
+}

@@ -1,0 +1,259 @@
+//! The idempotent consumer loop.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use exactly_core::{
+    after_handler_error, decode_record, header, AfterError, ApplyOutcome, DedupePolicy, DedupeRoute, EffectStore,
+    Inbound, ParkReason, ParkedMessage, RetryPolicy,
+};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use crate::config::consumer_config;
+use crate::error::KafkaFlowError;
+use crate::faults::{FaultPoint, Faults};
+use crate::relay::now;
+
+/// How a consumer runs.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// bootstrap.servers.
+    pub brokers: String,
+    /// Consumer group.
+    pub group_id: String,
+    /// Topics to subscribe to.
+    pub topics: Vec<String>,
+    /// Key-set retention and time horizon.
+    pub dedupe: DedupePolicy,
+    /// Handler retries before parking.
+    pub retry: RetryPolicy,
+    /// How often processed offsets are committed (they are safe to commit late: a redelivery
+    /// is a dedupe hit).
+    pub commit_interval: Duration,
+}
+
+impl ConsumerConfig {
+    /// Defaults for a group on `topics`.
+    pub fn new(brokers: &str, group_id: &str, topics: &[&str]) -> Self {
+        ConsumerConfig {
+            brokers: brokers.to_owned(),
+            group_id: group_id.to_owned(),
+            topics: topics.iter().map(|t| (*t).to_owned()).collect(),
+            dedupe: DedupePolicy::default(),
+            retry: RetryPolicy { base_ms: 50, max_backoff_ms: 2_000, max_retries: 5 },
+            commit_interval: Duration::from_millis(200),
+        }
+    }
+}
+
+/// Counters a caller can read while the consumer runs.
+#[derive(Debug, Default)]
+pub struct ConsumerCounters {
+    /// Records received, repeats included.
+    pub delivered: AtomicU64,
+    /// Effects committed.
+    pub applied: AtomicU64,
+    /// Repeats recognised and skipped.
+    pub duplicates: AtomicU64,
+    /// Records parked.
+    pub parked: AtomicU64,
+}
+
+/// Reads `topics` and applies each record once through `store`.
+///
+/// Per record: decode strictly (bad headers → park), check the key's age (too old → park), then
+/// one database transaction records the key and runs the handler; only after it committed is
+/// the offset eligible for commit. Handler errors retry with backoff, then park. Database
+/// errors are retried without end: they are not the record's fault, and skipping would lose it.
+pub struct IdempotentConsumer<S> {
+    store: S,
+    config: ConsumerConfig,
+    consumer: StreamConsumer,
+    faults: Faults,
+    counters: Arc<ConsumerCounters>,
+}
+
+impl<S: EffectStore> IdempotentConsumer<S> {
+    /// Joins the group and subscribes.
+    pub fn new(store: S, config: ConsumerConfig) -> Result<Self, KafkaFlowError> {
+        config.dedupe.validate().map_err(|e| {
+            KafkaFlowError::Store(exactly_core::StoreError::new("dedupe policy", e))
+        })?;
+        let consumer: StreamConsumer =
+            consumer_config(&config.brokers, &config.group_id).create().map_err(KafkaFlowError::at("create consumer"))?;
+        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics).map_err(KafkaFlowError::at("subscribe"))?;
+        Ok(IdempotentConsumer { store, config, consumer, faults: Faults::none(), counters: Arc::default() })
+    }
+
+    /// Adds fault points (tests, demo).
+    pub fn with_faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// Shares counters with the caller.
+    pub fn with_counters(mut self, counters: Arc<ConsumerCounters>) -> Self {
+        self.counters = counters;
+        self
+    }
+
+    /// Consumes until `stop` turns true, then commits what was processed.
+    pub async fn run(&self, mut stop: watch::Receiver<bool>) -> Result<(), KafkaFlowError> {
+        let mut pending: HashMap<(String, i32), i64> = HashMap::new();
+        let mut last_commit = Instant::now();
+        loop {
+            let message = tokio::select! {
+                m = self.consumer.recv() => m,
+                _ = stop.changed() => break,
+                _ = tokio::time::sleep(self.config.commit_interval) => {
+                    self.commit(&mut pending);
+                    last_commit = Instant::now();
+                    continue;
+                }
+            };
+            let message = match message {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!("consumer error (retrying): {e}");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            };
+            self.handle(&message, &mut stop).await?;
+            if self.faults.fires(FaultPoint::ConsumerAfterApplyBeforeOffsetCommit) {
+                return Err(KafkaFlowError::InjectedCrash(FaultPoint::ConsumerAfterApplyBeforeOffsetCommit));
+            }
+            pending.insert((message.topic().to_owned(), message.partition()), message.offset() + 1);
+            if last_commit.elapsed() >= self.config.commit_interval {
+                self.commit(&mut pending);
+                last_commit = Instant::now();
+            }
+        }
+        self.commit(&mut pending);
+        Ok(())
+    }
+
+    fn commit(&self, pending: &mut HashMap<(String, i32), i64>) {
+        if pending.is_empty() {
+            return;
+        }
+        let mut list = TopicPartitionList::new();
+        for ((topic, partition), offset) in pending.drain() {
+            if list.add_partition_offset(&topic, partition, Offset::Offset(offset)).is_err() {
+                tracing::warn!("cannot commit offset {offset} of {topic}/{partition}");
+            }
+        }
+        // A failed commit (for example after a rebalance) only means a redelivery later, which
+        // the dedupe record absorbs.
+        if let Err(e) = self.consumer.commit(&list, CommitMode::Sync) {
+            tracing::debug!("offset commit failed (records will redeliver and dedupe): {e}");
+        }
+    }
+
+    async fn handle(&self, message: &BorrowedMessage<'_>, stop: &mut watch::Receiver<bool>) -> Result<(), KafkaFlowError> {
+        self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("exactly_consumer_delivered_total").increment(1);
+        let headers: Vec<(&str, Option<&[u8]>)> = message
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
+            .unwrap_or_default();
+        let payload = message.payload().unwrap_or_default();
+        let delivery = match decode_record(headers.iter().copied(), payload) {
+            Ok(d) => d,
+            Err(e) => return self.park(message, ParkReason::BadHeaders, e.to_string()).await,
+        };
+        let received_at = now();
+        if let DedupeRoute::TooOld { age_ms } = self.config.dedupe.route(&delivery.key, received_at) {
+            let detail = format!(
+                "key {} is {age_ms} ms old, beyond the dedupe horizon of {} ms",
+                delivery.key, self.config.dedupe.horizon_ms
+            );
+            return self.park(message, ParkReason::KeyTooOld, detail).await;
+        }
+        let inbound = Inbound {
+            topic: message.topic(),
+            partition: message.partition(),
+            offset: message.offset(),
+            delivery: &delivery,
+            now: received_at,
+        };
+        let mut attempt = 0u32;
+        let mut store_failures = 0u32;
+        loop {
+            match self.store.apply(inbound).await {
+                Ok(ApplyOutcome::Applied) => {
+                    self.counters.applied.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("exactly_consumer_applied_total").increment(1);
+                    return Ok(());
+                }
+                Ok(ApplyOutcome::Duplicate) => {
+                    self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("exactly_consumer_dedupe_hits_total").increment(1);
+                    return Ok(());
+                }
+                Ok(ApplyOutcome::Failed(error)) => {
+                    attempt += 1;
+                    match after_handler_error(&error, attempt, &self.config.retry) {
+                        AfterError::RetryAfter(delay) => tokio::time::sleep(delay).await,
+                        AfterError::Park(reason, detail) => return self.park(message, reason, detail).await,
+                    }
+                }
+                Err(e) => {
+                    store_failures += 1;
+                    tracing::warn!("database error applying {}/{}@{} (retrying): {e}", message.topic(), message.partition(), message.offset());
+                    let delay = self.config.retry.backoff_ms(store_failures.min(10)).max(0) as u64;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                        _ = stop.changed() => return Err(KafkaFlowError::Store(e)),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn park(&self, message: &BorrowedMessage<'_>, reason: ParkReason, detail: String) -> Result<(), KafkaFlowError> {
+        let headers: Vec<(String, Option<Vec<u8>>)> = message
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect())
+            .unwrap_or_default();
+        let key_text = headers
+            .iter()
+            .find(|(n, _)| n == header::KEY)
+            .and_then(|(_, v)| v.as_deref())
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        let parked = ParkedMessage {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            reason,
+            detail,
+            key_text,
+            record_key: message.key().map(<[u8]>::to_vec),
+            headers,
+            payload: message.payload().map(<[u8]>::to_vec),
+            parked_at: now(),
+        };
+        tracing::warn!("parked {}/{}@{}: {}: {}", parked.topic, parked.partition, parked.offset, reason.as_str(), parked.detail);
+        let mut failures = 0u32;
+        loop {
+            match self.store.park(&parked).await {
+                Ok(()) => break,
+                Err(e) if failures < 20 => {
+                    failures += 1;
+                    tracing::warn!("database error parking (retrying): {e}");
+                    tokio::time::sleep(Duration::from_millis(100 * u64::from(failures))).await;
+                }
+                Err(e) => return Err(KafkaFlowError::Store(e)),
+            }
+        }
+        self.counters.parked.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("exactly_consumer_parked_total", "reason" => reason.as_str()).increment(1);
+        Ok(())
+    }
+}

@@ -1,0 +1,30 @@
+use exactly_core::StoreError;
+use rdkafka::error::KafkaError;
+
+/// A relay or consumer stopped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KafkaFlowError {
+    /// Creating or using a Kafka client failed.
+    #[error("kafka: {context}: {source}")]
+    Kafka {
+        /// What was being done.
+        context: &'static str,
+        /// The client's error.
+        #[source]
+        source: KafkaError,
+    },
+    /// The database failed in a way retrying did not fix.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A fault point fired (tests and the demo simulate a crash this way).
+    #[error("injected crash at {0:?}")]
+    InjectedCrash(crate::FaultPoint),
+}
+
+impl KafkaFlowError {
+    /// For `map_err`: wraps a client error with what was being done.
+    pub fn at(context: &'static str) -> impl Fn(KafkaError) -> KafkaFlowError {
+        move |source| KafkaFlowError::Kafka { context, source }
+    }
+}

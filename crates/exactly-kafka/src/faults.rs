@@ -1,0 +1,40 @@
+//! Fault points: places where a test or the demo can make a relay or consumer stop dead, as if
+//! the process were killed there. Each point sits where a crash is the most dangerous.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// Where a crash is simulated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FaultPoint {
+    /// Relay: some records of a batch were acknowledged, none marked SENT yet.
+    RelayAfterPublishBeforeSettle,
+    /// Consumer: the effect committed, the offset not yet.
+    ConsumerAfterApplyBeforeOffsetCommit,
+}
+
+/// Decides at each fault point whether to crash there.
+#[derive(Clone, Default)]
+pub struct Faults(Option<Arc<dyn Fn(FaultPoint) -> bool + Send + Sync>>);
+
+impl Faults {
+    /// No faults.
+    pub fn none() -> Self {
+        Faults(None)
+    }
+
+    /// Crash wherever `decide` says so.
+    pub fn new(decide: impl Fn(FaultPoint) -> bool + Send + Sync + 'static) -> Self {
+        Faults(Some(Arc::new(decide)))
+    }
+
+    pub(crate) fn fires(&self, point: FaultPoint) -> bool {
+        self.0.as_ref().is_some_and(|decide| decide(point))
+    }
+}
+
+impl fmt::Debug for Faults {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() { "Faults(on)" } else { "Faults(none)" })
+    }
+}

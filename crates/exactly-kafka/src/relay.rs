@@ -1,0 +1,263 @@
+//! The polling relay: claim, publish in order, settle after acks.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use exactly_core::{
+    ClaimRequest, Claimed, KeyMode, OutboxEvent, OutboxRecord, OutboxStatus, OutboxStore, RetryPolicy,
+    RowState, Settlement, UnixMillis,
+};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tokio::sync::watch;
+
+use crate::config::producer_config;
+use crate::error::KafkaFlowError;
+use crate::faults::{FaultPoint, Faults};
+
+/// How a relay runs.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// bootstrap.servers.
+    pub brokers: String,
+    /// This relay's name in `lease_owner`; unique per process.
+    pub owner: String,
+    /// Rows per claim.
+    pub batch_size: usize,
+    /// How long a claim is held before another relay may take the rows.
+    pub lease_ms: i64,
+    /// Longest sleep between claims when no notification arrives.
+    pub poll_interval: Duration,
+    /// How record keys are derived.
+    pub keys: KeyMode,
+    /// Rows with larger payloads are DEAD.
+    pub max_payload_bytes: usize,
+    /// Backoff and retry budget for publish failures.
+    pub retry: RetryPolicy,
+}
+
+impl RelayConfig {
+    /// Defaults for `brokers`, with a unique owner name.
+    pub fn new(brokers: &str) -> Self {
+        RelayConfig {
+            brokers: brokers.to_owned(),
+            owner: format!("relay-{}-{}", std::process::id(), uuid_suffix()),
+            batch_size: 500,
+            lease_ms: 30_000,
+            poll_interval: Duration::from_millis(500),
+            keys: KeyMode::EventId,
+            max_payload_bytes: exactly_core::record::DEFAULT_MAX_PAYLOAD_BYTES,
+            retry: RetryPolicy::default(),
+        }
+    }
+}
+
+fn uuid_suffix() -> String {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    format!("{nanos:08x}")
+}
+
+/// The wall clock as the core's time type; only runtimes read clocks.
+pub fn now() -> UnixMillis {
+    UnixMillis(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0))
+}
+
+/// Counters a caller can read while the relay runs.
+#[derive(Debug, Default)]
+pub struct RelayCounters {
+    /// Records acknowledged by the broker (re-publishes included).
+    pub published: AtomicU64,
+    /// Publish attempts that failed.
+    pub failed: AtomicU64,
+    /// Rows marked DEAD.
+    pub dead: AtomicU64,
+}
+
+/// Outcome of one claim-publish-settle round.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Rows claimed.
+    pub claimed: usize,
+    /// Acknowledged and marked SENT.
+    pub sent: usize,
+    /// Failed, back to NEW with a backoff.
+    pub retrying: usize,
+    /// Marked DEAD.
+    pub dead: usize,
+}
+
+/// Moves outbox rows to Kafka. Every record is keyed by its aggregate id, so one aggregate's
+/// events share a partition, and published in claim order.
+///
+/// Delivery guarantee: at-least-once into the topic. A crash after the broker's ack and before
+/// the SENT mark republishes the rows when their lease expires; consumers drop the repeats by key.
+pub struct Relay<S> {
+    store: S,
+    config: RelayConfig,
+    producer: FutureProducer,
+    faults: Faults,
+    counters: Arc<RelayCounters>,
+}
+
+impl<S: OutboxStore> Relay<S> {
+    /// A relay over `store`; creates its producer.
+    pub fn new(store: S, config: RelayConfig) -> Result<Self, KafkaFlowError> {
+        let producer = new_producer(&config)?;
+        Ok(Relay { store, config, producer, faults: Faults::none(), counters: Arc::default() })
+    }
+
+    /// Adds fault points (tests, demo).
+    pub fn with_faults(mut self, faults: Faults) -> Self {
+        self.faults = faults;
+        self
+    }
+
+    /// Shares counters with the caller.
+    pub fn with_counters(mut self, counters: Arc<RelayCounters>) -> Self {
+        self.counters = counters;
+        self
+    }
+
+    /// The store, for stats.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// One round: claim a batch, publish it in order, wait for every ack, settle.
+    pub async fn run_once(&mut self) -> Result<BatchReport, KafkaFlowError> {
+        let started = now();
+        let request = ClaimRequest {
+            owner: self.config.owner.clone(),
+            max_rows: self.config.batch_size,
+            now: started,
+            lease_ms: self.config.lease_ms,
+            keys: self.config.keys.clone(),
+            max_payload_bytes: self.config.max_payload_bytes,
+        };
+        let claimed = self.store.claim(&request).await?;
+        let mut report = BatchReport { claimed: claimed.len(), ..BatchReport::default() };
+        if claimed.is_empty() {
+            return Ok(report);
+        }
+        let lease_until = started.plus_ms(self.config.lease_ms);
+        let sequence_mode = matches!(self.config.keys, KeyMode::Sequence { .. });
+        let mut settlements = Vec::with_capacity(claimed.len());
+        let mut in_flight = Vec::with_capacity(claimed.len());
+        let mut stopped = false;
+        for row in claimed {
+            match row {
+                Claimed::Malformed { id, retry_count, defect } => {
+                    let state = leased(retry_count, lease_until);
+                    let dead = state.apply(OutboxEvent::Reject, &self.config.retry).unwrap_or(state);
+                    settlements.push(Settlement { id, state: dead, last_error: Some(defect.to_string()) });
+                }
+                Claimed::Ready(record) if stopped => {
+                    // Sequence mode after a failure: leave the rest claimed but unsent; the next
+                    // round starts again at the lowest unsent sequence (rewind, never skip).
+                    let state = leased(record.retry_count, lease_until);
+                    let released = state.apply(OutboxEvent::Release { now: started }, &self.config.retry).unwrap_or(state);
+                    settlements.push(Settlement { id: record.id, state: released, last_error: None });
+                }
+                Claimed::Ready(record) => match self.send(&record) {
+                    Ok(delivery) => in_flight.push((record, delivery, Instant::now())),
+                    Err(error) => {
+                        settlements.push(fail(&record, lease_until, &error, &self.config.retry, started));
+                        stopped = sequence_mode;
+                    }
+                },
+            }
+        }
+        let mut any_failed = false;
+        for (record, delivery, sent_at) in in_flight {
+            match delivery.await {
+                Ok(Ok(_)) => {
+                    metrics::histogram!("exactly_relay_publish_seconds").record(sent_at.elapsed().as_secs_f64());
+                    self.counters.published.fetch_add(1, Ordering::Relaxed);
+                    let state = RowState { status: OutboxStatus::Sent, retry_count: record.retry_count, next_retry_at: lease_until };
+                    settlements.push(Settlement { id: record.id, state, last_error: None });
+                }
+                Ok(Err((error, _))) => {
+                    any_failed = true;
+                    settlements.push(fail(&record, lease_until, &error.to_string(), &self.config.retry, started));
+                }
+                Err(_) => {
+                    any_failed = true;
+                    settlements.push(fail(&record, lease_until, "producer dropped the record", &self.config.retry, started));
+                }
+            }
+        }
+        if self.faults.fires(FaultPoint::RelayAfterPublishBeforeSettle) {
+            return Err(KafkaFlowError::InjectedCrash(FaultPoint::RelayAfterPublishBeforeSettle));
+        }
+        let settled_at = now();
+        self.store.settle(&self.config.owner, &settlements, settled_at).await?;
+        for s in &settlements {
+            match s.state.status {
+                OutboxStatus::Sent => report.sent += 1,
+                OutboxStatus::Dead => report.dead += 1,
+                _ => report.retrying += 1,
+            }
+        }
+        metrics::counter!("exactly_relay_published_total").increment(report.sent as u64);
+        metrics::counter!("exactly_relay_failures_total").increment(report.retrying as u64);
+        metrics::counter!("exactly_outbox_dead_total").increment(report.dead as u64);
+        self.counters.failed.fetch_add(report.retrying as u64, Ordering::Relaxed);
+        self.counters.dead.fetch_add(report.dead as u64, Ordering::Relaxed);
+        if any_failed {
+            // A failed delivery may leave an idempotent producer in a state that refuses the
+            // resend (or, without gapless, has skipped a sequence): start over with a fresh one.
+            self.producer = new_producer(&self.config)?;
+        }
+        Ok(report)
+    }
+
+    /// Runs rounds until `stop` turns true: a full batch goes again at once, otherwise the relay
+    /// waits for a NOTIFY or the poll interval.
+    pub async fn run(&mut self, mut stop: watch::Receiver<bool>) -> Result<(), KafkaFlowError> {
+        while !*stop.borrow() {
+            let report = self.run_once().await?;
+            if report.claimed < self.config.batch_size || report.retrying > 0 {
+                tokio::select! {
+                    _ = self.store.wait_for_rows(self.config.poll_interval) => {}
+                    _ = stop.changed() => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&self, record: &OutboxRecord) -> Result<rdkafka::producer::DeliveryFuture, String> {
+        let envelope = &record.envelope;
+        let headers = envelope
+            .to_headers(&record.key)
+            .iter()
+            .fold(OwnedHeaders::new(), |h, (name, value)| h.insert(Header { key: name, value: Some(value) }));
+        let kafka_record = FutureRecord::to(&record.topic)
+            .key(envelope.aggregate_id.as_bytes())
+            .payload(&envelope.payload)
+            .headers(headers)
+            .timestamp(envelope.occurred_at.0);
+        self.producer.send_result(kafka_record).map_err(|(e, _)| e.to_string())
+    }
+
+    /// Waits for everything queued to be delivered (shutdown).
+    pub fn flush(&self, timeout: Duration) {
+        let _ = self.producer.flush(timeout);
+    }
+}
+
+fn new_producer(config: &RelayConfig) -> Result<FutureProducer, KafkaFlowError> {
+    let gapless = matches!(config.keys, KeyMode::Sequence { .. });
+    producer_config(&config.brokers, gapless).create().map_err(KafkaFlowError::at("create producer"))
+}
+
+fn leased(retry_count: u32, lease_until: UnixMillis) -> RowState {
+    RowState { status: OutboxStatus::Sending, retry_count, next_retry_at: lease_until }
+}
+
+fn fail(record: &OutboxRecord, lease_until: UnixMillis, error: &str, retry: &RetryPolicy, now: UnixMillis) -> Settlement {
+    let state = leased(record.retry_count, lease_until);
+    let next = state.apply(OutboxEvent::Fail { now }, retry).unwrap_or(state);
+    Settlement { id: record.id, state: next, last_error: Some(error.to_owned()) }
+}

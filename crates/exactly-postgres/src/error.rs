@@ -1,0 +1,38 @@
+use exactly_core::StoreError;
+
+/// A PostgreSQL call failed; `context` says which.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PgError {
+    /// The driver failed.
+    #[error("postgres: {context}: {source}")]
+    Sql {
+        /// What was being done.
+        context: &'static str,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// Could not connect.
+    #[error("postgres: cannot connect to {url}: {source} (is PostgreSQL running? scripts/setup starts it)")]
+    Connect {
+        /// The URL tried (without password).
+        url: String,
+        /// The driver's error.
+        #[source]
+        source: tokio_postgres::Error,
+    },
+}
+
+impl PgError {
+    /// For `map_err`: wraps a driver error with what was being done.
+    pub fn at(context: &'static str) -> impl Fn(tokio_postgres::Error) -> PgError {
+        move |source| PgError::Sql { context, source }
+    }
+}
+
+impl From<PgError> for StoreError {
+    fn from(e: PgError) -> Self {
+        StoreError::new("postgres", e)
+    }
+}

@@ -1,0 +1,299 @@
+//! The outbox on PostgreSQL: enqueue in the caller's transaction; claim and settle for a relay.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use exactly_core::record::headers_to_json;
+use exactly_core::{
+    ClaimRequest, Claimed, Envelope, KeyMode, OutboxStats, OutboxStatus, OutboxStore, RawRow, Settlement,
+    StoreError, UnixMillis,
+};
+use futures::StreamExt;
+use tokio::sync::{Mutex, Notify};
+use tokio_postgres::{AsyncMessage, Client, GenericClient, NoTls, Row};
+
+use crate::db::connect;
+use crate::error::PgError;
+use crate::migrations::{migrate, NOTIFY_CHANNEL};
+
+/// Inserts `event` for `topic` through the caller's client or transaction, so it commits or
+/// rolls back with the caller's business change. Returns the row id.
+pub async fn enqueue<C: GenericClient>(client: &C, topic: &str, event: &Envelope) -> Result<i64, PgError> {
+    let headers = (!event.headers.is_empty()).then(|| headers_to_json(&event.headers));
+    let row = client
+        .query_one(
+            "INSERT INTO outbox (event_id, event_type, aggregate_type, aggregate_id, topic, payload, headers, occurred_at)
+             VALUES ($1::text::uuid, $2, $3, $4, $5, $6, $7::text::jsonb, to_timestamp($8::float8 / 1000))
+             RETURNING id",
+            &[
+                &event.event_id.hyphenated().to_string(),
+                &event.event_type,
+                &event.aggregate_type,
+                &event.aggregate_id,
+                &topic,
+                &event.payload,
+                &headers,
+                &(event.occurred_at.0 as f64),
+            ],
+        )
+        .await
+        .map_err(PgError::at("insert outbox row"))?;
+    Ok(row.get(0))
+}
+
+/// The relay's handle on a PostgreSQL outbox.
+pub struct PgOutbox {
+    client: Mutex<Client>,
+    wake: Arc<Notify>,
+    _listener: Client,
+    // Keeps the session-level leader lock of sequence mode alive: it is released when this
+    // connection closes, including when the process is killed.
+    _leader: Option<Client>,
+}
+
+/// Serializes claims (held for one claim transaction). With claims in a row, a relay never
+/// sees another's uncommitted lease, which the per-aggregate ordering rule depends on.
+const CLAIM_LOCK: i64 = 7_384_615_001;
+/// Held for a whole session by the one relay allowed to publish sequence keys.
+const SEQUENCE_LEADER_LOCK: i64 = 7_384_615_002;
+
+const COLUMNS: &str = "o.id, o.event_id::text, o.event_type, o.aggregate_type, o.aggregate_id, o.topic, o.payload,
+    o.headers::text, (extract(epoch from COALESCE(o.occurred_at, o.created_at)) * 1000)::bigint,
+    o.retry_count, o.sequence";
+
+impl PgOutbox {
+    /// Connects twice (queries, and LISTEN for the outbox trigger's NOTIFY) and migrates.
+    pub async fn connect(url: &str) -> Result<Self, PgError> {
+        let mut client = connect(url).await?;
+        migrate(&mut client).await?;
+        let wake = Arc::new(Notify::new());
+        let listener = listen(url, wake.clone()).await?;
+        Ok(PgOutbox { client: Mutex::new(client), wake, _listener: listener, _leader: None })
+    }
+
+    /// Connects as the sequence-key leader: waits until this process holds the session
+    /// advisory lock, so exactly one relay assigns and publishes sequences, in order.
+    pub async fn connect_as_sequence_leader(url: &str, poll: Duration) -> Result<Self, PgError> {
+        let mut outbox = PgOutbox::connect(url).await?;
+        let leader = connect(url).await?;
+        loop {
+            let row = leader
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&SEQUENCE_LEADER_LOCK])
+                .await
+                .map_err(PgError::at("take leader lock"))?;
+            if row.get::<_, bool>(0) {
+                break;
+            }
+            tokio::time::sleep(poll).await;
+        }
+        outbox._leader = Some(leader);
+        Ok(outbox)
+    }
+
+    /// The source name for sequence keys: this cluster's system identifier and database.
+    pub async fn sequence_source(&self) -> Result<String, PgError> {
+        let client = self.client.lock().await;
+        let row = client
+            .query_one(
+                "SELECT (SELECT system_identifier::text FROM pg_control_system()), current_database()",
+                &[],
+            )
+            .await
+            .map_err(PgError::at("read system identifier"))?;
+        Ok(format!("pg-outbox:{}:{}", row.get::<_, String>(0), row.get::<_, String>(1)))
+    }
+}
+
+/// Opens a connection that LISTENs on the outbox channel and wakes `wake` per notification.
+/// The returned client must be kept: dropping it ends the session.
+async fn listen(url: &str, wake: Arc<Notify>) -> Result<Client, PgError> {
+    let (client, mut connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(|source| PgError::Connect { url: "LISTEN connection".into(), source })?;
+    let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    // Polling the stream also drives the connection, so it must run before LISTEN is awaited.
+    tokio::spawn(async move {
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(AsyncMessage::Notification(_)) => wake.notify_one(),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!("outbox LISTEN connection failed, falling back to polling: {e}");
+                    break;
+                }
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
+        .await
+        .map_err(PgError::at("LISTEN for outbox inserts"))?;
+    Ok(client)
+}
+
+fn raw_row(row: &Row) -> RawRow {
+    RawRow {
+        id: row.get(0),
+        event_id: row.get(1),
+        event_type: row.get(2),
+        aggregate_type: row.get(3),
+        aggregate_id: row.get(4),
+        topic: row.get(5),
+        payload: row.get(6),
+        headers_json: row.get(7),
+        occurred_at: UnixMillis(row.get(8)),
+        retry_count: row.get::<_, i32>(9).max(0) as u32,
+        sequence: row.get::<_, Option<i64>>(10).map(|s| s as u128),
+    }
+}
+
+impl OutboxStore for PgOutbox {
+    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Claimed>, StoreError> {
+        let mut client = self.client.lock().await;
+        let tx = client.transaction().await.map_err(PgError::at("begin claim"))?;
+        let now = request.now.0 as f64;
+        let until = request.now.plus_ms(request.lease_ms).0 as f64;
+        let limit = request.max_rows as i64;
+        let rows = match request.keys {
+            KeyMode::EventId => {
+                tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CLAIM_LOCK])
+                    .await
+                    .map_err(PgError::at("take claim lock"))?;
+                let sql = format!(
+                    "WITH picked AS (
+                        SELECT o.id FROM outbox o
+                        WHERE o.status IN ('NEW', 'SENDING') AND o.next_retry_at <= to_timestamp($1::float8 / 1000)
+                          AND NOT EXISTS (
+                              SELECT 1 FROM outbox p
+                              WHERE p.aggregate_type = o.aggregate_type AND p.aggregate_id = o.aggregate_id
+                                AND p.id < o.id AND p.status IN ('NEW', 'SENDING')
+                                AND p.next_retry_at > to_timestamp($1::float8 / 1000))
+                        ORDER BY o.id LIMIT $2
+                        FOR UPDATE SKIP LOCKED)
+                     UPDATE outbox o SET status = 'SENDING', next_retry_at = to_timestamp($3::float8 / 1000), lease_owner = $4
+                     FROM picked WHERE o.id = picked.id
+                     RETURNING {COLUMNS}"
+                );
+                tx.query(&sql, &[&now, &limit, &until, &request.owner])
+                    .await
+                    .map_err(PgError::at("claim rows"))?
+            }
+            KeyMode::Sequence { .. } => {
+                // Only the leader gets here (see connect_as_sequence_leader). It resumes at the
+                // lowest unsent sequence every time, so a failed row is resent before anything
+                // after it: the rewind the watermark needs. New rows get sequences in id order.
+                tx.execute(
+                    "UPDATE outbox o SET sequence = s.seq
+                     FROM (SELECT id, nextval('outbox_sequence') AS seq
+                           FROM (SELECT id FROM outbox WHERE status IN ('NEW', 'SENDING') AND sequence IS NULL
+                                 ORDER BY id LIMIT $1) ordered) s
+                     WHERE o.id = s.id",
+                    &[&limit],
+                )
+                .await
+                .map_err(PgError::at("assign sequences"))?;
+                let sql = format!(
+                    "WITH picked AS (
+                        SELECT id FROM outbox WHERE status IN ('NEW', 'SENDING') AND sequence IS NOT NULL
+                        ORDER BY sequence LIMIT $1)
+                     UPDATE outbox o SET status = 'SENDING', next_retry_at = to_timestamp($2::float8 / 1000), lease_owner = $3
+                     FROM picked WHERE o.id = picked.id
+                     RETURNING {COLUMNS}"
+                );
+                tx.query(&sql, &[&limit, &until, &request.owner])
+                    .await
+                    .map_err(PgError::at("claim rows by sequence"))?
+            }
+        };
+        tx.commit().await.map_err(PgError::at("commit claim"))?;
+        let mut raw: Vec<RawRow> = rows.iter().map(raw_row).collect();
+        match request.keys {
+            KeyMode::EventId => raw.sort_by_key(|r| r.id),
+            KeyMode::Sequence { .. } => raw.sort_by_key(|r| r.sequence),
+        }
+        Ok(raw
+            .into_iter()
+            .map(|row| {
+                let (id, retry_count) = (row.id, row.retry_count);
+                match row.into_record(&request.keys, request.max_payload_bytes) {
+                    Ok(record) => Claimed::Ready(record),
+                    Err(defect) => Claimed::Malformed { id, retry_count, defect },
+                }
+            })
+            .collect())
+    }
+
+    async fn settle(&self, owner: &str, settlements: &[Settlement], now: UnixMillis) -> Result<(), StoreError> {
+        let sent: Vec<i64> = settlements
+            .iter()
+            .filter(|s| s.state.status == OutboxStatus::Sent)
+            .map(|s| s.id)
+            .collect();
+        let mut client = self.client.lock().await;
+        let tx = client.transaction().await.map_err(PgError::at("begin settle"))?;
+        if !sent.is_empty() {
+            tx.execute(
+                "UPDATE outbox SET status = 'SENT', sent_at = to_timestamp($2::float8 / 1000), last_error = NULL
+                 WHERE id = ANY($1) AND status IN ('NEW', 'SENDING')",
+                &[&sent, &(now.0 as f64)],
+            )
+            .await
+            .map_err(PgError::at("mark sent"))?;
+        }
+        for s in settlements.iter().filter(|s| s.state.status != OutboxStatus::Sent) {
+            tx.execute(
+                "UPDATE outbox SET status = $2, retry_count = $3, next_retry_at = to_timestamp($4::float8 / 1000), last_error = $5
+                 WHERE id = $1 AND status = 'SENDING' AND lease_owner = $6",
+                &[
+                    &s.id,
+                    &s.state.status.as_str(),
+                    &(s.state.retry_count as i32),
+                    &(s.state.next_retry_at.0 as f64),
+                    &s.last_error,
+                    &owner,
+                ],
+            )
+            .await
+            .map_err(PgError::at("mark failed"))?;
+        }
+        tx.commit().await.map_err(PgError::at("commit settle"))?;
+        Ok(())
+    }
+
+    async fn stats(&self, now: UnixMillis) -> Result<OutboxStats, StoreError> {
+        let client = self.client.lock().await;
+        Ok(outbox_stats(&*client, now).await?)
+    }
+
+    async fn wait_for_rows(&self, max_wait: Duration) {
+        let _ = tokio::time::timeout(max_wait, self.wake.notified()).await;
+    }
+}
+
+/// Rows by status and the age of the oldest NEW row.
+pub async fn outbox_stats<C: GenericClient>(client: &C, now: UnixMillis) -> Result<OutboxStats, PgError> {
+    let rows = client
+        .query(
+            "SELECT status, COUNT(*),
+                    (extract(epoch from MIN(created_at)) * 1000)::bigint
+             FROM outbox GROUP BY status",
+            &[],
+        )
+        .await
+        .map_err(PgError::at("count outbox rows"))?;
+    let mut stats = OutboxStats::default();
+    for row in rows {
+        let count = row.get::<_, i64>(1) as u64;
+        match row.get::<_, &str>(0) {
+            "NEW" => {
+                stats.new = count;
+                let oldest: Option<i64> = row.get(2);
+                stats.oldest_new_age_ms = oldest.map_or(0, |t| now.millis_since(UnixMillis(t)));
+            }
+            "SENDING" => stats.sending = count,
+            "SENT" => stats.sent = count,
+            _ => stats.dead = count,
+        }
+    }
+    Ok(stats)
+}

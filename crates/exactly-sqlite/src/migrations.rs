@@ -1,0 +1,112 @@
+//! Schema, applied once per version and recorded in `exactly_migrations`.
+//!
+//! The outbox is plain SQL so a writer in any language can insert into it:
+//!
+//! ```sql
+//! INSERT INTO outbox (event_id, event_type, aggregate_type, aggregate_id, topic, payload, headers)
+//! VALUES ('0190e0b4-...-7...', 'CouponUsed', 'coupon', 'C-42', 'coupon-events',
+//!         CAST('{"coupon":"C-42"}' AS BLOB), '{"trace":"abc"}');
+//! ```
+//! `event_id` must be a UUID (v7 recommended); `headers` is NULL or a JSON object of strings.
+//! Columns a writer may leave NULL by mistake are nullable on purpose: the relay parks such a
+//! row as DEAD with the reason instead of failing the business transaction.
+
+use rusqlite::Connection;
+
+use crate::error::SqliteError;
+
+/// Ordered migrations; never edit one that has shipped, add a new one.
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE outbox (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    event_id        TEXT UNIQUE,
+    event_type      TEXT,
+    aggregate_type  TEXT,
+    aggregate_id    TEXT,
+    topic           TEXT,
+    payload         BLOB,
+    headers         TEXT,
+    occurred_at     INTEGER,
+    status          TEXT NOT NULL DEFAULT 'NEW' CHECK (status IN ('NEW', 'SENDING', 'SENT', 'DEAD')),
+    retry_count     INTEGER NOT NULL DEFAULT 0,
+    next_retry_at   INTEGER NOT NULL DEFAULT (CAST(unixepoch('subsec') * 1000 AS INTEGER)),
+    lease_owner     TEXT,
+    sequence        INTEGER,
+    last_error      TEXT,
+    created_at      INTEGER NOT NULL DEFAULT (CAST(unixepoch('subsec') * 1000 AS INTEGER)),
+    sent_at         INTEGER
+);
+CREATE INDEX outbox_claimable ON outbox (next_retry_at, id) WHERE status IN ('NEW', 'SENDING');
+CREATE INDEX outbox_pending_by_aggregate ON outbox (aggregate_type, aggregate_id, id)
+    WHERE status IN ('NEW', 'SENDING');
+
+CREATE TABLE exactly_processed (
+    consumer      TEXT NOT NULL,
+    key           TEXT NOT NULL,
+    event_id      TEXT NOT NULL,
+    topic         TEXT NOT NULL,
+    partition     INTEGER NOT NULL,
+    "offset"      INTEGER NOT NULL,
+    processed_at  INTEGER NOT NULL,
+    PRIMARY KEY (consumer, key)
+);
+CREATE INDEX exactly_processed_age ON exactly_processed (consumer, processed_at);
+
+CREATE TABLE exactly_watermarks (
+    consumer     TEXT NOT NULL,
+    source       TEXT NOT NULL,
+    topic        TEXT NOT NULL,
+    partition    INTEGER NOT NULL,
+    high_key     TEXT NOT NULL,
+    next_offset  INTEGER NOT NULL,
+    PRIMARY KEY (consumer, source, topic, partition)
+);
+
+CREATE TABLE exactly_parked (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    consumer    TEXT NOT NULL,
+    topic       TEXT NOT NULL,
+    partition   INTEGER NOT NULL,
+    "offset"    INTEGER NOT NULL,
+    reason      TEXT NOT NULL,
+    detail      TEXT NOT NULL,
+    key_text    TEXT,
+    record_key  BLOB,
+    headers     TEXT NOT NULL,
+    payload     BLOB,
+    parked_at   INTEGER NOT NULL,
+    UNIQUE (consumer, topic, partition, "offset")
+);
+"#,
+)];
+
+/// Brings the schema up to date; safe to call from several processes at once.
+pub fn migrate(conn: &mut Connection) -> Result<(), SqliteError> {
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(SqliteError::at("begin migration"))?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS exactly_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER NOT NULL)",
+    )
+    .map_err(SqliteError::at("create exactly_migrations"))?;
+    for (version, sql) in MIGRATIONS {
+        let done: bool = tx
+            .query_row(
+                "SELECT EXISTS (SELECT 1 FROM exactly_migrations WHERE version = ?1)",
+                [version],
+                |row| row.get(0),
+            )
+            .map_err(SqliteError::at("read exactly_migrations"))?;
+        if !done {
+            tx.execute_batch(sql).map_err(SqliteError::at("apply migration"))?;
+            tx.execute(
+                "INSERT INTO exactly_migrations (version, applied_at) VALUES (?1, CAST(unixepoch('subsec') * 1000 AS INTEGER))",
+                [version],
+            )
+            .map_err(SqliteError::at("record migration"))?;
+        }
+    }
+    tx.commit().map_err(SqliteError::at("commit migration"))
+}

@@ -1,0 +1,236 @@
+//! The outbox on SQLite: enqueue in the caller's transaction; claim and settle for a relay.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use exactly_core::record::headers_to_json;
+use exactly_core::{
+    ClaimRequest, Claimed, Envelope, KeyMode, OutboxStats, OutboxStatus, OutboxStore, RawRow, Settlement,
+    StoreError, UnixMillis,
+};
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::Notify;
+
+use crate::db::{open, Shared};
+use crate::error::SqliteError;
+
+/// Inserts `event` for `topic` using the caller's connection, so it commits or rolls back with
+/// the caller's transaction. Returns the row id.
+///
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// let mut conn = exactly_sqlite::open(&dir.path().join("service.db"))?;
+/// let tx = conn.transaction()?;
+/// tx.execute_batch("CREATE TABLE coupons (code TEXT PRIMARY KEY, used INTEGER)")?;
+/// let event = exactly_core::Envelope {
+///     event_id: uuid::Uuid::now_v7(),
+///     event_type: "CouponUsed".into(),
+///     aggregate_type: "coupon".into(),
+///     aggregate_id: "C-42".into(),
+///     occurred_at: exactly_core::UnixMillis(1_700_000_000_000),
+///     payload: br#"{"code":"C-42"}"#.to_vec(),
+///     headers: vec![],
+/// };
+/// tx.execute("INSERT INTO coupons VALUES ('C-42', 1)", [])?;
+/// exactly_sqlite::enqueue(&tx, "coupon-events", &event)?;
+/// tx.commit()?; // both rows, or neither
+/// # Ok(()) }
+/// ```
+pub fn enqueue(conn: &Connection, topic: &str, event: &Envelope) -> Result<i64, SqliteError> {
+    conn.execute(
+        "INSERT INTO outbox (event_id, event_type, aggregate_type, aggregate_id, topic, payload, headers, occurred_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            event.event_id.hyphenated().to_string(),
+            event.event_type,
+            event.aggregate_type,
+            event.aggregate_id,
+            topic,
+            event.payload,
+            (!event.headers.is_empty()).then(|| headers_to_json(&event.headers)),
+            event.occurred_at.0,
+        ],
+    )
+    .map_err(SqliteError::at("insert outbox row"))?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// The relay's handle on a SQLite outbox.
+#[derive(Clone)]
+pub struct SqliteOutbox {
+    db: Shared,
+    wake: Arc<Notify>,
+}
+
+impl SqliteOutbox {
+    /// Opens (and migrates) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, SqliteError> {
+        Ok(SqliteOutbox {
+            db: Shared::new(open(path)?),
+            wake: Arc::new(Notify::new()),
+        })
+    }
+
+    /// SQLite has no cross-process notification; writers in the same process call
+    /// `notify_one` on this after their commit to wake the relay at once instead of at its next poll.
+    pub fn wake_handle(&self) -> Arc<Notify> {
+        self.wake.clone()
+    }
+}
+
+const CLAIM_SQL: &str = "
+SELECT id, event_id, event_type, aggregate_type, aggregate_id, topic, payload, headers,
+       COALESCE(occurred_at, created_at), retry_count, sequence
+FROM outbox o
+WHERE o.status IN ('NEW', 'SENDING') AND o.next_retry_at <= ?1
+  AND NOT EXISTS (
+      SELECT 1 FROM outbox p
+      WHERE p.aggregate_type = o.aggregate_type AND p.aggregate_id = o.aggregate_id AND p.id < o.id
+        AND p.status IN ('NEW', 'SENDING') AND p.next_retry_at > ?1)
+ORDER BY o.id
+LIMIT ?2";
+
+fn claim_rows(conn: &mut Connection, request: &ClaimRequest) -> Result<Vec<Claimed>, SqliteError> {
+    if let KeyMode::Sequence { .. } = request.keys {
+        return Err(SqliteError::Runtime(
+            "sequence keys need PostgreSQL (an advisory lock orders claims across relays); use event-id keys on SQLite".into(),
+        ));
+    }
+    // IMMEDIATE takes the write lock up front: claims by several relays serialize, so no two
+    // see the same NEW row.
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(SqliteError::at("begin claim"))?;
+    let raw: Vec<RawRow> = {
+        let mut stmt = tx.prepare_cached(CLAIM_SQL).map_err(SqliteError::at("prepare claim"))?;
+        let rows = stmt
+            .query_map(params![request.now.0, request.max_rows as i64], |r| {
+                Ok(RawRow {
+                    id: r.get(0)?,
+                    event_id: r.get(1)?,
+                    event_type: r.get(2)?,
+                    aggregate_type: r.get(3)?,
+                    aggregate_id: r.get(4)?,
+                    topic: r.get(5)?,
+                    payload: r.get(6)?,
+                    headers_json: r.get(7)?,
+                    occurred_at: UnixMillis(r.get(8)?),
+                    retry_count: r.get(9)?,
+                    sequence: r.get::<_, Option<i64>>(10)?.map(|s| s as u128),
+                })
+            })
+            .map_err(SqliteError::at("claim"))?;
+        rows.collect::<Result<_, _>>().map_err(SqliteError::at("read claimed row"))?
+    };
+    {
+        let mut lease = tx
+            .prepare_cached("UPDATE outbox SET status = 'SENDING', next_retry_at = ?2, lease_owner = ?3 WHERE id = ?1")
+            .map_err(SqliteError::at("prepare lease"))?;
+        let until = request.now.plus_ms(request.lease_ms).0;
+        for row in &raw {
+            lease.execute(params![row.id, until, request.owner]).map_err(SqliteError::at("lease row"))?;
+        }
+    }
+    tx.commit().map_err(SqliteError::at("commit claim"))?;
+    Ok(raw
+        .into_iter()
+        .map(|row| {
+            let (id, retry_count) = (row.id, row.retry_count);
+            match row.into_record(&request.keys, request.max_payload_bytes) {
+                Ok(record) => Claimed::Ready(record),
+                Err(defect) => Claimed::Malformed { id, retry_count, defect },
+            }
+        })
+        .collect())
+}
+
+fn settle_rows(
+    conn: &mut Connection,
+    owner: &str,
+    settlements: &[Settlement],
+    now: UnixMillis,
+) -> Result<(), SqliteError> {
+    let tx = conn
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .map_err(SqliteError::at("begin settle"))?;
+    {
+        let mut sent = tx
+            .prepare_cached(
+                "UPDATE outbox SET status = 'SENT', sent_at = ?2, last_error = NULL
+                 WHERE id = ?1 AND status IN ('NEW', 'SENDING')",
+            )
+            .map_err(SqliteError::at("prepare mark sent"))?;
+        let mut other = tx
+            .prepare_cached(
+                "UPDATE outbox SET status = ?2, retry_count = ?3, next_retry_at = ?4, last_error = ?5
+                 WHERE id = ?1 AND status = 'SENDING' AND lease_owner = ?6",
+            )
+            .map_err(SqliteError::at("prepare mark failed"))?;
+        for s in settlements {
+            if s.state.status == OutboxStatus::Sent {
+                sent.execute(params![s.id, now.0]).map_err(SqliteError::at("mark sent"))?;
+            } else {
+                other
+                    .execute(params![
+                        s.id,
+                        s.state.status.as_str(),
+                        s.state.retry_count,
+                        s.state.next_retry_at.0,
+                        s.last_error,
+                        owner
+                    ])
+                    .map_err(SqliteError::at("mark failed"))?;
+            }
+        }
+    }
+    tx.commit().map_err(SqliteError::at("commit settle"))
+}
+
+pub(crate) fn outbox_stats(conn: &Connection, now: UnixMillis) -> Result<OutboxStats, SqliteError> {
+    let mut stats = OutboxStats::default();
+    let mut stmt = conn
+        .prepare_cached("SELECT status, COUNT(*) FROM outbox GROUP BY status")
+        .map_err(SqliteError::at("prepare stats"))?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+        .map_err(SqliteError::at("count rows"))?;
+    for row in rows {
+        let (status, count) = row.map_err(SqliteError::at("read count"))?;
+        let slot = match status.as_str() {
+            "NEW" => &mut stats.new,
+            "SENDING" => &mut stats.sending,
+            "SENT" => &mut stats.sent,
+            _ => &mut stats.dead,
+        };
+        *slot = count as u64;
+    }
+    let oldest: Option<i64> = conn
+        .query_row("SELECT MIN(created_at) FROM outbox WHERE status = 'NEW'", [], |r| r.get(0))
+        .optional()
+        .map_err(SqliteError::at("oldest new row"))?
+        .flatten();
+    stats.oldest_new_age_ms = oldest.map_or(0, |t| now.millis_since(UnixMillis(t)));
+    Ok(stats)
+}
+
+impl OutboxStore for SqliteOutbox {
+    async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Claimed>, StoreError> {
+        let request = request.clone();
+        Ok(self.db.run(move |conn| claim_rows(conn, &request)).await?)
+    }
+
+    async fn settle(&self, owner: &str, settlements: &[Settlement], now: UnixMillis) -> Result<(), StoreError> {
+        let (owner, settlements) = (owner.to_owned(), settlements.to_vec());
+        Ok(self.db.run(move |conn| settle_rows(conn, &owner, &settlements, now)).await?)
+    }
+
+    async fn stats(&self, now: UnixMillis) -> Result<OutboxStats, StoreError> {
+        Ok(self.db.run(move |conn| outbox_stats(conn, now)).await?)
+    }
+
+    async fn wait_for_rows(&self, max_wait: Duration) {
+        let _ = tokio::time::timeout(max_wait, self.wake.notified()).await;
+    }
+}
