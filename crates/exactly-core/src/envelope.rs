@@ -85,7 +85,7 @@ pub enum HeaderError {
         reason: String,
     },
     /// The idempotency key does not parse.
-    #[error(transparent)]
+    #[error("header exactly-key: {0}")]
     Key(#[from] KeyParseError),
     /// A user header uses the reserved prefix.
     #[error("user header {0:?} uses the reserved prefix exactly-")]

@@ -1,1 +1,142 @@
-//! placeholder
+//! Test support for exactly: the services `scripts/setup` starts, unique names, topic reads.
+//!
+//! Every test gets its own database, topics and consumer groups, so tests run in parallel and
+//! leave nothing another test could see. A missing service fails the test with the command that
+//! starts it; nothing is skipped silently.
+
+use std::collections::HashMap;
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+fn setup_env() -> HashMap<String, String> {
+    let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.exactly/env");
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, v)| (k.to_owned(), v.to_owned())))
+        .collect()
+}
+
+fn setting(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty()).or_else(|| setup_env().remove(name).filter(|v| !v.is_empty()))
+}
+
+fn reachable(address: &str) -> bool {
+    address
+        .parse()
+        .ok()
+        .is_some_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(2)).is_ok())
+}
+
+/// The broker started by `scripts/setup` (or `$EXACTLY_BROKERS`).
+pub fn brokers() -> String {
+    let brokers = setting("EXACTLY_BROKERS")
+        .unwrap_or_else(|| panic!("no Kafka-protocol broker configured: run scripts/setup (it starts Tansu and writes .exactly/env)"));
+    assert!(reachable(&brokers), "broker {brokers} does not answer: run scripts/setup to start it");
+    brokers
+}
+
+/// The PostgreSQL server URL (database `test`).
+pub fn pg_url() -> String {
+    let url = setting("EXACTLY_PG_URL").unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into());
+    assert!(reachable("127.0.0.1:5432"), "PostgreSQL does not answer on 127.0.0.1:5432: run scripts/setup to start it");
+    url
+}
+
+/// `prefix-<random>`, for topics, groups and databases.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Creates an empty database for one test and returns its URL.
+pub async fn fresh_pg_database() -> String {
+    let url = pg_url();
+    let name = unique("exactly_test").replace('-', "_");
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}; run scripts/setup"));
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .unwrap_or_else(|e| panic!("cannot create database {name}: {e}"));
+    let base = url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b);
+    format!("{base}/{name}")
+}
+
+/// One record as read back from a topic.
+#[derive(Debug, Clone)]
+pub struct TopicRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub headers: HashMap<String, String>,
+    pub payload: Vec<u8>,
+}
+
+/// Reads every record of `topic` (all `partitions`) from the beginning up to the current end,
+/// with `isolation` (`read_committed` or `read_uncommitted`).
+pub fn read_topic(brokers: &str, topic: &str, partitions: i32, isolation: &str) -> Vec<TopicRecord> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", isolation)
+        .create()
+        .expect("create reader");
+    let mut list = TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition_offset(topic, p, Offset::Beginning).expect("partition");
+    }
+    consumer.assign(&list).expect("assign");
+    let mut records = Vec::new();
+    let mut at_end = std::collections::HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while at_end.len() < partitions as usize && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => records.push(TopicRecord {
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().map(<[u8]>::to_vec),
+                headers: m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                            .collect()
+                    })
+                    .unwrap_or_default(),
+                payload: m.payload().unwrap_or_default().to_vec(),
+            }),
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                at_end.insert(p);
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    assert_eq!(at_end.len(), partitions as usize, "did not reach the end of {topic} within 30 s");
+    records
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}

@@ -1,0 +1,11 @@
+//! Integration tests on real PostgreSQL, SQLite and a Kafka-protocol broker (Tansu), all
+//! started by scripts/setup. One test binary; a module per topic.
+
+// Test helpers are `pub` for sibling modules only.
+#![allow(unreachable_pub, missing_docs)]
+
+mod support;
+
+mod consumer;
+mod demo;
+mod relay;

@@ -1,0 +1,202 @@
+use std::collections::{HashMap, HashSet};
+use std::os::unix::process::ExitStatusExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use exactly_testkit::{brokers, fresh_pg_database, read_topic, unique};
+
+use crate::support::*;
+
+/// A relay SIGKILLed after its first batch was acknowledged and before the batch was marked
+/// SENT: the rows stay leased, are not claimed while the lease runs, are republished once it
+/// expired, and the consumer applies every event exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_killed_mid_batch_loses_nothing_and_expired_lease_republishes() {
+    let brokers = brokers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let service = dir.path().join("service.db");
+    let topic = unique("killed-relay");
+    exactly_kafka::ensure_topics(&brokers, &[&topic], 3).await.expect("topic");
+    let events = insert_sqlite(&service, &topic, 300);
+    let db = service.to_str().expect("utf-8 path");
+
+    let killed = relay(db, &brokers, &["--batch-size", "100", "--lease-ms", "3000", "--kill-after-publish", "1"]);
+    assert_eq!(killed.status.signal(), Some(9), "relay should die by SIGKILL: {killed:?}");
+    assert_eq!(outbox_status_counts(&service), vec![("NEW".into(), 200), ("SENDING".into(), 100)]);
+
+    // While the dead relay's lease runs its rows are not taken, and neither are later rows of the
+    // same aggregates: they wait behind them, or they would overtake them on the topic.
+    let second = relay(db, &brokers, &["--batch-size", "100", "--lease-ms", "3000"]);
+    assert!(second.status.success(), "{second:?}");
+    assert_eq!(outbox_status_counts(&service), vec![("NEW".into(), 200), ("SENDING".into(), 100)]);
+
+    tokio::time::sleep(Duration::from_millis(3_100)).await;
+    let third = relay(db, &brokers, &["--batch-size", "100"]);
+    assert!(third.status.success(), "{third:?}");
+    assert_eq!(outbox_status_counts(&service), vec![("SENT".into(), 300)]);
+
+    let records = read_topic(&brokers, &topic, 3, "read_committed");
+    assert_eq!(records.len(), 400, "the first batch is on the topic twice");
+    let distinct: HashSet<_> = records.iter().map(|r| r.headers["exactly-event-id"].clone()).collect();
+    assert_eq!(distinct.len(), 300);
+
+    let consumer_db = dir.path().join("consumer.db");
+    let counters = consume_until(&consumer_db, &brokers, &unique("g"), &topic, 300).await;
+    assert_eq!(counters.applied.load(std::sync::atomic::Ordering::Relaxed), 300);
+    assert_eq!(counters.duplicates.load(std::sync::atomic::Ordering::Relaxed), 100);
+    assert_eq!(sorted(applied_event_ids(&consumer_db)), sorted(ids(&events)));
+}
+
+/// Two relay processes on one PostgreSQL outbox while four writers commit: every row is
+/// published exactly once (SKIP LOCKED claims, serialized) and each aggregate's events reach
+/// its partition in commit order.
+#[tokio::test(flavor = "multi_thread")]
+async fn two_relays_at_once_publish_each_row_once_in_aggregate_order() {
+    let brokers = brokers();
+    let url = fresh_pg_database().await;
+    let topic = unique("two-relays");
+    exactly_kafka::ensure_topics(&brokers, &[&topic], 3).await.expect("topic");
+    let mut migrate = exactly_postgres::connect(&url).await.expect("connect");
+    exactly_postgres::migrations::migrate(&mut migrate).await.expect("migrate");
+
+    let relays: Vec<_> = (0..2)
+        .map(|_| {
+            Command::new(EXACTLY)
+                .args(["relay", "--database", &url, "--brokers", &brokers, "--no-metrics", "--batch-size", "50", "--poll-ms", "50"])
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("spawn relay")
+        })
+        .collect();
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (url, topic) = (url.clone(), topic.clone());
+        writers.push(tokio::spawn(async move {
+            let mut client = exactly_postgres::connect(&url).await.expect("connect");
+            let mut written = Vec::new();
+            for i in 0..250 {
+                let tx = client.transaction().await.expect("begin");
+                let aggregate = format!("A-{}", (w * 250 + i) % 13);
+                // Writers of one aggregate serialize, as a real service's row lock would make them.
+                tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&aggregate]).await.expect("lock");
+                let e = event(&aggregate, i, b"");
+                exactly_postgres::enqueue(&tx, &topic, &e).await.expect("enqueue");
+                tx.commit().await.expect("commit");
+                written.push(e);
+            }
+            written
+        }));
+    }
+    let mut events = Vec::new();
+    for w in writers {
+        events.extend(w.await.expect("writer"));
+    }
+    let client = exactly_postgres::connect(&url).await.expect("connect");
+    let all_sent = exactly_testkit::eventually(Duration::from_secs(60), || async {
+        client.query_one("SELECT COUNT(*) FROM outbox WHERE status = 'SENT'", &[]).await.expect("count").get::<_, i64>(0)
+            == 1000
+    })
+    .await;
+    for mut r in relays {
+        let _ = r.kill();
+        let _ = r.wait();
+    }
+    assert!(all_sent, "relays did not send all 1000 rows within 60 s");
+    let owners: i64 = client.query_one("SELECT COUNT(DISTINCT lease_owner) FROM outbox", &[]).await.expect("owners").get(0);
+    assert_eq!(owners, 2, "both relays should have claimed rows");
+
+    let records = read_topic(&brokers, &topic, 3, "read_committed");
+    assert_eq!(records.len(), 1000, "no row published twice in the normal path");
+    // Commit order of each aggregate = outbox id order; the topic must keep it per partition.
+    let id_of: HashMap<String, i64> = client
+        .query("SELECT event_id::text, id FROM outbox", &[])
+        .await
+        .expect("ids")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut last: HashMap<String, i64> = HashMap::new();
+    let mut by_position = records.clone();
+    by_position.sort_by_key(|r| (r.partition, r.offset));
+    for r in &by_position {
+        let id = id_of[&r.headers["exactly-event-id"]];
+        let aggregate = r.headers["exactly-aggregate-id"].clone();
+        if let Some(previous) = last.insert(aggregate.clone(), id) {
+            assert!(previous < id, "aggregate {aggregate}: row {id} published after row {previous}");
+        }
+    }
+    assert_eq!(events.len(), 1000);
+}
+
+/// A business transaction that rolls back takes its outbox row with it: nothing is published.
+#[tokio::test(flavor = "multi_thread")]
+async fn rolled_back_transaction_publishes_nothing_on_sqlite_and_postgres() {
+    let brokers = brokers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let service = dir.path().join("service.db");
+    let topic = unique("rollback");
+    exactly_kafka::ensure_topics(&brokers, &[&topic], 1).await.expect("topic");
+
+    let mut conn = exactly_sqlite::open(&service).expect("open");
+    let rolled = event("A", 0, b"");
+    let tx = conn.transaction().expect("begin");
+    exactly_sqlite::enqueue(&tx, &topic, &rolled).expect("enqueue");
+    tx.rollback().expect("rollback");
+    let kept = event("A", 1, b"");
+    let tx = conn.transaction().expect("begin");
+    exactly_sqlite::enqueue(&tx, &topic, &kept).expect("enqueue");
+    tx.commit().expect("commit");
+
+    let url = fresh_pg_database().await;
+    let mut client = exactly_postgres::connect(&url).await.expect("connect");
+    exactly_postgres::migrations::migrate(&mut client).await.expect("migrate");
+    let pg_rolled = event("B", 0, b"");
+    let tx = client.transaction().await.expect("begin");
+    exactly_postgres::enqueue(&tx, &topic, &pg_rolled).await.expect("enqueue");
+    tx.rollback().await.expect("rollback");
+    let pg_kept = event("B", 1, b"");
+    let tx = client.transaction().await.expect("begin");
+    exactly_postgres::enqueue(&tx, &topic, &pg_kept).await.expect("enqueue");
+    tx.commit().await.expect("commit");
+
+    assert!(relay(service.to_str().expect("path"), &brokers, &[]).status.success());
+    assert!(relay(&url, &brokers, &[]).status.success());
+    let published: HashSet<String> =
+        read_topic(&brokers, &topic, 1, "read_committed").into_iter().map(|r| r.headers["exactly-event-id"].clone()).collect();
+    assert_eq!(published, HashSet::from([ids(&[kept])[0].clone(), ids(&[pg_kept])[0].clone()]));
+}
+
+/// Rows a relay can never publish are DEAD with the reason, and the rows around them go out.
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_outbox_rows_are_dead_with_a_reason() {
+    let brokers = brokers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let service = dir.path().join("service.db");
+    let topic = unique("malformed");
+    exactly_kafka::ensure_topics(&brokers, &[&topic], 1).await.expect("topic");
+    insert_sqlite(&service, &topic, 2);
+    let conn = exactly_sqlite::open(&service).expect("open");
+    conn.execute_batch(&format!(
+        "INSERT INTO outbox (event_id, event_type, aggregate_type, aggregate_id, topic, payload)
+           VALUES ('{}', 'T', 'thing', NULL, '{topic}', CAST('{{}}' AS BLOB));
+         INSERT INTO outbox (event_id, event_type, aggregate_type, aggregate_id, topic, payload, headers)
+           VALUES ('{}', 'T', 'thing', 'A', '{topic}', CAST('{{}}' AS BLOB), '{{not json');
+         INSERT INTO outbox (event_id, event_type, aggregate_type, aggregate_id, topic, payload)
+           VALUES ('{}', 'T', 'thing', 'A', '{topic}', zeroblob(2000000));",
+        uuid::Uuid::now_v7(),
+        uuid::Uuid::now_v7(),
+        uuid::Uuid::now_v7()
+    ))
+    .expect("insert malformed rows");
+    insert_sqlite(&service, &topic, 2);
+    assert!(relay(service.to_str().expect("path"), &brokers, &[]).status.success());
+    let mut stmt = conn.prepare("SELECT status, COALESCE(last_error, '') FROM outbox ORDER BY id").expect("prepare");
+    let rows: Vec<(String, String)> =
+        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).expect("q").collect::<Result<_, _>>().expect("rows");
+    let statuses: Vec<&str> = rows.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(statuses, ["SENT", "SENT", "DEAD", "DEAD", "DEAD", "SENT", "SENT"]);
+    assert!(rows[2].1.contains("aggregate_id is NULL"), "{}", rows[2].1);
+    assert!(rows[3].1.contains("headers column"), "{}", rows[3].1);
+    assert!(rows[4].1.contains("above the maximum"), "{}", rows[4].1);
+    assert_eq!(read_topic(&brokers, &topic, 1, "read_committed").len(), 4);
+}

@@ -1,0 +1,117 @@
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use exactly_core::{Delivery, Envelope, HandlerError, UnixMillis};
+use exactly_kafka::{ConsumerConfig, ConsumerCounters, IdempotentConsumer};
+use exactly_sqlite::SqliteEffects;
+use rusqlite::Transaction;
+use tokio::sync::watch;
+
+pub const EXACTLY: &str = env!("CARGO_BIN_EXE_exactly");
+
+pub fn event(aggregate: &str, n: usize, payload: &[u8]) -> Envelope {
+    Envelope {
+        event_id: uuid::Uuid::now_v7(),
+        event_type: "Tested".into(),
+        aggregate_type: "thing".into(),
+        aggregate_id: aggregate.to_owned(),
+        occurred_at: exactly_kafka::now(),
+        payload: if payload.is_empty() { format!("{{\"n\":{n}}}").into_bytes() } else { payload.to_vec() },
+        headers: vec![],
+    }
+}
+
+/// Commits `n` events, one transaction each, aggregates round-robin over 7 ids.
+pub fn insert_sqlite(path: &Path, topic: &str, n: usize) -> Vec<Envelope> {
+    let mut conn = exactly_sqlite::open(path).expect("open service db");
+    (0..n)
+        .map(|i| {
+            let tx = conn.transaction().expect("begin");
+            let e = event(&format!("A-{}", i % 7), i, b"");
+            exactly_sqlite::enqueue(&tx, topic, &e).expect("enqueue");
+            tx.commit().expect("commit");
+            e
+        })
+        .collect()
+}
+
+/// Runs `exactly relay` to completion (`--exit-when-idle`) with extra flags.
+pub fn relay(database: &str, brokers: &str, extra: &[&str]) -> Output {
+    Command::new(EXACTLY)
+        .args(["relay", "--mode", "poll", "--database", database, "--brokers", brokers, "--no-metrics", "--exit-when-idle"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run exactly relay")
+}
+
+pub fn outbox_status_counts(path: &Path) -> Vec<(String, i64)> {
+    let conn = rusqlite::Connection::open(path).expect("open");
+    let mut stmt = conn.prepare("SELECT status, COUNT(*) FROM outbox GROUP BY status ORDER BY status").expect("prepare");
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).expect("query").collect::<Result<_, _>>().expect("rows")
+}
+
+/// The test consumers' effect: one row per applied event, payload must be JSON.
+pub const APPLIED_SCHEMA: &str =
+    "CREATE TABLE IF NOT EXISTS applied (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL, aggregate_id TEXT NOT NULL)";
+
+pub fn apply_json(tx: &Transaction<'_>, d: &Delivery) -> Result<(), HandlerError> {
+    serde_json::from_slice::<serde_json::Value>(&d.envelope.payload)
+        .map_err(|e| HandlerError::Rejected(format!("payload is not JSON: {e}")))?;
+    tx.execute(
+        "INSERT INTO applied (event_id, aggregate_id) VALUES (?1, ?2)",
+        [d.envelope.event_id.hyphenated().to_string(), d.envelope.aggregate_id.clone()],
+    )
+    .map_err(|e| HandlerError::Retryable(e.to_string()))?;
+    Ok(())
+}
+
+/// Runs an in-process consumer over `topic` until `applied + parked >= expected` (or 60 s),
+/// then stops it and returns its counters.
+pub async fn consume_until(db: &Path, brokers: &str, group: &str, topic: &str, expected: u64) -> Arc<ConsumerCounters> {
+    exactly_sqlite::open(db).expect("open consumer db").execute_batch(APPLIED_SCHEMA).expect("schema");
+    let store = SqliteEffects::open(db, group, apply_json).expect("effects");
+    let counters = Arc::new(ConsumerCounters::default());
+    let consumer = IdempotentConsumer::new(store, ConsumerConfig::new(brokers, group, &[topic]))
+        .expect("consumer")
+        .with_counters(counters.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let run = tokio::spawn(async move { consumer.run(stop_rx).await });
+    let watched = counters.clone();
+    let done = exactly_testkit::eventually(Duration::from_secs(60), || {
+        let c = watched.clone();
+        async move {
+            c.applied.load(std::sync::atomic::Ordering::Relaxed) + c.parked.load(std::sync::atomic::Ordering::Relaxed)
+                >= expected
+        }
+    })
+    .await;
+    // Let any late redeliveries arrive before stopping, so duplicates are counted, not missed.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = stop_tx.send(true);
+    run.await.expect("join").expect("consumer ran");
+    assert!(done, "consumer did not reach {expected} applied+parked within 60 s: {counters:?}");
+    counters
+}
+
+pub fn applied_event_ids(db: &Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open(db).expect("open");
+    let mut stmt = conn.prepare("SELECT event_id FROM applied ORDER BY seq").expect("prepare");
+    stmt.query_map([], |r| r.get(0)).expect("query").collect::<Result<_, _>>().expect("rows")
+}
+
+pub fn ids(events: &[Envelope]) -> Vec<String> {
+    events.iter().map(|e| e.event_id.hyphenated().to_string()).collect()
+}
+
+pub fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+#[allow(dead_code)]
+pub fn at(ms: i64) -> UnixMillis {
+    UnixMillis(ms)
+}
