@@ -72,8 +72,10 @@ impl PgHandler for StoryHandler {
                         }
                     })
                     .collect();
-                let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
-                    params.iter().map(|p| &**p as &(dyn tokio_postgres::types::ToSql + Sync)).collect();
+                let refs: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = params
+                    .iter()
+                    .map(|p| &**p as &(dyn tokio_postgres::types::ToSql + Sync))
+                    .collect();
                 tx.execute(&pg_placeholders(effect.sql), &refs)
                     .await
                     .map_err(|e| HandlerError::Retryable(e.to_string()))?;
@@ -86,10 +88,20 @@ impl PgHandler for StoryHandler {
 /// One business transaction the writers perform.
 #[derive(Debug, Clone)]
 pub enum Operation {
-    Order { order_id: String, product: String, coupon: String },
+    Order {
+        order_id: String,
+        product: String,
+        coupon: String,
+    },
     /// Likes the product, or unlikes it if the user already does.
-    ToggleLike { user: String, product: String },
-    Rename { product: String, name: String },
+    ToggleLike {
+        user: String,
+        product: String,
+    },
+    Rename {
+        product: String,
+        name: String,
+    },
 }
 
 /// Picks operations with a seeded RNG so a run can be reproduced.
@@ -103,7 +115,13 @@ pub struct Workload {
 
 impl Workload {
     pub fn new(seed: u64, writer: usize) -> Self {
-        Workload { rng: StdRng::seed_from_u64(seed ^ (writer as u64 * 0x9E37_79B9)), writer, counter: 0, products: 50, users: 40 }
+        Workload {
+            rng: StdRng::seed_from_u64(seed ^ (writer as u64 * 0x9E37_79B9)),
+            writer,
+            counter: 0,
+            products: 50,
+            users: 40,
+        }
     }
 
     /// The next operation and whether its transaction should roll back (about 5%).
@@ -118,7 +136,10 @@ impl Workload {
                 coupon: format!("C-{}-{}", self.writer, self.counter),
             },
             3..=7 => Operation::ToggleLike { user, product },
-            _ => Operation::Rename { product, name: format!("name-{}-{}", self.writer, self.counter) },
+            _ => Operation::Rename {
+                product,
+                name: format!("name-{}-{}", self.writer, self.counter),
+            },
         };
         (op, self.rng.random_range(0..100) < 5)
     }
@@ -127,7 +148,11 @@ impl Workload {
 /// The outbox event an operation emits; `unliked` says a toggle removed a like.
 pub fn event_for(op: &Operation, unliked: bool, now: UnixMillis, topics: &Topics) -> (String, Envelope) {
     let (topic, event_type, aggregate_type, aggregate_id, payload) = match op {
-        Operation::Order { order_id, product, coupon } => (
+        Operation::Order {
+            order_id,
+            product,
+            coupon,
+        } => (
             topics.coupons.clone(),
             "CouponUsed",
             "coupon",
@@ -136,7 +161,13 @@ pub fn event_for(op: &Operation, unliked: bool, now: UnixMillis, topics: &Topics
         ),
         Operation::ToggleLike { user, product } => {
             let event_type = if unliked { "ProductUnliked" } else { "ProductLiked" };
-            (topics.products.clone(), event_type, "product", product.clone(), serde_json::json!({"product_id": product, "user_id": user}))
+            (
+                topics.products.clone(),
+                event_type,
+                "product",
+                product.clone(),
+                serde_json::json!({"product_id": product, "user_id": user}),
+            )
         }
         Operation::Rename { product, name } => (
             topics.products.clone(),
@@ -159,17 +190,35 @@ pub fn event_for(op: &Operation, unliked: bool, now: UnixMillis, topics: &Topics
 }
 
 /// Runs one operation in one SQLite transaction with its outbox row. Returns the event id.
-pub fn write_sqlite(conn: &mut rusqlite::Connection, op: &Operation, rollback: bool, topics: &Topics) -> Result<Uuid> {
+pub fn write_sqlite(
+    conn: &mut rusqlite::Connection,
+    op: &Operation,
+    rollback: bool,
+    topics: &Topics,
+) -> Result<Uuid> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let like_existed = match op {
-        Operation::Order { order_id, product, coupon } => {
-            tx.execute("INSERT INTO orders (id, product_id, coupon) VALUES (?1, ?2, ?3)", [order_id, product, coupon])?;
+        Operation::Order {
+            order_id,
+            product,
+            coupon,
+        } => {
+            tx.execute(
+                "INSERT INTO orders (id, product_id, coupon) VALUES (?1, ?2, ?3)",
+                [order_id, product, coupon],
+            )?;
             false
         }
         Operation::ToggleLike { user, product } => {
-            let removed = tx.execute("DELETE FROM likes WHERE user_id = ?1 AND product_id = ?2", [user, product])? == 1;
+            let removed = tx.execute(
+                "DELETE FROM likes WHERE user_id = ?1 AND product_id = ?2",
+                [user, product],
+            )? == 1;
             if !removed {
-                tx.execute("INSERT INTO likes (user_id, product_id) VALUES (?1, ?2)", [user, product])?;
+                tx.execute(
+                    "INSERT INTO likes (user_id, product_id) VALUES (?1, ?2)",
+                    [user, product],
+                )?;
             }
             removed
         }
@@ -200,21 +249,41 @@ pub async fn write_postgres(
 ) -> Result<Uuid> {
     let tx = client.transaction().await?;
     let like_existed = match op {
-        Operation::Order { order_id, product, coupon } => {
-            tx.execute("INSERT INTO orders (id, product_id, coupon) VALUES ($1, $2, $3)", &[order_id, product, coupon]).await?;
+        Operation::Order {
+            order_id,
+            product,
+            coupon,
+        } => {
+            tx.execute(
+                "INSERT INTO orders (id, product_id, coupon) VALUES ($1, $2, $3)",
+                &[order_id, product, coupon],
+            )
+            .await?;
             false
         }
         Operation::ToggleLike { user, product } => {
             // Lock the product's likes so concurrent writers flip one like in commit order.
-            tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[product]).await?;
-            let removed = tx.execute("DELETE FROM likes WHERE user_id = $1 AND product_id = $2", &[user, product]).await? == 1;
+            tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[product])
+                .await?;
+            let removed = tx
+                .execute(
+                    "DELETE FROM likes WHERE user_id = $1 AND product_id = $2",
+                    &[user, product],
+                )
+                .await?
+                == 1;
             if !removed {
-                tx.execute("INSERT INTO likes (user_id, product_id) VALUES ($1, $2)", &[user, product]).await?;
+                tx.execute(
+                    "INSERT INTO likes (user_id, product_id) VALUES ($1, $2)",
+                    &[user, product],
+                )
+                .await?;
             }
             removed
         }
         Operation::Rename { product, name } => {
-            tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[product]).await?;
+            tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[product])
+                .await?;
             tx.execute(
                 "INSERT INTO products (id, name) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET name = excluded.name",
                 &[product, name],
@@ -268,7 +337,12 @@ SELECT DISTINCT ON (aggregate_id) aggregate_id, convert_from(payload, 'UTF8')::j
 FROM outbox WHERE event_type = 'ProductRenamed'
 ORDER BY aggregate_id, occurred_at DESC, event_id::text DESC";
 
-fn compare(what: &str, expected: Vec<(String, String)>, actual: Vec<(String, String)>, out: &mut Vec<String>) {
+fn compare(
+    what: &str,
+    expected: Vec<(String, String)>,
+    actual: Vec<(String, String)>,
+    out: &mut Vec<String>,
+) {
     let expected: HashMap<_, _> = expected.into_iter().collect();
     let actual: HashMap<_, _> = actual.into_iter().collect();
     let mut keys: Vec<_> = expected.keys().chain(actual.keys()).collect();
@@ -276,7 +350,11 @@ fn compare(what: &str, expected: Vec<(String, String)>, actual: Vec<(String, Str
     keys.dedup();
     for key in keys {
         if expected.get(key) != actual.get(key) {
-            out.push(format!("{what} {key}: expected {:?}, found {:?}", expected.get(key), actual.get(key)));
+            out.push(format!(
+                "{what} {key}: expected {:?}, found {:?}",
+                expected.get(key),
+                actual.get(key)
+            ));
         }
     }
 }
@@ -307,7 +385,10 @@ fn value_text(v: rusqlite::types::Value) -> String {
 
 fn parked_event_ids(keys: Vec<String>) -> (Vec<String>, i64) {
     let count = keys.len() as i64;
-    let ids = keys.into_iter().filter_map(|k| k.split_once(':').map(|(_, id)| id.to_owned())).collect();
+    let ids = keys
+        .into_iter()
+        .filter_map(|k| k.split_once(':').map(|(_, id)| id.to_owned()))
+        .collect();
     (ids, count)
 }
 
@@ -322,7 +403,13 @@ pub fn observe_sqlite(dir: &Path) -> Result<Observed> {
     for consumer in StoryConsumer::ALL {
         let conn = rusqlite::Connection::open(Backend::sqlite_path(dir, consumer.name()))?;
         let effects = sqlite_pairs(&conn, EFFECTS, Some(consumer.name()))?;
-        observed.effects.insert(consumer.name(), effects.into_iter().map(|(id, n)| (id, n.parse().unwrap_or(0))).collect());
+        observed.effects.insert(
+            consumer.name(),
+            effects
+                .into_iter()
+                .map(|(id, n)| (id, n.parse().unwrap_or(0)))
+                .collect(),
+        );
         let parked: Vec<String> = sqlite_pairs(&conn, PARKED, Some(consumer.name()))?
             .into_iter()
             .map(|(k, _)| k)
@@ -330,22 +417,52 @@ pub fn observe_sqlite(dir: &Path) -> Result<Observed> {
         observed.parked.insert(consumer.name(), parked_event_ids(parked));
         let mismatches = &mut observed.state_mismatches;
         match consumer {
-            StoryConsumer::Coupons => compare("coupon", sqlite_pairs(&service, EXPECTED_COUPONS, None)?, sqlite_pairs(&conn, ACTUAL_COUPONS, None)?, mismatches),
-            StoryConsumer::Likes => compare("likes of", sqlite_pairs(&service, EXPECTED_LIKES, None)?, sqlite_pairs(&conn, ACTUAL_LIKES, None)?, mismatches),
-            StoryConsumer::Products => compare("name of", sqlite_pairs(&service, EXPECTED_NAMES_SQLITE, None)?, sqlite_pairs(&conn, ACTUAL_NAMES, None)?, mismatches),
+            StoryConsumer::Coupons => compare(
+                "coupon",
+                sqlite_pairs(&service, EXPECTED_COUPONS, None)?,
+                sqlite_pairs(&conn, ACTUAL_COUPONS, None)?,
+                mismatches,
+            ),
+            StoryConsumer::Likes => compare(
+                "likes of",
+                sqlite_pairs(&service, EXPECTED_LIKES, None)?,
+                sqlite_pairs(&conn, ACTUAL_LIKES, None)?,
+                mismatches,
+            ),
+            StoryConsumer::Products => compare(
+                "name of",
+                sqlite_pairs(&service, EXPECTED_NAMES_SQLITE, None)?,
+                sqlite_pairs(&conn, ACTUAL_NAMES, None)?,
+                mismatches,
+            ),
         }
     }
     Ok(observed)
 }
 
-async fn pg_pairs(client: &tokio_postgres::Client, sql: &str, arg: Option<&str>) -> Result<Vec<(String, String)>> {
-    let sql = format!("SELECT a::text, b::text FROM ({}) AS t(a, b)", pg_placeholders(sql));
+async fn pg_pairs(
+    client: &tokio_postgres::Client,
+    sql: &str,
+    arg: Option<&str>,
+) -> Result<Vec<(String, String)>> {
+    let sql = format!(
+        "SELECT a::text, b::text FROM ({}) AS t(a, b)",
+        pg_placeholders(sql)
+    );
     let rows = match arg {
         Some(a) => client.query(&sql, &[&a]).await,
         None => client.query(&sql, &[]).await,
     }
     .with_context(|| format!("query {sql}"))?;
-    Ok(rows.iter().map(|r| (r.get::<_, Option<String>>(0).unwrap_or_default(), r.get::<_, Option<String>>(1).unwrap_or_default())).collect())
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, Option<String>>(0).unwrap_or_default(),
+                r.get::<_, Option<String>>(1).unwrap_or_default(),
+            )
+        })
+        .collect())
 }
 
 /// Reads everything reconciliation needs from one PostgreSQL database.
@@ -359,7 +476,13 @@ pub async fn observe_postgres(url: &str) -> Result<Observed> {
     };
     for consumer in StoryConsumer::ALL {
         let effects = pg_pairs(&client, EFFECTS, Some(consumer.name())).await?;
-        observed.effects.insert(consumer.name(), effects.into_iter().map(|(id, n)| (id, n.parse().unwrap_or(0))).collect());
+        observed.effects.insert(
+            consumer.name(),
+            effects
+                .into_iter()
+                .map(|(id, n)| (id, n.parse().unwrap_or(0)))
+                .collect(),
+        );
         let parked = pg_pairs(&client, PARKED, Some(consumer.name()))
             .await?
             .into_iter()
@@ -376,7 +499,12 @@ pub async fn observe_postgres(url: &str) -> Result<Observed> {
             StoryConsumer::Likes => "likes of",
             StoryConsumer::Products => "name of",
         };
-        compare(label, pg_pairs(&client, expected, None).await?, pg_pairs(&client, actual, None).await?, &mut observed.state_mismatches);
+        compare(
+            label,
+            pg_pairs(&client, expected, None).await?,
+            pg_pairs(&client, actual, None).await?,
+            &mut observed.state_mismatches,
+        );
     }
     Ok(observed)
 }

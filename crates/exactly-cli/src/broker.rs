@@ -37,7 +37,13 @@ pub async fn start_local_broker() -> Result<LocalBroker> {
     let address = format!("127.0.0.1:{port}");
     let url = format!("tcp://{address}");
     let child = Command::new(&tansu)
-        .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -46,7 +52,10 @@ pub async fn start_local_broker() -> Result<LocalBroker> {
         .with_context(|| format!("starting {}", tansu.display()))?;
     for _ in 0..100 {
         if tokio::net::TcpStream::connect(&address).await.is_ok() {
-            return Ok(LocalBroker { address, _child: child });
+            return Ok(LocalBroker {
+                address,
+                _child: child,
+            });
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -54,7 +54,9 @@ pub fn kill_at(point: FaultPoint, n: Option<u64>) -> Faults {
     let seen = std::sync::atomic::AtomicU64::new(0);
     Faults::new(move |p| {
         if p == point && seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == n {
-            let _ = std::process::Command::new("kill").args(["-9", &std::process::id().to_string()]).status();
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &std::process::id().to_string()])
+                .status();
             std::thread::sleep(Duration::from_secs(5));
         }
         false
@@ -98,7 +100,9 @@ pub async fn relay(args: RelayArgs) -> Result<()> {
         Database::Postgres(url) => {
             let store = if args.sequence_keys {
                 let store = PgOutbox::connect_as_sequence_leader(&url, Duration::from_millis(500)).await?;
-                config.keys = KeyMode::Sequence { source: store.sequence_source().await? };
+                config.keys = KeyMode::Sequence {
+                    source: store.sequence_source().await?,
+                };
                 store
             } else {
                 PgOutbox::connect(&url).await?
@@ -112,7 +116,12 @@ pub async fn relay(args: RelayArgs) -> Result<()> {
     }
 }
 
-async fn run_relay<S: OutboxStore + 'static>(store: S, config: RelayConfig, faults: Faults, exit_when_idle: bool) -> Result<()> {
+async fn run_relay<S: OutboxStore + 'static>(
+    store: S,
+    config: RelayConfig,
+    faults: Faults,
+    exit_when_idle: bool,
+) -> Result<()> {
     let mut relay = Relay::new(store, config)?.with_faults(faults);
     if exit_when_idle {
         // For scripts and tests: drain what is claimable now, then stop.
@@ -136,7 +145,8 @@ pub const RECORD_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS exactly_consumed (
 fn decode_json(delivery: &Delivery) -> Result<String, HandlerError> {
     let text = std::str::from_utf8(&delivery.envelope.payload)
         .map_err(|e| HandlerError::Rejected(format!("payload is not UTF-8: {e}")))?;
-    serde_json::from_str::<serde_json::Value>(text).map_err(|e| HandlerError::Rejected(format!("payload is not JSON: {e}")))?;
+    serde_json::from_str::<serde_json::Value>(text)
+        .map_err(|e| HandlerError::Rejected(format!("payload is not JSON: {e}")))?;
     Ok(text.to_owned())
 }
 
@@ -149,7 +159,14 @@ impl SqliteHandler for RecordHandler {
         let e = &d.envelope;
         tx.execute(
             RECORD_INSERT,
-            rusqlite::params!["record", e.event_id.hyphenated().to_string(), e.event_type, e.aggregate_id, e.occurred_at.0, payload],
+            rusqlite::params![
+                "record",
+                e.event_id.hyphenated().to_string(),
+                e.event_type,
+                e.aggregate_id,
+                e.occurred_at.0,
+                payload
+            ],
         )
         .map_err(|e| HandlerError::Retryable(e.to_string()))?;
         Ok(())
@@ -157,13 +174,24 @@ impl SqliteHandler for RecordHandler {
 }
 
 impl PgHandler for RecordHandler {
-    fn handle<'a>(&'a self, tx: &'a tokio_postgres::Transaction<'a>, d: &'a Delivery) -> BoxFuture<'a, Result<(), HandlerError>> {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a tokio_postgres::Transaction<'a>,
+        d: &'a Delivery,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
             let payload = decode_json(d)?;
             let e = &d.envelope;
             tx.execute(
                 &crate::story::pg_placeholders(RECORD_INSERT),
-                &[&"record", &e.event_id.hyphenated().to_string(), &e.event_type, &e.aggregate_id, &e.occurred_at.0, &payload],
+                &[
+                    &"record",
+                    &e.event_id.hyphenated().to_string(),
+                    &e.event_type,
+                    &e.aggregate_id,
+                    &e.occurred_at.0,
+                    &payload,
+                ],
             )
             .await
             .map_err(|e| HandlerError::Retryable(e.to_string()))?;
@@ -188,38 +216,80 @@ pub async fn consume(args: ConsumeArgs) -> Result<()> {
     }
     let topics: Vec<&str> = args.topics.iter().map(String::as_str).collect();
     let config = ConsumerConfig::new(&args.brokers, &args.group, &topics);
-    let faults = kill_at(FaultPoint::ConsumerAfterApplyBeforeOffsetCommit, args.kill_after_apply);
+    let faults = kill_at(
+        FaultPoint::ConsumerAfterApplyBeforeOffsetCommit,
+        args.kill_after_apply,
+    );
     let stop = stop_on_signal();
     let consumer_name = args.group.clone();
     match (&args.database, args.handler.as_str()) {
         (Database::Sqlite(path), "record") => {
             exactly_sqlite::open(path)?.execute_batch(RECORD_SCHEMA)?;
-            run_consumer(SqliteEffects::open(path, &consumer_name, RecordHandler)?, config, faults, stop).await
+            run_consumer(
+                SqliteEffects::open(path, &consumer_name, RecordHandler)?,
+                config,
+                faults,
+                stop,
+            )
+            .await
         }
         (Database::Postgres(url), "record") => {
-            exactly_postgres::connect(url).await?.batch_execute(RECORD_SCHEMA).await?;
-            run_consumer(PgEffects::connect(url, &consumer_name, RecordHandler).await?, config, faults, stop).await
+            exactly_postgres::connect(url)
+                .await?
+                .batch_execute(RECORD_SCHEMA)
+                .await?;
+            run_consumer(
+                PgEffects::connect(url, &consumer_name, RecordHandler).await?,
+                config,
+                faults,
+                stop,
+            )
+            .await
         }
         (database, name) => {
             let story = name
                 .strip_prefix("story-")
                 .and_then(StoryConsumer::parse)
-                .with_context(|| format!("unknown handler {name:?}: use record, story-coupons, story-likes or story-products"))?;
+                .with_context(|| {
+                    format!(
+                        "unknown handler {name:?}: use record, story-coupons, story-likes or story-products"
+                    )
+                })?;
             match database {
                 Database::Sqlite(path) => {
                     exactly_sqlite::open(path)?.execute_batch(crate::story::CONSUMER_SCHEMA)?;
-                    run_consumer(SqliteEffects::open(path, story.name(), StoryHandler(story))?, config, faults, stop).await
+                    run_consumer(
+                        SqliteEffects::open(path, story.name(), StoryHandler(story))?,
+                        config,
+                        faults,
+                        stop,
+                    )
+                    .await
                 }
                 Database::Postgres(url) => {
-                    exactly_postgres::connect(url).await?.batch_execute(crate::story::CONSUMER_SCHEMA).await?;
-                    run_consumer(PgEffects::connect(url, story.name(), StoryHandler(story)).await?, config, faults, stop).await
+                    exactly_postgres::connect(url)
+                        .await?
+                        .batch_execute(crate::story::CONSUMER_SCHEMA)
+                        .await?;
+                    run_consumer(
+                        PgEffects::connect(url, story.name(), StoryHandler(story)).await?,
+                        config,
+                        faults,
+                        stop,
+                    )
+                    .await
                 }
             }
         }
     }
 }
 
-async fn run_consumer<S: EffectStore>(store: S, config: ConsumerConfig, faults: Faults, stop: watch::Receiver<bool>) -> Result<()> {
+async fn run_consumer<S: EffectStore>(
+    store: S,
+    config: ConsumerConfig,
+    faults: Faults,
+    stop: watch::Receiver<bool>,
+) -> Result<()> {
     let consumer = IdempotentConsumer::new(store, config)?.with_faults(faults);
     consumer.run(stop).await.context("consumer stopped")
 }
@@ -236,11 +306,17 @@ pub async fn status(database: Database) -> Result<()> {
         Database::Postgres(url) => {
             let mut client = exactly_postgres::connect(&url).await?;
             exactly_postgres::migrations::migrate(&mut client).await?;
-            let parked: i64 = client.query_one("SELECT COUNT(*) FROM exactly_parked", &[]).await?.get(0);
+            let parked: i64 = client
+                .query_one("SELECT COUNT(*) FROM exactly_parked", &[])
+                .await?
+                .get(0);
             (exactly_postgres::outbox_stats(&client, now).await?, parked)
         }
     };
-    println!("outbox   NEW {}  SENDING {}  SENT {}  DEAD {}", stats.new, stats.sending, stats.sent, stats.dead);
+    println!(
+        "outbox   NEW {}  SENDING {}  SENT {}  DEAD {}",
+        stats.new, stats.sending, stats.sent, stats.dead
+    );
     println!("oldest NEW row: {:.1} s", stats.oldest_new_age_ms as f64 / 1000.0);
     println!("parked messages: {parked}");
     Ok(())

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use exactly_core::{EffectStore, OutboxStore};
 use exactly_kafka::{
-    ConsumerConfig, ConsumerCounters, FaultPoint, Faults, IdempotentConsumer, KafkaFlowError, Relay, RelayConfig,
-    RelayCounters,
+    ConsumerConfig, ConsumerCounters, FaultPoint, Faults, IdempotentConsumer, KafkaFlowError, Relay,
+    RelayConfig, RelayCounters,
 };
 use exactly_postgres::{PgEffects, PgOutbox};
 use exactly_sqlite::{SqliteEffects, SqliteOutbox};
@@ -20,7 +20,9 @@ use rand::{Rng, SeedableRng};
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
 
-use crate::backend::{observe_postgres, observe_sqlite, write_postgres, write_sqlite, Backend, Observed, StoryHandler, Workload};
+use crate::backend::{
+    observe_postgres, observe_sqlite, write_postgres, write_sqlite, Backend, Observed, StoryHandler, Workload,
+};
 use crate::broker::start_local_broker;
 use crate::story::{StoryConsumer, Topics, CONSUMER_SCHEMA, SERVICE_SCHEMA};
 
@@ -79,32 +81,53 @@ pub struct DemoReport {
 
 impl DemoReport {
     pub fn ok(&self) -> bool {
-        self.lost == 0 && self.applied_twice == 0 && self.aborted_visible == 0 && self.state_mismatches.is_empty()
+        self.lost == 0
+            && self.applied_twice == 0
+            && self.aborted_visible == 0
+            && self.state_mismatches.is_empty()
     }
 
     pub fn print(&self) {
         let rate = self.committed as f64 / self.seconds.max(0.001);
         println!();
         println!("  {:<34} {:>10}", "events committed", self.committed);
-        println!("  {:<34} {:>10}", "rolled back (must never appear)", self.rolled_back);
-        println!("  {:<34} {:>10}", "published (acks, repeats included)", self.published);
+        println!(
+            "  {:<34} {:>10}",
+            "rolled back (must never appear)", self.rolled_back
+        );
+        println!(
+            "  {:<34} {:>10}",
+            "published (acks, repeats included)", self.published
+        );
         println!("  {:<34} {:>10}", "delivered (repeats included)", self.delivered);
         println!("  {:<34} {:>10}", "applied once", self.applied_once);
-        println!("  {:<34} {:>10}", "duplicates suppressed", self.duplicates_suppressed);
+        println!(
+            "  {:<34} {:>10}",
+            "duplicates suppressed", self.duplicates_suppressed
+        );
         println!("  {:<34} {:>10}", "parked", self.parked);
         println!("  {:<34} {:>10}", "applied twice", self.applied_twice);
         println!("  {:<34} {:>10}", "lost", self.lost);
-        println!("  {:<34} {:>10}", "rolled-back events visible", self.aborted_visible);
+        println!(
+            "  {:<34} {:>10}",
+            "rolled-back events visible", self.aborted_visible
+        );
         println!("  {:<34} {:>10}", "state mismatches", self.state_mismatches.len());
         println!("  {:<34} {:>10}", "outbox rows not SENT", self.unsent_rows);
         println!("  {:<34} {:>10}", "relay crashes injected", self.relay_crashes);
-        println!("  {:<34} {:>10}", "consumer crashes injected", self.consumer_crashes);
+        println!(
+            "  {:<34} {:>10}",
+            "consumer crashes injected", self.consumer_crashes
+        );
         println!("  {:<34} {:>10.1}", "seconds", self.seconds);
         println!("  {:<34} {:>10.0}", "events/s end to end", rate);
         for m in self.state_mismatches.iter().take(5) {
             println!("  mismatch: {m}");
         }
-        println!("\n  verdict: {}", if self.ok() { "exactly once" } else { "FAILED" });
+        println!(
+            "\n  verdict: {}",
+            if self.ok() { "exactly once" } else { "FAILED" }
+        );
     }
 }
 
@@ -124,7 +147,9 @@ pub async fn run_demo(options: DemoOptions) -> Result<DemoReport> {
     let topics = Topics::with_suffix(&format!("-{run_id}"));
     exactly_kafka::ensure_topics(&brokers, &[&topics.coupons, &topics.products], 3)
         .await
-        .with_context(|| format!("creating topics on {brokers} (is the broker running? scripts/setup starts one)"))?;
+        .with_context(|| {
+            format!("creating topics on {brokers} (is the broker running? scripts/setup starts one)")
+        })?;
     let backend = prepare_backend(&options, run_id).await?;
     if !options.quiet {
         match &backend {
@@ -147,22 +172,41 @@ pub async fn run_demo(options: DemoOptions) -> Result<DemoReport> {
 
     let wakes: Vec<Arc<Notify>> = (0..options.relays).map(|_| Arc::new(Notify::new())).collect();
     for (index, wake) in wakes.iter().enumerate() {
-        let (backend, brokers, live, budget, stop, wake) =
-            (backend.clone(), brokers.clone(), live.clone(), budget.clone(), stop_rx.clone(), wake.clone());
+        let (backend, brokers, live, budget, stop, wake) = (
+            backend.clone(),
+            brokers.clone(),
+            live.clone(),
+            budget.clone(),
+            stop_rx.clone(),
+            wake.clone(),
+        );
         let seed = options.seed ^ (index as u64 + 1);
         tasks.spawn(async move { supervise_relay(backend, brokers, live, budget, stop, wake, seed).await });
     }
     for (consumer, counters) in live.consumers.clone() {
-        let (backend, brokers, live, budget, stop, topics) =
-            (backend.clone(), brokers.clone(), live.clone(), budget.clone(), stop_rx.clone(), topics.clone());
+        let (backend, brokers, live, budget, stop, topics) = (
+            backend.clone(),
+            brokers.clone(),
+            live.clone(),
+            budget.clone(),
+            stop_rx.clone(),
+            topics.clone(),
+        );
         let seed = options.seed ^ (0x100 + consumer as u64);
         tasks.spawn(async move {
-            supervise_consumer(backend, brokers, topics, consumer, counters, live, budget, stop, seed, run_id).await
+            supervise_consumer(
+                backend, brokers, topics, consumer, counters, live, budget, stop, seed, run_id,
+            )
+            .await
         });
     }
     let writers_done = spawn_writers(&options, &backend, &topics, live.clone(), wakes.clone()).await?;
 
-    let bar = if options.quiet { ProgressBar::hidden() } else { ProgressBar::new(options.events * 2) };
+    let bar = if options.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(options.events * 2)
+    };
     bar.set_style(
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} applied  {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -179,7 +223,11 @@ pub async fn run_demo(options: DemoOptions) -> Result<DemoReport> {
             .map(|(_, c)| c.applied.load(Ordering::Relaxed) + c.parked.load(Ordering::Relaxed))
             .sum();
         let writing = writers_done.load(Ordering::Relaxed) > 0;
-        bar.set_length(if writing { expected.max(options.events) } else { expected });
+        bar.set_length(if writing {
+            expected.max(options.events)
+        } else {
+            expected
+        });
         bar.set_position(done);
         bar.set_message(format!(
             "committed {committed}, relay crashes {}, consumer crashes {}",
@@ -215,7 +263,11 @@ pub async fn run_demo(options: DemoOptions) -> Result<DemoReport> {
 }
 
 fn reconcile(observed: &Observed, live: &Live, seconds: f64) -> DemoReport {
-    let rolled_back: HashSet<String> = live.rolled_back.lock().map(|v| v.iter().cloned().collect()).unwrap_or_default();
+    let rolled_back: HashSet<String> = live
+        .rolled_back
+        .lock()
+        .map(|v| v.iter().cloned().collect())
+        .unwrap_or_default();
     let mut report = DemoReport {
         committed: observed.committed.len() as u64,
         rolled_back: rolled_back.len() as u64,
@@ -248,7 +300,11 @@ fn reconcile(observed: &Observed, live: &Live, seconds: f64) -> DemoReport {
         }
         report.aborted_visible += effects.keys().filter(|id| rolled_back.contains(*id)).count() as u64;
     }
-    report.aborted_visible += observed.committed.keys().filter(|id| rolled_back.contains(*id)).count() as u64;
+    report.aborted_visible += observed
+        .committed
+        .keys()
+        .filter(|id| rolled_back.contains(*id))
+        .count() as u64;
     report
 }
 
@@ -263,7 +319,8 @@ async fn prepare_backend(options: &DemoOptions, run_id: i64) -> Result<Backend> 
             let service = exactly_sqlite::open(&Backend::sqlite_path(&dir, "service"))?;
             service.execute_batch(SERVICE_SCHEMA)?;
             for consumer in StoryConsumer::ALL {
-                exactly_sqlite::open(&Backend::sqlite_path(&dir, consumer.name()))?.execute_batch(CONSUMER_SCHEMA)?;
+                exactly_sqlite::open(&Backend::sqlite_path(&dir, consumer.name()))?
+                    .execute_batch(CONSUMER_SCHEMA)?;
             }
             Ok(Backend::Sqlite { dir })
         }
@@ -271,7 +328,10 @@ async fn prepare_backend(options: &DemoOptions, run_id: i64) -> Result<Backend> 
             // A fresh database per run, so reruns never see an earlier run's rows.
             let admin = exactly_postgres::connect(url).await?;
             let name = format!("exactly_demo_{run_id}");
-            admin.batch_execute(&format!("CREATE DATABASE {name}")).await.context("creating the demo database")?;
+            admin
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await
+                .context("creating the demo database")?;
             let url = with_database(url, &name);
             let mut client = exactly_postgres::connect(&url).await?;
             exactly_postgres::migrations::migrate(&mut client).await?;
@@ -306,8 +366,13 @@ async fn spawn_writers(
     let remaining = Arc::new(AtomicU64::new(options.events));
     let running = Arc::new(AtomicU64::new(options.writers as u64));
     for writer in 0..options.writers {
-        let (remaining, running, live, wakes, topics) =
-            (remaining.clone(), running.clone(), live.clone(), wakes.clone(), topics.clone());
+        let (remaining, running, live, wakes, topics) = (
+            remaining.clone(),
+            running.clone(),
+            live.clone(),
+            wakes.clone(),
+            topics.clone(),
+        );
         let mut workload = Workload::new(options.seed, writer);
         let finish = move |result: Result<()>| {
             if let Err(e) = result {
@@ -316,7 +381,11 @@ async fn spawn_writers(
         };
         let take = {
             let remaining = remaining.clone();
-            move || remaining.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+            move || {
+                remaining
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+            }
         };
         let record = move |live: &Live, op: &crate::backend::Operation, rollback: bool, id: uuid::Uuid| {
             if rollback {
@@ -381,7 +450,10 @@ fn relay_faults(budget: Arc<FaultBudget>, seed: u64) -> Faults {
     Faults::new(move |point| {
         point == FaultPoint::RelayAfterPublishBeforeSettle
             && rng.lock().map(|mut r| r.random_range(0..8) == 0).unwrap_or(false)
-            && budget.relay_crashes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+            && budget
+                .relay_crashes
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
     })
 }
 
@@ -449,7 +521,9 @@ async fn run_relay<S: OutboxStore>(
     stop: watch::Receiver<bool>,
 ) -> Result<(), KafkaFlowError> {
     // Dropping the relay on a crash drops its producer unflushed, as a killed process would.
-    let mut relay = Relay::new(store, config)?.with_faults(faults).with_counters(live.relay.clone());
+    let mut relay = Relay::new(store, config)?
+        .with_faults(faults)
+        .with_counters(live.relay.clone());
     relay.run(stop).await
 }
 
@@ -475,12 +549,22 @@ async fn supervise_consumer(
         let budget = budget.clone();
         let faults = Faults::new(move |point| {
             point == FaultPoint::ConsumerAfterApplyBeforeOffsetCommit
-                && rng.lock().map(|mut r| r.random_range(0..1500) == 0).unwrap_or(false)
-                && budget.consumer_crashes.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
+                && rng
+                    .lock()
+                    .map(|mut r| r.random_range(0..1500) == 0)
+                    .unwrap_or(false)
+                && budget
+                    .consumer_crashes
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
         });
         let result = match &backend {
             Backend::Sqlite { dir } => {
-                let store = SqliteEffects::open(&Backend::sqlite_path(dir, consumer.name()), consumer.name(), StoryHandler(consumer))?;
+                let store = SqliteEffects::open(
+                    &Backend::sqlite_path(dir, consumer.name()),
+                    consumer.name(),
+                    StoryHandler(consumer),
+                )?;
                 run_consumer(store, config.clone(), faults, counters.clone(), stop.clone()).await
             }
             Backend::Postgres { url } => {
@@ -511,6 +595,8 @@ async fn run_consumer<S: EffectStore>(
 ) -> Result<(), KafkaFlowError> {
     // Dropping the consumer on a crash leaves the group without committing, as a killed
     // process would; its records are redelivered to the next generation.
-    let consumer = IdempotentConsumer::new(store, config)?.with_faults(faults).with_counters(counters);
+    let consumer = IdempotentConsumer::new(store, config)?
+        .with_faults(faults)
+        .with_counters(counters);
     consumer.run(stop).await
 }

@@ -22,7 +22,11 @@ use crate::commands::{ConsumeArgs, Database, RelayArgs};
 use crate::demo::{run_demo, DemoOptions};
 
 #[derive(Parser)]
-#[command(name = "exactly", version, about = "Exactly-once event delivery from a database outbox through Kafka")]
+#[command(
+    name = "exactly",
+    version,
+    about = "Exactly-once event delivery from a database outbox through Kafka"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -143,7 +147,8 @@ enum Command {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EXACTLY_LOG").unwrap_or_else(|_| "warn,rdkafka=error".into()),
+            tracing_subscriber::EnvFilter::try_from_env("EXACTLY_LOG")
+                .unwrap_or_else(|_| "warn,rdkafka=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -166,7 +171,18 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Demo { events, writers, relays, database, brokers, dir, no_faults, seed, timeout_secs, quiet } => {
+        Command::Demo {
+            events,
+            writers,
+            relays,
+            database,
+            brokers,
+            dir,
+            no_faults,
+            seed,
+            timeout_secs,
+            quiet,
+        } => {
             let report = run_demo(DemoOptions {
                 events,
                 writers: writers.max(1),
@@ -181,7 +197,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             })
             .await?;
             report.print();
-            Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if report.ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         Command::Relay {
             mode: RelayMode::Poll,
@@ -212,7 +232,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             .await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Consume { database, brokers, group, topics, handler, metrics_addr, no_metrics, kill_after_apply } => {
+        Command::Consume {
+            database,
+            brokers,
+            group,
+            topics,
+            handler,
+            metrics_addr,
+            no_metrics,
+            kill_after_apply,
+        } => {
             commands::consume(ConsumeArgs {
                 database: Database::parse(&database),
                 brokers,

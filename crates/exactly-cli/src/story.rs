@@ -16,7 +16,10 @@ pub struct Topics {
 
 impl Topics {
     pub fn with_suffix(suffix: &str) -> Self {
-        Topics { coupons: format!("coupon-events{suffix}"), products: format!("product-events{suffix}") }
+        Topics {
+            coupons: format!("coupon-events{suffix}"),
+            products: format!("product-events{suffix}"),
+        }
     }
 }
 
@@ -48,7 +51,11 @@ pub enum StoryConsumer {
 }
 
 impl StoryConsumer {
-    pub const ALL: [StoryConsumer; 3] = [StoryConsumer::Coupons, StoryConsumer::Likes, StoryConsumer::Products];
+    pub const ALL: [StoryConsumer; 3] = [
+        StoryConsumer::Coupons,
+        StoryConsumer::Likes,
+        StoryConsumer::Products,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -109,7 +116,10 @@ pub fn effects(consumer: StoryConsumer, delivery: &Delivery) -> Result<Vec<Effec
     let envelope = &delivery.envelope;
     let known = ["CouponUsed", "ProductLiked", "ProductUnliked", "ProductRenamed"];
     if !known.contains(&envelope.event_type.as_str()) {
-        return Err(HandlerError::Rejected(format!("unknown event type {:?}", envelope.event_type)));
+        return Err(HandlerError::Rejected(format!(
+            "unknown event type {:?}",
+            envelope.event_type
+        )));
     }
     if !consumer.wants(&envelope.event_type) {
         return Ok(Vec::new());
@@ -119,7 +129,10 @@ pub fn effects(consumer: StoryConsumer, delivery: &Delivery) -> Result<Vec<Effec
     let event_id = envelope.event_id.hyphenated().to_string();
     let mut out = vec![Effect {
         sql: "INSERT INTO demo_effects (consumer, event_id) VALUES (?1, ?2)",
-        params: vec![SqlValue::Text(consumer.name().into()), SqlValue::Text(event_id.clone())],
+        params: vec![
+            SqlValue::Text(consumer.name().into()),
+            SqlValue::Text(event_id.clone()),
+        ],
     }];
     let text = |name: &str| field(&json, name).map(|v| SqlValue::Text(v.to_owned()));
     match envelope.event_type.as_str() {

@@ -11,7 +11,9 @@ use metrics_exporter_prometheus::PrometheusBuilder;
 pub fn serve_metrics(addr: SocketAddr) -> Result<()> {
     PrometheusBuilder::new()
         .with_http_listener(addr)
-        .set_buckets(&[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0])
+        .set_buckets(&[
+            0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+        ])
         .context("metrics buckets")?
         .install()
         .with_context(|| format!("serving metrics on {addr}"))
@@ -21,10 +23,16 @@ pub fn serve_metrics(addr: SocketAddr) -> Result<()> {
 pub async fn outbox_gauges<S: OutboxStore>(store: &S, every: Duration) {
     loop {
         if let Ok(stats) = store.stats(exactly_kafka::now()).await {
-            for (status, count) in [("NEW", stats.new), ("SENDING", stats.sending), ("SENT", stats.sent), ("DEAD", stats.dead)] {
+            for (status, count) in [
+                ("NEW", stats.new),
+                ("SENDING", stats.sending),
+                ("SENT", stats.sent),
+                ("DEAD", stats.dead),
+            ] {
                 metrics::gauge!("exactly_outbox_rows", "status" => status).set(count as f64);
             }
-            metrics::gauge!("exactly_outbox_oldest_new_age_seconds").set(stats.oldest_new_age_ms as f64 / 1000.0);
+            metrics::gauge!("exactly_outbox_oldest_new_age_seconds")
+                .set(stats.oldest_new_age_ms as f64 / 1000.0);
         }
         tokio::time::sleep(every).await;
     }

@@ -17,21 +17,43 @@ async fn consumer_killed_between_db_commit_and_offset_commit_redelivers_and_dedu
     let dir = tempfile::tempdir().expect("tempdir");
     let service = dir.path().join("service.db");
     let topic = unique("consumer-crash");
-    exactly_kafka::ensure_topics(&brokers, &[&topic], 1).await.expect("topic");
+    exactly_kafka::ensure_topics(&brokers, &[&topic], 1)
+        .await
+        .expect("topic");
     let events = insert_sqlite(&service, &topic, 200);
-    assert!(relay(service.to_str().expect("path"), &brokers, &[]).status.success());
+    assert!(relay(service.to_str().expect("path"), &brokers, &[])
+        .status
+        .success());
 
     let consumer_db = dir.path().join("consumer.db");
     let group = unique("g");
     let killed = Command::new(EXACTLY)
-        .args(["consume", "--database", consumer_db.to_str().expect("path"), "--brokers", &brokers, "--group", &group])
-        .args(["--topic", &topic, "--handler", "record", "--no-metrics", "--kill-after-apply", "120"])
+        .args([
+            "consume",
+            "--database",
+            consumer_db.to_str().expect("path"),
+            "--brokers",
+            &brokers,
+            "--group",
+            &group,
+        ])
+        .args([
+            "--topic",
+            &topic,
+            "--handler",
+            "record",
+            "--no-metrics",
+            "--kill-after-apply",
+            "120",
+        ])
         .stdin(Stdio::null())
         .output()
         .expect("run consumer");
     assert_eq!(killed.status.signal(), Some(9), "{killed:?}");
     let conn = rusqlite::Connection::open(&consumer_db).expect("open");
-    let applied: i64 = conn.query_row("SELECT COUNT(*) FROM exactly_consumed", [], |r| r.get(0)).expect("count");
+    let applied: i64 = conn
+        .query_row("SELECT COUNT(*) FROM exactly_consumed", [], |r| r.get(0))
+        .expect("count");
     assert_eq!(applied, 120, "the 120th effect committed before the kill");
 
     // Continue the same group in-process, on the same dedupe table (consumer name = group).
@@ -46,9 +68,12 @@ async fn consumer_killed_between_db_commit_and_offset_commit_redelivers_and_dedu
     })
     .expect("effects");
     let counters = std::sync::Arc::new(exactly_kafka::ConsumerCounters::default());
-    let consumer = exactly_kafka::IdempotentConsumer::new(store, exactly_kafka::ConsumerConfig::new(&brokers, &group, &[&topic]))
-        .expect("consumer")
-        .with_counters(counters.clone());
+    let consumer = exactly_kafka::IdempotentConsumer::new(
+        store,
+        exactly_kafka::ConsumerConfig::new(&brokers, &group, &[&topic]),
+    )
+    .expect("consumer")
+    .with_counters(counters.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let run = tokio::spawn(async move { consumer.run(stop_rx).await });
     let watched = counters.clone();
@@ -59,12 +84,28 @@ async fn consumer_killed_between_db_commit_and_offset_commit_redelivers_and_dedu
     .await;
     let _ = stop_tx.send(true);
     run.await.expect("join").expect("run");
-    assert!(done, "second consumer did not apply the remaining 80: {counters:?}");
+    assert!(
+        done,
+        "second consumer did not apply the remaining 80: {counters:?}"
+    );
     assert_eq!(counters.applied.load(Ordering::Relaxed), 80);
-    assert!(counters.duplicates.load(Ordering::Relaxed) >= 1, "the record whose offset was not committed comes again");
-    let mut stmt = conn.prepare("SELECT event_id FROM exactly_consumed").expect("prepare");
-    let consumed: Vec<String> = stmt.query_map([], |r| r.get(0)).expect("q").collect::<Result<_, _>>().expect("rows");
-    assert_eq!(sorted(consumed), sorted(ids(&events)), "every event applied exactly once");
+    assert!(
+        counters.duplicates.load(Ordering::Relaxed) >= 1,
+        "the record whose offset was not committed comes again"
+    );
+    let mut stmt = conn
+        .prepare("SELECT event_id FROM exactly_consumed")
+        .expect("prepare");
+    let consumed: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .expect("q")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert_eq!(
+        sorted(consumed),
+        sorted(ids(&events)),
+        "every event applied exactly once"
+    );
 }
 
 /// A poison payload and records from a foreign producer with a missing or garbled key are
@@ -75,39 +116,64 @@ async fn poison_messages_are_parked_and_the_partition_moves_on() {
     let dir = tempfile::tempdir().expect("tempdir");
     let service = dir.path().join("service.db");
     let topic = unique("poison");
-    exactly_kafka::ensure_topics(&brokers, &[&topic], 1).await.expect("topic");
+    exactly_kafka::ensure_topics(&brokers, &[&topic], 1)
+        .await
+        .expect("topic");
     let mut events = insert_sqlite(&service, &topic, 3);
     let mut conn = exactly_sqlite::open(&service).expect("open");
     let poison = event("A-0", 99, b"{this is not json");
     let tx = conn.transaction().expect("begin");
     exactly_sqlite::enqueue(&tx, &topic, &poison).expect("enqueue");
     tx.commit().expect("commit");
-    assert!(relay(service.to_str().expect("path"), &brokers, &[]).status.success());
+    assert!(relay(service.to_str().expect("path"), &brokers, &[])
+        .status
+        .success());
 
-    let producer: FutureProducer = exactly_kafka::producer_config(&brokers, false).create().expect("producer");
+    let producer: FutureProducer = exactly_kafka::producer_config(&brokers, false)
+        .create()
+        .expect("producer");
     let garbled = event("A-0", 100, b"");
     let mut headers = garbled.to_headers(&exactly_core::IdempotencyKey::UuidV7(garbled.event_id));
     headers[0].1 = b"v7:not-a-uuid".to_vec();
     for headers in [headers, vec![]] {
-        let owned = headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| h.insert(Header { key: k, value: Some(v) }));
+        let owned = headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
+            h.insert(Header {
+                key: k,
+                value: Some(v),
+            })
+        });
         producer
-            .send(FutureRecord::to(&topic).key("A-0").payload("{}").headers(owned), std::time::Duration::from_secs(10))
+            .send(
+                FutureRecord::to(&topic).key("A-0").payload("{}").headers(owned),
+                std::time::Duration::from_secs(10),
+            )
             .await
             .expect("foreign produce");
     }
     events.extend(insert_sqlite(&service, &topic, 3));
-    assert!(relay(service.to_str().expect("path"), &brokers, &[]).status.success());
+    assert!(relay(service.to_str().expect("path"), &brokers, &[])
+        .status
+        .success());
     assert_eq!(read_topic(&brokers, &topic, 1, "read_committed").len(), 9);
 
     let consumer_db = dir.path().join("consumer.db");
     let counters = consume_until(&consumer_db, &brokers, &unique("g"), &topic, 9).await;
     assert_eq!(counters.applied.load(Ordering::Relaxed), 6);
     assert_eq!(counters.parked.load(Ordering::Relaxed), 3);
-    assert_eq!(applied_event_ids(&consumer_db), ids(&events), "the good events, in their order");
+    assert_eq!(
+        applied_event_ids(&consumer_db),
+        ids(&events),
+        "the good events, in their order"
+    );
     let conn = rusqlite::Connection::open(&consumer_db).expect("open");
-    let mut stmt = conn.prepare("SELECT reason, detail, length(payload) FROM exactly_parked ORDER BY \"offset\"").expect("prepare");
-    let parked: Vec<(String, String, i64)> =
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).expect("q").collect::<Result<_, _>>().expect("rows");
+    let mut stmt = conn
+        .prepare("SELECT reason, detail, length(payload) FROM exactly_parked ORDER BY \"offset\"")
+        .expect("prepare");
+    let parked: Vec<(String, String, i64)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("q")
+        .collect::<Result<_, _>>()
+        .expect("rows");
     assert_eq!(parked.len(), 3);
     assert_eq!(parked[0].0, "rejected");
     assert!(parked[0].1.contains("not JSON"), "{:?}", parked[0]);

@@ -22,15 +22,25 @@ fn run_demo(extra: &[&str]) {
         .output()
         .expect("run demo");
     let text = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "demo failed:\n{text}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "demo failed:\n{text}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert_eq!(figure(&text, "events committed"), 1500);
     assert_eq!(figure(&text, "applied once"), 1500);
     assert_eq!(figure(&text, "lost"), 0);
     assert_eq!(figure(&text, "applied twice"), 0);
     assert_eq!(figure(&text, "rolled-back events visible"), 0);
     assert_eq!(figure(&text, "state mismatches"), 0);
-    assert!(figure(&text, "relay crashes injected") >= 1, "faults were on:\n{text}");
-    assert!(figure(&text, "consumer crashes injected") >= 1, "faults were on:\n{text}");
+    assert!(
+        figure(&text, "relay crashes injected") >= 1,
+        "faults were on:\n{text}"
+    );
+    assert!(
+        figure(&text, "consumer crashes injected") >= 1,
+        "faults were on:\n{text}"
+    );
 }
 
 #[test]

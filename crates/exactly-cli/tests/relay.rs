@@ -16,19 +16,42 @@ async fn relay_killed_mid_batch_loses_nothing_and_expired_lease_republishes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let service = dir.path().join("service.db");
     let topic = unique("killed-relay");
-    exactly_kafka::ensure_topics(&brokers, &[&topic], 3).await.expect("topic");
+    exactly_kafka::ensure_topics(&brokers, &[&topic], 3)
+        .await
+        .expect("topic");
     let events = insert_sqlite(&service, &topic, 300);
     let db = service.to_str().expect("utf-8 path");
 
-    let killed = relay(db, &brokers, &["--batch-size", "100", "--lease-ms", "3000", "--kill-after-publish", "1"]);
-    assert_eq!(killed.status.signal(), Some(9), "relay should die by SIGKILL: {killed:?}");
-    assert_eq!(outbox_status_counts(&service), vec![("NEW".into(), 200), ("SENDING".into(), 100)]);
+    let killed = relay(
+        db,
+        &brokers,
+        &[
+            "--batch-size",
+            "100",
+            "--lease-ms",
+            "3000",
+            "--kill-after-publish",
+            "1",
+        ],
+    );
+    assert_eq!(
+        killed.status.signal(),
+        Some(9),
+        "relay should die by SIGKILL: {killed:?}"
+    );
+    assert_eq!(
+        outbox_status_counts(&service),
+        vec![("NEW".into(), 200), ("SENDING".into(), 100)]
+    );
 
     // While the dead relay's lease runs its rows are not taken, and neither are later rows of the
     // same aggregates: they wait behind them, or they would overtake them on the topic.
     let second = relay(db, &brokers, &["--batch-size", "100", "--lease-ms", "3000"]);
     assert!(second.status.success(), "{second:?}");
-    assert_eq!(outbox_status_counts(&service), vec![("NEW".into(), 200), ("SENDING".into(), 100)]);
+    assert_eq!(
+        outbox_status_counts(&service),
+        vec![("NEW".into(), 200), ("SENDING".into(), 100)]
+    );
 
     tokio::time::sleep(Duration::from_millis(3_100)).await;
     let third = relay(db, &brokers, &["--batch-size", "100"]);
@@ -37,13 +60,19 @@ async fn relay_killed_mid_batch_loses_nothing_and_expired_lease_republishes() {
 
     let records = read_topic(&brokers, &topic, 3, "read_committed");
     assert_eq!(records.len(), 400, "the first batch is on the topic twice");
-    let distinct: HashSet<_> = records.iter().map(|r| r.headers["exactly-event-id"].clone()).collect();
+    let distinct: HashSet<_> = records
+        .iter()
+        .map(|r| r.headers["exactly-event-id"].clone())
+        .collect();
     assert_eq!(distinct.len(), 300);
 
     let consumer_db = dir.path().join("consumer.db");
     let counters = consume_until(&consumer_db, &brokers, &unique("g"), &topic, 300).await;
     assert_eq!(counters.applied.load(std::sync::atomic::Ordering::Relaxed), 300);
-    assert_eq!(counters.duplicates.load(std::sync::atomic::Ordering::Relaxed), 100);
+    assert_eq!(
+        counters.duplicates.load(std::sync::atomic::Ordering::Relaxed),
+        100
+    );
     assert_eq!(sorted(applied_event_ids(&consumer_db)), sorted(ids(&events)));
 }
 
@@ -55,14 +84,29 @@ async fn two_relays_at_once_publish_each_row_once_in_aggregate_order() {
     let brokers = brokers();
     let url = fresh_pg_database().await;
     let topic = unique("two-relays");
-    exactly_kafka::ensure_topics(&brokers, &[&topic], 3).await.expect("topic");
+    exactly_kafka::ensure_topics(&brokers, &[&topic], 3)
+        .await
+        .expect("topic");
     let mut migrate = exactly_postgres::connect(&url).await.expect("connect");
-    exactly_postgres::migrations::migrate(&mut migrate).await.expect("migrate");
+    exactly_postgres::migrations::migrate(&mut migrate)
+        .await
+        .expect("migrate");
 
     let relays: Vec<_> = (0..2)
         .map(|_| {
             Command::new(EXACTLY)
-                .args(["relay", "--database", &url, "--brokers", &brokers, "--no-metrics", "--batch-size", "50", "--poll-ms", "50"])
+                .args([
+                    "relay",
+                    "--database",
+                    &url,
+                    "--brokers",
+                    &brokers,
+                    "--no-metrics",
+                    "--batch-size",
+                    "50",
+                    "--poll-ms",
+                    "50",
+                ])
                 .stdin(Stdio::null())
                 .spawn()
                 .expect("spawn relay")
@@ -78,7 +122,9 @@ async fn two_relays_at_once_publish_each_row_once_in_aggregate_order() {
                 let tx = client.transaction().await.expect("begin");
                 let aggregate = format!("A-{}", (w * 250 + i) % 13);
                 // Writers of one aggregate serialize, as a real service's row lock would make them.
-                tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&aggregate]).await.expect("lock");
+                tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&aggregate])
+                    .await
+                    .expect("lock");
                 let e = event(&aggregate, i, b"");
                 exactly_postgres::enqueue(&tx, &topic, &e).await.expect("enqueue");
                 tx.commit().await.expect("commit");
@@ -93,7 +139,11 @@ async fn two_relays_at_once_publish_each_row_once_in_aggregate_order() {
     }
     let client = exactly_postgres::connect(&url).await.expect("connect");
     let all_sent = exactly_testkit::eventually(Duration::from_secs(60), || async {
-        client.query_one("SELECT COUNT(*) FROM outbox WHERE status = 'SENT'", &[]).await.expect("count").get::<_, i64>(0)
+        client
+            .query_one("SELECT COUNT(*) FROM outbox WHERE status = 'SENT'", &[])
+            .await
+            .expect("count")
+            .get::<_, i64>(0)
             == 1000
     })
     .await;
@@ -102,7 +152,11 @@ async fn two_relays_at_once_publish_each_row_once_in_aggregate_order() {
         let _ = r.wait();
     }
     assert!(all_sent, "relays did not send all 1000 rows within 60 s");
-    let owners: i64 = client.query_one("SELECT COUNT(DISTINCT lease_owner) FROM outbox", &[]).await.expect("owners").get(0);
+    let owners: i64 = client
+        .query_one("SELECT COUNT(DISTINCT lease_owner) FROM outbox", &[])
+        .await
+        .expect("owners")
+        .get(0);
     assert_eq!(owners, 2, "both relays should have claimed rows");
 
     let records = read_topic(&brokers, &topic, 3, "read_committed");
@@ -122,7 +176,10 @@ async fn two_relays_at_once_publish_each_row_once_in_aggregate_order() {
         let id = id_of[&r.headers["exactly-event-id"]];
         let aggregate = r.headers["exactly-aggregate-id"].clone();
         if let Some(previous) = last.insert(aggregate.clone(), id) {
-            assert!(previous < id, "aggregate {aggregate}: row {id} published after row {previous}");
+            assert!(
+                previous < id,
+                "aggregate {aggregate}: row {id} published after row {previous}"
+            );
         }
     }
     assert_eq!(events.len(), 1000);
@@ -135,7 +192,9 @@ async fn rolled_back_transaction_publishes_nothing_on_sqlite_and_postgres() {
     let dir = tempfile::tempdir().expect("tempdir");
     let service = dir.path().join("service.db");
     let topic = unique("rollback");
-    exactly_kafka::ensure_topics(&brokers, &[&topic], 1).await.expect("topic");
+    exactly_kafka::ensure_topics(&brokers, &[&topic], 1)
+        .await
+        .expect("topic");
 
     let mut conn = exactly_sqlite::open(&service).expect("open");
     let rolled = event("A", 0, b"");
@@ -149,21 +208,34 @@ async fn rolled_back_transaction_publishes_nothing_on_sqlite_and_postgres() {
 
     let url = fresh_pg_database().await;
     let mut client = exactly_postgres::connect(&url).await.expect("connect");
-    exactly_postgres::migrations::migrate(&mut client).await.expect("migrate");
+    exactly_postgres::migrations::migrate(&mut client)
+        .await
+        .expect("migrate");
     let pg_rolled = event("B", 0, b"");
     let tx = client.transaction().await.expect("begin");
-    exactly_postgres::enqueue(&tx, &topic, &pg_rolled).await.expect("enqueue");
+    exactly_postgres::enqueue(&tx, &topic, &pg_rolled)
+        .await
+        .expect("enqueue");
     tx.rollback().await.expect("rollback");
     let pg_kept = event("B", 1, b"");
     let tx = client.transaction().await.expect("begin");
-    exactly_postgres::enqueue(&tx, &topic, &pg_kept).await.expect("enqueue");
+    exactly_postgres::enqueue(&tx, &topic, &pg_kept)
+        .await
+        .expect("enqueue");
     tx.commit().await.expect("commit");
 
-    assert!(relay(service.to_str().expect("path"), &brokers, &[]).status.success());
+    assert!(relay(service.to_str().expect("path"), &brokers, &[])
+        .status
+        .success());
     assert!(relay(&url, &brokers, &[]).status.success());
-    let published: HashSet<String> =
-        read_topic(&brokers, &topic, 1, "read_committed").into_iter().map(|r| r.headers["exactly-event-id"].clone()).collect();
-    assert_eq!(published, HashSet::from([ids(&[kept])[0].clone(), ids(&[pg_kept])[0].clone()]));
+    let published: HashSet<String> = read_topic(&brokers, &topic, 1, "read_committed")
+        .into_iter()
+        .map(|r| r.headers["exactly-event-id"].clone())
+        .collect();
+    assert_eq!(
+        published,
+        HashSet::from([ids(&[kept])[0].clone(), ids(&[pg_kept])[0].clone()])
+    );
 }
 
 /// Rows a relay can never publish are DEAD with the reason, and the rows around them go out.
@@ -173,7 +245,9 @@ async fn malformed_outbox_rows_are_dead_with_a_reason() {
     let dir = tempfile::tempdir().expect("tempdir");
     let service = dir.path().join("service.db");
     let topic = unique("malformed");
-    exactly_kafka::ensure_topics(&brokers, &[&topic], 1).await.expect("topic");
+    exactly_kafka::ensure_topics(&brokers, &[&topic], 1)
+        .await
+        .expect("topic");
     insert_sqlite(&service, &topic, 2);
     let conn = exactly_sqlite::open(&service).expect("open");
     conn.execute_batch(&format!(
@@ -189,14 +263,107 @@ async fn malformed_outbox_rows_are_dead_with_a_reason() {
     ))
     .expect("insert malformed rows");
     insert_sqlite(&service, &topic, 2);
-    assert!(relay(service.to_str().expect("path"), &brokers, &[]).status.success());
-    let mut stmt = conn.prepare("SELECT status, COALESCE(last_error, '') FROM outbox ORDER BY id").expect("prepare");
-    let rows: Vec<(String, String)> =
-        stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).expect("q").collect::<Result<_, _>>().expect("rows");
+    assert!(relay(service.to_str().expect("path"), &brokers, &[])
+        .status
+        .success());
+    let mut stmt = conn
+        .prepare("SELECT status, COALESCE(last_error, '') FROM outbox ORDER BY id")
+        .expect("prepare");
+    let rows: Vec<(String, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("q")
+        .collect::<Result<_, _>>()
+        .expect("rows");
     let statuses: Vec<&str> = rows.iter().map(|(s, _)| s.as_str()).collect();
     assert_eq!(statuses, ["SENT", "SENT", "DEAD", "DEAD", "DEAD", "SENT", "SENT"]);
     assert!(rows[2].1.contains("aggregate_id is NULL"), "{}", rows[2].1);
     assert!(rows[3].1.contains("headers column"), "{}", rows[3].1);
     assert!(rows[4].1.contains("above the maximum"), "{}", rows[4].1);
     assert_eq!(read_topic(&brokers, &topic, 1, "read_committed").len(), 4);
+}
+
+/// Sequence keys: a leader relay SIGKILLed mid-batch, then restarted, resumes at the lowest
+/// unsent sequence; per partition the keys only grow, so a consumer keeping one watermark per
+/// source and partition applies every event exactly once.
+#[tokio::test(flavor = "multi_thread")]
+async fn sequence_keys_survive_a_killed_leader_with_watermark_dedupe() {
+    let brokers = brokers();
+    let url = fresh_pg_database().await;
+    let topic = unique("sequence");
+    exactly_kafka::ensure_topics(&brokers, &[&topic], 3)
+        .await
+        .expect("topic");
+    let mut client = exactly_postgres::connect(&url).await.expect("connect");
+    exactly_postgres::migrations::migrate(&mut client)
+        .await
+        .expect("migrate");
+    let mut events = Vec::new();
+    for i in 0..300 {
+        let e = event(&format!("A-{}", i % 7), i, b"");
+        exactly_postgres::enqueue(&client, &topic, &e)
+            .await
+            .expect("enqueue");
+        events.push(e);
+    }
+    let flags = ["--keys", "sequence", "--batch-size", "100"];
+    let killed = relay(
+        &url,
+        &brokers,
+        &[&flags[..], &["--kill-after-publish", "2"]].concat(),
+    );
+    assert_eq!(killed.status.signal(), Some(9), "{killed:?}");
+    let resumed = relay(&url, &brokers, &flags);
+    assert!(resumed.status.success(), "{resumed:?}");
+    let sent: i64 = client
+        .query_one("SELECT COUNT(*) FROM outbox WHERE status = 'SENT'", &[])
+        .await
+        .expect("n")
+        .get(0);
+    assert_eq!(sent, 300);
+
+    let records = read_topic(&brokers, &topic, 3, "read_committed");
+    assert_eq!(
+        records.len(),
+        400,
+        "the batch acknowledged before the kill went out twice"
+    );
+    let mut by_position = records.clone();
+    by_position.sort_by_key(|r| (r.partition, r.offset));
+    let mut high: HashMap<i32, String> = HashMap::new();
+    let mut rewinds = 0;
+    for r in &by_position {
+        let key = r.headers["exactly-key"].clone();
+        assert!(key.starts_with("seq:"), "{key}");
+        if let Some(previous) = high.get(&r.partition) {
+            // A resend repeats keys already seen (a rewind), never lands between them.
+            if key <= *previous {
+                rewinds += 1;
+                continue;
+            }
+        }
+        high.insert(r.partition, key);
+    }
+    assert_eq!(rewinds, 100);
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let consumer_db = dir.path().join("consumer.db");
+    let counters = consume_until(&consumer_db, &brokers, &unique("g"), &topic, 300).await;
+    assert_eq!(counters.applied.load(std::sync::atomic::Ordering::Relaxed), 300);
+    assert_eq!(
+        counters.duplicates.load(std::sync::atomic::Ordering::Relaxed),
+        100
+    );
+    assert_eq!(sorted(applied_event_ids(&consumer_db)), sorted(ids(&events)));
+    let conn = rusqlite::Connection::open(&consumer_db).expect("open");
+    let watermarks: i64 = conn
+        .query_row("SELECT COUNT(*) FROM exactly_watermarks", [], |r| r.get(0))
+        .expect("n");
+    let keys: i64 = conn
+        .query_row("SELECT COUNT(*) FROM exactly_processed", [], |r| r.get(0))
+        .expect("n");
+    assert_eq!(
+        (watermarks, keys),
+        (3, 0),
+        "one watermark per partition, no key set"
+    );
 }

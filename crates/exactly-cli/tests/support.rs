@@ -18,7 +18,11 @@ pub fn event(aggregate: &str, n: usize, payload: &[u8]) -> Envelope {
         aggregate_type: "thing".into(),
         aggregate_id: aggregate.to_owned(),
         occurred_at: exactly_kafka::now(),
-        payload: if payload.is_empty() { format!("{{\"n\":{n}}}").into_bytes() } else { payload.to_vec() },
+        payload: if payload.is_empty() {
+            format!("{{\"n\":{n}}}").into_bytes()
+        } else {
+            payload.to_vec()
+        },
         headers: vec![],
     }
 }
@@ -40,7 +44,17 @@ pub fn insert_sqlite(path: &Path, topic: &str, n: usize) -> Vec<Envelope> {
 /// Runs `exactly relay` to completion (`--exit-when-idle`) with extra flags.
 pub fn relay(database: &str, brokers: &str, extra: &[&str]) -> Output {
     Command::new(EXACTLY)
-        .args(["relay", "--mode", "poll", "--database", database, "--brokers", brokers, "--no-metrics", "--exit-when-idle"])
+        .args([
+            "relay",
+            "--mode",
+            "poll",
+            "--database",
+            database,
+            "--brokers",
+            brokers,
+            "--no-metrics",
+            "--exit-when-idle",
+        ])
         .args(extra)
         .stdin(Stdio::null())
         .output()
@@ -49,8 +63,13 @@ pub fn relay(database: &str, brokers: &str, extra: &[&str]) -> Output {
 
 pub fn outbox_status_counts(path: &Path) -> Vec<(String, i64)> {
     let conn = rusqlite::Connection::open(path).expect("open");
-    let mut stmt = conn.prepare("SELECT status, COUNT(*) FROM outbox GROUP BY status ORDER BY status").expect("prepare");
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).expect("query").collect::<Result<_, _>>().expect("rows")
+    let mut stmt = conn
+        .prepare("SELECT status, COUNT(*) FROM outbox GROUP BY status ORDER BY status")
+        .expect("prepare");
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
 }
 
 /// The test consumers' effect: one row per applied event, payload must be JSON.
@@ -62,7 +81,10 @@ pub fn apply_json(tx: &Transaction<'_>, d: &Delivery) -> Result<(), HandlerError
         .map_err(|e| HandlerError::Rejected(format!("payload is not JSON: {e}")))?;
     tx.execute(
         "INSERT INTO applied (event_id, aggregate_id) VALUES (?1, ?2)",
-        [d.envelope.event_id.hyphenated().to_string(), d.envelope.aggregate_id.clone()],
+        [
+            d.envelope.event_id.hyphenated().to_string(),
+            d.envelope.aggregate_id.clone(),
+        ],
     )
     .map_err(|e| HandlerError::Retryable(e.to_string()))?;
     Ok(())
@@ -70,8 +92,17 @@ pub fn apply_json(tx: &Transaction<'_>, d: &Delivery) -> Result<(), HandlerError
 
 /// Runs an in-process consumer over `topic` until `applied + parked >= expected` (or 60 s),
 /// then stops it and returns its counters.
-pub async fn consume_until(db: &Path, brokers: &str, group: &str, topic: &str, expected: u64) -> Arc<ConsumerCounters> {
-    exactly_sqlite::open(db).expect("open consumer db").execute_batch(APPLIED_SCHEMA).expect("schema");
+pub async fn consume_until(
+    db: &Path,
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    expected: u64,
+) -> Arc<ConsumerCounters> {
+    exactly_sqlite::open(db)
+        .expect("open consumer db")
+        .execute_batch(APPLIED_SCHEMA)
+        .expect("schema");
     let store = SqliteEffects::open(db, group, apply_json).expect("effects");
     let counters = Arc::new(ConsumerCounters::default());
     let consumer = IdempotentConsumer::new(store, ConsumerConfig::new(brokers, group, &[topic]))
@@ -83,7 +114,8 @@ pub async fn consume_until(db: &Path, brokers: &str, group: &str, topic: &str, e
     let done = exactly_testkit::eventually(Duration::from_secs(60), || {
         let c = watched.clone();
         async move {
-            c.applied.load(std::sync::atomic::Ordering::Relaxed) + c.parked.load(std::sync::atomic::Ordering::Relaxed)
+            c.applied.load(std::sync::atomic::Ordering::Relaxed)
+                + c.parked.load(std::sync::atomic::Ordering::Relaxed)
                 >= expected
         }
     })
@@ -92,18 +124,29 @@ pub async fn consume_until(db: &Path, brokers: &str, group: &str, topic: &str, e
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = stop_tx.send(true);
     run.await.expect("join").expect("consumer ran");
-    assert!(done, "consumer did not reach {expected} applied+parked within 60 s: {counters:?}");
+    assert!(
+        done,
+        "consumer did not reach {expected} applied+parked within 60 s: {counters:?}"
+    );
     counters
 }
 
 pub fn applied_event_ids(db: &Path) -> Vec<String> {
     let conn = rusqlite::Connection::open(db).expect("open");
-    let mut stmt = conn.prepare("SELECT event_id FROM applied ORDER BY seq").expect("prepare");
-    stmt.query_map([], |r| r.get(0)).expect("query").collect::<Result<_, _>>().expect("rows")
+    let mut stmt = conn
+        .prepare("SELECT event_id FROM applied ORDER BY seq")
+        .expect("prepare");
+    stmt.query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
 }
 
 pub fn ids(events: &[Envelope]) -> Vec<String> {
-    events.iter().map(|e| e.event_id.hyphenated().to_string()).collect()
+    events
+        .iter()
+        .map(|e| e.event_id.hyphenated().to_string())
+        .collect()
 }
 
 pub fn sorted(mut v: Vec<String>) -> Vec<String> {

@@ -195,7 +195,11 @@ impl RowState {
                 }
             }
             (New | Sending, OutboxEvent::Reject) => Ok(RowState { status: Dead, ..self }),
-            (Sending, OutboxEvent::Release { now }) => Ok(RowState { status: New, next_retry_at: now, ..self }),
+            (Sending, OutboxEvent::Release { now }) => Ok(RowState {
+                status: New,
+                next_retry_at: now,
+                ..self
+            }),
             (Dead, OutboxEvent::Requeue { now }) => Ok(RowState::new(now)),
             _ => refuse,
         }

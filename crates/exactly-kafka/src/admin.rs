@@ -15,10 +15,15 @@ pub async fn ensure_topics(brokers: &str, topics: &[&str], partitions: i32) -> R
         .set("bootstrap.servers", brokers)
         .create()
         .map_err(KafkaFlowError::at("create admin client"))?;
-    let new: Vec<NewTopic<'_>> =
-        topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1))).collect();
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = admin.create_topics(&new, &options).await.map_err(KafkaFlowError::at("create topics"))?;
+    let results = admin
+        .create_topics(&new, &options)
+        .await
+        .map_err(KafkaFlowError::at("create topics"))?;
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}

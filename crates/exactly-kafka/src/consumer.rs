@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use exactly_core::{
-    after_handler_error, decode_record, header, AfterError, ApplyOutcome, DedupePolicy, DedupeRoute, EffectStore,
-    Inbound, ParkReason, ParkedMessage, RetryPolicy,
+    after_handler_error, decode_record, header, AfterError, ApplyOutcome, DedupePolicy, DedupeRoute,
+    EffectStore, Inbound, ParkReason, ParkedMessage, RetryPolicy,
 };
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
@@ -45,7 +45,11 @@ impl ConsumerConfig {
             group_id: group_id.to_owned(),
             topics: topics.iter().map(|t| (*t).to_owned()).collect(),
             dedupe: DedupePolicy::default(),
-            retry: RetryPolicy { base_ms: 50, max_backoff_ms: 2_000, max_retries: 5 },
+            retry: RetryPolicy {
+                base_ms: 50,
+                max_backoff_ms: 2_000,
+                max_retries: 5,
+            },
             commit_interval: Duration::from_millis(200),
         }
     }
@@ -81,14 +85,24 @@ pub struct IdempotentConsumer<S> {
 impl<S: EffectStore> IdempotentConsumer<S> {
     /// Joins the group and subscribes.
     pub fn new(store: S, config: ConsumerConfig) -> Result<Self, KafkaFlowError> {
-        config.dedupe.validate().map_err(|e| {
-            KafkaFlowError::Store(exactly_core::StoreError::new("dedupe policy", e))
-        })?;
-        let consumer: StreamConsumer =
-            consumer_config(&config.brokers, &config.group_id).create().map_err(KafkaFlowError::at("create consumer"))?;
+        config
+            .dedupe
+            .validate()
+            .map_err(|e| KafkaFlowError::Store(exactly_core::StoreError::new("dedupe policy", e)))?;
+        let consumer: StreamConsumer = consumer_config(&config.brokers, &config.group_id)
+            .create()
+            .map_err(KafkaFlowError::at("create consumer"))?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics).map_err(KafkaFlowError::at("subscribe"))?;
-        Ok(IdempotentConsumer { store, config, consumer, faults: Faults::none(), counters: Arc::default() })
+        consumer
+            .subscribe(&topics)
+            .map_err(KafkaFlowError::at("subscribe"))?;
+        Ok(IdempotentConsumer {
+            store,
+            config,
+            consumer,
+            faults: Faults::none(),
+            counters: Arc::default(),
+        })
     }
 
     /// Adds fault points (tests, demo).
@@ -126,10 +140,18 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                 }
             };
             self.handle(&message, &mut stop).await?;
-            if self.faults.fires(FaultPoint::ConsumerAfterApplyBeforeOffsetCommit) {
-                return Err(KafkaFlowError::InjectedCrash(FaultPoint::ConsumerAfterApplyBeforeOffsetCommit));
+            if self
+                .faults
+                .fires(FaultPoint::ConsumerAfterApplyBeforeOffsetCommit)
+            {
+                return Err(KafkaFlowError::InjectedCrash(
+                    FaultPoint::ConsumerAfterApplyBeforeOffsetCommit,
+                ));
             }
-            pending.insert((message.topic().to_owned(), message.partition()), message.offset() + 1);
+            pending.insert(
+                (message.topic().to_owned(), message.partition()),
+                message.offset() + 1,
+            );
             if last_commit.elapsed() >= self.config.commit_interval {
                 self.commit(&mut pending);
                 last_commit = Instant::now();
@@ -145,7 +167,10 @@ impl<S: EffectStore> IdempotentConsumer<S> {
         }
         let mut list = TopicPartitionList::new();
         for ((topic, partition), offset) in pending.drain() {
-            if list.add_partition_offset(&topic, partition, Offset::Offset(offset)).is_err() {
+            if list
+                .add_partition_offset(&topic, partition, Offset::Offset(offset))
+                .is_err()
+            {
                 tracing::warn!("cannot commit offset {offset} of {topic}/{partition}");
             }
         }
@@ -156,7 +181,11 @@ impl<S: EffectStore> IdempotentConsumer<S> {
         }
     }
 
-    async fn handle(&self, message: &BorrowedMessage<'_>, stop: &mut watch::Receiver<bool>) -> Result<(), KafkaFlowError> {
+    async fn handle(
+        &self,
+        message: &BorrowedMessage<'_>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), KafkaFlowError> {
         self.counters.delivered.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("exactly_consumer_delivered_total").increment(1);
         let headers: Vec<(&str, Option<&[u8]>)> = message
@@ -206,7 +235,12 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                 }
                 Err(e) => {
                     store_failures += 1;
-                    tracing::warn!("database error applying {}/{}@{} (retrying): {e}", message.topic(), message.partition(), message.offset());
+                    tracing::warn!(
+                        "database error applying {}/{}@{} (retrying): {e}",
+                        message.topic(),
+                        message.partition(),
+                        message.offset()
+                    );
                     let delay = self.config.retry.backoff_ms(store_failures.min(10)).max(0) as u64;
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
@@ -217,10 +251,19 @@ impl<S: EffectStore> IdempotentConsumer<S> {
         }
     }
 
-    async fn park(&self, message: &BorrowedMessage<'_>, reason: ParkReason, detail: String) -> Result<(), KafkaFlowError> {
+    async fn park(
+        &self,
+        message: &BorrowedMessage<'_>,
+        reason: ParkReason,
+        detail: String,
+    ) -> Result<(), KafkaFlowError> {
         let headers: Vec<(String, Option<Vec<u8>>)> = message
             .headers()
-            .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect())
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
             .unwrap_or_default();
         let key_text = headers
             .iter()
@@ -239,7 +282,14 @@ impl<S: EffectStore> IdempotentConsumer<S> {
             payload: message.payload().map(<[u8]>::to_vec),
             parked_at: now(),
         };
-        tracing::warn!("parked {}/{}@{}: {}: {}", parked.topic, parked.partition, parked.offset, reason.as_str(), parked.detail);
+        tracing::warn!(
+            "parked {}/{}@{}: {}: {}",
+            parked.topic,
+            parked.partition,
+            parked.offset,
+            reason.as_str(),
+            parked.detail
+        );
         let mut failures = 0u32;
         loop {
             match self.store.park(&parked).await {

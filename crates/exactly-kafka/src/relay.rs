@@ -54,13 +54,21 @@ impl RelayConfig {
 }
 
 fn uuid_suffix() -> String {
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
     format!("{nanos:08x}")
 }
 
 /// The wall clock as the core's time type; only runtimes read clocks.
 pub fn now() -> UnixMillis {
-    UnixMillis(SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0))
+    UnixMillis(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0),
+    )
 }
 
 /// Counters a caller can read while the relay runs.
@@ -104,7 +112,13 @@ impl<S: OutboxStore> Relay<S> {
     /// A relay over `store`; creates its producer.
     pub fn new(store: S, config: RelayConfig) -> Result<Self, KafkaFlowError> {
         let producer = new_producer(&config)?;
-        Ok(Relay { store, config, producer, faults: Faults::none(), counters: Arc::default() })
+        Ok(Relay {
+            store,
+            config,
+            producer,
+            faults: Faults::none(),
+            counters: Arc::default(),
+        })
     }
 
     /// Adds fault points (tests, demo).
@@ -136,7 +150,10 @@ impl<S: OutboxStore> Relay<S> {
             max_payload_bytes: self.config.max_payload_bytes,
         };
         let claimed = self.store.claim(&request).await?;
-        let mut report = BatchReport { claimed: claimed.len(), ..BatchReport::default() };
+        let mut report = BatchReport {
+            claimed: claimed.len(),
+            ..BatchReport::default()
+        };
         if claimed.is_empty() {
             return Ok(report);
         }
@@ -147,17 +164,33 @@ impl<S: OutboxStore> Relay<S> {
         let mut stopped = false;
         for row in claimed {
             match row {
-                Claimed::Malformed { id, retry_count, defect } => {
+                Claimed::Malformed {
+                    id,
+                    retry_count,
+                    defect,
+                } => {
                     let state = leased(retry_count, lease_until);
-                    let dead = state.apply(OutboxEvent::Reject, &self.config.retry).unwrap_or(state);
-                    settlements.push(Settlement { id, state: dead, last_error: Some(defect.to_string()) });
+                    let dead = state
+                        .apply(OutboxEvent::Reject, &self.config.retry)
+                        .unwrap_or(state);
+                    settlements.push(Settlement {
+                        id,
+                        state: dead,
+                        last_error: Some(defect.to_string()),
+                    });
                 }
                 Claimed::Ready(record) if stopped => {
                     // Sequence mode after a failure: leave the rest claimed but unsent; the next
                     // round starts again at the lowest unsent sequence (rewind, never skip).
                     let state = leased(record.retry_count, lease_until);
-                    let released = state.apply(OutboxEvent::Release { now: started }, &self.config.retry).unwrap_or(state);
-                    settlements.push(Settlement { id: record.id, state: released, last_error: None });
+                    let released = state
+                        .apply(OutboxEvent::Release { now: started }, &self.config.retry)
+                        .unwrap_or(state);
+                    settlements.push(Settlement {
+                        id: record.id,
+                        state: released,
+                        last_error: None,
+                    });
                 }
                 Claimed::Ready(record) => match self.send(&record) {
                     Ok(delivery) => in_flight.push((record, delivery, Instant::now())),
@@ -172,26 +205,51 @@ impl<S: OutboxStore> Relay<S> {
         for (record, delivery, sent_at) in in_flight {
             match delivery.await {
                 Ok(Ok(_)) => {
-                    metrics::histogram!("exactly_relay_publish_seconds").record(sent_at.elapsed().as_secs_f64());
+                    metrics::histogram!("exactly_relay_publish_seconds")
+                        .record(sent_at.elapsed().as_secs_f64());
                     self.counters.published.fetch_add(1, Ordering::Relaxed);
-                    let state = RowState { status: OutboxStatus::Sent, retry_count: record.retry_count, next_retry_at: lease_until };
-                    settlements.push(Settlement { id: record.id, state, last_error: None });
+                    let state = RowState {
+                        status: OutboxStatus::Sent,
+                        retry_count: record.retry_count,
+                        next_retry_at: lease_until,
+                    };
+                    settlements.push(Settlement {
+                        id: record.id,
+                        state,
+                        last_error: None,
+                    });
                 }
                 Ok(Err((error, _))) => {
                     any_failed = true;
-                    settlements.push(fail(&record, lease_until, &error.to_string(), &self.config.retry, started));
+                    settlements.push(fail(
+                        &record,
+                        lease_until,
+                        &error.to_string(),
+                        &self.config.retry,
+                        started,
+                    ));
                 }
                 Err(_) => {
                     any_failed = true;
-                    settlements.push(fail(&record, lease_until, "producer dropped the record", &self.config.retry, started));
+                    settlements.push(fail(
+                        &record,
+                        lease_until,
+                        "producer dropped the record",
+                        &self.config.retry,
+                        started,
+                    ));
                 }
             }
         }
         if self.faults.fires(FaultPoint::RelayAfterPublishBeforeSettle) {
-            return Err(KafkaFlowError::InjectedCrash(FaultPoint::RelayAfterPublishBeforeSettle));
+            return Err(KafkaFlowError::InjectedCrash(
+                FaultPoint::RelayAfterPublishBeforeSettle,
+            ));
         }
         let settled_at = now();
-        self.store.settle(&self.config.owner, &settlements, settled_at).await?;
+        self.store
+            .settle(&self.config.owner, &settlements, settled_at)
+            .await?;
         for s in &settlements {
             match s.state.status {
                 OutboxStatus::Sent => report.sent += 1,
@@ -202,8 +260,12 @@ impl<S: OutboxStore> Relay<S> {
         metrics::counter!("exactly_relay_published_total").increment(report.sent as u64);
         metrics::counter!("exactly_relay_failures_total").increment(report.retrying as u64);
         metrics::counter!("exactly_outbox_dead_total").increment(report.dead as u64);
-        self.counters.failed.fetch_add(report.retrying as u64, Ordering::Relaxed);
-        self.counters.dead.fetch_add(report.dead as u64, Ordering::Relaxed);
+        self.counters
+            .failed
+            .fetch_add(report.retrying as u64, Ordering::Relaxed);
+        self.counters
+            .dead
+            .fetch_add(report.dead as u64, Ordering::Relaxed);
         if any_failed {
             // A failed delivery may leave an idempotent producer in a state that refuses the
             // resend (or, without gapless, has skipped a sequence): start over with a fresh one.
@@ -229,16 +291,24 @@ impl<S: OutboxStore> Relay<S> {
 
     fn send(&self, record: &OutboxRecord) -> Result<rdkafka::producer::DeliveryFuture, String> {
         let envelope = &record.envelope;
-        let headers = envelope
-            .to_headers(&record.key)
-            .iter()
-            .fold(OwnedHeaders::new(), |h, (name, value)| h.insert(Header { key: name, value: Some(value) }));
+        let headers =
+            envelope
+                .to_headers(&record.key)
+                .iter()
+                .fold(OwnedHeaders::new(), |h, (name, value)| {
+                    h.insert(Header {
+                        key: name,
+                        value: Some(value),
+                    })
+                });
         let kafka_record = FutureRecord::to(&record.topic)
             .key(envelope.aggregate_id.as_bytes())
             .payload(&envelope.payload)
             .headers(headers)
             .timestamp(envelope.occurred_at.0);
-        self.producer.send_result(kafka_record).map_err(|(e, _)| e.to_string())
+        self.producer
+            .send_result(kafka_record)
+            .map_err(|(e, _)| e.to_string())
     }
 
     /// Waits for everything queued to be delivered (shutdown).
@@ -249,15 +319,31 @@ impl<S: OutboxStore> Relay<S> {
 
 fn new_producer(config: &RelayConfig) -> Result<FutureProducer, KafkaFlowError> {
     let gapless = matches!(config.keys, KeyMode::Sequence { .. });
-    producer_config(&config.brokers, gapless).create().map_err(KafkaFlowError::at("create producer"))
+    producer_config(&config.brokers, gapless)
+        .create()
+        .map_err(KafkaFlowError::at("create producer"))
 }
 
 fn leased(retry_count: u32, lease_until: UnixMillis) -> RowState {
-    RowState { status: OutboxStatus::Sending, retry_count, next_retry_at: lease_until }
+    RowState {
+        status: OutboxStatus::Sending,
+        retry_count,
+        next_retry_at: lease_until,
+    }
 }
 
-fn fail(record: &OutboxRecord, lease_until: UnixMillis, error: &str, retry: &RetryPolicy, now: UnixMillis) -> Settlement {
+fn fail(
+    record: &OutboxRecord,
+    lease_until: UnixMillis,
+    error: &str,
+    retry: &RetryPolicy,
+    now: UnixMillis,
+) -> Settlement {
     let state = leased(record.retry_count, lease_until);
     let next = state.apply(OutboxEvent::Fail { now }, retry).unwrap_or(state);
-    Settlement { id: record.id, state: next, last_error: Some(error.to_owned()) }
+    Settlement {
+        id: record.id,
+        state: next,
+        last_error: Some(error.to_owned()),
+    }
 }

@@ -4,9 +4,13 @@ use crate::error::PgError;
 
 /// Connects and drives the connection on a background task.
 pub async fn connect(url: &str) -> Result<Client, PgError> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .map_err(|source| PgError::Connect { url: redact(url), source })?;
+    let (client, connection) =
+        tokio_postgres::connect(url, NoTls)
+            .await
+            .map_err(|source| PgError::Connect {
+                url: redact(url),
+                source,
+            })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!("postgres connection ended: {e}");
@@ -21,4 +25,3 @@ fn redact(url: &str) -> String {
         _ => url.to_owned(),
     }
 }
-

@@ -38,7 +38,11 @@ impl<H: PgHandler> PgEffects<H> {
     pub async fn connect(url: &str, consumer: &str, handler: H) -> Result<Self, PgError> {
         let mut client = connect(url).await?;
         migrate(&mut client).await?;
-        Ok(PgEffects { consumer: consumer.to_owned(), client: Mutex::new(client), handler: Arc::new(handler) })
+        Ok(PgEffects {
+            consumer: consumer.to_owned(),
+            client: Mutex::new(client),
+            handler: Arc::new(handler),
+        })
     }
 
     /// Forgets key-set entries recorded before `cutoff` (the retention window); returns how many.
@@ -78,7 +82,14 @@ async fn record_key(tx: &Transaction<'_>, consumer: &str, inbound: &Inbound<'_>)
                  VALUES ($1, $2, $3, $4, $5, $6)
                  ON CONFLICT (consumer, source, topic, partition)
                  DO UPDATE SET high_key = excluded.high_key, next_offset = excluded.next_offset",
-                &[&consumer, source, &inbound.topic, &inbound.partition, &value_text, &(inbound.offset + 1)],
+                &[
+                    &consumer,
+                    source,
+                    &inbound.topic,
+                    &inbound.partition,
+                    &value_text,
+                    &(inbound.offset + 1),
+                ],
             )
             .await
             .map_err(PgError::at("advance watermark"))?;

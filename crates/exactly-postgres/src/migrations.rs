@@ -100,7 +100,10 @@ CREATE TABLE exactly_parked (
 
 /// Brings the schema up to date; safe to call from several processes at once.
 pub async fn migrate(client: &mut Client) -> Result<(), PgError> {
-    let tx = client.transaction().await.map_err(PgError::at("begin migration"))?;
+    let tx = client
+        .transaction()
+        .await
+        .map_err(PgError::at("begin migration"))?;
     tx.batch_execute(
         "SELECT pg_advisory_xact_lock(7384615000);
          CREATE TABLE IF NOT EXISTS exactly_migrations (version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
@@ -114,7 +117,9 @@ pub async fn migrate(client: &mut Client) -> Result<(), PgError> {
             .map_err(PgError::at("read exactly_migrations"))?
             .is_some();
         if !done {
-            tx.batch_execute(sql).await.map_err(PgError::at("apply migration"))?;
+            tx.batch_execute(sql)
+                .await
+                .map_err(PgError::at("apply migration"))?;
             tx.execute("INSERT INTO exactly_migrations (version) VALUES ($1)", &[version])
                 .await
                 .map_err(PgError::at("record migration"))?;

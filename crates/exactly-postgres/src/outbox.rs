@@ -57,7 +57,8 @@ const CLAIM_LOCK: i64 = 7_384_615_001;
 /// Held for a whole session by the one relay allowed to publish sequence keys.
 const SEQUENCE_LEADER_LOCK: i64 = 7_384_615_002;
 
-const COLUMNS: &str = "o.id, o.event_id::text, o.event_type, o.aggregate_type, o.aggregate_id, o.topic, o.payload,
+const COLUMNS: &str =
+    "o.id, o.event_id::text, o.event_type, o.aggregate_type, o.aggregate_id, o.topic, o.payload,
     o.headers::text, (extract(epoch from COALESCE(o.occurred_at, o.created_at)) * 1000)::bigint,
     o.retry_count, o.sequence";
 
@@ -68,7 +69,12 @@ impl PgOutbox {
         migrate(&mut client).await?;
         let wake = Arc::new(Notify::new());
         let listener = listen(url, wake.clone()).await?;
-        Ok(PgOutbox { client: Mutex::new(client), wake, _listener: listener, _leader: None })
+        Ok(PgOutbox {
+            client: Mutex::new(client),
+            wake,
+            _listener: listener,
+            _leader: None,
+        })
     }
 
     /// Connects as the sequence-key leader: waits until this process holds the session
@@ -100,16 +106,24 @@ impl PgOutbox {
             )
             .await
             .map_err(PgError::at("read system identifier"))?;
-        Ok(format!("pg-outbox:{}:{}", row.get::<_, String>(0), row.get::<_, String>(1)))
+        Ok(format!(
+            "pg-outbox:{}:{}",
+            row.get::<_, String>(0),
+            row.get::<_, String>(1)
+        ))
     }
 }
 
 /// Opens a connection that LISTENs on the outbox channel and wakes `wake` per notification.
 /// The returned client must be kept: dropping it ends the session.
 async fn listen(url: &str, wake: Arc<Notify>) -> Result<Client, PgError> {
-    let (client, mut connection) = tokio_postgres::connect(url, NoTls)
-        .await
-        .map_err(|source| PgError::Connect { url: "LISTEN connection".into(), source })?;
+    let (client, mut connection) =
+        tokio_postgres::connect(url, NoTls)
+            .await
+            .map_err(|source| PgError::Connect {
+                url: "LISTEN connection".into(),
+                source,
+            })?;
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
     // Polling the stream also drives the connection, so it must run before LISTEN is awaited.
     tokio::spawn(async move {
@@ -217,13 +231,22 @@ impl OutboxStore for PgOutbox {
                 let (id, retry_count) = (row.id, row.retry_count);
                 match row.into_record(&request.keys, request.max_payload_bytes) {
                     Ok(record) => Claimed::Ready(record),
-                    Err(defect) => Claimed::Malformed { id, retry_count, defect },
+                    Err(defect) => Claimed::Malformed {
+                        id,
+                        retry_count,
+                        defect,
+                    },
                 }
             })
             .collect())
     }
 
-    async fn settle(&self, owner: &str, settlements: &[Settlement], now: UnixMillis) -> Result<(), StoreError> {
+    async fn settle(
+        &self,
+        owner: &str,
+        settlements: &[Settlement],
+        now: UnixMillis,
+    ) -> Result<(), StoreError> {
         let sent: Vec<i64> = settlements
             .iter()
             .filter(|s| s.state.status == OutboxStatus::Sent)
@@ -240,7 +263,10 @@ impl OutboxStore for PgOutbox {
             .await
             .map_err(PgError::at("mark sent"))?;
         }
-        for s in settlements.iter().filter(|s| s.state.status != OutboxStatus::Sent) {
+        for s in settlements
+            .iter()
+            .filter(|s| s.state.status != OutboxStatus::Sent)
+        {
             tx.execute(
                 "UPDATE outbox SET status = $2, retry_count = $3, next_retry_at = to_timestamp($4::float8 / 1000), last_error = $5
                  WHERE id = $1 AND status = 'SENDING' AND lease_owner = $6",

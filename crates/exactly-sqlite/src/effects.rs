@@ -38,14 +38,22 @@ pub struct SqliteEffects<H> {
 
 impl<H> Clone for SqliteEffects<H> {
     fn clone(&self) -> Self {
-        SqliteEffects { consumer: self.consumer.clone(), db: self.db.clone(), handler: self.handler.clone() }
+        SqliteEffects {
+            consumer: self.consumer.clone(),
+            db: self.db.clone(),
+            handler: self.handler.clone(),
+        }
     }
 }
 
 impl<H: SqliteHandler> SqliteEffects<H> {
     /// Opens (and migrates) `path`; `consumer` names this consumer's rows in the shared tables.
     pub fn open(path: &Path, consumer: &str, handler: H) -> Result<Self, SqliteError> {
-        Ok(SqliteEffects { consumer: consumer.into(), db: Shared::new(open(path)?), handler: Arc::new(handler) })
+        Ok(SqliteEffects {
+            consumer: consumer.into(),
+            db: Shared::new(open(path)?),
+            handler: Arc::new(handler),
+        })
     }
 
     /// Forgets key-set entries recorded before `cutoff` (the retention window); returns how many.

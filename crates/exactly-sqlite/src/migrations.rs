@@ -100,7 +100,8 @@ pub fn migrate(conn: &mut Connection) -> Result<(), SqliteError> {
             )
             .map_err(SqliteError::at("read exactly_migrations"))?;
         if !done {
-            tx.execute_batch(sql).map_err(SqliteError::at("apply migration"))?;
+            tx.execute_batch(sql)
+                .map_err(SqliteError::at("apply migration"))?;
             tx.execute(
                 "INSERT INTO exactly_migrations (version, applied_at) VALUES (?1, CAST(unixepoch('subsec') * 1000 AS INTEGER))",
                 [version],

@@ -104,7 +104,9 @@ fn claim_rows(conn: &mut Connection, request: &ClaimRequest) -> Result<Vec<Claim
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(SqliteError::at("begin claim"))?;
     let raw: Vec<RawRow> = {
-        let mut stmt = tx.prepare_cached(CLAIM_SQL).map_err(SqliteError::at("prepare claim"))?;
+        let mut stmt = tx
+            .prepare_cached(CLAIM_SQL)
+            .map_err(SqliteError::at("prepare claim"))?;
         let rows = stmt
             .query_map(params![request.now.0, request.max_rows as i64], |r| {
                 Ok(RawRow {
@@ -122,15 +124,20 @@ fn claim_rows(conn: &mut Connection, request: &ClaimRequest) -> Result<Vec<Claim
                 })
             })
             .map_err(SqliteError::at("claim"))?;
-        rows.collect::<Result<_, _>>().map_err(SqliteError::at("read claimed row"))?
+        rows.collect::<Result<_, _>>()
+            .map_err(SqliteError::at("read claimed row"))?
     };
     {
         let mut lease = tx
-            .prepare_cached("UPDATE outbox SET status = 'SENDING', next_retry_at = ?2, lease_owner = ?3 WHERE id = ?1")
+            .prepare_cached(
+                "UPDATE outbox SET status = 'SENDING', next_retry_at = ?2, lease_owner = ?3 WHERE id = ?1",
+            )
             .map_err(SqliteError::at("prepare lease"))?;
         let until = request.now.plus_ms(request.lease_ms).0;
         for row in &raw {
-            lease.execute(params![row.id, until, request.owner]).map_err(SqliteError::at("lease row"))?;
+            lease
+                .execute(params![row.id, until, request.owner])
+                .map_err(SqliteError::at("lease row"))?;
         }
     }
     tx.commit().map_err(SqliteError::at("commit claim"))?;
@@ -140,7 +147,11 @@ fn claim_rows(conn: &mut Connection, request: &ClaimRequest) -> Result<Vec<Claim
             let (id, retry_count) = (row.id, row.retry_count);
             match row.into_record(&request.keys, request.max_payload_bytes) {
                 Ok(record) => Claimed::Ready(record),
-                Err(defect) => Claimed::Malformed { id, retry_count, defect },
+                Err(defect) => Claimed::Malformed {
+                    id,
+                    retry_count,
+                    defect,
+                },
             }
         })
         .collect())
@@ -170,7 +181,8 @@ fn settle_rows(
             .map_err(SqliteError::at("prepare mark failed"))?;
         for s in settlements {
             if s.state.status == OutboxStatus::Sent {
-                sent.execute(params![s.id, now.0]).map_err(SqliteError::at("mark sent"))?;
+                sent.execute(params![s.id, now.0])
+                    .map_err(SqliteError::at("mark sent"))?;
             } else {
                 other
                     .execute(params![
@@ -207,7 +219,11 @@ pub(crate) fn outbox_stats(conn: &Connection, now: UnixMillis) -> Result<OutboxS
         *slot = count as u64;
     }
     let oldest: Option<i64> = conn
-        .query_row("SELECT MIN(created_at) FROM outbox WHERE status = 'NEW'", [], |r| r.get(0))
+        .query_row(
+            "SELECT MIN(created_at) FROM outbox WHERE status = 'NEW'",
+            [],
+            |r| r.get(0),
+        )
         .optional()
         .map_err(SqliteError::at("oldest new row"))?
         .flatten();
@@ -221,9 +237,17 @@ impl OutboxStore for SqliteOutbox {
         Ok(self.db.run(move |conn| claim_rows(conn, &request)).await?)
     }
 
-    async fn settle(&self, owner: &str, settlements: &[Settlement], now: UnixMillis) -> Result<(), StoreError> {
+    async fn settle(
+        &self,
+        owner: &str,
+        settlements: &[Settlement],
+        now: UnixMillis,
+    ) -> Result<(), StoreError> {
         let (owner, settlements) = (owner.to_owned(), settlements.to_vec());
-        Ok(self.db.run(move |conn| settle_rows(conn, &owner, &settlements, now)).await?)
+        Ok(self
+            .db
+            .run(move |conn| settle_rows(conn, &owner, &settlements, now))
+            .await?)
     }
 
     async fn stats(&self, now: UnixMillis) -> Result<OutboxStats, StoreError> {

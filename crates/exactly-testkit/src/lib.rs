@@ -23,7 +23,10 @@ fn setup_env() -> HashMap<String, String> {
 }
 
 fn setting(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty()).or_else(|| setup_env().remove(name).filter(|v| !v.is_empty()))
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .or_else(|| setup_env().remove(name).filter(|v| !v.is_empty()))
 }
 
 fn reachable(address: &str) -> bool {
@@ -37,14 +40,20 @@ fn reachable(address: &str) -> bool {
 pub fn brokers() -> String {
     let brokers = setting("EXACTLY_BROKERS")
         .unwrap_or_else(|| panic!("no Kafka-protocol broker configured: run scripts/setup (it starts Tansu and writes .exactly/env)"));
-    assert!(reachable(&brokers), "broker {brokers} does not answer: run scripts/setup to start it");
+    assert!(
+        reachable(&brokers),
+        "broker {brokers} does not answer: run scripts/setup to start it"
+    );
     brokers
 }
 
 /// The PostgreSQL server URL (database `test`).
 pub fn pg_url() -> String {
     let url = setting("EXACTLY_PG_URL").unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into());
-    assert!(reachable("127.0.0.1:5432"), "PostgreSQL does not answer on 127.0.0.1:5432: run scripts/setup to start it");
+    assert!(
+        reachable("127.0.0.1:5432"),
+        "PostgreSQL does not answer on 127.0.0.1:5432: run scripts/setup to start it"
+    );
     url
 }
 
@@ -92,7 +101,8 @@ pub fn read_topic(brokers: &str, topic: &str, partitions: i32, isolation: &str) 
         .expect("create reader");
     let mut list = TopicPartitionList::new();
     for p in 0..partitions {
-        list.add_partition_offset(topic, p, Offset::Beginning).expect("partition");
+        list.add_partition_offset(topic, p, Offset::Beginning)
+            .expect("partition");
     }
     consumer.assign(&list).expect("assign");
     let mut records = Vec::new();
@@ -108,7 +118,12 @@ pub fn read_topic(brokers: &str, topic: &str, partitions: i32, isolation: &str) 
                     .headers()
                     .map(|h| {
                         h.iter()
-                            .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                            .map(|h| {
+                                (
+                                    h.key.to_owned(),
+                                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                                )
+                            })
                             .collect()
                     })
                     .unwrap_or_default(),
@@ -121,7 +136,11 @@ pub fn read_topic(brokers: &str, topic: &str, partitions: i32, isolation: &str) 
             None => {}
         }
     }
-    assert_eq!(at_end.len(), partitions as usize, "did not reach the end of {topic} within 30 s");
+    assert_eq!(
+        at_end.len(),
+        partitions as usize,
+        "did not reach the end of {topic} within 30 s"
+    );
     records
 }
 
