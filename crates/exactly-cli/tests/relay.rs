@@ -361,9 +361,10 @@ async fn sequence_keys_survive_a_killed_leader_with_watermark_dedupe() {
     let keys: i64 = conn
         .query_row("SELECT COUNT(*) FROM exactly_processed", [], |r| r.get(0))
         .expect("n");
+    let partitions = records.iter().map(|r| r.partition).collect::<HashSet<_>>().len() as i64;
     assert_eq!(
         (watermarks, keys),
-        (3, 0),
-        "one watermark per partition, no key set"
+        (partitions, 0),
+        "one watermark per partition used, no key set"
     );
 }
