@@ -70,6 +70,21 @@ pub enum Claimed {
     },
 }
 
+impl Claimed {
+    /// Validates a claimed raw row: publishable, or malformed with the reason.
+    pub fn from_raw(row: crate::record::RawRow, keys: &KeyMode, max_payload_bytes: usize) -> Claimed {
+        let (id, retry_count) = (row.id, row.retry_count);
+        match row.into_record(keys, max_payload_bytes) {
+            Ok(record) => Claimed::Ready(record),
+            Err(defect) => Claimed::Malformed {
+                id,
+                retry_count,
+                defect,
+            },
+        }
+    }
+}
+
 /// A row's new state after a publish attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Settlement {

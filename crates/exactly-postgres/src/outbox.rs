@@ -227,17 +227,7 @@ impl OutboxStore for PgOutbox {
         }
         Ok(raw
             .into_iter()
-            .map(|row| {
-                let (id, retry_count) = (row.id, row.retry_count);
-                match row.into_record(&request.keys, request.max_payload_bytes) {
-                    Ok(record) => Claimed::Ready(record),
-                    Err(defect) => Claimed::Malformed {
-                        id,
-                        retry_count,
-                        defect,
-                    },
-                }
-            })
+            .map(|row| Claimed::from_raw(row, &request.keys, request.max_payload_bytes))
             .collect())
     }
 

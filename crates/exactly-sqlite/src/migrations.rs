@@ -8,6 +8,8 @@
 //!         CAST('{"coupon":"C-42"}' AS BLOB), '{"trace":"abc"}');
 //! ```
 //! `event_id` must be a UUID (v7 recommended); `headers` is NULL or a JSON object of strings.
+//! Defaults use `julianday`, not `unixepoch('subsec')`, so writers linked against SQLite
+//! older than 3.42 (Python's, for one) can insert too.
 //! Columns a writer may leave NULL by mistake are nullable on purpose: the relay parks such a
 //! row as DEAD with the reason instead of failing the business transaction.
 
@@ -31,11 +33,11 @@ CREATE TABLE outbox (
     occurred_at     INTEGER,
     status          TEXT NOT NULL DEFAULT 'NEW' CHECK (status IN ('NEW', 'SENDING', 'SENT', 'DEAD')),
     retry_count     INTEGER NOT NULL DEFAULT 0,
-    next_retry_at   INTEGER NOT NULL DEFAULT (CAST(unixepoch('subsec') * 1000 AS INTEGER)),
+    next_retry_at   INTEGER NOT NULL DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)),
     lease_owner     TEXT,
     sequence        INTEGER,
     last_error      TEXT,
-    created_at      INTEGER NOT NULL DEFAULT (CAST(unixepoch('subsec') * 1000 AS INTEGER)),
+    created_at      INTEGER NOT NULL DEFAULT (CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)),
     sent_at         INTEGER
 );
 CREATE INDEX outbox_claimable ON outbox (next_retry_at, id) WHERE status IN ('NEW', 'SENDING');
@@ -103,11 +105,36 @@ pub fn migrate(conn: &mut Connection) -> Result<(), SqliteError> {
             tx.execute_batch(sql)
                 .map_err(SqliteError::at("apply migration"))?;
             tx.execute(
-                "INSERT INTO exactly_migrations (version, applied_at) VALUES (?1, CAST(unixepoch('subsec') * 1000 AS INTEGER))",
+                "INSERT INTO exactly_migrations (version, applied_at) VALUES (?1, CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER))",
                 [version],
             )
             .map_err(SqliteError::at("record migration"))?;
         }
     }
     tx.commit().map_err(SqliteError::at("commit migration"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn plain_sql_insert_gets_time_defaults_and_status_new() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conn = crate::open(&dir.path().join("s.db")).expect("open");
+        conn.execute(
+            "INSERT INTO outbox (event_id, event_type, aggregate_type, aggregate_id, topic, payload)
+             VALUES ('01900000-0000-7000-8000-000000000001', 'T', 'thing', 'A', 't', CAST('{}' AS BLOB))",
+            [],
+        )
+        .expect("plain insert");
+        let (status, created, next): (String, i64, i64) = conn
+            .query_row("SELECT status, created_at, next_retry_at FROM outbox", [], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .expect("row");
+        assert_eq!(status, "NEW");
+        assert!(
+            created > 1_700_000_000_000 && (created - next).abs() < 1_000,
+            "{created} {next}"
+        );
+    }
 }

@@ -143,17 +143,7 @@ fn claim_rows(conn: &mut Connection, request: &ClaimRequest) -> Result<Vec<Claim
     tx.commit().map_err(SqliteError::at("commit claim"))?;
     Ok(raw
         .into_iter()
-        .map(|row| {
-            let (id, retry_count) = (row.id, row.retry_count);
-            match row.into_record(&request.keys, request.max_payload_bytes) {
-                Ok(record) => Claimed::Ready(record),
-                Err(defect) => Claimed::Malformed {
-                    id,
-                    retry_count,
-                    defect,
-                },
-            }
-        })
+        .map(|row| Claimed::from_raw(row, &request.keys, request.max_payload_bytes))
         .collect())
 }
 
