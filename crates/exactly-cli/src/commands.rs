@@ -6,15 +6,17 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use exactly_core::{Delivery, EffectStore, HandlerError, KeyMode, OutboxStore};
-use exactly_kafka::{ConsumerConfig, FaultPoint, Faults, IdempotentConsumer, Relay, RelayConfig};
-use exactly_postgres::{PgEffects, PgHandler, PgOutbox};
+use exactly_kafka::{
+    ConsumerConfig, FaultPoint, Faults, IdempotentConsumer, Relay, RelayConfig, WalRelay, WalRelayConfig,
+};
+use exactly_postgres::{PgChangeFeed, PgEffects, PgHandler, PgOutbox, WalConfig};
 use exactly_sqlite::{SqliteEffects, SqliteHandler, SqliteOutbox};
 use futures::future::BoxFuture;
 use tokio::sync::watch;
 
 use crate::backend::StoryHandler;
 use crate::story::StoryConsumer;
-use crate::telemetry::{outbox_gauges, serve_metrics};
+use crate::telemetry::{outbox_gauges, serve_metrics, slot_gauges};
 
 /// A database argument: a `postgres://` URL or a SQLite file path.
 #[derive(Debug, Clone)]
@@ -131,6 +133,43 @@ async fn run_relay<S: OutboxStore + 'static>(
     }
     let stop = stop_on_signal();
     relay.run(stop).await.context("relay stopped")
+}
+
+pub struct WalRelayArgs {
+    pub url: String,
+    pub brokers: String,
+    pub slot: Option<String>,
+    pub publication: String,
+    pub heartbeat: Duration,
+    pub mark_sent: bool,
+    pub metrics: Option<SocketAddr>,
+    pub kill_after_publish: Option<u64>,
+}
+
+pub async fn wal_relay(args: WalRelayArgs) -> Result<()> {
+    if let Some(addr) = args.metrics {
+        serve_metrics(addr)?;
+    }
+    let mut feed_config = WalConfig::new(&args.url);
+    if let Some(slot) = args.slot {
+        feed_config.slot = slot;
+    }
+    feed_config.publication = args.publication;
+    feed_config.heartbeat_interval = args.heartbeat;
+    feed_config.mark_sent = args.mark_sent;
+    let slot = feed_config.slot.clone();
+    let feed = PgChangeFeed::connect(feed_config)
+        .await
+        .with_context(|| format!("starting replication from slot {slot}"))?;
+    if args.metrics.is_some() {
+        let client = exactly_postgres::connect(&args.url).await?;
+        let gauges = PgOutbox::connect(&args.url).await?;
+        tokio::spawn(async move { outbox_gauges(&gauges, Duration::from_secs(1)).await });
+        tokio::spawn(async move { slot_gauges(&client, &slot, Duration::from_secs(1)).await });
+    }
+    let faults = kill_at(FaultPoint::RelayAfterPublishBeforeSettle, args.kill_after_publish);
+    let mut relay = WalRelay::new(feed, WalRelayConfig::new(&args.brokers))?.with_faults(faults);
+    relay.run(stop_on_signal()).await.context("wal relay stopped")
 }
 
 /// The built-in handler of `exactly consume --handler record`: one row per event in

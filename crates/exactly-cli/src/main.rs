@@ -36,6 +36,18 @@ struct Cli {
 enum RelayMode {
     /// Claim rows from the outbox table (NOTIFY wakes it on PostgreSQL).
     Poll,
+    /// Follow PostgreSQL logical replication (pgoutput): commit order, 128-bit LSN keys.
+    Wal,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum OutboxMode {
+    /// Rows stay in the table; a sweeper marks them SENT after the broker's ack.
+    Keep,
+    /// Writers delete each row in the inserting transaction; nothing to mark.
+    Delete,
+    /// Writers use pg_logical_emit_message; no table.
+    Message,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -112,9 +124,22 @@ enum Command {
         /// Drain what is claimable, then exit.
         #[arg(long)]
         exit_when_idle: bool,
-        /// Test fault: SIGKILL this process after the N-th batch was acknowledged, before it is marked SENT.
+        /// Test fault: SIGKILL this process after the N-th batch was acknowledged, before it is
+        /// marked SENT (wal: before the slot is confirmed).
         #[arg(long, hide = true)]
         kill_after_publish: Option<u64>,
+        /// wal: the replication slot (default exactly_<database>).
+        #[arg(long)]
+        slot: Option<String>,
+        /// wal: the publication on the outbox table.
+        #[arg(long, default_value = "exactly_outbox")]
+        publication: String,
+        /// wal: emit a heartbeat when none of the relay's own transactions arrived for this long.
+        #[arg(long, default_value_t = 10_000)]
+        heartbeat_ms: u64,
+        /// wal: how writers use the outbox (keep: a sweeper marks rows SENT).
+        #[arg(long, value_enum, default_value = "keep")]
+        outbox: OutboxMode,
     },
     /// Consume topics and apply each event once.
     Consume {
@@ -204,6 +229,37 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
         Command::Relay {
+            mode: RelayMode::Wal,
+            database,
+            brokers,
+            metrics_addr,
+            no_metrics,
+            kill_after_publish,
+            slot,
+            publication,
+            heartbeat_ms,
+            outbox,
+            ..
+        } => {
+            let Database::Postgres(url) = Database::parse(&database) else {
+                anyhow::bail!(
+                    "--mode wal follows PostgreSQL logical replication: --database must be postgres://…"
+                );
+            };
+            commands::wal_relay(commands::WalRelayArgs {
+                url,
+                brokers,
+                slot,
+                publication,
+                heartbeat: Duration::from_millis(heartbeat_ms),
+                mark_sent: outbox == OutboxMode::Keep,
+                metrics: (!no_metrics).then_some(metrics_addr),
+                kill_after_publish,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Relay {
             mode: RelayMode::Poll,
             database,
             brokers,
@@ -216,6 +272,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             no_metrics,
             exit_when_idle,
             kill_after_publish,
+            ..
         } => {
             commands::relay(RelayArgs {
                 database: Database::parse(&database),

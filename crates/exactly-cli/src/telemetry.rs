@@ -37,3 +37,14 @@ pub async fn outbox_gauges<S: OutboxStore>(store: &S, every: Duration) {
         tokio::time::sleep(every).await;
     }
 }
+
+/// Publishes the replication slot's retained WAL and confirmed lag, every `every`.
+pub async fn slot_gauges(client: &tokio_postgres::Client, slot: &str, every: Duration) {
+    loop {
+        if let Ok(Some(stats)) = exactly_postgres::wal::slot_stats(client, slot).await {
+            metrics::gauge!("exactly_wal_retained_bytes").set(stats.retained_bytes as f64);
+            metrics::gauge!("exactly_relay_lag_bytes").set(stats.lag_bytes as f64);
+        }
+        tokio::time::sleep(every).await;
+    }
+}

@@ -9,3 +9,4 @@ mod support;
 mod consumer;
 mod demo;
 mod relay;
+mod wal;

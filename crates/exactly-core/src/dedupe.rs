@@ -47,6 +47,97 @@ impl Watermark {
     }
 }
 
+/// What a watermark that knows its source's epochs says of one sequence key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SequenceVerdict {
+    /// Above the watermark, from the current or a newer epoch: apply.
+    New,
+    /// At or below the watermark, from the watermark's epoch or an older one: a repeat.
+    Duplicate,
+    /// At or below the watermark but from a newer epoch: the source went backwards (a restore, a
+    /// failover to a lagging replica). These are new events that a plain watermark would
+    /// discard as repeats; they must be parked, not dropped.
+    Regressed {
+        /// The watermark's value.
+        high: u128,
+        /// The watermark's epoch.
+        epoch: u64,
+    },
+    /// Above the watermark but from an epoch older than the watermark's: a write of an
+    /// abandoned history (for example the old primary's last commits after a failover).
+    StaleEpoch {
+        /// The watermark's epoch.
+        epoch: u64,
+    },
+}
+
+/// A [`Watermark`] that also remembers the newest source epoch it applied.
+///
+/// Without epochs (`None`), it is exactly a plain watermark.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EpochWatermark {
+    high: Option<u128>,
+    epoch: u64,
+}
+
+impl EpochWatermark {
+    /// A watermark that has applied `high`, last in `epoch`.
+    pub fn at(high: Option<u128>, epoch: u64) -> Self {
+        EpochWatermark { high, epoch }
+    }
+
+    /// The highest value applied.
+    pub fn high(&self) -> Option<u128> {
+        self.high
+    }
+
+    /// The newest epoch applied.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Judges `value` from `epoch` without changing anything.
+    pub fn judge(&self, value: u128, epoch: Option<u64>) -> SequenceVerdict {
+        let Some(high) = self.high else {
+            return SequenceVerdict::New;
+        };
+        let epoch = epoch.unwrap_or(self.epoch);
+        match (value > high, epoch.cmp(&self.epoch)) {
+            (true, std::cmp::Ordering::Less) => SequenceVerdict::StaleEpoch { epoch: self.epoch },
+            (true, _) => SequenceVerdict::New,
+            (false, std::cmp::Ordering::Greater) => SequenceVerdict::Regressed {
+                high,
+                epoch: self.epoch,
+            },
+            (false, _) => SequenceVerdict::Duplicate,
+        }
+    }
+
+    /// Judges `value` and, if it is new, moves up to it.
+    pub fn observe(&mut self, value: u128, epoch: Option<u64>) -> SequenceVerdict {
+        let verdict = self.judge(value, epoch);
+        if verdict == SequenceVerdict::New {
+            self.high = Some(value);
+            self.epoch = self.epoch.max(epoch.unwrap_or(self.epoch));
+        }
+        verdict
+    }
+}
+
+/// Words for a parked sequence key that the epoch watermark refused.
+pub fn refusal_detail(key: &IdempotencyKey, epoch: Option<u64>, verdict: SequenceVerdict) -> String {
+    let epoch = epoch.map_or_else(|| "none".to_owned(), |e| e.to_string());
+    match verdict {
+        SequenceVerdict::Regressed { high, epoch: at } => format!(
+            "source went backwards: key {key} (epoch {epoch}) is at or below the watermark {high:032x} of epoch {at}; a plain watermark would have dropped it as a repeat"
+        ),
+        SequenceVerdict::StaleEpoch { epoch: at } => format!(
+            "key {key} comes from epoch {epoch}, older than the watermark's epoch {at}: an abandoned history"
+        ),
+        SequenceVerdict::New | SequenceVerdict::Duplicate => format!("key {key}: not refused"),
+    }
+}
+
 /// Every key seen within a retention window, for keys with no usable order (UUIDv4).
 #[derive(Debug, Clone)]
 pub struct KeySet {
@@ -244,6 +335,53 @@ mod tests {
                 prop_assert_eq!(set.observe(&key, now), expected);
             }
         }
+    }
+
+    proptest! {
+        #[test]
+        fn epoch_watermark_without_epochs_is_a_plain_watermark(
+            values in proptest::collection::vec(any::<u128>(), 0..200)
+        ) {
+            let (mut plain, mut epochs) = (Watermark::default(), EpochWatermark::default());
+            for v in values {
+                let expected = match plain.observe(v) {
+                    Verdict::New => SequenceVerdict::New,
+                    Verdict::Duplicate => SequenceVerdict::Duplicate,
+                };
+                prop_assert_eq!(epochs.observe(v, None), expected);
+            }
+        }
+
+        #[test]
+        fn a_newer_epoch_below_the_watermark_is_never_taken_for_a_repeat(
+            high in 1u128..1_000_000, back in 0u128..1_000, epoch in 0u64..10
+        ) {
+            let wm = EpochWatermark::at(Some(high), epoch);
+            let value = high.saturating_sub(back);
+            prop_assert_eq!(
+                wm.judge(value, Some(epoch + 1)),
+                SequenceVerdict::Regressed { high, epoch }
+            );
+            prop_assert_eq!(wm.judge(value, Some(epoch)), SequenceVerdict::Duplicate);
+        }
+    }
+
+    #[test]
+    fn epochs_after_a_failover() {
+        // Timeline 1 applied up to 1000; timeline 2 forked at 900.
+        let mut wm = EpochWatermark::at(Some(1000), 1);
+        assert_eq!(
+            wm.observe(950, Some(2)),
+            SequenceVerdict::Regressed { high: 1000, epoch: 1 }
+        );
+        assert_eq!(wm.observe(1001, Some(2)), SequenceVerdict::New);
+        assert_eq!(wm.epoch(), 2);
+        // A late repeat from timeline 1 is a repeat; a late timeline-1 write above is refused.
+        assert_eq!(wm.observe(1000, Some(1)), SequenceVerdict::Duplicate);
+        assert_eq!(
+            wm.observe(1002, Some(1)),
+            SequenceVerdict::StaleEpoch { epoch: 2 }
+        );
     }
 
     #[test]

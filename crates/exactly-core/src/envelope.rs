@@ -23,6 +23,10 @@ pub mod header {
     pub const AGGREGATE_ID: &str = "exactly-aggregate-id";
     /// When the business change happened, decimal Unix milliseconds.
     pub const OCCURRED_AT: &str = "exactly-occurred-at";
+    /// Optional, on sequence keys: `<source>@<epoch>`, the key's source and the epoch its values
+    /// were assigned in (PostgreSQL: the timeline). A newer epoch whose values fall below the
+    /// watermark means the source went backwards (restore, failover to a lagging replica).
+    pub const SOURCE: &str = "exactly-source";
     /// Prefix reserved for exactly; user headers must not use it.
     pub const RESERVED_PREFIX: &str = "exactly-";
 }
@@ -56,6 +60,8 @@ pub struct Delivery {
     pub key: IdempotencyKey,
     /// The event.
     pub envelope: Envelope,
+    /// The epoch of a sequence key's source, from the `exactly-source` header (None: not sent).
+    pub source_epoch: Option<u64>,
 }
 
 /// Why a record's headers cannot be turned into an [`Envelope`].
@@ -87,6 +93,9 @@ pub enum HeaderError {
     /// The idempotency key does not parse.
     #[error("header exactly-key: {0}")]
     Key(#[from] KeyParseError),
+    /// The `exactly-source` header names another source than the key, or is not `<source>@<epoch>`.
+    #[error("header exactly-source = {0:?} does not match the key's source as <source>@<epoch>")]
+    SourceMismatch(String),
     /// A user header uses the reserved prefix.
     #[error("user header {0:?} uses the reserved prefix exactly-")]
     ReservedName(String),
@@ -181,8 +190,19 @@ where
         header::OCCURRED_AT,
     ];
     let mut found: [Option<&str>; 6] = [None; 6];
+    let mut source: Option<&str> = None;
     let mut user = Vec::new();
     for (name, value) in headers {
+        if name == header::SOURCE {
+            if source.is_some() {
+                return Err(HeaderError::Repeated(header::SOURCE));
+            }
+            let text = value
+                .and_then(|v| std::str::from_utf8(v).ok())
+                .ok_or(HeaderError::NotText { name: header::SOURCE })?;
+            source = Some(text);
+            continue;
+        }
         match REQUIRED.iter().position(|r| *r == name) {
             Some(i) => {
                 if found[i].is_some() {
@@ -216,7 +236,32 @@ where
         headers: user,
     };
     envelope.validate()?;
-    Ok(Delivery { key, envelope })
+    let source_epoch = match source {
+        None => None,
+        Some(text) => Some(source_epoch_of(&key, text)?),
+    };
+    Ok(Delivery {
+        key,
+        envelope,
+        source_epoch,
+    })
+}
+
+/// The `exactly-source` header value for a sequence key assigned in `epoch`.
+pub fn source_header(source: &str, epoch: u64) -> String {
+    format!("{source}@{epoch}")
+}
+
+fn source_epoch_of(key: &IdempotencyKey, text: &str) -> Result<u64, HeaderError> {
+    let mismatch = || HeaderError::SourceMismatch(text.chars().take(128).collect());
+    let IdempotencyKey::Sequence { source, .. } = key else {
+        return Err(mismatch());
+    };
+    let (named, epoch) = text.rsplit_once('@').ok_or_else(mismatch)?;
+    if named != source {
+        return Err(mismatch());
+    }
+    epoch.parse().map_err(|_| mismatch())
 }
 
 #[cfg(test)]
@@ -268,7 +313,38 @@ mod tests {
         let (env, key) = sample();
         let headers = env.to_headers(&key);
         let delivery = decode_record(borrowed(&headers), &env.payload).expect("decodes");
-        assert_eq!(delivery, Delivery { key, envelope: env });
+        assert_eq!(
+            delivery,
+            Delivery {
+                key,
+                envelope: env,
+                source_epoch: None
+            }
+        );
+    }
+
+    #[test]
+    fn source_header_carries_the_epoch_of_its_own_source_only() {
+        let (env, _) = sample();
+        let key = IdempotencyKey::Sequence {
+            source: "pg:73:exactly".into(),
+            value: 5,
+        };
+        let with_source = |text: &str| {
+            let mut h = env.to_headers(&key);
+            h.push((header::SOURCE.into(), text.as_bytes().to_vec()));
+            decode_record(borrowed(&h), b"{}")
+        };
+        assert_eq!(
+            with_source(&source_header("pg:73:exactly", 2)).map(|d| d.source_epoch),
+            Ok(Some(2))
+        );
+        for bad in ["pg:74:exactly@2", "pg:73:exactly", "pg:73:exactly@two"] {
+            assert!(
+                matches!(with_source(bad), Err(HeaderError::SourceMismatch(_))),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`Envelope`] and [`decode_record`]: an event and its strict header encoding.
 //! - [`dedupe`]: [`Watermark`], [`KeySet`] and the [`DedupePolicy`] that routes a key to one.
 //! - [`outbox`]: the row state machine NEW → SENDING → SENT | DEAD and its [`RetryPolicy`].
+//! - [`wal`]: change-stream rows and messages, and the in-order ack tracker of the WAL relay.
 //! - [`ports`]: the traits database adapters implement for relays and consumers.
 //!
 //! Time is always an argument ([`UnixMillis`]), so every rule is reproducible in tests.
@@ -29,14 +30,16 @@ pub mod outbox;
 pub mod ports;
 pub mod record;
 pub mod time;
+pub mod wal;
 
-pub use dedupe::{DedupePolicy, DedupeRoute, KeySet, Verdict, Watermark};
-pub use envelope::{decode_record, header, Delivery, Envelope, HeaderError};
+pub use dedupe::{DedupePolicy, DedupeRoute, EpochWatermark, KeySet, SequenceVerdict, Verdict, Watermark};
+pub use envelope::{decode_record, header, source_header, Delivery, Envelope, HeaderError};
 pub use key::{lsn_sequence, IdempotencyKey, KeyKind, KeyParseError};
 pub use outbox::{OutboxEvent, OutboxStatus, RetryPolicy, RowState};
 pub use ports::{
-    after_handler_error, AfterError, ApplyOutcome, ClaimRequest, Claimed, EffectStore, HandlerError, Inbound,
-    OutboxStats, OutboxStore, ParkReason, ParkedMessage, Settlement, StoreError,
+    after_handler_error, AfterError, ApplyOutcome, ChangeFeed, ClaimRequest, Claimed, DeadEvent, EffectStore,
+    FeedItem, HandlerError, Inbound, OutboxStats, OutboxStore, ParkReason, ParkedMessage, Settlement,
+    StoreError,
 };
 pub use record::{KeyMode, OutboxRecord, RawRow, RowDefect};
 pub use time::UnixMillis;

@@ -170,6 +170,8 @@ pub enum ApplyOutcome {
     Duplicate,
     /// The handler failed; its transaction was rolled back and the key not recorded.
     Failed(HandlerError),
+    /// The dedupe rule refused the key (for example a source that went backwards): park it.
+    Refused(ParkReason, String),
 }
 
 /// Why a message was parked.
@@ -183,6 +185,8 @@ pub enum ParkReason {
     Rejected,
     /// The handler kept failing.
     RetriesExhausted,
+    /// A sequence key from a source whose positions went backwards, or from an abandoned epoch.
+    SourceRegressed,
 }
 
 impl ParkReason {
@@ -193,6 +197,7 @@ impl ParkReason {
             ParkReason::KeyTooOld => "key_too_old",
             ParkReason::Rejected => "rejected",
             ParkReason::RetriesExhausted => "retries_exhausted",
+            ParkReason::SourceRegressed => "source_regressed",
         }
     }
 }
@@ -227,6 +232,16 @@ pub trait EffectStore: Send + Sync {
     /// In one transaction: records the key (or finds it there: [`ApplyOutcome::Duplicate`]),
     /// runs the handler with that transaction, and commits. A handler error rolls back both.
     fn apply(&self, inbound: Inbound<'_>) -> impl Future<Output = Result<ApplyOutcome, StoreError>> + Send;
+
+    /// The Kafka offset to resume `topic`/`partition` at, as recorded in the same transactions
+    /// as the effects (watermark rows), or None when this store keeps no position for it.
+    /// The consumer seeks there on assignment, so a lost or early offset commit can neither
+    /// replay nor skip past what the database says was applied.
+    fn resume_offset(
+        &self,
+        topic: &str,
+        partition: i32,
+    ) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
 
     /// Stores a parked message; parking the same (topic, partition, offset) twice keeps one row.
     fn park(&self, message: &ParkedMessage) -> impl Future<Output = Result<(), StoreError>> + Send;
@@ -286,4 +301,69 @@ mod tests {
             AfterError::Park(ParkReason::Rejected, _)
         ));
     }
+}
+
+/// One step of a database's change stream, in commit order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FeedItem {
+    /// A transaction begins; its events' keys are built on `commit_position`.
+    Begin {
+        /// The commit position (PostgreSQL: the commit LSN), known at begin.
+        commit_position: u64,
+        /// Commit time.
+        committed_at: UnixMillis,
+    },
+    /// An outbox event of the open transaction (a row insert or a table-less message).
+    Event(crate::record::RawRow),
+    /// An event of the open transaction that cannot be read, with what was read.
+    Unreadable {
+        /// Why.
+        defect: RowDefect,
+        /// What arrived, for the dead-event record.
+        raw: String,
+    },
+    /// The open transaction ends; confirming `end_position` skips it on the next start.
+    Commit {
+        /// The position just past the commit.
+        end_position: u64,
+    },
+    /// Something the relay does not publish (an update or delete of the outbox, a truncate, a
+    /// heartbeat, a message with another prefix), named for a counter.
+    Ignored(&'static str),
+}
+
+/// An outbox event the relay can never publish, kept with its reason before the change stream
+/// is confirmed past it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadEvent {
+    /// The key it would have had.
+    pub key_text: String,
+    /// The outbox row id (0 for table-less messages).
+    pub outbox_id: i64,
+    /// Why.
+    pub reason: String,
+    /// What was read, for inspection.
+    pub raw: String,
+}
+
+/// A change stream the WAL relay follows: ordered transactions, confirmation of what was
+/// durably handled, and a restart that resumes at the last confirmation.
+pub trait ChangeFeed: Send {
+    /// The source name keys carry, and its epoch (PostgreSQL: system id and slot; timeline).
+    fn source(&self) -> (String, u64);
+
+    /// The next item, waiting for one.
+    fn next(&mut self) -> impl Future<Output = Result<FeedItem, StoreError>> + Send;
+
+    /// Everything up to `end_position` is handled; the source may discard it.
+    fn confirm(&mut self, end_position: u64);
+
+    /// Drops the stream and starts again at the last confirmed position (rewind, never skip).
+    fn restart(&mut self) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Keeps an unpublishable event; must be durable before the position past it is confirmed.
+    fn park(&self, dead: &DeadEvent) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Hands ids of published outbox rows to the sweeper (no-op where rows are not kept).
+    fn mark_sent(&self, ids: Vec<i64>);
 }

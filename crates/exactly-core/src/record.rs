@@ -71,6 +71,9 @@ pub enum RowDefect {
     /// Envelope rules (aggregate id size, reserved header names).
     #[error(transparent)]
     Envelope(#[from] HeaderError),
+    /// A table-less outbox message that is not the documented JSON object.
+    #[error("outbox message is not valid: {0}")]
+    BadMessage(String),
     /// Payload larger than the relay publishes.
     #[error("payload is {size} bytes, above the maximum of {max}")]
     PayloadTooLarge {

@@ -1,15 +1,16 @@
 //! The idempotent consumer loop.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use exactly_core::{
     after_handler_error, decode_record, header, AfterError, ApplyOutcome, DedupePolicy, DedupeRoute,
     EffectStore, Inbound, ParkReason, ParkedMessage, RetryPolicy,
 };
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
@@ -68,16 +69,56 @@ pub struct ConsumerCounters {
     pub parked: AtomicU64,
 }
 
+/// Remembers partitions assigned since their last resume check.
+#[derive(Default)]
+pub(crate) struct AssignmentContext {
+    unchecked: Mutex<HashSet<(String, i32)>>,
+}
+
+impl AssignmentContext {
+    fn unchecked(&self) -> std::sync::MutexGuard<'_, HashSet<(String, i32)>> {
+        // A poisoned set only means a panic elsewhere; its contents are still meaningful.
+        self.unchecked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl ClientContext for AssignmentContext {}
+
+impl ConsumerContext for AssignmentContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut unchecked = self.unchecked();
+        match rebalance {
+            Rebalance::Assign(list) => {
+                for e in list.elements() {
+                    unchecked.insert((e.topic().to_owned(), e.partition()));
+                }
+            }
+            Rebalance::Revoke(list) => {
+                for e in list.elements() {
+                    unchecked.remove(&(e.topic().to_owned(), e.partition()));
+                }
+            }
+            Rebalance::Error(_) => {}
+        }
+    }
+}
+
 /// Reads `topics` and applies each record once through `store`.
 ///
 /// Per record: decode strictly (bad headers → park), check the key's age (too old → park), then
 /// one database transaction records the key and runs the handler; only after it committed is
 /// the offset eligible for commit. Handler errors retry with backoff, then park. Database
 /// errors are retried without end: they are not the record's fault, and skipping would lose it.
+///
+/// On partition assignment the consumer seeks to the offset its database recorded with the
+/// watermark (when it keeps one), so neither a lost nor an early offset commit can make it skip
+/// or replay past what was applied.
 pub struct IdempotentConsumer<S> {
     store: S,
     config: ConsumerConfig,
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<AssignmentContext>,
     faults: Faults,
     counters: Arc<ConsumerCounters>,
 }
@@ -89,8 +130,8 @@ impl<S: EffectStore> IdempotentConsumer<S> {
             .dedupe
             .validate()
             .map_err(|e| KafkaFlowError::Store(exactly_core::StoreError::new("dedupe policy", e)))?;
-        let consumer: StreamConsumer = consumer_config(&config.brokers, &config.group_id)
-            .create()
+        let consumer: StreamConsumer<AssignmentContext> = consumer_config(&config.brokers, &config.group_id)
+            .create_with_context(AssignmentContext::default())
             .map_err(KafkaFlowError::at("create consumer"))?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
         consumer
@@ -122,6 +163,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
         let mut pending: HashMap<(String, i32), i64> = HashMap::new();
         let mut last_commit = Instant::now();
         loop {
+            self.seek_unchecked().await?;
             let message = tokio::select! {
                 m = self.consumer.recv() => m,
                 _ = stop.changed() => break,
@@ -139,6 +181,9 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                     continue;
                 }
             };
+            if !self.resume_checked(&message).await? {
+                continue;
+            }
             self.handle(&message, &mut stop).await?;
             if self
                 .faults
@@ -159,6 +204,56 @@ impl<S: EffectStore> IdempotentConsumer<S> {
         }
         self.commit(&mut pending);
         Ok(())
+    }
+
+    /// Newly assigned partitions with no record yet (for example a group offset at the end of
+    /// the partition while the database is behind it): seek each to its stored offset.
+    async fn seek_unchecked(&self) -> Result<(), KafkaFlowError> {
+        let unchecked: Vec<(String, i32)> = self.consumer.context().unchecked().drain().collect();
+        for (topic, partition) in unchecked {
+            if let Some(offset) = self.store.resume_offset(&topic, partition).await? {
+                metrics::counter!("exactly_consumer_resume_seeks_total").increment(1);
+                if let Err(e) =
+                    self.consumer
+                        .seek(&topic, partition, Offset::Offset(offset), Duration::from_secs(10))
+                {
+                    tracing::warn!("seek of {topic}/{partition} failed (will retry): {e}");
+                    self.consumer.context().unchecked().insert((topic, partition));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// First record of a newly assigned partition: if the database recorded another resume
+    /// offset, seek there and drop this record (false). librdkafka discards records fetched
+    /// before the seek, so the next one from this partition is the one at the stored offset.
+    async fn resume_checked(&self, message: &BorrowedMessage<'_>) -> Result<bool, KafkaFlowError> {
+        let tp = (message.topic().to_owned(), message.partition());
+        if !self.consumer.context().unchecked().remove(&tp) {
+            return Ok(true);
+        }
+        let stored = self.store.resume_offset(&tp.0, tp.1).await?;
+        match stored {
+            Some(offset) if offset != message.offset() => {
+                tracing::info!(
+                    "{}/{}: delivered from offset {}, the database says {offset}: seeking",
+                    tp.0,
+                    tp.1,
+                    message.offset()
+                );
+                metrics::counter!("exactly_consumer_resume_seeks_total").increment(1);
+                if let Err(e) =
+                    self.consumer
+                        .seek(&tp.0, tp.1, Offset::Offset(offset), Duration::from_secs(10))
+                {
+                    tracing::warn!("seek of {}/{} failed (will retry): {e}", tp.0, tp.1);
+                    self.consumer.context().unchecked().insert(tp);
+                }
+                Ok(false)
+            }
+            _ => Ok(true),
+        }
     }
 
     fn commit(&self, pending: &mut HashMap<(String, i32), i64>) {
@@ -226,6 +321,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                     metrics::counter!("exactly_consumer_dedupe_hits_total").increment(1);
                     return Ok(());
                 }
+                Ok(ApplyOutcome::Refused(reason, detail)) => return self.park(message, reason, detail).await,
                 Ok(ApplyOutcome::Failed(error)) => {
                     attempt += 1;
                     match after_handler_error(&error, attempt, &self.config.retry) {

@@ -17,6 +17,9 @@ pub enum KafkaFlowError {
     /// The database failed in a way retrying did not fix.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The WAL relay's own bookkeeping failed.
+    #[error("wal relay: {0}")]
+    Feed(String),
     /// A fault point fired (tests and the demo simulate a crash this way).
     #[error("injected crash at {0:?}")]
     InjectedCrash(crate::FaultPoint),

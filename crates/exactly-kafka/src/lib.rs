@@ -2,6 +2,8 @@
 //!
 //! - [`Relay`] moves outbox rows to topics: claim, publish in claim order with acks=all and
 //!   idempotence (Kafka key = aggregate id), mark SENT only after the ack.
+//! - [`WalRelay`] follows a [`exactly_core::ChangeFeed`] (PostgreSQL logical replication) and
+//!   publishes in commit order with 128-bit LSN keys, confirming the feed only after acks.
 //! - [`IdempotentConsumer`] reads with manual offsets and applies each record once through an
 //!   [`exactly_core::EffectStore`], committing the offset only after the effect committed.
 //! - [`Faults`] are crash points for tests and the demo.
@@ -12,6 +14,7 @@ mod consumer;
 mod error;
 mod faults;
 mod relay;
+mod wal_relay;
 
 pub use admin::ensure_topics;
 pub use config::{consumer_config, producer_config};
@@ -19,3 +22,4 @@ pub use consumer::{ConsumerConfig, ConsumerCounters, IdempotentConsumer};
 pub use error::KafkaFlowError;
 pub use faults::{FaultPoint, Faults};
 pub use relay::{now, BatchReport, Relay, RelayConfig, RelayCounters};
+pub use wal_relay::{WalRelay, WalRelayConfig, WalRelayCounters};

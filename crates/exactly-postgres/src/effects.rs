@@ -2,10 +2,11 @@
 
 use std::sync::Arc;
 
+use exactly_core::dedupe::refusal_detail;
 use exactly_core::record::raw_headers_to_json;
 use exactly_core::{
-    ApplyOutcome, Delivery, EffectStore, HandlerError, IdempotencyKey, Inbound, ParkedMessage, StoreError,
-    UnixMillis,
+    ApplyOutcome, Delivery, EffectStore, EpochWatermark, HandlerError, IdempotencyKey, Inbound, ParkReason,
+    ParkedMessage, SequenceVerdict, StoreError, UnixMillis,
 };
 use futures::future::BoxFuture;
 use tokio::sync::Mutex;
@@ -58,42 +59,71 @@ impl<H: PgHandler> PgEffects<H> {
     }
 }
 
-/// Records the key: true if new. Sequence keys compare with the watermark of their source,
-/// topic and partition (row-locked, so concurrent appliers of one partition serialize);
-/// other keys go into the key set.
-async fn record_key(tx: &Transaction<'_>, consumer: &str, inbound: &Inbound<'_>) -> Result<bool, PgError> {
+/// What recording a key found.
+enum Recorded {
+    New,
+    Duplicate,
+    Refused(String),
+}
+
+/// Records the key. Sequence keys are judged by the watermark of their source, topic and
+/// partition, with the source's epoch (row-locked, so concurrent appliers of one partition
+/// serialize); other keys go into the key set.
+async fn record_key(
+    tx: &Transaction<'_>,
+    consumer: &str,
+    inbound: &Inbound<'_>,
+) -> Result<Recorded, PgError> {
     let delivery = inbound.delivery;
     match &delivery.key {
         IdempotencyKey::Sequence { source, value } => {
-            let value_text = format!("{value:032x}");
             let row = tx
                 .query_opt(
-                    "SELECT high_key FROM exactly_watermarks
+                    "SELECT high_key, source_epoch FROM exactly_watermarks
                      WHERE consumer = $1 AND source = $2 AND topic = $3 AND partition = $4 FOR UPDATE",
                     &[&consumer, source, &inbound.topic, &inbound.partition],
                 )
                 .await
                 .map_err(PgError::at("read watermark"))?;
-            if row.is_some_and(|r| value_text.as_str() <= r.get::<_, &str>(0)) {
-                return Ok(false);
+            let mut watermark = match row {
+                None => EpochWatermark::default(),
+                Some(r) => {
+                    let high: &str = r.get(0);
+                    let high = u128::from_str_radix(high, 16)
+                        .map_err(|e| PgError::Corrupt(format!("watermark {high:?} is not hex: {e}")))?;
+                    EpochWatermark::at(Some(high), r.get::<_, i64>(1).max(0) as u64)
+                }
+            };
+            match watermark.observe(*value, delivery.source_epoch) {
+                SequenceVerdict::New => {}
+                SequenceVerdict::Duplicate => return Ok(Recorded::Duplicate),
+                refused => {
+                    return Ok(Recorded::Refused(refusal_detail(
+                        &delivery.key,
+                        delivery.source_epoch,
+                        refused,
+                    )))
+                }
             }
             tx.execute(
-                "INSERT INTO exactly_watermarks (consumer, source, topic, partition, high_key, next_offset)
-                 VALUES ($1, $2, $3, $4, $5, $6)
+                "INSERT INTO exactly_watermarks (consumer, source, topic, partition, high_key, next_offset, source_epoch)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
                  ON CONFLICT (consumer, source, topic, partition)
-                 DO UPDATE SET high_key = excluded.high_key, next_offset = excluded.next_offset",
+                 DO UPDATE SET high_key = excluded.high_key, next_offset = excluded.next_offset,
+                               source_epoch = excluded.source_epoch",
                 &[
                     &consumer,
                     source,
                     &inbound.topic,
                     &inbound.partition,
-                    &value_text,
+                    &format!("{value:032x}"),
                     &(inbound.offset + 1),
+                    &(watermark.epoch() as i64),
                 ],
             )
             .await
             .map_err(PgError::at("advance watermark"))?;
-            Ok(true)
+            Ok(Recorded::New)
         }
         key => {
             let inserted = tx
@@ -113,7 +143,11 @@ async fn record_key(tx: &Transaction<'_>, consumer: &str, inbound: &Inbound<'_>)
                 )
                 .await
                 .map_err(PgError::at("record key"))?;
-            Ok(inserted == 1)
+            Ok(if inserted == 1 {
+                Recorded::New
+            } else {
+                Recorded::Duplicate
+            })
         }
     }
 }
@@ -122,8 +156,12 @@ impl<H: PgHandler> EffectStore for PgEffects<H> {
     async fn apply(&self, inbound: Inbound<'_>) -> Result<ApplyOutcome, StoreError> {
         let mut client = self.client.lock().await;
         let tx = client.transaction().await.map_err(PgError::at("begin apply"))?;
-        if !record_key(&tx, &self.consumer, &inbound).await? {
-            return Ok(ApplyOutcome::Duplicate);
+        match record_key(&tx, &self.consumer, &inbound).await? {
+            Recorded::New => {}
+            Recorded::Duplicate => return Ok(ApplyOutcome::Duplicate),
+            Recorded::Refused(detail) => {
+                return Ok(ApplyOutcome::Refused(ParkReason::SourceRegressed, detail))
+            }
         }
         match self.handler.handle(&tx, inbound.delivery).await {
             Ok(()) => {
@@ -133,6 +171,18 @@ impl<H: PgHandler> EffectStore for PgEffects<H> {
             // Dropping the transaction rolls back the key together with any partial effect.
             Err(e) => Ok(ApplyOutcome::Failed(e)),
         }
+    }
+
+    async fn resume_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+        let client = self.client.lock().await;
+        let row = client
+            .query_one(
+                "SELECT max(next_offset) FROM exactly_watermarks WHERE consumer = $1 AND topic = $2 AND partition = $3",
+                &[&self.consumer, &topic, &partition],
+            )
+            .await
+            .map_err(PgError::at("read resume offset"))?;
+        Ok(row.get(0))
     }
 
     async fn park(&self, m: &ParkedMessage) -> Result<(), StoreError> {

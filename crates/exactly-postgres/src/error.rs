@@ -22,6 +22,18 @@ pub enum PgError {
         #[source]
         source: tokio_postgres::Error,
     },
+    /// The replication protocol failed.
+    #[error("postgres replication: {context}: {source}")]
+    Replication {
+        /// What was being done.
+        context: &'static str,
+        /// The library's error.
+        #[source]
+        source: pg_walstream::ReplicationError,
+    },
+    /// Stored data is not what this version wrote.
+    #[error("postgres: {0}")]
+    Corrupt(String),
 }
 
 impl PgError {
@@ -29,6 +41,11 @@ impl PgError {
     pub fn at(context: &'static str) -> impl Fn(tokio_postgres::Error) -> PgError {
         move |source| PgError::Sql { context, source }
     }
+}
+
+/// For `map_err`: wraps a replication error with what was being done.
+pub(crate) fn replication(context: &'static str) -> impl Fn(pg_walstream::ReplicationError) -> PgError {
+    move |source| PgError::Replication { context, source }
 }
 
 impl From<PgError> for StoreError {

@@ -5,6 +5,8 @@
 //! - [`PgOutbox`] is the relay's [`exactly_core::OutboxStore`]: claims with
 //!   `FOR UPDATE SKIP LOCKED`, wakes on the outbox trigger's NOTIFY, settles after acks; in
 //!   sequence-key mode one leader (session advisory lock) assigns sequences at claim time.
+//! - [`PgChangeFeed`] is the WAL relay's [`exactly_core::ChangeFeed`]: a pgoutput slot over the
+//!   outbox table and `pg_logical_emit_message` events, with heartbeat and SENT sweeper.
 //! - [`PgEffects`] is a consumer's [`exactly_core::EffectStore`]: the dedupe record and the
 //!   [`PgHandler`]'s writes commit in one transaction; parked messages keep their bytes.
 
@@ -13,8 +15,10 @@ mod effects;
 mod error;
 pub mod migrations;
 mod outbox;
+pub mod wal;
 
 pub use db::connect;
 pub use effects::{PgEffects, PgHandler};
 pub use error::PgError;
-pub use outbox::{enqueue, outbox_stats, PgOutbox};
+pub use outbox::{emit_event, enqueue, enqueue_deleted, outbox_stats, PgOutbox};
+pub use wal::{PgChangeFeed, WalConfig};

@@ -24,9 +24,10 @@ use crate::error::PgError;
 pub const NOTIFY_CHANNEL: &str = "exactly_outbox";
 
 /// Ordered migrations; never edit one that has shipped, add a new one.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE outbox (
     id              BIGSERIAL PRIMARY KEY,
     event_id        UUID UNIQUE,
@@ -96,7 +97,23 @@ CREATE TABLE exactly_parked (
     UNIQUE (consumer, topic, partition, "offset")
 );
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+ALTER TABLE exactly_watermarks ADD COLUMN source_epoch BIGINT NOT NULL DEFAULT 0;
+
+-- Outbox events the WAL relay can never publish, kept before the slot moves past them.
+CREATE TABLE exactly_relay_dead (
+    key_text    TEXT PRIMARY KEY,
+    outbox_id   BIGINT NOT NULL,
+    reason      TEXT NOT NULL,
+    raw         TEXT NOT NULL,
+    dead_at     TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+"#,
+    ),
+];
 
 /// Brings the schema up to date; safe to call from several processes at once.
 pub async fn migrate(client: &mut Client) -> Result<(), PgError> {

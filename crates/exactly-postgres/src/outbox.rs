@@ -41,6 +41,38 @@ pub async fn enqueue<C: GenericClient>(client: &C, topic: &str, event: &Envelope
     Ok(row.get(0))
 }
 
+/// Inserts the event and deletes it again in the caller's transaction (Debezium's
+/// remove-after-insert): the WAL relay reads the insert from the log, and the table never grows.
+/// Only the WAL relay sees such events.
+pub async fn enqueue_deleted<C: GenericClient>(
+    client: &C,
+    topic: &str,
+    event: &Envelope,
+) -> Result<i64, PgError> {
+    let id = enqueue(client, topic, event).await?;
+    client
+        .execute("DELETE FROM outbox WHERE id = $1", &[&id])
+        .await
+        .map_err(PgError::at("delete outbox row after insert"))?;
+    Ok(id)
+}
+
+/// Writes the event to the WAL only, with `pg_logical_emit_message(true, 'exactly', …)`, in the
+/// caller's transaction: no table at all. Only the WAL relay sees such events.
+pub async fn emit_event<C: GenericClient>(client: &C, topic: &str, event: &Envelope) -> Result<(), PgError> {
+    client
+        .execute(
+            "SELECT pg_logical_emit_message(true, $1, $2::text)",
+            &[
+                &exactly_core::wal::MESSAGE_PREFIX,
+                &exactly_core::wal::encode_message_event(topic, event),
+            ],
+        )
+        .await
+        .map_err(PgError::at("emit outbox message"))?;
+    Ok(())
+}
+
 /// The relay's handle on a PostgreSQL outbox.
 pub struct PgOutbox {
     client: Mutex<Client>,

@@ -3,10 +3,11 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use exactly_core::dedupe::refusal_detail;
 use exactly_core::record::raw_headers_to_json;
 use exactly_core::{
-    ApplyOutcome, Delivery, EffectStore, HandlerError, IdempotencyKey, Inbound, ParkedMessage, StoreError,
-    UnixMillis,
+    ApplyOutcome, Delivery, EffectStore, EpochWatermark, HandlerError, IdempotencyKey, Inbound, ParkReason,
+    ParkedMessage, SequenceVerdict, StoreError, UnixMillis,
 };
 use rusqlite::{params, OptionalExtension, Transaction};
 
@@ -71,35 +72,66 @@ impl<H: SqliteHandler> SqliteEffects<H> {
     }
 }
 
-/// Records `key` for `consumer`: true if new. Sequence keys compare with the watermark of their
-/// source, topic and partition; others go into the key set.
+/// What recording a key found.
+pub(crate) enum Recorded {
+    New,
+    Duplicate,
+    Refused(String),
+}
+
+/// Records `key` for `consumer`. Sequence keys are judged by the watermark of their source,
+/// topic and partition (with the source's epoch); others go into the key set.
 pub(crate) fn record_key(
     tx: &Transaction<'_>,
     consumer: &str,
     inbound: &InboundOwned,
-) -> Result<bool, SqliteError> {
+) -> Result<Recorded, SqliteError> {
     match &inbound.delivery.key {
         IdempotencyKey::Sequence { source, value } => {
-            let high: Option<String> = tx
+            let stored: Option<(String, i64)> = tx
                 .query_row(
-                    "SELECT high_key FROM exactly_watermarks WHERE consumer = ?1 AND source = ?2 AND topic = ?3 AND partition = ?4",
+                    "SELECT high_key, source_epoch FROM exactly_watermarks WHERE consumer = ?1 AND source = ?2 AND topic = ?3 AND partition = ?4",
                     params![consumer, source, inbound.topic, inbound.partition],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()
                 .map_err(SqliteError::at("read watermark"))?;
-            let value_text = format!("{value:032x}");
-            if high.is_some_and(|h| value_text <= h) {
-                return Ok(false);
+            let mut watermark =
+                match stored {
+                    None => EpochWatermark::default(),
+                    Some((high, epoch)) => EpochWatermark::at(
+                        Some(u128::from_str_radix(&high, 16).map_err(|e| {
+                            SqliteError::Runtime(format!("watermark {high:?} is not hex: {e}"))
+                        })?),
+                        epoch.max(0) as u64,
+                    ),
+                };
+            match watermark.observe(*value, inbound.delivery.source_epoch) {
+                SequenceVerdict::New => {}
+                SequenceVerdict::Duplicate => return Ok(Recorded::Duplicate),
+                refused => {
+                    let delivery = &inbound.delivery;
+                    let detail = refusal_detail(&delivery.key, delivery.source_epoch, refused);
+                    return Ok(Recorded::Refused(detail));
+                }
             }
             tx.execute(
-                "INSERT INTO exactly_watermarks (consumer, source, topic, partition, high_key, next_offset)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT (consumer, source, topic, partition) DO UPDATE SET high_key = excluded.high_key, next_offset = excluded.next_offset",
-                params![consumer, source, inbound.topic, inbound.partition, value_text, inbound.offset + 1],
+                "INSERT INTO exactly_watermarks (consumer, source, topic, partition, high_key, next_offset, source_epoch)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (consumer, source, topic, partition) DO UPDATE SET high_key = excluded.high_key,
+                    next_offset = excluded.next_offset, source_epoch = excluded.source_epoch",
+                params![
+                    consumer,
+                    source,
+                    inbound.topic,
+                    inbound.partition,
+                    format!("{value:032x}"),
+                    inbound.offset + 1,
+                    watermark.epoch() as i64
+                ],
             )
             .map_err(SqliteError::at("advance watermark"))?;
-            Ok(true)
+            Ok(Recorded::New)
         }
         key => {
             let inserted = tx
@@ -117,7 +149,11 @@ pub(crate) fn record_key(
                     ],
                 )
                 .map_err(SqliteError::at("record key"))?;
-            Ok(inserted == 1)
+            Ok(if inserted == 1 {
+                Recorded::New
+            } else {
+                Recorded::Duplicate
+            })
         }
     }
 }
@@ -146,8 +182,12 @@ impl<H: SqliteHandler> EffectStore for SqliteEffects<H> {
                 let tx = conn
                     .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                     .map_err(SqliteError::at("begin apply"))?;
-                if !record_key(&tx, &consumer, &owned)? {
-                    return Ok(ApplyOutcome::Duplicate);
+                match record_key(&tx, &consumer, &owned)? {
+                    Recorded::New => {}
+                    Recorded::Duplicate => return Ok(ApplyOutcome::Duplicate),
+                    Recorded::Refused(detail) => {
+                        return Ok(ApplyOutcome::Refused(ParkReason::SourceRegressed, detail))
+                    }
                 }
                 match handler.handle(&tx, &owned.delivery) {
                     Ok(()) => {
@@ -160,6 +200,22 @@ impl<H: SqliteHandler> EffectStore for SqliteEffects<H> {
             })
             .await?;
         Ok(outcome)
+    }
+
+    async fn resume_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+        let (consumer, topic) = (self.consumer.clone(), topic.to_owned());
+        let offset = self
+            .db
+            .run(move |conn| {
+                conn.query_row(
+                    "SELECT max(next_offset) FROM exactly_watermarks WHERE consumer = ?1 AND topic = ?2 AND partition = ?3",
+                    params![&*consumer, topic, partition],
+                    |r| r.get::<_, Option<i64>>(0),
+                )
+                .map_err(SqliteError::at("read resume offset"))
+            })
+            .await?;
+        Ok(offset)
     }
 
     async fn park(&self, message: &ParkedMessage) -> Result<(), StoreError> {

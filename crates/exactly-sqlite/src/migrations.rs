@@ -18,9 +18,10 @@ use rusqlite::Connection;
 use crate::error::SqliteError;
 
 /// Ordered migrations; never edit one that has shipped, add a new one.
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE outbox (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
     event_id        TEXT UNIQUE,
@@ -82,7 +83,12 @@ CREATE TABLE exactly_parked (
     UNIQUE (consumer, topic, partition, "offset")
 );
 "#,
-)];
+    ),
+    (
+        2,
+        "ALTER TABLE exactly_watermarks ADD COLUMN source_epoch INTEGER NOT NULL DEFAULT 0;",
+    ),
+];
 
 /// Brings the schema up to date; safe to call from several processes at once.
 pub fn migrate(conn: &mut Connection) -> Result<(), SqliteError> {

@@ -1,0 +1,579 @@
+//! The change feed of the WAL relay: a pgoutput logical replication stream over the outbox
+//! table (and `pg_logical_emit_message` events), with a heartbeat that keeps the slot moving on
+//! an idle database, a sweeper that marks published rows SENT, and a table for events that can
+//! never be published.
+
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use exactly_core::wal::{decode_message_event, BinaryOutboxColumns, HEARTBEAT_PREFIX, MESSAGE_PREFIX};
+use exactly_core::{ChangeFeed, DeadEvent, FeedItem, RowDefect, StoreError, UnixMillis};
+use pg_walstream::{
+    CancellationToken, ChangeEvent, ColumnValue, EventType, LogicalReplicationStream,
+    ReplicationStreamConfig, RetryConfig, RowData, SharedLsnFeedback, StreamingMode,
+};
+use tokio::sync::mpsc;
+use tokio_postgres::Client;
+
+use crate::db::connect;
+use crate::error::{replication, PgError};
+use crate::migrations::migrate;
+
+/// How the WAL relay's feed runs.
+#[derive(Debug, Clone)]
+pub struct WalConfig {
+    /// A normal connection URL; the replication connection adds `replication=database`.
+    pub url: String,
+    /// The logical replication slot (created when absent).
+    pub slot: String,
+    /// The publication on the outbox table (created when absent).
+    pub publication: String,
+    /// Emit a heartbeat when nothing of the relay's own arrived for this long.
+    pub heartbeat_interval: Duration,
+    /// Mark published rows SENT (outbox rows kept); off when writers delete their rows in the
+    /// inserting transaction or use table-less messages.
+    pub mark_sent: bool,
+}
+
+impl WalConfig {
+    /// Defaults: slot `exactly_<database>`, publication `exactly_outbox`, heartbeat 10 s.
+    pub fn new(url: &str) -> Self {
+        WalConfig {
+            url: url.to_owned(),
+            slot: default_slot_name(url),
+            publication: "exactly_outbox".to_owned(),
+            heartbeat_interval: Duration::from_secs(10),
+            mark_sent: true,
+        }
+    }
+}
+
+/// `exactly_<database>`: slots are cluster-wide, so the name carries the database.
+pub fn default_slot_name(url: &str) -> String {
+    let database = url
+        .rsplit('/')
+        .next()
+        .and_then(|tail| tail.split('?').next())
+        .filter(|d| !d.is_empty() && !d.contains('@'))
+        .unwrap_or("postgres");
+    let clean: String = database
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("exactly_{clean}")
+}
+
+/// A slot's position as the server sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SlotStats {
+    /// WAL the slot keeps from being recycled (current position − restart_lsn).
+    pub retained_bytes: i64,
+    /// WAL written but not yet confirmed (current position − confirmed_flush_lsn).
+    pub lag_bytes: i64,
+    /// The slot's confirmed_flush_lsn.
+    pub confirmed_flush: u64,
+    /// True while a relay streams from it.
+    pub active: bool,
+}
+
+/// Creates the publication and the slot when absent, so rows committed from now on are
+/// streamed. Run before writers start: rows committed before the slot existed are not in its
+/// stream (drain those with the polling relay). Returns how many rows are NEW at creation.
+pub async fn ensure_slot(config: &WalConfig) -> Result<i64, PgError> {
+    let mut client = connect(&config.url).await?;
+    migrate(&mut client).await?;
+    ensure_publication(&client, &config.publication).await?;
+    let exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&config.slot],
+        )
+        .await
+        .map_err(PgError::at("look up slot"))?
+        .is_some();
+    if !exists {
+        let created = client
+            .execute(
+                "SELECT pg_create_logical_replication_slot($1, 'pgoutput')",
+                &[&config.slot],
+            )
+            .await;
+        // Two relays starting at once: the loser finds the slot made.
+        if let Err(e) = created {
+            if e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) {
+                return Err(PgError::at("create slot")(e));
+            }
+        }
+    }
+    let backlog: i64 = client
+        .query_one("SELECT count(*) FROM outbox WHERE status = 'NEW'", &[])
+        .await
+        .map_err(PgError::at("count NEW rows"))?
+        .get(0);
+    Ok(backlog)
+}
+
+async fn ensure_publication(client: &Client, publication: &str) -> Result<(), PgError> {
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&publication])
+        .await
+        .map_err(PgError::at("look up publication"))?
+        .is_some();
+    if !exists {
+        let sql = format!("CREATE PUBLICATION {} FOR TABLE outbox", quote_ident(publication));
+        if let Err(e) = client.batch_execute(&sql).await {
+            if e.code() != Some(&tokio_postgres::error::SqlState::DUPLICATE_OBJECT) {
+                return Err(PgError::at("create publication")(e));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Drops the slot (tests and demo clean-up); waits up to 10 s for a streaming relay to let go.
+pub async fn drop_slot(url: &str, slot: &str) -> Result<(), PgError> {
+    let client = connect(url).await?;
+    let mut last_error = None;
+    for _ in 0..50 {
+        let left = client
+            .query_opt(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                &[&slot],
+            )
+            .await
+            .map_err(PgError::at("look up slot"))?;
+        match left {
+            None => return Ok(()),
+            Some(row) if !row.get::<_, bool>(0) => {
+                // The walsender may still be exiting; a failed drop is retried.
+                match client
+                    .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+                    .await
+                {
+                    Ok(_) => return Ok(()),
+                    Err(e) => last_error = Some(e),
+                }
+            }
+            Some(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    match last_error {
+        Some(e) => Err(PgError::at("drop slot")(e)),
+        None => Ok(()),
+    }
+}
+
+/// The slot's retained WAL and lag.
+pub async fn slot_stats(client: &Client, slot: &str) -> Result<Option<SlotStats>, PgError> {
+    let row = client
+        .query_opt(
+            "SELECT (pg_current_wal_lsn() - restart_lsn)::bigint,
+                    (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint,
+                    (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint,
+                    active
+             FROM pg_replication_slots WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .map_err(PgError::at("read slot stats"))?;
+    Ok(row.map(|r| SlotStats {
+        retained_bytes: r.get::<_, Option<i64>>(0).unwrap_or(0),
+        lag_bytes: r.get::<_, Option<i64>>(1).unwrap_or(0),
+        confirmed_flush: r.get::<_, Option<i64>>(2).unwrap_or(0).max(0) as u64,
+        active: r.get(3),
+    }))
+}
+
+/// A running replication stream: its reader task and the feedback it reports.
+struct Stream {
+    items: mpsc::Receiver<Result<FeedItem, PgError>>,
+    feedback: Arc<SharedLsnFeedback>,
+    cancel: CancellationToken,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+/// [`ChangeFeed`] over a pgoutput slot.
+pub struct PgChangeFeed {
+    config: WalConfig,
+    client: Arc<Client>,
+    source: String,
+    timeline: u64,
+    stream: Option<Stream>,
+    last_own_commit_ms: Arc<AtomicI64>,
+    sweeper: Option<mpsc::UnboundedSender<Vec<i64>>>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl PgChangeFeed {
+    /// Connects, creates publication and slot when absent, and starts streaming from the slot's
+    /// confirmed position. Fails while another relay streams from the slot.
+    pub async fn connect(config: WalConfig) -> Result<Self, PgError> {
+        let backlog = ensure_slot(&config).await?;
+        let client = Arc::new(connect(&config.url).await?);
+        let system_id: String = client
+            .query_one("SELECT system_identifier::text FROM pg_control_system()", &[])
+            .await
+            .map_err(PgError::at("read system identifier"))?
+            .get(0);
+        let timeline: i32 = client
+            .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
+            .await
+            .map_err(PgError::at("read timeline"))?
+            .get(0);
+        if backlog > 0 && config.mark_sent {
+            tracing::info!(
+                "{backlog} outbox rows are NEW; rows committed before slot {} existed are not in its stream",
+                config.slot
+            );
+        }
+        let last_own_commit_ms = Arc::new(AtomicI64::new(now_ms()));
+        let mut feed = PgChangeFeed {
+            source: format!("pg:{system_id}:{}", config.slot),
+            timeline: timeline.max(0) as u64,
+            client: client.clone(),
+            stream: None,
+            last_own_commit_ms: last_own_commit_ms.clone(),
+            sweeper: None,
+            background: Vec::new(),
+            config,
+        };
+        feed.stream = Some(feed.open_stream().await?);
+        feed.background.push(tokio::spawn(heartbeat(
+            client.clone(),
+            feed.config.heartbeat_interval,
+            last_own_commit_ms,
+        )));
+        if feed.config.mark_sent {
+            let (tx, rx) = mpsc::unbounded_channel();
+            feed.sweeper = Some(tx);
+            feed.background.push(tokio::spawn(sweep(client, rx)));
+        }
+        Ok(feed)
+    }
+
+    /// A plain connection to the same database (stats, tests).
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The slot name.
+    pub fn slot(&self) -> &str {
+        &self.config.slot
+    }
+
+    async fn open_stream(&self) -> Result<Stream, PgError> {
+        let stream_config = ReplicationStreamConfig::builder(&self.config.slot, &self.config.publication)
+            .with_protocol_version(1)
+            .with_streaming_mode(StreamingMode::Off)
+            .with_messages(true)
+            .with_binary(true)
+            .with_feedback_interval(Duration::from_secs(1))
+            .with_connection_timeout(Duration::from_secs(10))
+            .with_health_check_interval(Duration::from_secs(30))
+            .with_retry_config(RetryConfig::default());
+        let url = replication_url(&self.config.url);
+        // The previous walsender may take a moment to release the slot after a restart.
+        let mut attempt = 0;
+        let mut stream = loop {
+            let started = async {
+                let mut s = LogicalReplicationStream::new(&url, stream_config.clone())
+                    .await
+                    .map_err(replication("connect for replication"))?;
+                s.start(None).await.map_err(replication("start replication"))?;
+                Ok::<_, PgError>(s)
+            }
+            .await;
+            match started {
+                Ok(s) => break s,
+                Err(e) if attempt < 5 && e.to_string().contains("is active") => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(400 * attempt)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let feedback = stream.shared_lsn_feedback.clone();
+        let cancel = CancellationToken::new();
+        let (tx, items) = mpsc::channel(8192);
+        let token = cancel.clone();
+        let own = self.last_own_commit_ms.clone();
+        let reader = tokio::spawn(async move {
+            let mut sent_flush = 0u64;
+            let mut in_heartbeat_only_txn = true;
+            loop {
+                let event = match stream.next_event(&token).await {
+                    Ok(e) => e,
+                    Err(pg_walstream::ReplicationError::Cancelled(_)) => break,
+                    Err(e) => {
+                        let _ = tx.send(Err(replication("read replication stream")(e))).await;
+                        break;
+                    }
+                };
+                let item = to_feed_item(event);
+                match &item {
+                    FeedItem::Begin { .. } => in_heartbeat_only_txn = true,
+                    FeedItem::Event(_) | FeedItem::Unreadable { .. } => in_heartbeat_only_txn = false,
+                    FeedItem::Commit { .. } if !in_heartbeat_only_txn => {
+                        own.store(now_ms(), Ordering::Relaxed)
+                    }
+                    _ => {}
+                }
+                if tx.send(Ok(item)).await.is_err() {
+                    break;
+                }
+                // Report confirmations promptly instead of only every 128 frames.
+                let flushed = stream.shared_lsn_feedback.get_flushed_lsn();
+                if flushed > sent_flush {
+                    sent_flush = flushed;
+                    if let Err(e) = stream.send_feedback().await {
+                        tracing::debug!("standby status update failed: {e}");
+                    }
+                }
+            }
+            let _ = stream.stop().await;
+        });
+        Ok(Stream {
+            items,
+            feedback,
+            cancel,
+            reader,
+        })
+    }
+
+    async fn stop_stream(&mut self) {
+        if let Some(stream) = self.stream.take() {
+            stream.cancel.cancel();
+            drop(stream.items);
+            let _ = tokio::time::timeout(Duration::from_secs(5), stream.reader).await;
+        }
+    }
+}
+
+impl Drop for PgChangeFeed {
+    fn drop(&mut self) {
+        if let Some(stream) = &self.stream {
+            stream.cancel.cancel();
+        }
+        for task in &self.background {
+            task.abort();
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn replication_url(url: &str) -> String {
+    let separator = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{separator}replication=database")
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn column<'a>(data: &'a RowData, name: &str) -> Option<&'a [u8]> {
+    match data.get(name)? {
+        ColumnValue::Null => None,
+        ColumnValue::Text(b) | ColumnValue::Binary(b) => Some(b.as_ref()),
+    }
+}
+
+fn to_feed_item(event: ChangeEvent) -> FeedItem {
+    match event.event_type {
+        EventType::Begin {
+            final_lsn,
+            commit_timestamp,
+            ..
+        } => FeedItem::Begin {
+            commit_position: final_lsn.value(),
+            committed_at: UnixMillis(commit_timestamp.timestamp_millis()),
+        },
+        EventType::Commit { end_lsn, .. } => FeedItem::Commit {
+            end_position: end_lsn.value(),
+        },
+        EventType::Insert { table, data, .. } if &*table == "outbox" => {
+            let columns = BinaryOutboxColumns {
+                id: column(&data, "id"),
+                event_id: column(&data, "event_id"),
+                event_type: column(&data, "event_type"),
+                aggregate_type: column(&data, "aggregate_type"),
+                aggregate_id: column(&data, "aggregate_id"),
+                topic: column(&data, "topic"),
+                payload: column(&data, "payload"),
+                headers: column(&data, "headers"),
+                occurred_at: column(&data, "occurred_at"),
+                created_at: column(&data, "created_at"),
+            };
+            FeedItem::Event(columns.to_raw_row())
+        }
+        EventType::Insert { .. } => FeedItem::Ignored("insert into another table"),
+        EventType::Update { .. } => FeedItem::Ignored("update"),
+        EventType::Delete { .. } => FeedItem::Ignored("delete"),
+        EventType::Truncate { .. } => FeedItem::Ignored("truncate"),
+        EventType::Message {
+            flags,
+            prefix,
+            content,
+            ..
+        } => match &*prefix {
+            MESSAGE_PREFIX if flags & 1 == 1 => match decode_message_event(&content) {
+                Ok(row) => FeedItem::Event(row),
+                Err(defect) => FeedItem::Unreadable {
+                    defect,
+                    raw: String::from_utf8_lossy(&content).into_owned(),
+                },
+            },
+            MESSAGE_PREFIX => FeedItem::Unreadable {
+                defect: RowDefect::BadMessage(
+                    "emitted with transactional = false; exactly messages must be transactional".into(),
+                ),
+                raw: String::from_utf8_lossy(&content).into_owned(),
+            },
+            HEARTBEAT_PREFIX => FeedItem::Ignored("heartbeat"),
+            _ => FeedItem::Ignored("message with another prefix"),
+        },
+        _ => FeedItem::Ignored("other"),
+    }
+}
+
+/// Emits a heartbeat message whenever no transaction of the relay's own committed for
+/// `interval`, so the slot's confirmed position (and retained WAL) follows the server even
+/// when only other tables change.
+async fn heartbeat(client: Arc<Client>, interval: Duration, last_own_commit_ms: Arc<AtomicI64>) {
+    let tick = (interval / 2).max(Duration::from_millis(50));
+    loop {
+        tokio::time::sleep(tick).await;
+        let idle_ms = now_ms() - last_own_commit_ms.load(Ordering::Relaxed);
+        if idle_ms < interval.as_millis() as i64 {
+            continue;
+        }
+        match client
+            .execute(
+                "SELECT pg_logical_emit_message(true, $1, '')",
+                &[&HEARTBEAT_PREFIX],
+            )
+            .await
+        {
+            Ok(_) => {
+                last_own_commit_ms.store(now_ms(), Ordering::Relaxed);
+                metrics::counter!("exactly_wal_heartbeats_total").increment(1);
+            }
+            Err(e) => tracing::warn!("heartbeat failed: {e}"),
+        }
+    }
+}
+
+/// Marks published rows SENT in batches. Best effort: the rows are on the topic already, and a
+/// crash before the mark only leaves them NEW (the WAL relay never re-reads the table).
+async fn sweep(client: Arc<Client>, mut ids: mpsc::UnboundedReceiver<Vec<i64>>) {
+    while let Some(first) = ids.recv().await {
+        let mut batch = first;
+        while let Ok(more) = ids.try_recv() {
+            batch.extend(more);
+        }
+        for chunk in batch.chunks(10_000) {
+            if let Err(e) = client
+                .execute(
+                    "UPDATE outbox SET status = 'SENT', sent_at = clock_timestamp(), lease_owner = 'wal'
+                     WHERE id = ANY($1) AND status <> 'SENT'",
+                    &[&chunk],
+                )
+                .await
+            {
+                tracing::warn!("sweeper could not mark {} rows SENT: {e}", chunk.len());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+impl ChangeFeed for PgChangeFeed {
+    fn source(&self) -> (String, u64) {
+        (self.source.clone(), self.timeline)
+    }
+
+    async fn next(&mut self) -> Result<FeedItem, StoreError> {
+        let stream = self
+            .stream
+            .as_mut()
+            .ok_or_else(|| StoreError::new("wal feed", "stream stopped; restart it"))?;
+        match stream.items.recv().await {
+            Some(item) => Ok(item?),
+            None => Err(StoreError::new("wal feed", "replication stream ended")),
+        }
+    }
+
+    fn confirm(&mut self, end_position: u64) {
+        if let Some(stream) = &self.stream {
+            stream.feedback.update_flushed_lsn(end_position);
+            stream.feedback.update_applied_lsn(end_position);
+        }
+    }
+
+    async fn restart(&mut self) -> Result<(), StoreError> {
+        self.stop_stream().await;
+        self.stream = Some(self.open_stream().await?);
+        Ok(())
+    }
+
+    async fn park(&self, dead: &DeadEvent) -> Result<(), StoreError> {
+        self.client
+            .execute(
+                "INSERT INTO exactly_relay_dead (key_text, outbox_id, reason, raw) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (key_text) DO NOTHING",
+                &[&dead.key_text, &dead.outbox_id, &dead.reason, &dead.raw],
+            )
+            .await
+            .map_err(PgError::at("record dead event"))?;
+        if dead.outbox_id > 0 && self.config.mark_sent {
+            self.client
+                .execute(
+                    "UPDATE outbox SET status = 'DEAD', last_error = $2 WHERE id = $1",
+                    &[&dead.outbox_id, &dead.reason],
+                )
+                .await
+                .map_err(PgError::at("mark outbox row DEAD"))?;
+        }
+        Ok(())
+    }
+
+    fn mark_sent(&self, ids: Vec<i64>) {
+        if let Some(sweeper) = &self.sweeper {
+            let _ = sweeper.send(ids);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_names_carry_the_database() {
+        assert_eq!(
+            default_slot_name("postgres://postgres@127.0.0.1:5432/Test-1?sslmode=disable"),
+            "exactly_test_1"
+        );
+        assert_eq!(
+            default_slot_name("postgres://postgres@127.0.0.1:5432"),
+            "exactly_postgres"
+        );
+        assert_eq!(
+            replication_url("postgres://h/db"),
+            "postgres://h/db?replication=database"
+        );
+    }
+}
