@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use exactly_core::{EffectStore, OutboxStore};
 use exactly_kafka::{
     ConsumerConfig, ConsumerCounters, FaultPoint, Faults, IdempotentConsumer, KafkaFlowError, Relay,
-    RelayConfig, RelayCounters,
+    RelayConfig, RelayCounters, WalRelay, WalRelayConfig, WalRelayCounters,
 };
 use exactly_postgres::{PgEffects, PgOutbox};
 use exactly_sqlite::{SqliteEffects, SqliteOutbox};
@@ -25,6 +25,7 @@ use crate::backend::{
 };
 use crate::broker::start_local_broker;
 use crate::story::{StoryConsumer, Topics, CONSUMER_SCHEMA, SERVICE_SCHEMA};
+use exactly_postgres::{PgChangeFeed, WalConfig};
 
 /// Demo settings (see `exactly demo --help`).
 #[derive(Debug, Clone)]
@@ -39,6 +40,8 @@ pub struct DemoOptions {
     pub seed: u64,
     pub timeout: Duration,
     pub quiet: bool,
+    /// Follow PostgreSQL logical replication instead of polling the outbox.
+    pub wal: bool,
 }
 
 /// Crash budgets, shared by the restarts of each role.
@@ -54,6 +57,7 @@ struct Live {
     committed_coupons: AtomicU64,
     rolled_back: Mutex<Vec<String>>,
     relay: Arc<RelayCounters>,
+    wal: Arc<WalRelayCounters>,
     consumers: Vec<(StoryConsumer, Arc<ConsumerCounters>)>,
     relay_crashes: AtomicU64,
     consumer_crashes: AtomicU64,
@@ -151,6 +155,18 @@ pub async fn run_demo(options: DemoOptions) -> Result<DemoReport> {
             format!("creating topics on {brokers} (is the broker running? scripts/setup starts one)")
         })?;
     let backend = prepare_backend(&options, run_id).await?;
+    let wal_slot = match (&backend, options.wal) {
+        (Backend::Postgres { url }, true) => {
+            // The slot must exist before the first business commit, or it would miss it.
+            let config = WalConfig::new(url);
+            exactly_postgres::wal::ensure_slot(&config).await?;
+            Some((url.clone(), config.slot))
+        }
+        (Backend::Sqlite { .. }, true) => {
+            anyhow::bail!("--relay wal follows PostgreSQL logical replication: add --database postgres://…")
+        }
+        _ => None,
+    };
     if !options.quiet {
         match &backend {
             Backend::Sqlite { dir } => eprintln!("demo: SQLite files in {}, broker {brokers}", dir.display()),
@@ -181,7 +197,14 @@ pub async fn run_demo(options: DemoOptions) -> Result<DemoReport> {
             wake.clone(),
         );
         let seed = options.seed ^ (index as u64 + 1);
-        tasks.spawn(async move { supervise_relay(backend, brokers, live, budget, stop, wake, seed).await });
+        if options.wal {
+            // Every WAL relay tries the one slot: the first streams, the others wait as standbys.
+            tasks.spawn(async move { supervise_wal_relay(backend, brokers, live, budget, stop, seed).await });
+        } else {
+            tasks.spawn(
+                async move { supervise_relay(backend, brokers, live, budget, stop, wake, seed).await },
+            );
+        }
     }
     for (consumer, counters) in live.consumers.clone() {
         let (backend, brokers, live, budget, stop, topics) = (
@@ -252,6 +275,10 @@ pub async fn run_demo(options: DemoOptions) -> Result<DemoReport> {
         }
     }
 
+    if let Some((url, slot)) = wal_slot {
+        // A slot left behind would keep WAL from being recycled for good.
+        exactly_postgres::wal::drop_slot(&url, &slot).await?;
+    }
     let observed = match &backend {
         Backend::Sqlite { dir } => {
             let dir = dir.clone();
@@ -271,7 +298,7 @@ fn reconcile(observed: &Observed, live: &Live, seconds: f64) -> DemoReport {
     let mut report = DemoReport {
         committed: observed.committed.len() as u64,
         rolled_back: rolled_back.len() as u64,
-        published: live.relay.published.load(Ordering::Relaxed),
+        published: live.relay.published.load(Ordering::Relaxed) + live.wal.acked.load(Ordering::Relaxed),
         unsent_rows: observed.unsent,
         state_mismatches: observed.state_mismatches.clone(),
         relay_crashes: live.relay_crashes.load(Ordering::Relaxed),
@@ -497,6 +524,55 @@ async fn supervise_relay(
             }
             Err(e) => {
                 tracing::warn!("relay failed, restarting: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn supervise_wal_relay(
+    backend: Backend,
+    brokers: String,
+    live: Arc<Live>,
+    budget: Arc<FaultBudget>,
+    stop: watch::Receiver<bool>,
+    seed: u64,
+) -> Result<()> {
+    let Backend::Postgres { url } = backend else {
+        anyhow::bail!("the WAL relay needs PostgreSQL");
+    };
+    let mut generation = 0u64;
+    while !*stop.borrow() {
+        generation += 1;
+        let mut feed_config = WalConfig::new(&url);
+        feed_config.heartbeat_interval = Duration::from_secs(1);
+        let feed = match PgChangeFeed::connect(feed_config).await {
+            Ok(feed) => feed,
+            Err(e) => {
+                // Another relay holds the slot: stand by and try again.
+                tracing::debug!("wal relay standing by: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+        };
+        let faults = relay_faults(budget.clone(), seed ^ generation);
+        let relay = WalRelay::new(feed, WalRelayConfig::new(&brokers));
+        let result = match relay {
+            Ok(relay) => {
+                // Dropped unflushed on a crash, as a killed process would be.
+                let mut relay = relay.with_faults(faults).with_counters(live.wal.clone());
+                relay.run(stop.clone()).await
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(()) => break,
+            Err(KafkaFlowError::InjectedCrash(_)) => {
+                live.relay_crashes.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                tracing::warn!("wal relay failed, restarting: {e}");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }

@@ -4,6 +4,7 @@
 #![allow(unreachable_pub)]
 
 mod backend;
+mod bench;
 mod broker;
 mod commands;
 mod demo;
@@ -59,6 +60,27 @@ enum Keys {
 }
 
 #[derive(Subcommand)]
+enum BenchKind {
+    /// WAL relay catch-up vs raw librdkafka produce of the same records, and the polling relay.
+    Relay {
+        /// The PostgreSQL server (a fresh database is created on it).
+        #[arg(
+            long,
+            env = "EXACTLY_PG_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+        )]
+        database: String,
+        /// Use this broker instead of starting one.
+        #[arg(long, env = "EXACTLY_BENCH_BROKERS")]
+        brokers: Option<String>,
+        #[arg(long, default_value_t = 200_000)]
+        events: u64,
+        #[arg(long, default_value_t = 200)]
+        payload_bytes: usize,
+    },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the order-service story end to end with faults, and reconcile.
     Demo {
@@ -92,6 +114,9 @@ enum Command {
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
+        /// Which relay moves the events (wal needs --database postgres://…).
+        #[arg(long, value_enum, default_value = "poll")]
+        relay: RelayMode,
     },
     /// Publish outbox rows to Kafka.
     Relay {
@@ -162,6 +187,11 @@ enum Command {
         #[arg(long, hide = true)]
         kill_after_apply: Option<u64>,
     },
+    /// Benchmarks that print figures against a baseline measured in the same run.
+    Bench {
+        #[command(subcommand)]
+        what: BenchKind,
+    },
     /// Outbox rows by status, oldest unsent row, parked messages.
     Status {
         #[arg(long, env = "EXACTLY_DATABASE")]
@@ -207,6 +237,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             seed,
             timeout_secs,
             quiet,
+            relay,
         } => {
             let report = run_demo(DemoOptions {
                 events,
@@ -219,6 +250,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 seed,
                 timeout: Duration::from_secs(timeout_secs),
                 quiet,
+                wal: matches!(relay, RelayMode::Wal),
             })
             .await?;
             report.print();
@@ -307,6 +339,24 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 handler,
                 metrics: (!no_metrics).then_some(metrics_addr),
                 kill_after_apply,
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            what:
+                BenchKind::Relay {
+                    database,
+                    brokers,
+                    events,
+                    payload_bytes,
+                },
+        } => {
+            bench::relay_bench(bench::RelayBench {
+                database,
+                brokers,
+                events,
+                payload_bytes,
             })
             .await?;
             Ok(ExitCode::SUCCESS)

@@ -160,6 +160,7 @@ pub fn decode_message_event(content: &[u8]) -> Result<RawRow, RowDefect> {
 #[derive(Debug, Default)]
 pub struct CommitTracker {
     open: Option<TxnId>,
+    outstanding: u64,
     pending: VecDeque<PendingTxn>,
     first_id: u64,
     next_id: u64,
@@ -222,6 +223,7 @@ impl CommitTracker {
         let txn = self.get_mut(id)?;
         txn.outstanding += 1;
         txn.events += 1;
+        self.outstanding += 1;
         Ok(id)
     }
 
@@ -246,6 +248,7 @@ impl CommitTracker {
             .outstanding
             .checked_sub(1)
             .ok_or(TrackerError("more acks than records"))?;
+        self.outstanding -= 1;
         Ok(())
     }
 
@@ -273,7 +276,7 @@ impl CommitTracker {
 
     /// Records handed to the producer and not yet acknowledged.
     pub fn outstanding(&self) -> u64 {
-        self.pending.iter().map(|t| t.outstanding).sum()
+        self.outstanding
     }
 
     /// Transactions not yet confirmable.
@@ -426,6 +429,7 @@ mod tests {
             }
             prop_assert_eq!(confirmed_end, sizes.len() as u64 * 100);
             prop_assert_eq!(tracker.pending_transactions(), 0);
+            prop_assert_eq!(tracker.outstanding(), 0);
         }
     }
 }

@@ -362,10 +362,11 @@ impl<F: ChangeFeed> WalRelay<F> {
                 let keys = KeyMode::Sequence {
                     source: self.source.clone(),
                 };
-                let raw = format!("{with_key:?}");
+                // Kept for the dead-event record only; validation consumes the row.
+                let kept = with_key.clone();
                 match with_key.into_record(&keys, self.config.max_payload_bytes) {
                     Ok(record) => return self.publish(record).await,
-                    Err(defect) => self.park(value, id, defect, raw).await?,
+                    Err(defect) => self.park(value, id, defect, format!("{kept:?}")).await?,
                 }
             }
             FeedItem::Unreadable { defect, raw } => {

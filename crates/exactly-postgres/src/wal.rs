@@ -307,6 +307,7 @@ impl PgChangeFeed {
         let own = self.last_own_commit_ms.clone();
         let reader = tokio::spawn(async move {
             let mut sent_flush = 0u64;
+            let mut last_feedback = std::time::Instant::now();
             let mut in_heartbeat_only_txn = true;
             loop {
                 let event = match stream.next_event(&token).await {
@@ -329,10 +330,12 @@ impl PgChangeFeed {
                 if tx.send(Ok(item)).await.is_err() {
                     break;
                 }
-                // Report confirmations promptly instead of only every 128 frames.
+                // Report confirmations promptly (the library alone reports every 128 frames at
+                // most once per feedback interval), but at most every 100 ms.
                 let flushed = stream.shared_lsn_feedback.get_flushed_lsn();
-                if flushed > sent_flush {
+                if flushed > sent_flush && last_feedback.elapsed() >= Duration::from_millis(100) {
                     sent_flush = flushed;
+                    last_feedback = std::time::Instant::now();
                     if let Err(e) = stream.send_feedback().await {
                         tracing::debug!("standby status update failed: {e}");
                     }
@@ -362,8 +365,10 @@ impl Drop for PgChangeFeed {
         if let Some(stream) = &self.stream {
             stream.cancel.cancel();
         }
-        for task in &self.background {
-            task.abort();
+        // The heartbeat stops with the feed; the sweeper finishes the ids it was given (its
+        // channel closes with the feed).
+        if let Some(heartbeat) = self.background.first() {
+            heartbeat.abort();
         }
     }
 }

@@ -1,0 +1,245 @@
+//! `exactly bench relay`: WAL relay catch-up against raw librdkafka produce of the same records
+//! to the same broker, measured in one run, and the polling relay on the same rows.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use exactly_core::{Envelope, IdempotencyKey, UnixMillis};
+use exactly_kafka::{Relay, RelayConfig, WalRelay, WalRelayConfig, WalRelayCounters};
+use exactly_postgres::{PgChangeFeed, PgOutbox, WalConfig};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+use tokio::sync::watch;
+
+use crate::broker::start_local_broker;
+use crate::demo::with_database;
+
+/// Settings of `exactly bench relay`.
+pub struct RelayBench {
+    pub database: String,
+    pub brokers: Option<String>,
+    pub events: u64,
+    pub payload_bytes: usize,
+}
+
+struct Figure {
+    name: &'static str,
+    events: u64,
+    seconds: f64,
+}
+
+impl Figure {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.seconds.max(1e-9)
+    }
+}
+
+pub async fn relay_bench(options: RelayBench) -> Result<()> {
+    let run_id = exactly_kafka::now().0;
+    let _local_broker;
+    let brokers = match &options.brokers {
+        Some(b) => b.clone(),
+        None => {
+            let broker = start_local_broker().await?;
+            let address = broker.address.clone();
+            _local_broker = broker;
+            address
+        }
+    };
+    let admin = exactly_postgres::connect(&options.database).await?;
+    let name = format!("exactly_bench_{run_id}");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .context("creating the bench database")?;
+    let url = with_database(&options.database, &name);
+    let mut wal_config = WalConfig::new(&url);
+    // Rows stay NEW after the WAL run, so the polling relay can publish the same rows next.
+    wal_config.mark_sent = false;
+    exactly_postgres::wal::ensure_slot(&wal_config).await?;
+    let client = exactly_postgres::connect(&url).await?;
+
+    let (raw_topic, wal_topic, poll_topic) = (
+        format!("bench-raw-{run_id}"),
+        format!("bench-wal-{run_id}"),
+        format!("bench-poll-{run_id}"),
+    );
+    exactly_kafka::ensure_topics(&brokers, &[&raw_topic, &wal_topic, &poll_topic], 3).await?;
+
+    eprintln!(
+        "bench: inserting {} outbox rows ({} B payloads) into {name}",
+        options.events, options.payload_bytes
+    );
+    let payload = format!(
+        "{{\"pad\":\"{}\"}}",
+        "x".repeat(options.payload_bytes.saturating_sub(10))
+    );
+    let per_txn = 100u64;
+    let mut inserted = 0u64;
+    while inserted < options.events {
+        let n = per_txn.min(options.events - inserted) as i64;
+        client
+            .execute(
+                "INSERT INTO outbox (event_id, event_type, aggregate_type, aggregate_id, topic, payload, occurred_at)
+                 SELECT gen_random_uuid(), 'Bench', 'thing', 'A-' || (g % 1000), $1, convert_to($2, 'UTF8'), now()
+                 FROM generate_series(1, $3::bigint) g",
+                &[&wal_topic, &payload, &n],
+            )
+            .await
+            .context("inserting bench rows")?;
+        inserted += n as u64;
+    }
+
+    // 1. Raw librdkafka: the same records (key, payload, headers), same settings.
+    let rows = client
+        .query(
+            "SELECT event_id::text, aggregate_id, payload, (extract(epoch from occurred_at) * 1000)::bigint FROM outbox ORDER BY id",
+            &[],
+        )
+        .await?;
+    let mut records = Vec::with_capacity(rows.len());
+    for (i, row) in rows.iter().enumerate() {
+        let event_id: String = row.get(0);
+        let envelope = Envelope {
+            event_id: uuid::Uuid::try_parse(&event_id)?,
+            event_type: "Bench".into(),
+            aggregate_type: "thing".into(),
+            aggregate_id: row.get(1),
+            occurred_at: UnixMillis(row.get(3)),
+            payload: row.get(2),
+            headers: vec![],
+        };
+        let key = IdempotencyKey::Sequence {
+            source: "pg:bench".into(),
+            value: i as u128,
+        };
+        records.push((envelope.to_headers(&key), envelope));
+    }
+    drop(rows);
+    eprintln!("bench: raw librdkafka produce");
+    let raw = produce_raw(&brokers, &raw_topic, &records)?;
+
+    // 2. The WAL relay catching up on the slot.
+    eprintln!("bench: WAL relay catch-up");
+    let feed = PgChangeFeed::connect(wal_config.clone()).await?;
+    let counters = Arc::new(WalRelayCounters::default());
+    let mut relay = WalRelay::new(feed, WalRelayConfig::new(&brokers))?.with_counters(counters.clone());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let started = Instant::now();
+    let running = tokio::spawn(async move {
+        let result = relay.run(stop_rx).await;
+        (relay, result)
+    });
+    while counters.events.load(Ordering::Relaxed) < options.events {
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("WAL relay did not catch up within 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let wal = Figure {
+        name: "WAL relay (catch-up, acked + confirmed)",
+        events: options.events,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    let _ = stop_tx.send(true);
+    let (relay, result) = running.await?;
+    result?;
+    drop(relay);
+    exactly_postgres::wal::drop_slot(&url, &wal_config.slot).await?;
+
+    // 3. The polling relay over the same rows (still NEW).
+    eprintln!("bench: polling relay");
+    client
+        .execute("UPDATE outbox SET topic = $1", &[&poll_topic])
+        .await?;
+    let mut config = RelayConfig::new(&brokers);
+    config.batch_size = 2_000;
+    let mut poll_relay = Relay::new(PgOutbox::connect(&url).await?, config)?;
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while sent < options.events {
+        let report = poll_relay.run_once().await?;
+        sent += report.sent as u64;
+        if report.claimed == 0 && started.elapsed() > Duration::from_secs(600) {
+            bail!("polling relay stalled at {sent}");
+        }
+    }
+    let poll = Figure {
+        name: "polling relay (claim, publish, mark SENT)",
+        events: sent,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+
+    println!();
+    println!(
+        "  {} events, {} B payloads, broker {brokers}, PostgreSQL {name}",
+        options.events, options.payload_bytes
+    );
+    for f in [&raw, &wal, &poll] {
+        println!(
+            "  {:<44} {:>9.0} events/s  ({:.2} s)  {:>5.2}x raw",
+            f.name,
+            f.rate(),
+            f.seconds,
+            f.rate() / raw.rate()
+        );
+    }
+    println!(
+        "\n  WAL relay goal: >= 50,000 events/s and >= 0.5x raw: {}",
+        if wal.rate() >= 50_000.0 && wal.rate() >= 0.5 * raw.rate() {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+    Ok(())
+}
+
+fn produce_raw(brokers: &str, topic: &str, records: &[(Vec<(String, Vec<u8>)>, Envelope)]) -> Result<Figure> {
+    let producer: ThreadedProducer<_> = exactly_kafka::producer_config(brokers, true)
+        .set("message.timeout.ms", "0")
+        .create()
+        .context("creating the raw producer")?;
+    let started = Instant::now();
+    for (headers, envelope) in records {
+        let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+        for (name, value) in headers {
+            owned = owned.insert(Header {
+                key: name,
+                value: Some(value),
+            });
+        }
+        let mut record = BaseRecord::to(topic)
+            .key(envelope.aggregate_id.as_bytes())
+            .payload(&envelope.payload)
+            .headers(owned)
+            .timestamp(envelope.occurred_at.0);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((e, returned)) => {
+                    if !matches!(
+                        e,
+                        rdkafka::error::KafkaError::MessageProduction(
+                            rdkafka::types::RDKafkaErrorCode::QueueFull
+                        )
+                    ) {
+                        bail!("raw produce failed: {e}");
+                    }
+                    record = returned;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+    producer
+        .flush(Duration::from_secs(300))
+        .context("flushing raw records")?;
+    Ok(Figure {
+        name: "raw librdkafka produce (same records)",
+        events: records.len() as u64,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
