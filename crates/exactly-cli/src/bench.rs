@@ -197,7 +197,10 @@ pub async fn relay_bench(options: RelayBench) -> Result<()> {
     Ok(())
 }
 
-fn produce_raw(brokers: &str, topic: &str, records: &[(Vec<(String, Vec<u8>)>, Envelope)]) -> Result<Figure> {
+/// A record as the relay would send it: its headers and its event.
+type PreparedRecord = (Vec<(String, Vec<u8>)>, Envelope);
+
+fn produce_raw(brokers: &str, topic: &str, records: &[PreparedRecord]) -> Result<Figure> {
     let producer: ThreadedProducer<_> = exactly_kafka::producer_config(brokers, true)
         .set("message.timeout.ms", "0")
         .create()
