@@ -203,7 +203,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("EXACTLY_LOG")
-                .unwrap_or_else(|_| "warn,rdkafka=error".into()),
+                .unwrap_or_else(|_| "warn,rdkafka=error,librdkafka=error,pg_walstream=error".into()),
         )
         .with_writer(std::io::stderr)
         .init();

@@ -53,3 +53,8 @@ fn demo_with_faults_is_exactly_once_on_sqlite() {
 fn demo_with_faults_is_exactly_once_on_postgres() {
     run_demo(&["--database", &pg_url(), "--seed", "11"]);
 }
+
+#[test]
+fn demo_on_the_wal_relay_with_faults_is_exactly_once() {
+    run_demo(&["--database", &pg_url(), "--relay", "wal", "--seed", "13"]);
+}

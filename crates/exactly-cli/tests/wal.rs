@@ -251,9 +251,10 @@ async fn wal_relay_killed_20_times_during_50k_events_loses_nothing() {
         .await
         .expect("topic");
 
+    let progress = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut writers = Vec::new();
     for w in 0..WRITERS {
-        let (url, topic) = (url.clone(), topic.clone());
+        let (url, topic, progress) = (url.clone(), topic.clone(), progress.clone());
         writers.push(tokio::spawn(async move {
             let mut client = exactly_postgres::connect(&url).await.expect("connect");
             let mut committed = Vec::new();
@@ -272,6 +273,7 @@ async fn wal_relay_killed_20_times_during_50k_events_loses_nothing() {
                     i += 1;
                 }
                 tx.commit().await.expect("commit");
+                progress.fetch_add(batch.len(), Ordering::Relaxed);
                 committed.extend(batch);
                 if i % 500 < 5 {
                     tokio::time::sleep(Duration::from_millis(40)).await;
@@ -283,11 +285,19 @@ async fn wal_relay_killed_20_times_during_50k_events_loses_nothing() {
 
     let mut rng = rand::rngs::StdRng::seed_from_u64(20);
     let mut relay = spawn_wal_relay(&url, &brokers, &[]);
+    let mut killed_at = Vec::new();
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(rng.random_range(150..900))).await;
         kill9(&mut relay);
+        killed_at.push(progress.load(Ordering::Relaxed));
         relay = spawn_wal_relay(&url, &brokers, &[]);
     }
+    let during = killed_at.iter().filter(|n| **n < WRITERS * PER_WRITER).count();
+    eprintln!("kills at committed counts {killed_at:?}");
+    assert!(
+        during >= 15,
+        "only {during} of 20 kills came while writers were committing"
+    );
     let mut committed = Vec::new();
     for w in writers {
         committed.extend(w.await.expect("writer"));
