@@ -243,6 +243,10 @@ pub trait EffectStore: Send + Sync {
         partition: i32,
     ) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
 
+    /// Forgets key-set entries recorded before `cutoff` (the retention window); returns how many.
+    /// Watermarks are never forgotten: they are constant space.
+    fn forget_keys_before(&self, cutoff: UnixMillis) -> impl Future<Output = Result<u64, StoreError>> + Send;
+
     /// Stores a parked message; parking the same (topic, partition, offset) twice keeps one row.
     fn park(&self, message: &ParkedMessage) -> impl Future<Output = Result<(), StoreError>> + Send;
 }

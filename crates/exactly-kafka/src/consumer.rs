@@ -36,6 +36,8 @@ pub struct ConsumerConfig {
     /// How often processed offsets are committed (they are safe to commit late: a redelivery
     /// is a dedupe hit).
     pub commit_interval: Duration,
+    /// How often key-set entries older than the retention are deleted.
+    pub prune_interval: Duration,
 }
 
 impl ConsumerConfig {
@@ -52,6 +54,7 @@ impl ConsumerConfig {
                 max_retries: 5,
             },
             commit_interval: Duration::from_millis(200),
+            prune_interval: Duration::from_secs(60),
         }
     }
 }
@@ -162,8 +165,13 @@ impl<S: EffectStore> IdempotentConsumer<S> {
     pub async fn run(&self, mut stop: watch::Receiver<bool>) -> Result<(), KafkaFlowError> {
         let mut pending: HashMap<(String, i32), i64> = HashMap::new();
         let mut last_commit = Instant::now();
+        let mut last_prune: Option<Instant> = None;
         loop {
             self.seek_unchecked().await?;
+            if last_prune.is_none_or(|at| at.elapsed() >= self.config.prune_interval) {
+                last_prune = Some(Instant::now());
+                self.prune().await;
+            }
             let message = tokio::select! {
                 m = self.consumer.recv() => m,
                 _ = stop.changed() => break,
@@ -204,6 +212,20 @@ impl<S: EffectStore> IdempotentConsumer<S> {
         }
         self.commit(&mut pending);
         Ok(())
+    }
+
+    /// Deletes key-set entries past the retention window. A failure is only logged: the entries
+    /// are deleted on a later round, and keeping a key longer never applies anything twice.
+    async fn prune(&self) {
+        let cutoff = now().plus_ms(-self.config.dedupe.retention_ms);
+        match self.store.forget_keys_before(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::debug!("forgot {n} keys older than the retention");
+                metrics::counter!("exactly_consumer_keys_pruned_total").increment(n);
+            }
+            Err(e) => tracing::warn!("pruning the key set failed (will retry): {e}"),
+        }
     }
 
     /// Newly assigned partitions with no record yet (for example a group offset at the end of

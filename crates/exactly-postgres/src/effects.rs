@@ -45,18 +45,6 @@ impl<H: PgHandler> PgEffects<H> {
             handler: Arc::new(handler),
         })
     }
-
-    /// Forgets key-set entries recorded before `cutoff` (the retention window); returns how many.
-    pub async fn prune(&self, cutoff: UnixMillis) -> Result<u64, PgError> {
-        let client = self.client.lock().await;
-        client
-            .execute(
-                "DELETE FROM exactly_processed WHERE consumer = $1 AND processed_at < to_timestamp($2::float8 / 1000)",
-                &[&self.consumer, &(cutoff.0 as f64)],
-            )
-            .await
-            .map_err(PgError::at("prune processed keys"))
-    }
 }
 
 /// What recording a key found.
@@ -171,6 +159,18 @@ impl<H: PgHandler> EffectStore for PgEffects<H> {
             // Dropping the transaction rolls back the key together with any partial effect.
             Err(e) => Ok(ApplyOutcome::Failed(e)),
         }
+    }
+
+    async fn forget_keys_before(&self, cutoff: UnixMillis) -> Result<u64, StoreError> {
+        let client = self.client.lock().await;
+        let forgotten = client
+            .execute(
+                "DELETE FROM exactly_processed WHERE consumer = $1 AND processed_at < to_timestamp($2::float8 / 1000)",
+                &[&self.consumer, &(cutoff.0 as f64)],
+            )
+            .await
+            .map_err(PgError::at("prune processed keys"))?;
+        Ok(forgotten)
     }
 
     async fn resume_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {

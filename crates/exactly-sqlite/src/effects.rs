@@ -56,20 +56,6 @@ impl<H: SqliteHandler> SqliteEffects<H> {
             handler: Arc::new(handler),
         })
     }
-
-    /// Forgets key-set entries recorded before `cutoff` (the retention window); returns how many.
-    pub async fn prune(&self, cutoff: UnixMillis) -> Result<usize, SqliteError> {
-        let consumer = self.consumer.clone();
-        self.db
-            .run(move |conn| {
-                conn.execute(
-                    "DELETE FROM exactly_processed WHERE consumer = ?1 AND processed_at < ?2",
-                    params![&*consumer, cutoff.0],
-                )
-                .map_err(SqliteError::at("prune processed keys"))
-            })
-            .await
-    }
 }
 
 /// What recording a key found.
@@ -202,6 +188,21 @@ impl<H: SqliteHandler> EffectStore for SqliteEffects<H> {
         Ok(outcome)
     }
 
+    async fn forget_keys_before(&self, cutoff: UnixMillis) -> Result<u64, StoreError> {
+        let consumer = self.consumer.clone();
+        let forgotten = self
+            .db
+            .run(move |conn| {
+                conn.execute(
+                    "DELETE FROM exactly_processed WHERE consumer = ?1 AND processed_at < ?2",
+                    params![&*consumer, cutoff.0],
+                )
+                .map_err(SqliteError::at("prune processed keys"))
+            })
+            .await?;
+        Ok(forgotten as u64)
+    }
+
     async fn resume_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
         let (consumer, topic) = (self.consumer.clone(), topic.to_owned());
         let offset = self
@@ -245,5 +246,65 @@ impl<H: SqliteHandler> EffectStore for SqliteEffects<H> {
             })
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use exactly_core::Envelope;
+
+    fn delivery(n: u128) -> Delivery {
+        let id = uuid::Uuid::from_u128(0x0123_4567_89ab_4def_8123_0000_0000_0000 | n);
+        Delivery {
+            key: IdempotencyKey::UuidV4(id),
+            envelope: Envelope {
+                event_id: id,
+                event_type: "T".into(),
+                aggregate_type: "thing".into(),
+                aggregate_id: "A".into(),
+                occurred_at: UnixMillis(0),
+                payload: b"{}".to_vec(),
+                headers: vec![],
+            },
+            source_epoch: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn keys_past_the_retention_are_forgotten_and_younger_ones_still_dedupe() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let noop = |_: &Transaction<'_>, _: &Delivery| Ok(());
+        let store = SqliteEffects::open(&dir.path().join("c.db"), "c", noop).expect("open");
+        let (old, young) = (delivery(1), delivery(2));
+        for (d, at, offset) in [(&old, 1_000, 0), (&young, 5_000, 1)] {
+            let inbound = Inbound {
+                topic: "t",
+                partition: 0,
+                offset,
+                delivery: d,
+                now: UnixMillis(at),
+            };
+            assert_eq!(store.apply(inbound).await.expect("apply"), ApplyOutcome::Applied);
+        }
+        assert_eq!(
+            store.forget_keys_before(UnixMillis(2_000)).await.expect("prune"),
+            1
+        );
+        let again = |d| Inbound {
+            topic: "t",
+            partition: 0,
+            offset: 2,
+            delivery: d,
+            now: UnixMillis(6_000),
+        };
+        assert_eq!(
+            store.apply(again(&young)).await.expect("apply"),
+            ApplyOutcome::Duplicate
+        );
+        assert_eq!(
+            store.apply(again(&old)).await.expect("apply"),
+            ApplyOutcome::Applied
+        );
     }
 }
