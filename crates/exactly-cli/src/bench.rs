@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use exactly_core::{Envelope, IdempotencyKey, UnixMillis};
-use exactly_kafka::{Relay, RelayConfig, WalRelay, WalRelayConfig, WalRelayCounters};
+use exactly_kafka::{ExactlyOnce, Relay, RelayConfig, WalRelay, WalRelayConfig, WalRelayCounters};
 use exactly_postgres::{PgChangeFeed, PgOutbox, WalConfig};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
@@ -59,6 +59,10 @@ pub async fn relay_bench(options: RelayBench) -> Result<()> {
     // Rows stay NEW after the WAL run, so the polling relay can publish the same rows next.
     wal_config.mark_sent = false;
     exactly_postgres::wal::ensure_slot(&wal_config).await?;
+    // A second slot sees the same commits, for the exactly-once relay's run.
+    let mut eos_config = wal_config.clone();
+    eos_config.slot = format!("{}_eos", wal_config.slot);
+    exactly_postgres::wal::ensure_slot(&eos_config).await?;
     let client = exactly_postgres::connect(&url).await?;
 
     let (raw_topic, wal_topic, poll_topic) = (
@@ -149,7 +153,38 @@ pub async fn relay_bench(options: RelayBench) -> Result<()> {
     drop(relay);
     exactly_postgres::wal::drop_slot(&url, &wal_config.slot).await?;
 
-    // 3. The polling relay over the same rows (still NEW).
+    // 3. The exactly-once WAL relay on the second slot: one Kafka transaction per 100 ms.
+    eprintln!("bench: exactly-once WAL relay catch-up");
+    let feed = PgChangeFeed::connect(eos_config.clone()).await?;
+    let eos_counters = Arc::new(WalRelayCounters::default());
+    let relay = WalRelay::new(feed, WalRelayConfig::new(&brokers))?.with_counters(eos_counters.clone());
+    let mut settings = ExactlyOnce::for_source(relay.source());
+    settings.progress_topic = format!("bench-progress-{run_id}");
+    let mut relay = relay.exactly_once(settings).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let started = Instant::now();
+    let running = tokio::spawn(async move {
+        let result = relay.run(stop_rx).await;
+        (relay, result)
+    });
+    while eos_counters.events.load(Ordering::Relaxed) < options.events {
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("exactly-once WAL relay did not catch up within 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let eos = Figure {
+        name: "exactly-once WAL relay (100 ms transactions)",
+        events: options.events,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    let _ = stop_tx.send(true);
+    let (relay, result) = running.await?;
+    result?;
+    drop(relay);
+    exactly_postgres::wal::drop_slot(&url, &eos_config.slot).await?;
+
+    // 4. The polling relay over the same rows (still NEW).
     eprintln!("bench: polling relay");
     client
         .execute("UPDATE outbox SET topic = $1", &[&poll_topic])
@@ -177,7 +212,7 @@ pub async fn relay_bench(options: RelayBench) -> Result<()> {
         "  {} events, {} B payloads, broker {brokers}, PostgreSQL {name}",
         options.events, options.payload_bytes
     );
-    for f in [&raw, &wal, &poll] {
+    for f in [&raw, &wal, &eos, &poll] {
         println!(
             "  {:<44} {:>9.0} events/s  ({:.2} s)  {:>5.2}x raw",
             f.name,
@@ -189,6 +224,15 @@ pub async fn relay_bench(options: RelayBench) -> Result<()> {
     println!(
         "\n  WAL relay goal: >= 50,000 events/s and >= 0.5x raw: {}",
         if wal.rate() >= 50_000.0 && wal.rate() >= 0.5 * raw.rate() {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+    println!(
+        "  exactly-once relay vs WAL relay: {:.2}x (goal >= 0.9x at 100 ms): {}",
+        eos.rate() / wal.rate(),
+        if eos.rate() >= 0.9 * wal.rate() {
             "met"
         } else {
             "NOT met"

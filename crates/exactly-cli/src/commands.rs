@@ -7,7 +7,8 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use exactly_core::{Delivery, EffectStore, HandlerError, KeyMode, OutboxStore};
 use exactly_kafka::{
-    ConsumerConfig, FaultPoint, Faults, IdempotentConsumer, Relay, RelayConfig, WalRelay, WalRelayConfig,
+    ConsumerConfig, ExactlyOnce, FaultPoint, Faults, IdempotentConsumer, Relay, RelayConfig, WalRelay,
+    WalRelayConfig,
 };
 use exactly_postgres::{PgChangeFeed, PgEffects, PgHandler, PgOutbox, WalConfig};
 use exactly_sqlite::{SqliteEffects, SqliteHandler, SqliteOutbox};
@@ -60,6 +61,28 @@ pub fn kill_at(point: FaultPoint, n: Option<u64>) -> Faults {
                 .args(["-9", &std::process::id().to_string()])
                 .status();
             std::thread::sleep(Duration::from_secs(5));
+        }
+        false
+    })
+}
+
+/// Like [`kill_at`], for several points at once.
+pub fn kill_at_points(points: Vec<(FaultPoint, Option<u64>)>) -> Faults {
+    let points: Vec<(FaultPoint, u64, std::sync::atomic::AtomicU64)> = points
+        .into_iter()
+        .filter_map(|(p, n)| n.map(|n| (p, n, std::sync::atomic::AtomicU64::new(0))))
+        .collect();
+    if points.is_empty() {
+        return Faults::none();
+    }
+    Faults::new(move |at| {
+        for (point, n, seen) in &points {
+            if *point == at && seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == *n {
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &std::process::id().to_string()])
+                    .status();
+                std::thread::sleep(Duration::from_secs(5));
+            }
         }
         false
     })
@@ -144,6 +167,17 @@ pub struct WalRelayArgs {
     pub mark_sent: bool,
     pub metrics: Option<SocketAddr>,
     pub kill_after_publish: Option<u64>,
+    pub exactly_once: Option<EosArgs>,
+}
+
+pub struct EosArgs {
+    pub progress_topic: String,
+    pub commit_interval: Duration,
+    pub batch_events: u64,
+    pub kill_before_commit: Option<u64>,
+    pub kill_after_commit: Option<u64>,
+    pub kill_during_abort: Option<u64>,
+    pub abort_every: Option<u64>,
 }
 
 pub async fn wal_relay(args: WalRelayArgs) -> Result<()> {
@@ -167,8 +201,22 @@ pub async fn wal_relay(args: WalRelayArgs) -> Result<()> {
         tokio::spawn(async move { outbox_gauges(&gauges, Duration::from_secs(1)).await });
         tokio::spawn(async move { slot_gauges(&client, &slot, Duration::from_secs(1)).await });
     }
-    let faults = kill_at(FaultPoint::RelayAfterPublishBeforeSettle, args.kill_after_publish);
-    let mut relay = WalRelay::new(feed, WalRelayConfig::new(&args.brokers))?.with_faults(faults);
+    let mut points = vec![(FaultPoint::RelayAfterPublishBeforeSettle, args.kill_after_publish)];
+    let mut relay = WalRelay::new(feed, WalRelayConfig::new(&args.brokers))?;
+    if let Some(eos) = args.exactly_once {
+        points.extend([
+            (FaultPoint::EosBeforeCommit, eos.kill_before_commit),
+            (FaultPoint::EosAfterCommitBeforeConfirm, eos.kill_after_commit),
+            (FaultPoint::EosDuringAbort, eos.kill_during_abort),
+        ]);
+        let mut settings = ExactlyOnce::for_source(relay.source());
+        settings.progress_topic = eos.progress_topic;
+        settings.commit_interval = eos.commit_interval;
+        settings.max_batch_events = eos.batch_events;
+        settings.abort_every = eos.abort_every;
+        relay = relay.exactly_once(settings).await?;
+    }
+    let mut relay = relay.with_faults(kill_at_points(points));
     relay.run(stop_on_signal()).await.context("wal relay stopped")
 }
 

@@ -165,6 +165,30 @@ enum Command {
         /// wal: how writers use the outbox (keep: a sweeper marks rows SENT).
         #[arg(long, value_enum, default_value = "keep")]
         outbox: OutboxMode,
+        /// wal: write records and the source position in one Kafka transaction.
+        #[arg(long)]
+        exactly_once: bool,
+        /// wal --exactly-once: compacted single-partition topic of source positions.
+        #[arg(long, default_value = "exactly-progress")]
+        progress_topic: String,
+        /// wal --exactly-once: commit a Kafka transaction this often (at a source-transaction boundary).
+        #[arg(long, default_value_t = 100)]
+        commit_interval_ms: u64,
+        /// wal --exactly-once: …or once it holds this many events.
+        #[arg(long, default_value_t = 50_000)]
+        batch_events: u64,
+        /// Test fault: SIGKILL after the N-th progress record was sent, before the commit.
+        #[arg(long, hide = true)]
+        kill_before_commit: Option<u64>,
+        /// Test fault: SIGKILL after the N-th Kafka commit, before the slot is confirmed.
+        #[arg(long, hide = true)]
+        kill_after_commit: Option<u64>,
+        /// Test fault: SIGKILL when the N-th abort starts.
+        #[arg(long, hide = true)]
+        kill_during_abort: Option<u64>,
+        /// Test fault: abort every N-th Kafka transaction on purpose.
+        #[arg(long, hide = true)]
+        abort_every: Option<u64>,
     },
     /// Consume topics and apply each event once.
     Consume {
@@ -271,6 +295,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             publication,
             heartbeat_ms,
             outbox,
+            exactly_once,
+            progress_topic,
+            commit_interval_ms,
+            batch_events,
+            kill_before_commit,
+            kill_after_commit,
+            kill_during_abort,
+            abort_every,
             ..
         } => {
             let Database::Postgres(url) = Database::parse(&database) else {
@@ -287,6 +319,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 mark_sent: outbox == OutboxMode::Keep,
                 metrics: (!no_metrics).then_some(metrics_addr),
                 kill_after_publish,
+                exactly_once: exactly_once.then_some(commands::EosArgs {
+                    progress_topic,
+                    commit_interval: Duration::from_millis(commit_interval_ms),
+                    batch_events,
+                    kill_before_commit,
+                    kill_after_commit,
+                    kill_during_abort,
+                    abort_every,
+                }),
             })
             .await?;
             Ok(ExitCode::SUCCESS)

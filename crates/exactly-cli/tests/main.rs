@@ -8,5 +8,6 @@ mod support;
 
 mod consumer;
 mod demo;
+mod eos;
 mod relay;
 mod wal;

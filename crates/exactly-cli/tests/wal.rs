@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use crate::support::*;
 
 /// A relay process, SIGKILLed when dropped (also when a test fails).
-struct RelayProcess(Child);
+pub struct RelayProcess(pub Child);
 
 impl Drop for RelayProcess {
     fn drop(&mut self) {
@@ -24,7 +24,7 @@ impl Drop for RelayProcess {
 }
 
 /// Starts `exactly relay --mode wal` in the background.
-fn spawn_wal_relay(url: &str, brokers: &str, extra: &[&str]) -> RelayProcess {
+pub fn spawn_wal_relay(url: &str, brokers: &str, extra: &[&str]) -> RelayProcess {
     let child = Command::new(EXACTLY)
         .args([
             "relay",
@@ -45,20 +45,20 @@ fn spawn_wal_relay(url: &str, brokers: &str, extra: &[&str]) -> RelayProcess {
     RelayProcess(child)
 }
 
-fn kill9(relay: &mut RelayProcess) {
+pub fn kill9(relay: &mut RelayProcess) {
     let _ = relay.0.kill();
     let _ = relay.0.wait();
 }
 
 /// Publication and slot first: only what commits after the slot exists is streamed.
-async fn prepared_database() -> (String, tokio_postgres::Client) {
+pub async fn prepared_database() -> (String, tokio_postgres::Client) {
     let url = fresh_pg_database().await;
     ensure_slot(&WalConfig::new(&url)).await.expect("slot");
     let client = exactly_postgres::connect(&url).await.expect("connect");
     (url, client)
 }
 
-async fn drop_slot(url: &str) {
+pub async fn drop_slot(url: &str) {
     let slot = exactly_postgres::wal::default_slot_name(url);
     exactly_postgres::wal::drop_slot(url, &slot)
         .await
@@ -66,7 +66,7 @@ async fn drop_slot(url: &str) {
 }
 
 /// Reads the topic until it holds at least `n` records (or 60 s).
-async fn wait_for_records(brokers: &str, topic: &str, partitions: i32, n: usize) -> Vec<TopicRecord> {
+pub async fn wait_for_records(brokers: &str, topic: &str, partitions: i32, n: usize) -> Vec<TopicRecord> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let records = read_topic(brokers, topic, partitions, "read_committed");
@@ -77,7 +77,7 @@ async fn wait_for_records(brokers: &str, topic: &str, partitions: i32, n: usize)
     }
 }
 
-fn sequence_value(record: &TopicRecord) -> u128 {
+pub fn sequence_value(record: &TopicRecord) -> u128 {
     match record.headers["exactly-key"].parse::<IdempotencyKey>() {
         Ok(IdempotencyKey::Sequence { value, .. }) => value,
         other => panic!("not a sequence key: {other:?}"),
@@ -86,7 +86,7 @@ fn sequence_value(record: &TopicRecord) -> u128 {
 
 /// The invariant: per partition, every key is either above all before it or a repeat of one
 /// already seen (a rewind); returns how many repeats there were.
-fn assert_ordered_prefix_with_repeats(records: &[TopicRecord]) -> usize {
+pub fn assert_ordered_prefix_with_repeats(records: &[TopicRecord]) -> usize {
     let mut by_position = records.to_vec();
     by_position.sort_by_key(|r| (r.partition, r.offset));
     let mut high: HashMap<i32, u128> = HashMap::new();

@@ -362,8 +362,10 @@ pub trait ChangeFeed: Send {
     /// Everything up to `end_position` is handled; the source may discard it.
     fn confirm(&mut self, end_position: u64);
 
-    /// Drops the stream and starts again at the last confirmed position (rewind, never skip).
-    fn restart(&mut self) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Drops the stream and starts again at the last confirmed position (rewind, never skip),
+    /// or at `from` when given and later: a position an exactly-once sink committed before the
+    /// source confirmation could follow.
+    fn restart(&mut self, from: Option<u64>) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Keeps an unpublishable event; must be durable before the position past it is confirmed.
     fn park(&self, dead: &DeadEvent) -> impl Future<Output = Result<(), StoreError>> + Send;

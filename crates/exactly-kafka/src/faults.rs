@@ -9,6 +9,12 @@ use std::sync::Arc;
 pub enum FaultPoint {
     /// Relay: some records of a batch were acknowledged, none marked SENT yet.
     RelayAfterPublishBeforeSettle,
+    /// Exactly-once relay: records and progress sent in the open Kafka transaction, not committed.
+    EosBeforeCommit,
+    /// Exactly-once relay: Kafka transaction committed, the slot not yet confirmed.
+    EosAfterCommitBeforeConfirm,
+    /// Exactly-once relay: an abort was decided and has not completed.
+    EosDuringAbort,
     /// Consumer: the effect committed, the offset not yet.
     ConsumerAfterApplyBeforeOffsetCommit,
 }

@@ -23,6 +23,7 @@ use rdkafka::ClientContext;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::producer_config;
+use crate::eos::{self, ExactlyOnce};
 use crate::error::KafkaFlowError;
 use crate::faults::{FaultPoint, Faults};
 use crate::relay::now;
@@ -129,14 +130,39 @@ pub struct WalRelay<F> {
     sent_ids: Vec<i64>,
     faults: Faults,
     counters: Arc<WalRelayCounters>,
+    eos: Option<EosState>,
 }
+
+/// The open Kafka transaction of the exactly-once mode.
+struct EosState {
+    settings: ExactlyOnce,
+    /// A Kafka transaction is open.
+    open: bool,
+    started: Instant,
+    /// Source transactions and events in the open Kafka transaction.
+    transactions: u64,
+    events: u64,
+    /// End of the last whole source transaction in the open Kafka transaction.
+    last_end: Option<u64>,
+    /// The last end position committed to Kafka with its progress record.
+    committed: Option<u64>,
+    /// Kafka transactions begun (for the abort_every test fault).
+    begun: u64,
+    /// Whether read_committed readers of this broker miss aborted records (probed on start).
+    broker_hides_aborted: bool,
+    /// The open transaction's progress record was acknowledged.
+    progress_acked: bool,
+}
+
+/// The outbox id carried by the progress record's delivery tag.
+const PROGRESS_RECORD: i64 = -1;
 
 impl<F: ChangeFeed> WalRelay<F> {
     /// A relay over `feed`; creates its producer.
     pub fn new(feed: F, config: WalRelayConfig) -> Result<Self, KafkaFlowError> {
         let (source, epoch) = feed.source();
         let (ack_sender, acks) = mpsc::unbounded_channel();
-        let producer = new_producer(&config, &ack_sender)?;
+        let producer = new_producer(&config, &ack_sender, None)?;
         Ok(WalRelay {
             source_header: source_header(&source, epoch),
             source,
@@ -152,7 +178,76 @@ impl<F: ChangeFeed> WalRelay<F> {
             sent_ids: Vec::new(),
             faults: Faults::none(),
             counters: Arc::default(),
+            eos: None,
         })
+    }
+
+    /// Switches to exactly-once delivery into Kafka: a transactional producer (fencing any
+    /// earlier one with the same id), whole source transactions plus a progress record per
+    /// Kafka transaction, and the slot confirmed only after the commit. Resumes where the
+    /// progress topic says, read with read_committed, when the broker hides aborted records;
+    /// otherwise (Tansu 0.6.0) at the slot's confirmed position, which may resend the last
+    /// committed batch (consumers drop the repeats) but never skips one.
+    /// Needs a multi-threaded tokio runtime (transactional calls block).
+    pub async fn exactly_once(mut self, settings: ExactlyOnce) -> Result<Self, KafkaFlowError> {
+        crate::admin::ensure_topics(&self.config.brokers, &[&settings.progress_topic], 1).await?;
+        let brokers = self.config.brokers.clone();
+        let topic = settings.progress_topic.clone();
+        let hides = tokio::task::spawn_blocking(move || eos::broker_hides_aborted_records(&brokers, &topic))
+            .await
+            .map_err(|e| KafkaFlowError::Feed(format!("abort probe task failed: {e}")))??;
+        if !hides {
+            tracing::warn!(
+                "the broker shows aborted records to read_committed readers: resuming from the slot, not the progress topic"
+            );
+        }
+        self.producer = new_producer(&self.config, &self.ack_sender, Some(&settings.transactional_id))?;
+        init_transactions(&self.producer)?;
+        self.eos = Some(EosState {
+            settings,
+            open: false,
+            started: Instant::now(),
+            transactions: 0,
+            events: 0,
+            last_end: None,
+            committed: None,
+            begun: 0,
+            broker_hides_aborted: hides,
+            progress_acked: false,
+        });
+        let resume = self.committed_progress().await?;
+        if let Some(eos) = self.eos.as_mut() {
+            eos.committed = resume;
+        }
+        if resume.is_some() {
+            self.feed.restart(resume).await?;
+        }
+        Ok(self)
+    }
+
+    /// Whether this broker hides aborted records from read_committed readers (exactly-once
+    /// mode only; None otherwise).
+    pub fn broker_hides_aborted_records(&self) -> Option<bool> {
+        self.eos.as_ref().map(|e| e.broker_hides_aborted)
+    }
+
+    /// Where Kafka says this source stands, if the broker can be trusted to say it.
+    async fn committed_progress(&self) -> Result<Option<u64>, KafkaFlowError> {
+        let Some(eos) = &self.eos else { return Ok(None) };
+        if !eos.broker_hides_aborted {
+            return Ok(None);
+        }
+        let (brokers, topic, source) = (
+            self.config.brokers.clone(),
+            eos.settings.progress_topic.clone(),
+            self.source.clone(),
+        );
+        let position =
+            tokio::task::spawn_blocking(move || eos::committed_progress(&brokers, &topic, &source))
+                .await
+                .map_err(|e| KafkaFlowError::Feed(format!("progress read task failed: {e}")))??;
+        metrics::gauge!("exactly_eos_progress_position").set(position.unwrap_or(0) as f64);
+        Ok(position)
     }
 
     /// Adds fault points (tests, demo).
@@ -186,7 +281,14 @@ impl<F: ChangeFeed> WalRelay<F> {
                         _ = tokio::time::sleep(self.config.rewind_backoff) => {}
                         _ = stop.changed() => return Ok(()),
                     }
-                    self.rewind().await?;
+                    if self.eos.is_some() {
+                        if eos::mentions_fencing(&why) {
+                            return Err(KafkaFlowError::Fenced(why));
+                        }
+                        self.eos_rewind(false).await?;
+                    } else {
+                        self.rewind().await?;
+                    }
                 }
             }
         }
@@ -195,7 +297,10 @@ impl<F: ChangeFeed> WalRelay<F> {
     /// Drains the old producer (nothing of it may land after the resend starts), then starts
     /// the feed again at the last confirmed position with a fresh producer and tracker.
     async fn rewind(&mut self) -> Result<(), KafkaFlowError> {
-        let old = std::mem::replace(&mut self.producer, new_producer(&self.config, &self.ack_sender)?);
+        let old = std::mem::replace(
+            &mut self.producer,
+            new_producer(&self.config, &self.ack_sender, None)?,
+        );
         tokio::task::spawn_blocking(move || {
             let _ = old.flush(Duration::from_secs(60));
             drop(old);
@@ -207,7 +312,7 @@ impl<F: ChangeFeed> WalRelay<F> {
         self.open_commit = None;
         self.sent_ids.clear();
         loop {
-            match self.feed.restart().await {
+            match self.feed.restart(None).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     tracing::warn!("wal relay cannot restart the feed yet: {e}");
@@ -217,8 +322,196 @@ impl<F: ChangeFeed> WalRelay<F> {
         }
     }
 
+    /// Exactly-once rewind: abort the open Kafka transaction (or, when its outcome is unknown,
+    /// recreate the producer, which fences and aborts the old one), then restart the feed at the
+    /// last committed progress.
+    async fn eos_rewind(&mut self, recreate: bool) -> Result<(), KafkaFlowError> {
+        let open = self.eos.as_ref().is_some_and(|e| e.open);
+        let mut recreate = recreate;
+        if open && !recreate {
+            if self.faults.fires(FaultPoint::EosDuringAbort) {
+                return Err(KafkaFlowError::InjectedCrash(FaultPoint::EosDuringAbort));
+            }
+            let timer = Instant::now();
+            match tokio::task::block_in_place(|| self.producer.abort_transaction(TXN_TIMEOUT)) {
+                Ok(()) => {
+                    metrics::counter!("exactly_eos_transactions_aborted_total").increment(1);
+                    metrics::histogram!("exactly_eos_transaction_seconds")
+                        .record(timer.elapsed().as_secs_f64());
+                }
+                Err(e) => {
+                    if let eos::TxnFailure::Fatal(why) = eos::classify(&e) {
+                        return Err(KafkaFlowError::Fenced(why));
+                    }
+                    tracing::warn!("abort failed, recreating the producer: {e}");
+                    recreate = true;
+                }
+            }
+        }
+        if recreate {
+            let transactional_id = self
+                .eos
+                .as_ref()
+                .map(|e| e.settings.transactional_id.clone())
+                .unwrap_or_default();
+            self.producer = new_producer(&self.config, &self.ack_sender, Some(&transactional_id))?;
+            init_transactions(&self.producer)?;
+            if open {
+                metrics::counter!("exactly_eos_transactions_aborted_total").increment(1);
+            }
+        }
+        let resume = if recreate {
+            // The last commit may have landed although it reported a timeout: ask Kafka.
+            match self.committed_progress().await? {
+                Some(p) => Some(p),
+                None => self.eos.as_ref().and_then(|e| e.committed),
+            }
+        } else {
+            self.eos.as_ref().and_then(|e| e.committed)
+        };
+        if let Some(eos) = self.eos.as_mut() {
+            eos.open = false;
+            eos.transactions = 0;
+            eos.events = 0;
+            eos.last_end = None;
+            eos.committed = resume.or(eos.committed);
+        }
+        self.generation += 1;
+        self.tracker = CommitTracker::new();
+        self.open_commit = None;
+        self.sent_ids.clear();
+        loop {
+            match self.feed.restart(resume).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!("wal relay cannot restart the feed yet: {e}");
+                    tokio::time::sleep(self.config.rewind_backoff).await;
+                }
+            }
+        }
+    }
+
+    /// True when the open Kafka transaction should commit now (only between source transactions).
+    fn eos_due(&self) -> bool {
+        self.open_commit.is_none()
+            && self.eos.as_ref().is_some_and(|e| {
+                e.open
+                    && e.last_end.is_some()
+                    && (e.started.elapsed() >= e.settings.commit_interval
+                        || e.events >= e.settings.max_batch_events)
+            })
+    }
+
+    /// Writes the progress record and commits the Kafka transaction, then confirms the source.
+    /// `Ok(Err(why))` asks for a rewind; a fenced producer is an error that stops the relay.
+    async fn eos_commit(&mut self) -> Result<Result<(), String>, KafkaFlowError> {
+        let Some(eos) = self.eos.as_mut() else {
+            return Ok(Ok(()));
+        };
+        let Some(end) = eos.last_end else {
+            return Ok(Ok(()));
+        };
+        if eos
+            .settings
+            .abort_every
+            .is_some_and(|n| n > 0 && eos.begun % n == 0)
+        {
+            return Ok(Err("test fault: aborting this transaction on purpose".into()));
+        }
+        let progress = eos::progress_value(&self.source, end);
+        eos.progress_acked = false;
+        let record = BaseRecord::with_opaque_to(
+            &eos.settings.progress_topic,
+            Box::new(DeliveryTag {
+                generation: self.generation,
+                txn: TxnId(u64::MAX),
+                outbox_id: PROGRESS_RECORD,
+            }),
+        )
+        .key(self.source.as_bytes())
+        .payload(progress.as_bytes())
+        .partition(0);
+        if let Err((e, _)) = self.producer.send(record) {
+            return Ok(Err(format!("cannot send the progress record: {e}")));
+        }
+        if self.faults.fires(FaultPoint::EosBeforeCommit) {
+            return Err(KafkaFlowError::InjectedCrash(FaultPoint::EosBeforeCommit));
+        }
+        let started = eos.started;
+        let batch_events = eos.events;
+        // Wait for the acks here instead of inside commit_transaction: rdkafka's flush there
+        // sleeps in 100 ms polls while the producer's own thread takes the reports, which
+        // would cost every transaction 100 ms.
+        let flushed = Instant::now();
+        while self.tracker.outstanding() > 0 || !self.eos.as_ref().is_some_and(|e| e.progress_acked) {
+            match tokio::time::timeout(TXN_TIMEOUT, self.acks.recv()).await {
+                Ok(Some(ack)) => {
+                    if let Err(why) = self.on_ack(ack) {
+                        return Ok(Err(why));
+                    }
+                }
+                Ok(None) | Err(_) => return Ok(Err("acks did not arrive before the commit".into())),
+            }
+        }
+        while self.producer.in_flight_count() > 0 && flushed.elapsed() < TXN_TIMEOUT {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let commit_started = Instant::now();
+        let committed = tokio::task::block_in_place(|| self.producer.commit_transaction(TXN_TIMEOUT));
+        tracing::debug!(
+            "kafka transaction of {batch_events} events: open {:?}, commit {:?}",
+            commit_started - started,
+            commit_started.elapsed()
+        );
+        if let Err(e) = committed {
+            return match eos::classify(&e) {
+                eos::TxnFailure::Fatal(why) => Err(KafkaFlowError::Fenced(why)),
+                eos::TxnFailure::Abortable(why) => Ok(Err(why)),
+                eos::TxnFailure::Indefinite(why) => {
+                    tracing::warn!("commit outcome unknown ({why}): recreating the producer");
+                    self.eos_rewind(true).await?;
+                    Ok(Ok(()))
+                }
+            };
+        }
+        metrics::counter!("exactly_eos_transactions_committed_total").increment(1);
+        metrics::histogram!("exactly_eos_transaction_seconds").record(started.elapsed().as_secs_f64());
+        metrics::gauge!("exactly_eos_progress_position").set(end as f64);
+        if self.faults.fires(FaultPoint::EosAfterCommitBeforeConfirm) {
+            return Err(KafkaFlowError::InjectedCrash(
+                FaultPoint::EosAfterCommitBeforeConfirm,
+            ));
+        }
+        self.feed.confirm(end);
+        let Some(eos) = self.eos.as_mut() else {
+            return Ok(Ok(()));
+        };
+        self.counters.confirmed_position.store(end, Ordering::Relaxed);
+        self.counters
+            .transactions
+            .fetch_add(eos.transactions, Ordering::Relaxed);
+        self.counters.events.fetch_add(eos.events, Ordering::Relaxed);
+        metrics::counter!("exactly_wal_transactions_total").increment(eos.transactions);
+        metrics::counter!("exactly_wal_events_total").increment(eos.events);
+        eos.open = false;
+        eos.transactions = 0;
+        eos.events = 0;
+        eos.last_end = None;
+        eos.committed = Some(end);
+        // Acks of the committed transaction are settled by the commit; later ones are ignored.
+        self.generation += 1;
+        self.tracker = CommitTracker::new();
+        if !self.sent_ids.is_empty() {
+            self.feed.mark_sent(std::mem::take(&mut self.sent_ids));
+        }
+        Ok(Ok(()))
+    }
+
     async fn pass(&mut self, stop: &mut watch::Receiver<bool>) -> Result<PassEnd, KafkaFlowError> {
         let mut last_lag_report = Instant::now();
+        // Wakes the loop to commit an idle open transaction on time.
+        let mut commit_tick = tokio::time::interval(Duration::from_millis(20));
+        commit_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let room = self.tracker.outstanding() < self.config.max_in_flight;
             tokio::select! {
@@ -239,6 +532,7 @@ impl<F: ChangeFeed> WalRelay<F> {
                         self.confirm()?;
                     }
                 }
+                _ = commit_tick.tick(), if self.eos.as_ref().is_some_and(|e| e.open) => {}
                 item = self.feed.next(), if room => {
                     let item = match item {
                         Ok(item) => item,
@@ -247,6 +541,11 @@ impl<F: ChangeFeed> WalRelay<F> {
                     if let Err(why) = self.on_item(item).await? {
                         return Ok(PassEnd::Rewind(why));
                     }
+                }
+            }
+            if self.eos_due() {
+                if let Err(why) = self.eos_commit().await? {
+                    return Ok(PassEnd::Rewind(why));
                 }
             }
             if last_lag_report.elapsed() >= Duration::from_millis(500) {
@@ -274,6 +573,12 @@ impl<F: ChangeFeed> WalRelay<F> {
                 Err(_) => {}
             }
         }
+        if self.eos.is_some() && self.open_commit.is_none() {
+            if let Err(why) = self.eos_commit().await? {
+                tracing::warn!("last transaction not committed at stop ({why}); it will be resent");
+                let _ = tokio::task::block_in_place(|| self.producer.abort_transaction(TXN_TIMEOUT));
+            }
+        }
         self.confirm()?;
         Ok(PassEnd::Stopped)
     }
@@ -287,6 +592,12 @@ impl<F: ChangeFeed> WalRelay<F> {
             metrics::counter!("exactly_relay_failures_total").increment(1);
             return Err(format!("publish failed: {error}"));
         }
+        if ack.outbox_id == PROGRESS_RECORD {
+            if let Some(eos) = self.eos.as_mut() {
+                eos.progress_acked = true;
+            }
+            return Ok(());
+        }
         self.tracker
             .acked(ack.txn)
             .map_err(|e| format!("delivery report out of order: {e}"))?;
@@ -298,6 +609,10 @@ impl<F: ChangeFeed> WalRelay<F> {
     }
 
     fn confirm(&mut self) -> Result<(), KafkaFlowError> {
+        // Exactly-once: the Kafka commit, not the acks, decides what may be confirmed.
+        if self.eos.is_some() {
+            return Ok(());
+        }
         let Some(confirmed) = self.tracker.take_confirmed() else {
             return Ok(());
         };
@@ -336,12 +651,31 @@ impl<F: ChangeFeed> WalRelay<F> {
                 if let Err(e) = self.tracker.begin(committed_at) {
                     return tracker_error(e);
                 }
+                if let Some(eos) = self.eos.as_mut() {
+                    if !eos.open {
+                        if let Err(e) = self.producer.begin_transaction() {
+                            return match eos::classify(&e) {
+                                eos::TxnFailure::Fatal(why) => Err(KafkaFlowError::Fenced(why)),
+                                eos::TxnFailure::Abortable(why) | eos::TxnFailure::Indefinite(why) => {
+                                    Ok(Err(why))
+                                }
+                            };
+                        }
+                        eos.open = true;
+                        eos.started = Instant::now();
+                        eos.begun += 1;
+                    }
+                }
                 self.open_commit = Some(commit_position);
                 self.ordinal = 0;
             }
             FeedItem::Commit { end_position } => {
                 if let Err(e) = self.tracker.commit(end_position) {
                     return tracker_error(e);
+                }
+                if let Some(eos) = self.eos.as_mut() {
+                    eos.last_end = Some(end_position);
+                    eos.transactions += 1;
                 }
                 self.open_commit = None;
                 self.confirm()?;
@@ -416,6 +750,9 @@ impl<F: ChangeFeed> WalRelay<F> {
             return Err(KafkaFlowError::Feed("dead event outside a transaction".into()));
         }
         self.counters.dead.fetch_add(1, Ordering::Relaxed);
+        if let Some(eos) = self.eos.as_mut() {
+            eos.events += 1;
+        }
         metrics::counter!("exactly_outbox_dead_total").increment(1);
         Ok(())
     }
@@ -449,7 +786,12 @@ impl<F: ChangeFeed> WalRelay<F> {
                 .headers(headers.clone())
                 .timestamp(envelope.occurred_at.0);
             match self.producer.send(kafka_record) {
-                Ok(()) => return Ok(Ok(())),
+                Ok(()) => {
+                    if let Some(eos) = self.eos.as_mut() {
+                        eos.events += 1;
+                    }
+                    return Ok(Ok(()));
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                     tag = returned.delivery_opaque;
                     // Let acknowledgements drain; they are handled in order like any other.
@@ -468,16 +810,37 @@ impl<F: ChangeFeed> WalRelay<F> {
     }
 }
 
+const TXN_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn init_transactions(producer: &ThreadedProducer<AckContext>) -> Result<(), KafkaFlowError> {
+    tokio::task::block_in_place(|| producer.init_transactions(TXN_TIMEOUT))
+        .map_err(KafkaFlowError::at("init transactions"))
+}
+
 fn new_producer(
     config: &WalRelayConfig,
     acks: &mpsc::UnboundedSender<Ack>,
+    transactional_id: Option<&str>,
 ) -> Result<ThreadedProducer<AckContext>, KafkaFlowError> {
     // Gapless: a failed record must not be followed by later ones of its partition, or the
     // resend after the rewind would put a lower key after a higher one.
     // No message timeout: a record that timed out locally may still land after its successors,
-    // which gapless does not cover. The relay waits out a broker outage instead.
-    producer_config(&config.brokers, true)
-        .set("message.timeout.ms", "0")
+    // which gapless does not cover. The relay waits out a broker outage instead. A
+    // transactional producer is bounded by its transaction timeout instead, and an abort
+    // removes whatever of the transaction landed.
+    let mut client = producer_config(&config.brokers, true);
+    match transactional_id {
+        Some(id) => {
+            client
+                .set("transactional.id", id)
+                .set("transaction.timeout.ms", "60000")
+                .set("message.timeout.ms", "55000");
+        }
+        None => {
+            client.set("message.timeout.ms", "0");
+        }
+    }
+    client
         .create_with_context(AckContext { acks: acks.clone() })
         .map_err(KafkaFlowError::at("create producer"))
 }

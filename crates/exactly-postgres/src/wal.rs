@@ -245,7 +245,7 @@ impl PgChangeFeed {
             background: Vec::new(),
             config,
         };
-        feed.stream = Some(feed.open_stream().await?);
+        feed.stream = Some(feed.open_stream(None).await?);
         feed.background.push(tokio::spawn(heartbeat(
             client.clone(),
             feed.config.heartbeat_interval,
@@ -269,7 +269,9 @@ impl PgChangeFeed {
         &self.config.slot
     }
 
-    async fn open_stream(&self) -> Result<Stream, PgError> {
+    /// Starts streaming at the slot's confirmed position, or at `from` when it is later
+    /// (PostgreSQL never goes below the confirmed position).
+    async fn open_stream(&self, from: Option<u64>) -> Result<Stream, PgError> {
         let stream_config = ReplicationStreamConfig::builder(&self.config.slot, &self.config.publication)
             .with_protocol_version(1)
             .with_streaming_mode(StreamingMode::Off)
@@ -287,7 +289,7 @@ impl PgChangeFeed {
                 let mut s = LogicalReplicationStream::new(&url, stream_config.clone())
                     .await
                     .map_err(replication("connect for replication"))?;
-                s.start(None).await.map_err(replication("start replication"))?;
+                s.start(from).await.map_err(replication("start replication"))?;
                 Ok::<_, PgError>(s)
             }
             .await;
@@ -528,9 +530,9 @@ impl ChangeFeed for PgChangeFeed {
         }
     }
 
-    async fn restart(&mut self) -> Result<(), StoreError> {
+    async fn restart(&mut self, from: Option<u64>) -> Result<(), StoreError> {
         self.stop_stream().await;
-        self.stream = Some(self.open_stream().await?);
+        self.stream = Some(self.open_stream(from).await?);
         Ok(())
     }
 

@@ -1,0 +1,206 @@
+//! Exactly-once into Kafka for the WAL relay: settings, the progress record written in every
+//! Kafka transaction, reading it back on start, and what a transactional error means.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+use crate::config::producer_config;
+use crate::error::KafkaFlowError;
+
+/// How the exactly-once WAL relay commits.
+#[derive(Debug, Clone)]
+pub struct ExactlyOnce {
+    /// The producer's transactional.id; derived from the source so that a second relay on the
+    /// same slot fences the first.
+    pub transactional_id: String,
+    /// Compacted single-partition topic holding (source → last committed end position).
+    pub progress_topic: String,
+    /// A Kafka transaction is committed at the first source-transaction boundary after this.
+    pub commit_interval: Duration,
+    /// …or once it holds this many events.
+    pub max_batch_events: u64,
+    /// Test fault: abort every n-th Kafka transaction on purpose (exercises the abort path).
+    pub abort_every: Option<u64>,
+}
+
+impl ExactlyOnce {
+    /// Defaults for `source`: 100 ms commit interval, progress topic `exactly-progress`.
+    pub fn for_source(source: &str) -> Self {
+        ExactlyOnce {
+            transactional_id: format!("exactly-wal-{source}"),
+            progress_topic: "exactly-progress".to_owned(),
+            commit_interval: Duration::from_millis(100),
+            max_batch_events: 50_000,
+            abort_every: None,
+        }
+    }
+}
+
+/// The progress record's value: where the source stands once this transaction commits.
+pub(crate) fn progress_value(source: &str, end_position: u64) -> String {
+    serde_json::json!({ "source": source, "end_position": end_position }).to_string()
+}
+
+fn parse_progress(payload: &[u8]) -> Option<(String, u64)> {
+    let value: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    Some((
+        value.get("source")?.as_str()?.to_owned(),
+        value.get("end_position")?.as_u64()?,
+    ))
+}
+
+/// What a failed transactional call asks for.
+#[derive(Debug)]
+pub(crate) enum TxnFailure {
+    /// Abort the transaction, rewind to the last committed progress, resend.
+    Abortable(String),
+    /// The producer is fenced or broken for good: stop with this message.
+    Fatal(String),
+    /// The outcome is unknown (a timeout): recreate the producer, find the committed progress
+    /// again, and rewind there.
+    Indefinite(String),
+}
+
+/// True when `result` failed because a newer producer with the same transactional.id exists.
+pub fn is_fenced(result: &Result<(), KafkaError>) -> bool {
+    match result {
+        Err(KafkaError::Transaction(e)) => {
+            e.is_fatal()
+                || matches!(
+                    e.code(),
+                    rdkafka::types::RDKafkaErrorCode::ProducerFenced
+                        | rdkafka::types::RDKafkaErrorCode::InvalidProducerEpoch
+                )
+                || e.string().contains("fences the current one")
+        }
+        _ => false,
+    }
+}
+
+/// True when an error text says a newer producer took over (librdkafka reports a fenced
+/// produce as abortable; aborting then would only fail or, after a retry, fence the other).
+pub(crate) fn mentions_fencing(text: &str) -> bool {
+    text.contains("fences the current one") || text.contains("ProducerFenced") || text.contains("fenced")
+}
+
+pub(crate) fn classify(error: &KafkaError) -> TxnFailure {
+    match error {
+        _ if is_fenced(&Err(error.clone()))
+            && !matches!(error, KafkaError::Transaction(e) if e.is_retriable()) =>
+        {
+            TxnFailure::Fatal(error.to_string())
+        }
+        KafkaError::Transaction(e) if e.is_fatal() => TxnFailure::Fatal(error.to_string()),
+        KafkaError::Transaction(e) if e.txn_requires_abort() => TxnFailure::Abortable(error.to_string()),
+        _ => TxnFailure::Indefinite(error.to_string()),
+    }
+}
+
+fn reader(brokers: &str) -> Result<BaseConsumer, KafkaFlowError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", "exactly-progress-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .create()
+        .map_err(KafkaFlowError::at("create progress reader"))
+}
+
+/// Every (key, value) of partition 0 of `topic`, read_committed, from the beginning to the end.
+fn read_all(brokers: &str, topic: &str) -> Result<Vec<Vec<u8>>, KafkaFlowError> {
+    let consumer = reader(brokers)?;
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, 0, Offset::Beginning)
+        .map_err(KafkaFlowError::at("assign progress partition"))?;
+    consumer
+        .assign(&list)
+        .map_err(KafkaFlowError::at("assign progress partition"))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut values = Vec::new();
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => values.push(m.payload().unwrap_or_default().to_vec()),
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(values),
+            Some(Err(e)) => tracing::debug!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    Err(KafkaFlowError::Feed(format!(
+        "could not read {topic} to its end within 30 s"
+    )))
+}
+
+/// The last committed end position of `source` in the progress topic.
+pub(crate) fn committed_progress(
+    brokers: &str,
+    topic: &str,
+    source: &str,
+) -> Result<Option<u64>, KafkaFlowError> {
+    let last = read_all(brokers, topic)?
+        .iter()
+        .filter_map(|v| parse_progress(v))
+        .filter(|(s, _)| s == source)
+        .map(|(_, p)| p)
+        .next_back();
+    Ok(last)
+}
+
+/// Writes a record in a transaction, aborts it, and reads the topic read_committed: true if the
+/// aborted record stays hidden, as Kafka guarantees. Tansu 0.6.0 shows it.
+pub fn broker_hides_aborted_records(brokers: &str, topic: &str) -> Result<bool, KafkaFlowError> {
+    let nonce = format!(
+        "exactly-abort-probe-{}-{}",
+        std::process::id(),
+        crate::relay::now().0
+    );
+    let producer: ThreadedProducer<DefaultProducerContext> = producer_config(brokers, false)
+        .set("transactional.id", &nonce)
+        .create()
+        .map_err(KafkaFlowError::at("create probe producer"))?;
+    let timeout = Duration::from_secs(30);
+    producer
+        .init_transactions(timeout)
+        .map_err(KafkaFlowError::at("probe: init transactions"))?;
+    producer
+        .begin_transaction()
+        .map_err(KafkaFlowError::at("probe: begin"))?;
+    producer
+        .send(
+            BaseRecord::<str, str>::to(topic)
+                .key("exactly-abort-probe")
+                .payload(&nonce)
+                .partition(0),
+        )
+        .map_err(|(e, _)| KafkaFlowError::Kafka {
+            context: "probe: send",
+            source: e,
+        })?;
+    producer
+        .flush(timeout)
+        .map_err(KafkaFlowError::at("probe: flush"))?;
+    producer
+        .abort_transaction(timeout)
+        .map_err(KafkaFlowError::at("probe: abort"))?;
+    let visible = read_all(brokers, topic)?
+        .iter()
+        .any(|v| v.as_slice() == nonce.as_bytes());
+    Ok(!visible)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_values_round_trip_and_garbage_is_skipped() {
+        let v = progress_value("pg:1:slot", 42);
+        assert_eq!(parse_progress(v.as_bytes()), Some(("pg:1:slot".into(), 42)));
+        assert_eq!(parse_progress(b"exactly-abort-probe-1"), None);
+    }
+}
