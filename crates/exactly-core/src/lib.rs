@@ -6,6 +6,9 @@
 //! - [`dedupe`]: [`Watermark`], [`KeySet`] and the [`DedupePolicy`] that routes a key to one.
 //! - [`outbox`]: the row state machine NEW → SENDING → SENT | DEAD and its [`RetryPolicy`].
 //! - [`wal`]: change-stream rows and messages, and the in-order ack tracker of the WAL relay.
+//! - [`changelog`]: state-store restore that applies only committed changes, even where aborted
+//!   records are visible.
+//! - [`window`]: tumbling windows with grace and retention, and hot-key salting.
 //! - [`ports`]: the traits database adapters implement for relays and consumers.
 //!
 //! Time is always an argument ([`UnixMillis`]), so every rule is reproducible in tests.
@@ -23,6 +26,7 @@
 //! assert_eq!(key.to_string(), "seq:00000000000001000000000000000001:pg:demo");
 //! ```
 
+pub mod changelog;
 pub mod dedupe;
 pub mod envelope;
 pub mod key;
@@ -31,6 +35,7 @@ pub mod ports;
 pub mod record;
 pub mod time;
 pub mod wal;
+pub mod window;
 
 pub use dedupe::{DedupePolicy, DedupeRoute, EpochWatermark, KeySet, SequenceVerdict, Verdict, Watermark};
 pub use envelope::{decode_record, header, source_header, Delivery, Envelope, HeaderError};
