@@ -1,0 +1,425 @@
+//! The redb-backed windowed state store and the changelog form of its changes.
+
+use std::path::Path;
+
+use exactly_core::UnixMillis;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+/// (window start, key) → count.
+const COUNTS: TableDefinition<'static, (i64, &str), u64> = TableDefinition::new("counts");
+/// (window start, key, idempotency key) → 1: already counted.
+const SEEN: TableDefinition<'static, (i64, &str, &str), u8> = TableDefinition::new("seen");
+/// (topic, partition) → next input offset the state reflects.
+const OFFSETS: TableDefinition<'static, (&str, i32), i64> = TableDefinition::new("offsets");
+/// Named numbers: stream time.
+const META: TableDefinition<'static, &str, i64> = TableDefinition::new("meta");
+
+/// The store failed.
+#[derive(Debug, thiserror::Error)]
+#[error("state store: {context}: {source}")]
+pub struct StoreError {
+    context: &'static str,
+    #[source]
+    source: redb::Error,
+}
+
+fn at<E: Into<redb::Error>>(context: &'static str) -> impl Fn(E) -> StoreError {
+    move |e| StoreError {
+        context,
+        source: e.into(),
+    }
+}
+
+/// One change of the state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A window's count; None removes the window (retention passed).
+    Count {
+        /// Window start.
+        window_start: UnixMillis,
+        /// Grouping key.
+        key: String,
+        /// New count.
+        count: Option<u64>,
+    },
+    /// An idempotency key counted in a window; `seen: false` forgets it with its window.
+    Seen {
+        /// Window start.
+        window_start: UnixMillis,
+        /// Grouping key.
+        key: String,
+        /// The input's idempotency key text.
+        idempotency_key: String,
+        /// Recorded or forgotten.
+        seen: bool,
+    },
+    /// The next input offset of a partition.
+    Offset {
+        /// Input topic.
+        topic: String,
+        /// Partition.
+        partition: i32,
+        /// Next offset to read.
+        offset: i64,
+    },
+    /// The largest event time seen.
+    StreamTime(UnixMillis),
+}
+
+impl Change {
+    /// The changelog record: key text, and value text (None: a tombstone). Keys are distinct per
+    /// store entry, so log compaction keeps exactly the latest state.
+    pub fn to_changelog(&self) -> (String, Option<String>) {
+        match self {
+            Change::Count {
+                window_start,
+                key,
+                count,
+            } => (
+                format!("c|{}|{key}", window_start.0),
+                count.map(|c| c.to_string()),
+            ),
+            Change::Seen {
+                window_start,
+                key,
+                idempotency_key,
+                seen,
+            } => (
+                // The key's length lets it hold any character, '|' included.
+                format!("s|{}|{}|{key}|{idempotency_key}", window_start.0, key.len()),
+                seen.then(|| "1".to_owned()),
+            ),
+            Change::Offset {
+                topic,
+                partition,
+                offset,
+            } => (format!("o|{partition}|{topic}"), Some(offset.to_string())),
+            Change::StreamTime(t) => ("t".to_owned(), Some(t.0.to_string())),
+        }
+    }
+
+    /// Reads a changelog record back; None for anything this version did not write.
+    pub fn from_changelog(key: &str, value: Option<&str>) -> Option<Change> {
+        let mut parts = key.splitn(2, '|');
+        let kind = parts.next()?;
+        let rest = parts.next().unwrap_or("");
+        match kind {
+            "c" => {
+                let (start, key) = rest.split_once('|')?;
+                Some(Change::Count {
+                    window_start: UnixMillis(start.parse().ok()?),
+                    key: key.to_owned(),
+                    count: match value {
+                        Some(v) => Some(v.parse().ok()?),
+                        None => None,
+                    },
+                })
+            }
+            "s" => {
+                let (start, rest) = rest.split_once('|')?;
+                let (len, rest) = rest.split_once('|')?;
+                let len: usize = len.parse().ok()?;
+                let key = rest.get(..len)?;
+                let idempotency_key = rest.get(len..)?.strip_prefix('|')?;
+                Some(Change::Seen {
+                    window_start: UnixMillis(start.parse().ok()?),
+                    key: key.to_owned(),
+                    idempotency_key: idempotency_key.to_owned(),
+                    seen: value.is_some(),
+                })
+            }
+            "o" => {
+                let (partition, topic) = rest.split_once('|')?;
+                Some(Change::Offset {
+                    topic: topic.to_owned(),
+                    partition: partition.parse().ok()?,
+                    offset: value?.parse().ok()?,
+                })
+            }
+            "t" => Some(Change::StreamTime(UnixMillis(value?.parse().ok()?))),
+            _ => None,
+        }
+    }
+}
+
+/// Changes committed together.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Batch {
+    /// In order.
+    pub changes: Vec<Change>,
+}
+
+/// The local windowed state.
+pub struct StateStore {
+    db: Database,
+}
+
+impl StateStore {
+    /// Opens or creates the store file.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path).map_err(at("open"))?;
+        let tx = db.begin_write().map_err(at("begin"))?;
+        {
+            tx.open_table(COUNTS).map_err(at("create counts"))?;
+            tx.open_table(SEEN).map_err(at("create seen"))?;
+            tx.open_table(OFFSETS).map_err(at("create offsets"))?;
+            tx.open_table(META).map_err(at("create meta"))?;
+        }
+        tx.commit().map_err(at("commit"))?;
+        Ok(StateStore { db })
+    }
+
+    /// Applies `batch` in one local transaction: all of it or none.
+    pub fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(at("begin"))?;
+        {
+            let mut counts = tx.open_table(COUNTS).map_err(at("open counts"))?;
+            let mut seen = tx.open_table(SEEN).map_err(at("open seen"))?;
+            let mut offsets = tx.open_table(OFFSETS).map_err(at("open offsets"))?;
+            let mut meta = tx.open_table(META).map_err(at("open meta"))?;
+            for change in &batch.changes {
+                match change {
+                    Change::Count {
+                        window_start,
+                        key,
+                        count: Some(c),
+                    } => {
+                        counts
+                            .insert((window_start.0, key.as_str()), c)
+                            .map_err(at("write count"))?;
+                    }
+                    Change::Count {
+                        window_start,
+                        key,
+                        count: None,
+                    } => {
+                        counts
+                            .remove((window_start.0, key.as_str()))
+                            .map_err(at("remove count"))?;
+                    }
+                    Change::Seen {
+                        window_start,
+                        key,
+                        idempotency_key,
+                        seen: flag,
+                    } => {
+                        let entry = (window_start.0, key.as_str(), idempotency_key.as_str());
+                        if *flag {
+                            seen.insert(entry, 1).map_err(at("write seen"))?;
+                        } else {
+                            seen.remove(entry).map_err(at("remove seen"))?;
+                        }
+                    }
+                    Change::Offset {
+                        topic,
+                        partition,
+                        offset,
+                    } => {
+                        offsets
+                            .insert((topic.as_str(), *partition), offset)
+                            .map_err(at("write offset"))?;
+                    }
+                    Change::StreamTime(t) => {
+                        meta.insert("stream_time", t.0).map_err(at("write stream time"))?;
+                    }
+                }
+            }
+        }
+        tx.commit().map_err(at("commit"))
+    }
+
+    /// The count of `key` in the window starting at `window_start` (0 when absent).
+    pub fn count(&self, window_start: UnixMillis, key: &str) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read().map_err(at("begin read"))?;
+        let counts = tx.open_table(COUNTS).map_err(at("open counts"))?;
+        Ok(counts
+            .get((window_start.0, key))
+            .map_err(at("read count"))?
+            .map_or(0, |v| v.value()))
+    }
+
+    /// True when `idempotency_key` was already counted for `key` in the window.
+    pub fn seen(
+        &self,
+        window_start: UnixMillis,
+        key: &str,
+        idempotency_key: &str,
+    ) -> Result<bool, StoreError> {
+        let tx = self.db.begin_read().map_err(at("begin read"))?;
+        let seen = tx.open_table(SEEN).map_err(at("open seen"))?;
+        Ok(seen
+            .get((window_start.0, key, idempotency_key))
+            .map_err(at("read seen"))?
+            .is_some())
+    }
+
+    /// Every count, ordered by window then key.
+    pub fn counts(&self) -> Result<Vec<(UnixMillis, String, u64)>, StoreError> {
+        let tx = self.db.begin_read().map_err(at("begin read"))?;
+        let counts = tx.open_table(COUNTS).map_err(at("open counts"))?;
+        let mut out = Vec::new();
+        for entry in counts.iter().map_err(at("scan counts"))? {
+            let (k, v) = entry.map_err(at("scan counts"))?;
+            let (start, key) = k.value();
+            out.push((UnixMillis(start), key.to_owned(), v.value()));
+        }
+        Ok(out)
+    }
+
+    /// The input offsets the state reflects.
+    pub fn offsets(&self) -> Result<Vec<(String, i32, i64)>, StoreError> {
+        let tx = self.db.begin_read().map_err(at("begin read"))?;
+        let offsets = tx.open_table(OFFSETS).map_err(at("open offsets"))?;
+        let mut out = Vec::new();
+        for entry in offsets.iter().map_err(at("scan offsets"))? {
+            let (k, v) = entry.map_err(at("scan offsets"))?;
+            let (topic, partition) = k.value();
+            out.push((topic.to_owned(), partition, v.value()));
+        }
+        Ok(out)
+    }
+
+    /// The stream time, if any record was processed.
+    pub fn stream_time(&self) -> Result<Option<UnixMillis>, StoreError> {
+        let tx = self.db.begin_read().map_err(at("begin read"))?;
+        let meta = tx.open_table(META).map_err(at("open meta"))?;
+        Ok(meta
+            .get("stream_time")
+            .map_err(at("read stream time"))?
+            .map(|v| UnixMillis(v.value())))
+    }
+
+    /// The changes that remove every window starting before `cutoff` with its seen keys (for
+    /// retention); commit them, and send them to the changelog as tombstones.
+    pub fn expiry(&self, cutoff: UnixMillis) -> Result<Batch, StoreError> {
+        let tx = self.db.begin_read().map_err(at("begin read"))?;
+        let counts = tx.open_table(COUNTS).map_err(at("open counts"))?;
+        let seen = tx.open_table(SEEN).map_err(at("open seen"))?;
+        let mut changes = Vec::new();
+        for entry in counts
+            .range((i64::MIN, "")..(cutoff.0, ""))
+            .map_err(at("scan counts"))?
+        {
+            let (k, _) = entry.map_err(at("scan counts"))?;
+            let (start, key) = k.value();
+            changes.push(Change::Count {
+                window_start: UnixMillis(start),
+                key: key.to_owned(),
+                count: None,
+            });
+        }
+        for entry in seen
+            .range((i64::MIN, "", "")..(cutoff.0, "", ""))
+            .map_err(at("scan seen"))?
+        {
+            let (k, _) = entry.map_err(at("scan seen"))?;
+            let (start, key, idempotency_key) = k.value();
+            changes.push(Change::Seen {
+                window_start: UnixMillis(start),
+                key: key.to_owned(),
+                idempotency_key: idempotency_key.to_owned(),
+                seen: false,
+            });
+        }
+        Ok(Batch { changes })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn count(start: i64, key: &str, c: Option<u64>) -> Change {
+        Change::Count {
+            window_start: UnixMillis(start),
+            key: key.into(),
+            count: c,
+        }
+    }
+
+    #[test]
+    fn a_batch_commits_whole_and_survives_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("state.redb");
+        {
+            let store = StateStore::open(&path).expect("open");
+            store
+                .commit(&Batch {
+                    changes: vec![
+                        count(0, "P-1", Some(2)),
+                        Change::Seen {
+                            window_start: UnixMillis(0),
+                            key: "P-1".into(),
+                            idempotency_key: "v7:a".into(),
+                            seen: true,
+                        },
+                        Change::Offset {
+                            topic: "orders".into(),
+                            partition: 2,
+                            offset: 41,
+                        },
+                        Change::StreamTime(UnixMillis(77)),
+                    ],
+                })
+                .expect("commit");
+        }
+        let store = StateStore::open(&path).expect("reopen");
+        assert_eq!(store.count(UnixMillis(0), "P-1").expect("count"), 2);
+        assert!(store.seen(UnixMillis(0), "P-1", "v7:a").expect("seen"));
+        assert!(!store.seen(UnixMillis(0), "P-1", "v7:b").expect("seen"));
+        assert_eq!(store.offsets().expect("offsets"), vec![("orders".into(), 2, 41)]);
+        assert_eq!(store.stream_time().expect("t"), Some(UnixMillis(77)));
+    }
+
+    #[test]
+    fn expiry_removes_old_windows_with_their_seen_keys() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(&dir.path().join("s.redb")).expect("open");
+        let seen = |start: i64| Change::Seen {
+            window_start: UnixMillis(start),
+            key: "k".into(),
+            idempotency_key: "i".into(),
+            seen: true,
+        };
+        store
+            .commit(&Batch {
+                changes: vec![
+                    count(0, "k", Some(1)),
+                    count(300, "k", Some(4)),
+                    seen(0),
+                    seen(300),
+                ],
+            })
+            .expect("commit");
+        let expiry = store.expiry(UnixMillis(300)).expect("expiry");
+        assert_eq!(expiry.changes.len(), 2);
+        store.commit(&expiry).expect("expire");
+        assert_eq!(
+            store.counts().expect("counts"),
+            vec![(UnixMillis(300), "k".into(), 4)]
+        );
+        assert!(!store.seen(UnixMillis(0), "k", "i").expect("seen"));
+        assert!(store.seen(UnixMillis(300), "k", "i").expect("seen"));
+    }
+
+    proptest! {
+        #[test]
+        fn changelog_form_round_trips(
+            start in any::<i64>(), key in ".{0,20}", id in ".{0,20}", c in proptest::option::of(any::<u64>()),
+            seen in any::<bool>(), partition in any::<i32>(), offset in any::<i64>()
+        ) {
+            let changes = [
+                Change::Count { window_start: UnixMillis(start), key: key.clone(), count: c },
+                Change::Seen { window_start: UnixMillis(start), key: key.clone(), idempotency_key: id.clone(), seen },
+                Change::Offset { topic: key.clone(), partition, offset },
+                Change::StreamTime(UnixMillis(start)),
+            ];
+            for change in changes {
+                let (k, v) = change.to_changelog();
+                let back = Change::from_changelog(&k, v.as_deref());
+                prop_assert_eq!(Some(change.clone()), back);
+            }
+        }
+    }
+}
