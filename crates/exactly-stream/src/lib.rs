@@ -6,7 +6,13 @@
 //! transaction, and every change has a changelog form ([`Change::to_changelog`]) so the same
 //! batch can be written to a compacted changelog topic inside the Kafka transaction and restored
 //! from it with [`exactly_core::changelog::Restore`].
+//!
+//! [`WindowedCount`] is one task's counting: tumbling windows on event time, late records
+//! dropped and counted, inputs already counted in their window skipped, and the open
+//! transaction held in an overlay that an abort simply drops.
 
 mod store;
+mod task;
 
 pub use store::{Batch, Change, StateStore, StoreError};
+pub use task::{Counted, Input, WindowedCount};
