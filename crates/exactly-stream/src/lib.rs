@@ -11,6 +11,7 @@
 //! dropped and counted, inputs already counted in their window skipped, and the open
 //! transaction held in an overlay that an abort simply drops.
 
+pub mod changelog;
 mod store;
 mod task;
 
