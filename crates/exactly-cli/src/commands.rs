@@ -220,6 +220,31 @@ pub async fn wal_relay(args: WalRelayArgs) -> Result<()> {
     relay.run(stop_on_signal()).await.context("wal relay stopped")
 }
 
+/// `exactly stream`: runs one processor until SIGINT/SIGTERM.
+pub async fn stream(config: exactly_stream::StreamConfig, partitions: i32) -> Result<()> {
+    exactly_kafka::ensure_topics(
+        &config.brokers,
+        &[&config.input, &config.output, &config.changelog_topic()],
+        partitions,
+    )
+    .await?;
+    let counters = std::sync::Arc::new(exactly_stream::StreamCounters::default());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut signal = stop_on_signal();
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        let _ = signal.changed().await;
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    tokio::task::spawn_blocking(move || {
+        let mut processor = exactly_stream::Processor::new(config, counters)?;
+        processor.run(&stop)
+    })
+    .await
+    .context("stream processor task")?
+    .context("stream processor stopped")
+}
+
 /// The built-in handler of `exactly consume --handler record`: one row per event in
 /// `exactly_consumed`, payload required to be JSON (anything else is parked as undecodable).
 #[derive(Debug, Clone, Copy)]

@@ -211,6 +211,40 @@ enum Command {
         #[arg(long, hide = true)]
         kill_after_apply: Option<u64>,
     },
+    /// Exactly-once windowed counts (the orders-agg example): input topic → output topic.
+    Stream {
+        #[arg(long, env = "EXACTLY_BROKERS")]
+        brokers: String,
+        #[arg(long, default_value = "orders-agg")]
+        application_id: String,
+        /// Distinguishes processors of one application.id.
+        #[arg(long, default_value = "0")]
+        instance: String,
+        #[arg(long, default_value = "coupon-events")]
+        input: String,
+        #[arg(long, default_value = "agg-out")]
+        output: String,
+        /// Payload field to count by (empty: the aggregate id).
+        #[arg(long, default_value = "product_id")]
+        group_by: String,
+        /// Partitions of the internal topics (the input's count).
+        #[arg(long, default_value_t = 3)]
+        partitions: i32,
+        #[arg(long, default_value_t = 300_000)]
+        window_ms: i64,
+        #[arg(long, default_value_t = 60_000)]
+        grace_ms: i64,
+        #[arg(long, default_value_t = 86_400_000)]
+        retention_ms: i64,
+        /// Partial counts per hot key.
+        #[arg(long, default_value_t = 1)]
+        salts: u32,
+        #[arg(long, default_value_t = 100)]
+        commit_interval_ms: u64,
+        /// Where task stores live (default: a folder per application in the temp dir).
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
+    },
     /// Benchmarks that print figures against a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -400,6 +434,44 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 payload_bytes,
             })
             .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stream {
+            brokers,
+            application_id,
+            instance,
+            input,
+            output,
+            group_by,
+            partitions,
+            window_ms,
+            grace_ms,
+            retention_ms,
+            salts,
+            commit_interval_ms,
+            state_dir,
+        } => {
+            let windows = exactly_core::window::TumblingWindows::new(window_ms, grace_ms, retention_ms)?;
+            let state_dir = state_dir.unwrap_or_else(|| {
+                std::env::temp_dir().join(format!("exactly-stream-{application_id}-{instance}"))
+            });
+            let config = exactly_stream::StreamConfig {
+                brokers,
+                application_id,
+                instance,
+                input,
+                output,
+                group_by: if group_by.is_empty() {
+                    exactly_stream::GroupBy::AggregateId
+                } else {
+                    exactly_stream::GroupBy::PayloadField(group_by)
+                },
+                windows,
+                salts: salts.max(1),
+                commit_interval: Duration::from_millis(commit_interval_ms),
+                state_dir,
+            };
+            commands::stream(config, partitions).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { database } => {

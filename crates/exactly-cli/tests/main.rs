@@ -10,4 +10,5 @@ mod consumer;
 mod demo;
 mod eos;
 mod relay;
+mod stream;
 mod wal;

@@ -12,8 +12,10 @@
 //! transaction held in an overlay that an abort simply drops.
 
 pub mod changelog;
+mod processor;
 mod store;
 mod task;
 
+pub use processor::{GroupBy, Processor, ProcessorError, StreamConfig, StreamCounters};
 pub use store::{Batch, Change, StateStore, StoreError};
 pub use task::{Counted, Input, WindowedCount};

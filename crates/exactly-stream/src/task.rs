@@ -45,8 +45,8 @@ pub enum Counted {
 }
 
 /// A task's counting state over a [`StateStore`].
-pub struct WindowedCount<'s> {
-    store: &'s StateStore,
+pub struct WindowedCount {
+    store: StateStore,
     windows: TumblingWindows,
     salts: u32,
     counts: HashMap<(i64, String), u64>,
@@ -56,9 +56,9 @@ pub struct WindowedCount<'s> {
     late: u64,
 }
 
-impl<'s> WindowedCount<'s> {
+impl WindowedCount {
     /// Counting over `store` with `windows`; `salts` > 1 splits each key into partial counts.
-    pub fn new(store: &'s StateStore, windows: TumblingWindows, salts: u32) -> Result<Self, StoreError> {
+    pub fn new(store: StateStore, windows: TumblingWindows, salts: u32) -> Result<Self, StoreError> {
         Ok(WindowedCount {
             stream_time: store.stream_time()?,
             store,
@@ -102,6 +102,16 @@ impl<'s> WindowedCount<'s> {
             key,
             count,
         })
+    }
+
+    /// The committed state.
+    pub fn store(&self) -> &StateStore {
+        &self.store
+    }
+
+    /// Moves past an input that is not counted (unreadable), so its offset commits with the state.
+    pub fn skip(&mut self, topic: &str, partition: i32, offset: i64) {
+        self.offsets.insert((topic.to_owned(), partition), offset + 1);
     }
 
     /// Late records dropped since the last [`WindowedCount::take_batch`].
@@ -182,7 +192,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = StateStore::open(&dir.path().join("s.redb")).expect("open");
         let windows = TumblingWindows::new(SIZE, 60_000, 3_600_000).expect("windows");
-        let mut task = WindowedCount::new(&store, windows, 1).expect("task");
+        let mut task = WindowedCount::new(store, windows, 1).expect("task");
         assert!(matches!(
             task.process(input(0, "P-1", "a", 10)).expect("p"),
             Counted::Updated { count: 1, .. }
@@ -192,7 +202,7 @@ mod tests {
             Counted::Duplicate
         );
         let batch = task.take_batch().expect("batch");
-        store.commit(&batch).expect("commit");
+        task.store().commit(&batch).expect("commit");
         assert_eq!(
             task.process(input(2, "P-1", "a", 10)).expect("p"),
             Counted::Duplicate,
@@ -202,7 +212,7 @@ mod tests {
         // An aborted transaction leaves nothing behind.
         task.process(input(3, "P-1", "b", 20)).expect("p");
         task.discard().expect("discard");
-        assert_eq!(store.count(UnixMillis(0), "P-1").expect("count"), 1);
+        assert_eq!(task.store().count(UnixMillis(0), "P-1").expect("count"), 1);
         assert!(matches!(
             task.process(input(3, "P-1", "b", 20)).expect("p"),
             Counted::Updated { count: 2, .. }
@@ -212,8 +222,12 @@ mod tests {
         task.process(input(4, "P-2", "c", SIZE + 60_000)).expect("p");
         assert_eq!(task.process(input(5, "P-1", "d", 30)).expect("p"), Counted::Late);
         assert_eq!(task.late(), 1);
-        store.commit(&task.take_batch().expect("batch")).expect("commit");
-        assert_eq!(store.offsets().expect("offsets"), vec![("orders".into(), 0, 6)]);
+        let batch = task.take_batch().expect("batch");
+        task.store().commit(&batch).expect("commit");
+        assert_eq!(
+            task.store().offsets().expect("offsets"),
+            vec![("orders".into(), 0, 6)]
+        );
     }
 
     proptest! {
@@ -228,7 +242,7 @@ mod tests {
             let store = StateStore::open(&dir.path().join("s.redb")).expect("open");
             // Grace and retention longer than the test's time span: nothing is late.
             let windows = TumblingWindows::new(1000, 10_000, 10_000).expect("windows");
-            let mut task = WindowedCount::new(&store, windows, 1).expect("task");
+            let mut task = WindowedCount::new(store, windows, 1).expect("task");
             let mut expected: HashMap<(i64, String), HashSet<u16>> = HashMap::new();
             for (i, chunk) in events.chunks(7).enumerate() {
                 let abort_first = aborts[i % aborts.len()];
@@ -241,14 +255,16 @@ mod tests {
                     if abort_first && attempt == 0 {
                         task.discard().expect("discard");
                     } else {
-                        store.commit(&task.take_batch().expect("batch")).expect("commit");
+                        let batch = task.take_batch().expect("batch");
+                        task.store().commit(&batch).expect("commit");
                     }
                 }
                 for (key, id, window) in chunk {
                     expected.entry((window * 1000, format!("K{key}"))).or_default().insert(*id);
                 }
             }
-            let counts: HashMap<(i64, String), u64> = store
+            let counts: HashMap<(i64, String), u64> = task
+                .store()
                 .counts()
                 .expect("counts")
                 .into_iter()

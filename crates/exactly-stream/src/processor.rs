@@ -1,0 +1,600 @@
+//! The exactly-once processor runtime, in the manner of Kafka Streams exactly_once_v2: one
+//! consumer (group = application.id, read_committed) and one transactional producer per
+//! processor; every commit interval, the window results, the changelog records and the input
+//! offsets (`send_offsets_to_transaction` with the group's metadata) go out in one Kafka
+//! transaction. One task (store + changelog partition) per input partition.
+//!
+//! Counts are partial per input partition (input is keyed by its aggregate, not by the grouping
+//! key, so no repartition topic is needed): every output carries its partition, and sinks add
+//! the partial counts of a (key, window) together.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use exactly_core::changelog::TxnSeq;
+use exactly_core::window::{unsalted_key, TumblingWindows};
+use exactly_core::{decode_record, UnixMillis};
+use exactly_kafka::{consumer_config, producer_config};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::topic_partition_list::TopicPartitionList;
+use rdkafka::{ClientConfig, Offset};
+
+use crate::changelog::{records_for, restore, ChangelogRecord, TXN_HEADER};
+use crate::store::{Change, StateStore};
+use crate::task::{Counted, Input, WindowedCount};
+
+/// What the count groups by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GroupBy {
+    /// A top-level string field of the JSON payload, for example `product_id`.
+    PayloadField(String),
+    /// The envelope's aggregate id.
+    AggregateId,
+}
+
+/// How a processor runs.
+#[derive(Debug, Clone)]
+pub struct StreamConfig {
+    /// bootstrap.servers.
+    pub brokers: String,
+    /// Consumer group, transactional.id prefix and internal topic prefix.
+    pub application_id: String,
+    /// Distinguishes processors of one application (part of the transactional.id).
+    pub instance: String,
+    /// Input topic (outbox events with exactly headers).
+    pub input: String,
+    /// Output topic of window results.
+    pub output: String,
+    /// Grouping key.
+    pub group_by: GroupBy,
+    /// Window size, grace, retention.
+    pub windows: TumblingWindows,
+    /// Partial counts per hot key (1: off).
+    pub salts: u32,
+    /// Kafka transaction length.
+    pub commit_interval: Duration,
+    /// Where task stores live.
+    pub state_dir: PathBuf,
+}
+
+impl StreamConfig {
+    /// The changelog topic: `<application.id>-counts-changelog`.
+    pub fn changelog_topic(&self) -> String {
+        format!("{}-counts-changelog", self.application_id)
+    }
+}
+
+/// Counters a caller can read while the processor runs.
+#[derive(Debug, Default)]
+pub struct StreamCounters {
+    /// Input records counted.
+    pub counted: AtomicU64,
+    /// Input records already counted in their window.
+    pub duplicates: AtomicU64,
+    /// Input records later than window end + grace.
+    pub late: AtomicU64,
+    /// Input records without readable headers or grouping key (skipped and logged).
+    pub unreadable: AtomicU64,
+    /// Kafka transactions committed.
+    pub commits: AtomicU64,
+    /// Kafka transactions aborted.
+    pub aborts: AtomicU64,
+    /// Milliseconds the last restore took.
+    pub last_restore_ms: AtomicU64,
+}
+
+/// The processor failed for good.
+#[derive(Debug, thiserror::Error)]
+#[error("stream processor: {0}")]
+pub struct ProcessorError(String);
+
+fn fail(context: &str) -> impl Fn(KafkaError) -> ProcessorError + '_ {
+    move |e| ProcessorError(format!("{context}: {e}"))
+}
+
+/// State shared with the rebalance callback.
+struct Shared {
+    tasks: BTreeMap<i32, TaskSlot>,
+    /// A rebalance happened: the open transaction must be aborted and overlays discarded.
+    rebalanced: bool,
+    config: StreamConfig,
+    counters: Arc<StreamCounters>,
+}
+
+struct TaskSlot {
+    count: WindowedCount,
+    /// The last transaction of this task that committed and is not yet marked in its changelog.
+    unmarked: Option<TxnSeq>,
+    touched: bool,
+}
+
+struct RebalanceContext {
+    shared: Arc<Mutex<Shared>>,
+}
+
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl ClientContext for RebalanceContext {}
+
+impl ConsumerContext for RebalanceContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut shared = lock(&self.shared);
+        shared.rebalanced = true;
+        if let Rebalance::Revoke(list) = rebalance {
+            for e in list.elements() {
+                shared.tasks.remove(&e.partition());
+            }
+        }
+    }
+
+    fn rebalance(
+        &self,
+        base_consumer: &BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        if err == rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
+            self.pre_rebalance(base_consumer, &Rebalance::Assign(tpl));
+            // Each partition starts where its restored state says, not at the group's offset.
+            let mut shared = lock(&self.shared);
+            let mut positioned = TopicPartitionList::new();
+            for e in tpl.elements() {
+                let partition = e.partition();
+                let offset = match shared.restore_task(partition) {
+                    Ok(offset) => offset,
+                    Err(error) => {
+                        tracing::error!("restoring partition {partition} failed: {error}");
+                        None
+                    }
+                };
+                let at = offset.map_or(Offset::Beginning, Offset::Offset);
+                if let Err(e) = positioned.add_partition_offset(e.topic(), partition, at) {
+                    tracing::error!("cannot position partition {partition}: {e}");
+                }
+            }
+            drop(shared);
+            if let Err(e) = base_consumer.assign(&positioned) {
+                tracing::error!("assign failed: {e}");
+            }
+        } else {
+            let revoke = Rebalance::Revoke(tpl);
+            self.pre_rebalance(base_consumer, &revoke);
+            if let Err(e) = base_consumer.unassign() {
+                tracing::error!("unassign failed: {e}");
+            }
+        }
+    }
+}
+
+impl Shared {
+    /// Makes sure a task exists for `partition`, rebuilding its store from the changelog when
+    /// it is new to this processor; returns the input offset its state reflects.
+    fn restore_task(&mut self, partition: i32) -> Result<Option<i64>, ProcessorError> {
+        if !self.tasks.contains_key(&partition) {
+            let started = Instant::now();
+            let records = read_changelog(&self.config, partition)?;
+            let (batch, last, dropped) = restore(records);
+            let path = self.config.state_dir.join(format!("partition-{partition}.redb"));
+            // The changelog is the truth; a local file may be behind or ahead of it.
+            let _ = std::fs::remove_file(&path);
+            std::fs::create_dir_all(&self.config.state_dir)
+                .map_err(|e| ProcessorError(format!("state dir: {e}")))?;
+            let store = StateStore::open(&path).map_err(|e| ProcessorError(e.to_string()))?;
+            store.commit(&batch).map_err(|e| ProcessorError(e.to_string()))?;
+            let count = WindowedCount::new(store, self.config.windows, self.config.salts)
+                .map_err(|e| ProcessorError(e.to_string()))?;
+            let ms = started.elapsed().as_millis() as u64;
+            self.counters.last_restore_ms.store(ms, Ordering::Relaxed);
+            metrics::gauge!("exactly_stream_restore_seconds").set(ms as f64 / 1000.0);
+            tracing::info!(
+                "partition {partition}: restored {} entries up to {:?} ({dropped} uncommitted dropped) in {ms} ms",
+                batch.changes.len(),
+                last
+            );
+            // Unmarked commits before this restore stay unmarked for good: their changes were
+            // not restored, their inputs are read again.
+            self.tasks.insert(
+                partition,
+                TaskSlot {
+                    count,
+                    unmarked: None,
+                    touched: false,
+                },
+            );
+        }
+        let offset = self.tasks.get(&partition).and_then(|t| {
+            t.count
+                .store()
+                .offsets()
+                .ok()?
+                .into_iter()
+                .find(|(topic, p, _)| *topic == self.config.input && *p == partition)
+                .map(|(_, _, o)| o)
+        });
+        Ok(offset)
+    }
+}
+
+/// Reads changelog partition `partition` from the beginning to its end (read_committed).
+fn read_changelog(config: &StreamConfig, partition: i32) -> Result<Vec<ChangelogRecord>, ProcessorError> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &config.brokers)
+        .set("group.id", format!("{}-restore", config.application_id))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .create()
+        .map_err(fail("create restore consumer"))?;
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(&config.changelog_topic(), partition, Offset::Beginning)
+        .map_err(fail("restore assignment"))?;
+    consumer.assign(&list).map_err(fail("restore assignment"))?;
+    let mut records = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let txn = m
+                    .headers()
+                    .and_then(|h| h.iter().find(|h| h.key == TXN_HEADER).and_then(|h| h.value))
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+                    .unwrap_or_default();
+                records.push(ChangelogRecord {
+                    key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                    value: m.payload().map(|v| String::from_utf8_lossy(v).into_owned()),
+                    txn,
+                });
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(records),
+            Some(Err(e)) => tracing::debug!("restore read: {e}"),
+            None => {}
+        }
+    }
+    Err(ProcessorError(format!(
+        "changelog partition {partition} not read to its end within 120 s"
+    )))
+}
+
+/// Runs one processor until `stop` is set.
+pub struct Processor {
+    config: StreamConfig,
+    consumer: BaseConsumer<RebalanceContext>,
+    producer: ThreadedProducer<DefaultProducerContext>,
+    shared: Arc<Mutex<Shared>>,
+    counters: Arc<StreamCounters>,
+    epoch: u64,
+    seq: u64,
+}
+
+impl Processor {
+    /// Creates the internal topics, the transactional producer (fencing an earlier one of this
+    /// instance) and the consumer.
+    pub fn new(config: StreamConfig, counters: Arc<StreamCounters>) -> Result<Self, ProcessorError> {
+        let transactional_id = format!("{}-{}", config.application_id, config.instance);
+        let producer: ThreadedProducer<DefaultProducerContext> = producer_config(&config.brokers, true)
+            .set("transactional.id", &transactional_id)
+            .set("transaction.timeout.ms", "60000")
+            .create()
+            .map_err(fail("create producer"))?;
+        producer
+            .init_transactions(Duration::from_secs(30))
+            .map_err(fail("init transactions"))?;
+        let shared = Arc::new(Mutex::new(Shared {
+            tasks: BTreeMap::new(),
+            rebalanced: false,
+            config: config.clone(),
+            counters: counters.clone(),
+        }));
+        let consumer: BaseConsumer<RebalanceContext> =
+            consumer_config(&config.brokers, &config.application_id)
+                .create_with_context(RebalanceContext {
+                    shared: shared.clone(),
+                })
+                .map_err(fail("create consumer"))?;
+        consumer.subscribe(&[&config.input]).map_err(fail("subscribe"))?;
+        let epoch = exactly_kafka::now().0.max(0) as u64;
+        Ok(Processor {
+            config,
+            consumer,
+            producer,
+            shared,
+            counters,
+            epoch,
+            seq: 0,
+        })
+    }
+
+    /// Processes until `stop` turns true, then commits what is open.
+    pub fn run(&mut self, stop: &AtomicBool) -> Result<(), ProcessorError> {
+        let mut open_since: Option<Instant> = None;
+        while !stop.load(Ordering::Relaxed) {
+            let message = self.consumer.poll(Duration::from_millis(20));
+            if std::mem::take(&mut lock(&self.shared).rebalanced) {
+                if open_since.take().is_some() {
+                    self.abort()?;
+                }
+                // The message, if any, was fetched before the new positions: it comes again.
+                continue;
+            }
+            match message {
+                Some(Ok(m)) => {
+                    if open_since.is_none() {
+                        self.producer
+                            .begin_transaction()
+                            .map_err(fail("begin transaction"))?;
+                        open_since = Some(Instant::now());
+                    }
+                    self.process(&m)?;
+                }
+                Some(Err(e)) => tracing::debug!("consumer: {e}"),
+                None => {}
+            }
+            if open_since.is_some_and(|t| t.elapsed() >= self.config.commit_interval) {
+                open_since = None;
+                self.commit()?;
+            }
+        }
+        if open_since.is_some() {
+            self.commit()?;
+        }
+        Ok(())
+    }
+
+    fn process(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Result<(), ProcessorError> {
+        let headers: Vec<(&str, Option<&[u8]>)> = m
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
+            .unwrap_or_default();
+        let payload = m.payload().unwrap_or_default();
+        let delivery = match decode_record(headers.iter().copied(), payload) {
+            Ok(d) => d,
+            Err(e) => return self.unreadable(m, &e.to_string()),
+        };
+        let key = match &self.config.group_by {
+            GroupBy::AggregateId => Some(delivery.envelope.aggregate_id.clone()),
+            GroupBy::PayloadField(field) => serde_json::from_slice::<serde_json::Value>(payload)
+                .ok()
+                .and_then(|v| v.get(field)?.as_str().map(str::to_owned)),
+        };
+        let Some(key) = key else {
+            return self.unreadable(m, "grouping key missing from the payload");
+        };
+        let idempotency_key = delivery.key.to_string();
+        let partition = m.partition();
+        let outcome = {
+            let mut shared = lock(&self.shared);
+            let Some(slot) = shared.tasks.get_mut(&partition) else {
+                // Not (or no longer) assigned here.
+                return Ok(());
+            };
+            slot.touched = true;
+            slot.count
+                .process(Input {
+                    topic: m.topic(),
+                    partition,
+                    offset: m.offset(),
+                    key: &key,
+                    idempotency_key: &idempotency_key,
+                    event_time: delivery.envelope.occurred_at,
+                })
+                .map_err(|e| ProcessorError(e.to_string()))?
+        };
+        match outcome {
+            Counted::Updated {
+                window_start,
+                key,
+                count,
+            } => {
+                self.counters.counted.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("exactly_stream_records_total").increment(1);
+                metrics::histogram!("exactly_stream_latency_seconds").record(
+                    exactly_kafka::now()
+                        .millis_since(delivery.envelope.occurred_at)
+                        .max(0) as f64
+                        / 1000.0,
+                );
+                self.emit(partition, window_start, &key, count)?;
+            }
+            Counted::Duplicate => {
+                self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("exactly_stream_duplicates_total").increment(1);
+            }
+            Counted::Late => {
+                self.counters.late.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("exactly_stream_late_dropped_total").increment(1);
+            }
+        }
+        Ok(())
+    }
+
+    fn unreadable(&self, m: &rdkafka::message::BorrowedMessage<'_>, why: &str) -> Result<(), ProcessorError> {
+        // The record is skipped (its offset is still committed with the state); it is never
+        // counted. Kept visible by the log and the counter.
+        tracing::warn!(
+            "{}/{}@{} not counted: {why}",
+            m.topic(),
+            m.partition(),
+            m.offset()
+        );
+        self.counters.unreadable.fetch_add(1, Ordering::Relaxed);
+        let mut shared = lock(&self.shared);
+        if let Some(slot) = shared.tasks.get_mut(&m.partition()) {
+            slot.touched = true;
+            slot.count.skip(m.topic(), m.partition(), m.offset());
+        }
+        Ok(())
+    }
+
+    fn emit(
+        &self,
+        partition: i32,
+        window_start: UnixMillis,
+        key: &str,
+        count: u64,
+    ) -> Result<(), ProcessorError> {
+        let value = serde_json::json!({
+            "key": unsalted_key(key),
+            "partial": format!("{key}#p{partition}"),
+            "window_start": window_start.0,
+            "window_end": window_start.0 + self.config.windows.size_ms,
+            "count": count,
+        })
+        .to_string();
+        let record_key = format!("{key}@{}#p{partition}", window_start.0);
+        self.send(
+            BaseRecord::<str, str>::to(&self.config.output)
+                .key(&record_key)
+                .payload(&value),
+        )
+    }
+
+    fn send(&self, mut record: BaseRecord<'_, str, str>) -> Result<(), ProcessorError> {
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => return Err(ProcessorError(format!("send: {e}"))),
+            }
+        }
+    }
+
+    /// Changelog records, input offsets and the commit, then the local stores.
+    fn commit(&mut self) -> Result<(), ProcessorError> {
+        let txn = TxnSeq {
+            epoch: self.epoch,
+            seq: self.seq,
+        };
+        self.seq += 1;
+        let changelog = self.config.changelog_topic();
+        let mut batches = Vec::new();
+        let mut offsets = TopicPartitionList::new();
+        {
+            let mut shared = lock(&self.shared);
+            for (partition, slot) in shared.tasks.iter_mut() {
+                if !std::mem::take(&mut slot.touched) {
+                    continue;
+                }
+                let batch = slot
+                    .count
+                    .take_batch()
+                    .map_err(|e| ProcessorError(e.to_string()))?;
+                for change in &batch.changes {
+                    if let Change::Offset {
+                        topic,
+                        partition,
+                        offset,
+                    } = change
+                    {
+                        offsets
+                            .add_partition_offset(topic, *partition, Offset::Offset(*offset))
+                            .map_err(fail("offsets"))?;
+                    }
+                }
+                for record in records_for(txn, slot.unmarked, &batch) {
+                    let headers = OwnedHeaders::new().insert(Header {
+                        key: TXN_HEADER,
+                        value: Some(&record.txn),
+                    });
+                    let mut r = BaseRecord::<str, str>::to(&changelog)
+                        .key(&record.key)
+                        .partition(*partition)
+                        .headers(headers);
+                    if let Some(v) = &record.value {
+                        r = r.payload(v);
+                    }
+                    self.send(r)?;
+                }
+                batches.push((*partition, batch));
+            }
+        }
+        let metadata = self
+            .consumer
+            .group_metadata()
+            .ok_or_else(|| ProcessorError("no group metadata".into()))?;
+        let started = Instant::now();
+        let result = self
+            .producer
+            .send_offsets_to_transaction(&offsets, &metadata, Duration::from_secs(30))
+            .and_then(|()| {
+                self.producer.flush(Duration::from_secs(30))?;
+                self.producer.commit_transaction(Duration::from_secs(30))
+            });
+        match result {
+            Ok(()) => {
+                self.counters.commits.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("exactly_stream_commits_total").increment(1);
+                metrics::histogram!("exactly_stream_commit_seconds").record(started.elapsed().as_secs_f64());
+                let mut shared = lock(&self.shared);
+                let mut bytes = 0u64;
+                for (partition, batch) in batches {
+                    if let Some(slot) = shared.tasks.get_mut(&partition) {
+                        slot.count
+                            .store()
+                            .commit(&batch)
+                            .map_err(|e| ProcessorError(e.to_string()))?;
+                        slot.unmarked = Some(txn);
+                    }
+                }
+                for partition in shared.tasks.keys() {
+                    let path = shared
+                        .config
+                        .state_dir
+                        .join(format!("partition-{partition}.redb"));
+                    bytes += std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+                }
+                metrics::gauge!("exactly_stream_store_bytes").set(bytes as f64);
+                Ok(())
+            }
+            Err(e) => match &e {
+                KafkaError::Transaction(t) if t.txn_requires_abort() => {
+                    tracing::warn!("transaction aborted: {e}");
+                    self.abort()
+                }
+                _ => Err(ProcessorError(format!("commit: {e}"))),
+            },
+        }
+    }
+
+    /// Aborts the open transaction, drops every overlay and puts each partition back at the
+    /// offset its committed state reflects.
+    fn abort(&mut self) -> Result<(), ProcessorError> {
+        self.producer
+            .abort_transaction(Duration::from_secs(30))
+            .map_err(fail("abort"))?;
+        self.counters.aborts.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("exactly_stream_aborts_total").increment(1);
+        let mut shared = lock(&self.shared);
+        let input = shared.config.input.clone();
+        for (partition, slot) in shared.tasks.iter_mut() {
+            slot.touched = false;
+            slot.count.discard().map_err(|e| ProcessorError(e.to_string()))?;
+            let offset = slot
+                .count
+                .store()
+                .offsets()
+                .map_err(|e| ProcessorError(e.to_string()))?
+                .into_iter()
+                .find(|(t, p, _)| *t == input && p == partition)
+                .map_or(Offset::Beginning, |(_, _, o)| Offset::Offset(o));
+            if let Err(e) = self
+                .consumer
+                .seek(&input, *partition, offset, Duration::from_secs(10))
+            {
+                tracing::warn!("seek back of partition {partition} failed: {e}");
+            }
+        }
+        Ok(())
+    }
+}
