@@ -244,6 +244,10 @@ enum Command {
         /// Where task stores live (default: a folder per application in the temp dir).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1:9466")]
+        metrics_addr: SocketAddr,
+        #[arg(long)]
+        no_metrics: bool,
     },
     /// Benchmarks that print figures against a baseline measured in the same run.
     Bench {
@@ -450,7 +454,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             salts,
             commit_interval_ms,
             state_dir,
+            metrics_addr,
+            no_metrics,
         } => {
+            if !no_metrics {
+                telemetry::serve_metrics(metrics_addr)?;
+            }
             let windows = exactly_core::window::TumblingWindows::new(window_ms, grace_ms, retention_ms)?;
             let state_dir = state_dir.unwrap_or_else(|| {
                 std::env::temp_dir().join(format!("exactly-stream-{application_id}-{instance}"))

@@ -51,6 +51,7 @@ fn spawn_stream(
             "172800000",
             "--state-dir",
             state.to_str().expect("utf-8 path"),
+            "--no-metrics",
         ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
