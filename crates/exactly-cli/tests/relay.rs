@@ -92,6 +92,41 @@ async fn two_relays_at_once_publish_each_row_once_in_aggregate_order() {
         .await
         .expect("migrate");
 
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (url, topic) = (url.clone(), topic.clone());
+        writers.push(tokio::spawn(async move {
+            let mut client = exactly_postgres::connect(&url).await.expect("connect");
+            let mut written = Vec::new();
+            for i in 0..250 {
+                let tx = client.transaction().await.expect("begin");
+                // More aggregates than a batch holds, so the per-aggregate rule leaves rows for the
+                // other relay.
+                let aggregate = format!("A-{}", (w * 250 + i) % 211);
+                // Writers of one aggregate serialize, as a real service's row lock would make them.
+                tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&aggregate])
+                    .await
+                    .expect("lock");
+                let e = event(&aggregate, i, b"");
+                exactly_postgres::enqueue(&tx, &topic, &e).await.expect("enqueue");
+                tx.commit().await.expect("commit");
+                written.push(e);
+            }
+            written
+        }));
+    }
+    // Relays start once a backlog exists, so both have rows to claim from their first round
+    // (started on an empty table, one relay alone could keep up with the writers).
+    let seeded = exactly_testkit::eventually(Duration::from_secs(30), || async {
+        migrate
+            .query_one("SELECT COUNT(*) FROM outbox", &[])
+            .await
+            .expect("count")
+            .get::<_, i64>(0)
+            >= 300
+    })
+    .await;
+    assert!(seeded, "writers did not commit 300 rows within 30 s");
     let relays: Vec<_> = (0..2)
         .map(|_| {
             Command::new(EXACTLY)
@@ -112,27 +147,6 @@ async fn two_relays_at_once_publish_each_row_once_in_aggregate_order() {
                 .expect("spawn relay")
         })
         .collect();
-    let mut writers = Vec::new();
-    for w in 0..4 {
-        let (url, topic) = (url.clone(), topic.clone());
-        writers.push(tokio::spawn(async move {
-            let mut client = exactly_postgres::connect(&url).await.expect("connect");
-            let mut written = Vec::new();
-            for i in 0..250 {
-                let tx = client.transaction().await.expect("begin");
-                let aggregate = format!("A-{}", (w * 250 + i) % 13);
-                // Writers of one aggregate serialize, as a real service's row lock would make them.
-                tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&aggregate])
-                    .await
-                    .expect("lock");
-                let e = event(&aggregate, i, b"");
-                exactly_postgres::enqueue(&tx, &topic, &e).await.expect("enqueue");
-                tx.commit().await.expect("commit");
-                written.push(e);
-            }
-            written
-        }));
-    }
     let mut events = Vec::new();
     for w in writers {
         events.extend(w.await.expect("writer"));
