@@ -8,6 +8,7 @@ mod bench;
 mod broker;
 mod commands;
 mod demo;
+mod sink;
 mod story;
 mod telemetry;
 
@@ -249,6 +250,17 @@ enum Command {
         #[arg(long)]
         no_metrics: bool,
     },
+    /// Window results from a topic into PostgreSQL order_counts (UPSERT, larger count wins).
+    SinkCounts {
+        #[arg(long, env = "EXACTLY_DATABASE")]
+        database: String,
+        #[arg(long, env = "EXACTLY_BROKERS")]
+        brokers: String,
+        #[arg(long, default_value = "agg-out")]
+        topic: String,
+        #[arg(long, default_value = "orders-agg-sink")]
+        group: String,
+    },
     /// Benchmarks that print figures against a baseline measured in the same run.
     Bench {
         #[command(subcommand)]
@@ -481,6 +493,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 state_dir,
             };
             commands::stream(config, partitions).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::SinkCounts {
+            database,
+            brokers,
+            topic,
+            group,
+        } => {
+            sink::sink_counts(&database, &brokers, &topic, &group, commands::stop_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { database } => {

@@ -272,3 +272,82 @@ fn merged_counts_one(brokers: &str, topic: &str) -> HashMap<(String, i64), u64> 
     }
     out
 }
+
+/// The UPSERT sink: results that arrive twice or out of order never lower a count, partial
+/// counts add up per (key, window), and a restarted sink (replaying from its last commit)
+/// changes nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn upsert_sink_keeps_the_largest_result_when_outputs_repeat_or_reorder() {
+    let brokers = brokers();
+    let url = exactly_testkit::fresh_pg_database().await;
+    let topic = unique("agg-out");
+    exactly_kafka::ensure_topics(&brokers, &[&topic], 1)
+        .await
+        .expect("topic");
+    let result = |key: &str, part: &str, count: u64| {
+        serde_json::json!({"key": key, "partial": part, "window_start": 0, "window_end": WINDOW, "count": count})
+            .to_string()
+    };
+    let outputs = [
+        result("P-1", "P-1#p0", 3),
+        result("P-1", "P-1#p0", 1), // older, arriving late
+        result("P-1", "P-1#p0", 3), // repeated
+        result("P-1", "P-1#p1", 4),
+        result("P-1", "P-1#p0", 2),
+        result("P-2", "P-2#p0", 1),
+    ];
+    let producer: ThreadedProducer<DefaultProducerContext> = exactly_kafka::producer_config(&brokers, false)
+        .create()
+        .expect("producer");
+    for o in &outputs {
+        producer
+            .send(BaseRecord::<str, str>::to(&topic).key("k").payload(o))
+            .map_err(|(e, _)| e)
+            .expect("send");
+    }
+    producer.flush(Duration::from_secs(10)).expect("flush");
+    let group = unique("sink");
+    let client = exactly_postgres::connect(&url).await.expect("connect");
+    for run in 0..2 {
+        let mut sink = Command::new(EXACTLY)
+            .args([
+                "sink-counts",
+                "--database",
+                &url,
+                "--brokers",
+                &brokers,
+                "--topic",
+                &topic,
+                "--group",
+                &group,
+            ])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn sink");
+        let done = exactly_testkit::eventually(Duration::from_secs(60), || async {
+            client
+                .query_opt("SELECT count FROM order_counts WHERE key = 'P-2'", &[])
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let _ = sink.kill();
+        let _ = sink.wait();
+        assert!(done, "run {run}: the sink wrote nothing within 60 s");
+        let rows: Vec<(String, i64)> = client
+            .query("SELECT key, count FROM order_counts ORDER BY key", &[])
+            .await
+            .expect("rows")
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        assert_eq!(
+            rows,
+            vec![("P-1".to_owned(), 7), ("P-2".to_owned(), 1)],
+            "run {run}"
+        );
+    }
+}

@@ -10,6 +10,7 @@
 //! - [`PgEffects`] is a consumer's [`exactly_core::EffectStore`]: the dedupe record and the
 //!   [`PgHandler`]'s writes commit in one transaction; parked messages keep their bytes.
 
+pub mod counts;
 mod db;
 mod effects;
 mod error;
