@@ -224,15 +224,28 @@ impl Shared {
     }
 }
 
+/// The restore reader's context: reaching a partition's end is the goal, not an error.
+struct RestoreContext;
+
+impl ClientContext for RestoreContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::error!("librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl ConsumerContext for RestoreContext {}
+
 /// Reads changelog partition `partition` from the beginning to its end (read_committed).
 fn read_changelog(config: &StreamConfig, partition: i32) -> Result<Vec<ChangelogRecord>, ProcessorError> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    let consumer: BaseConsumer<RestoreContext> = ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
         .set("group.id", format!("{}-restore", config.application_id))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed")
-        .create()
+        .create_with_context(RestoreContext)
         .map_err(fail("create restore consumer"))?;
     let mut list = TopicPartitionList::new();
     list.add_partition_offset(&config.changelog_topic(), partition, Offset::Beginning)
