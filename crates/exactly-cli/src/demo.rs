@@ -472,11 +472,25 @@ async fn spawn_writers(
     Ok(running)
 }
 
-fn relay_faults(budget: Arc<FaultBudget>, seed: u64) -> Faults {
+/// Crashes at the `first`-th time the point is reached (so every run with faults on crashes at
+/// least once, however the batches fall), then at random with probability 1/`one_in`.
+fn sometimes(seed: u64, first: u64, one_in: u64) -> impl Fn() -> bool + Send + Sync {
     let rng = Mutex::new(StdRng::seed_from_u64(seed));
+    let calls = AtomicU64::new(0);
+    move || {
+        calls.fetch_add(1, Ordering::Relaxed) + 1 == first
+            || rng
+                .lock()
+                .map(|mut r| r.random_range(0..one_in) == 0)
+                .unwrap_or(false)
+    }
+}
+
+fn relay_faults(budget: Arc<FaultBudget>, seed: u64) -> Faults {
+    let fire = sometimes(seed, 2, 8);
     Faults::new(move |point| {
         point == FaultPoint::RelayAfterPublishBeforeSettle
-            && rng.lock().map(|mut r| r.random_range(0..8) == 0).unwrap_or(false)
+            && fire()
             && budget
                 .relay_crashes
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -621,14 +635,11 @@ async fn supervise_consumer(
     let mut generation = 0u64;
     while !*stop.borrow() {
         generation += 1;
-        let rng = Mutex::new(StdRng::seed_from_u64(seed ^ generation));
+        let fire = sometimes(seed ^ generation, 100, 1500);
         let budget = budget.clone();
         let faults = Faults::new(move |point| {
             point == FaultPoint::ConsumerAfterApplyBeforeOffsetCommit
-                && rng
-                    .lock()
-                    .map(|mut r| r.random_range(0..1500) == 0)
-                    .unwrap_or(false)
+                && fire()
                 && budget
                     .consumer_crashes
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))

@@ -101,14 +101,27 @@ pub(crate) fn classify(error: &KafkaError) -> TxnFailure {
     }
 }
 
-fn reader(brokers: &str) -> Result<BaseConsumer, KafkaFlowError> {
+/// Reaching the end of the progress partition is the goal, not an error worth a log line.
+pub struct QuietEof;
+
+impl rdkafka::ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::error!("librdkafka: {error}: {reason}");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietEof {}
+
+fn reader(brokers: &str) -> Result<BaseConsumer<QuietEof>, KafkaFlowError> {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", "exactly-progress-reader")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed")
-        .create()
+        .create_with_context(QuietEof)
         .map_err(KafkaFlowError::at("create progress reader"))
 }
 

@@ -20,7 +20,7 @@ mod wal_relay;
 pub use admin::ensure_topics;
 pub use config::{consumer_config, producer_config};
 pub use consumer::{ConsumerConfig, ConsumerCounters, IdempotentConsumer};
-pub use eos::{broker_hides_aborted_records, is_fenced, ExactlyOnce};
+pub use eos::{broker_hides_aborted_records, is_fenced, ExactlyOnce, QuietEof};
 pub use error::KafkaFlowError;
 pub use faults::{FaultPoint, Faults};
 pub use relay::{now, BatchReport, Relay, RelayConfig, RelayCounters};

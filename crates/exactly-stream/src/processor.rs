@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use exactly_core::changelog::TxnSeq;
 use exactly_core::window::{unsalted_key, TumblingWindows};
 use exactly_core::{decode_record, UnixMillis};
-use exactly_kafka::{consumer_config, producer_config};
+use exactly_kafka::{consumer_config, producer_config, QuietEof};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
@@ -224,28 +224,15 @@ impl Shared {
     }
 }
 
-/// The restore reader's context: reaching a partition's end is the goal, not an error.
-struct RestoreContext;
-
-impl ClientContext for RestoreContext {
-    fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
-            tracing::error!("librdkafka: {error}: {reason}");
-        }
-    }
-}
-
-impl ConsumerContext for RestoreContext {}
-
 /// Reads changelog partition `partition` from the beginning to its end (read_committed).
 fn read_changelog(config: &StreamConfig, partition: i32) -> Result<Vec<ChangelogRecord>, ProcessorError> {
-    let consumer: BaseConsumer<RestoreContext> = ClientConfig::new()
+    let consumer: BaseConsumer<QuietEof> = ClientConfig::new()
         .set("bootstrap.servers", &config.brokers)
         .set("group.id", format!("{}-restore", config.application_id))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed")
-        .create_with_context(RestoreContext)
+        .create_with_context(QuietEof)
         .map_err(fail("create restore consumer"))?;
     let mut list = TopicPartitionList::new();
     list.add_partition_offset(&config.changelog_topic(), partition, Offset::Beginning)
