@@ -9,11 +9,10 @@ use anyhow::{bail, Context, Result};
 use exactly_core::{Envelope, IdempotencyKey, UnixMillis};
 use exactly_kafka::{ExactlyOnce, Relay, RelayConfig, WalRelay, WalRelayConfig, WalRelayCounters};
 use exactly_postgres::{PgChangeFeed, PgOutbox, WalConfig};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use tokio::sync::watch;
 
-use crate::broker::start_local_broker;
+use crate::broker::given_or_local;
 use crate::demo::with_database;
 
 /// Settings of `exactly bench relay`.
@@ -38,16 +37,7 @@ impl Figure {
 
 pub async fn relay_bench(options: RelayBench) -> Result<()> {
     let run_id = exactly_kafka::now().0;
-    let _local_broker;
-    let brokers = match &options.brokers {
-        Some(b) => b.clone(),
-        None => {
-            let broker = start_local_broker().await?;
-            let address = broker.address.clone();
-            _local_broker = broker;
-            address
-        }
-    };
+    let (brokers, _local_broker) = given_or_local(options.brokers.as_deref()).await?;
     let admin = exactly_postgres::connect(&options.database).await?;
     let name = format!("exactly_bench_{run_id}");
     admin
@@ -129,28 +119,14 @@ pub async fn relay_bench(options: RelayBench) -> Result<()> {
     eprintln!("bench: WAL relay catch-up");
     let feed = PgChangeFeed::connect(wal_config.clone()).await?;
     let counters = Arc::new(WalRelayCounters::default());
-    let mut relay = WalRelay::new(feed, WalRelayConfig::new(&brokers))?.with_counters(counters.clone());
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let started = Instant::now();
-    let running = tokio::spawn(async move {
-        let result = relay.run(stop_rx).await;
-        (relay, result)
-    });
-    while counters.events.load(Ordering::Relaxed) < options.events {
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!("WAL relay did not catch up within 600 s");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let wal = Figure {
-        name: "WAL relay (catch-up, acked + confirmed)",
-        events: options.events,
-        seconds: started.elapsed().as_secs_f64(),
-    };
-    let _ = stop_tx.send(true);
-    let (relay, result) = running.await?;
-    result?;
-    drop(relay);
+    let relay = WalRelay::new(feed, WalRelayConfig::new(&brokers))?.with_counters(counters.clone());
+    let wal = catch_up(
+        relay,
+        &counters,
+        options.events,
+        "WAL relay (catch-up, acked + confirmed)",
+    )
+    .await?;
     exactly_postgres::wal::drop_slot(&url, &wal_config.slot).await?;
 
     // 3. The exactly-once WAL relay on the second slot: one Kafka transaction per 100 ms.
@@ -160,28 +136,14 @@ pub async fn relay_bench(options: RelayBench) -> Result<()> {
     let relay = WalRelay::new(feed, WalRelayConfig::new(&brokers))?.with_counters(eos_counters.clone());
     let mut settings = ExactlyOnce::for_source(relay.source());
     settings.progress_topic = format!("bench-progress-{run_id}");
-    let mut relay = relay.exactly_once(settings).await?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let started = Instant::now();
-    let running = tokio::spawn(async move {
-        let result = relay.run(stop_rx).await;
-        (relay, result)
-    });
-    while eos_counters.events.load(Ordering::Relaxed) < options.events {
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!("exactly-once WAL relay did not catch up within 600 s");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let eos = Figure {
-        name: "exactly-once WAL relay (100 ms transactions)",
-        events: options.events,
-        seconds: started.elapsed().as_secs_f64(),
-    };
-    let _ = stop_tx.send(true);
-    let (relay, result) = running.await?;
-    result?;
-    drop(relay);
+    let relay = relay.exactly_once(settings).await?;
+    let eos = catch_up(
+        relay,
+        &eos_counters,
+        options.events,
+        "exactly-once WAL relay (100 ms transactions)",
+    )
+    .await?;
     exactly_postgres::wal::drop_slot(&url, &eos_config.slot).await?;
 
     // 4. The polling relay over the same rows (still NEW).
@@ -241,6 +203,32 @@ pub async fn relay_bench(options: RelayBench) -> Result<()> {
     Ok(())
 }
 
+/// Runs `relay` until it has confirmed `events` events and measures how long that took.
+async fn catch_up(
+    mut relay: WalRelay<PgChangeFeed>,
+    counters: &WalRelayCounters,
+    events: u64,
+    name: &'static str,
+) -> Result<Figure> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let started = Instant::now();
+    let running = tokio::spawn(async move { relay.run(stop_rx).await });
+    while counters.events.load(Ordering::Relaxed) < events {
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("{name} did not catch up within 600 s");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let figure = Figure {
+        name,
+        events,
+        seconds: started.elapsed().as_secs_f64(),
+    };
+    let _ = stop_tx.send(true);
+    running.await??;
+    Ok(figure)
+}
+
 /// A record as the relay would send it: its headers and its event.
 type PreparedRecord = (Vec<(String, Vec<u8>)>, Envelope);
 
@@ -251,13 +239,7 @@ fn produce_raw(brokers: &str, topic: &str, records: &[PreparedRecord]) -> Result
         .context("creating the raw producer")?;
     let started = Instant::now();
     for (headers, envelope) in records {
-        let mut owned = OwnedHeaders::new_with_capacity(headers.len());
-        for (name, value) in headers {
-            owned = owned.insert(Header {
-                key: name,
-                value: Some(value),
-            });
-        }
+        let owned = exactly_kafka::record_headers(headers);
         let mut record = BaseRecord::to(topic)
             .key(envelope.aggregate_id.as_bytes())
             .payload(&envelope.payload)

@@ -30,6 +30,17 @@ pub fn find_tansu() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// The broker to use: `given`, or a local one started now (kept alive by the returned handle).
+pub async fn given_or_local(given: Option<&str>) -> Result<(String, Option<LocalBroker>)> {
+    match given {
+        Some(address) => Ok((address.to_owned(), None)),
+        None => {
+            let broker = start_local_broker().await?;
+            Ok((broker.address.clone(), Some(broker)))
+        }
+    }
+}
+
 /// Starts Tansu (memory storage) on a free loopback port and waits until it accepts connections.
 pub async fn start_local_broker() -> Result<LocalBroker> {
     let tansu = find_tansu()?;

@@ -23,7 +23,7 @@ use tokio::task::JoinSet;
 use crate::backend::{
     observe_postgres, observe_sqlite, write_postgres, write_sqlite, Backend, Observed, StoryHandler, Workload,
 };
-use crate::broker::start_local_broker;
+use crate::broker::given_or_local;
 use crate::story::{StoryConsumer, Topics, CONSUMER_SCHEMA, SERVICE_SCHEMA};
 use exactly_postgres::{PgChangeFeed, WalConfig};
 
@@ -138,16 +138,7 @@ impl DemoReport {
 /// Runs the story and returns the reconciled report.
 pub async fn run_demo(options: DemoOptions) -> Result<DemoReport> {
     let run_id = exactly_kafka::now().0;
-    let _local_broker;
-    let brokers = match &options.brokers {
-        Some(b) => b.clone(),
-        None => {
-            let broker = start_local_broker().await?;
-            let address = broker.address.clone();
-            _local_broker = broker;
-            address
-        }
-    };
+    let (brokers, _local_broker) = given_or_local(options.brokers.as_deref()).await?;
     let topics = Topics::with_suffix(&format!("-{run_id}"));
     exactly_kafka::ensure_topics(&brokers, &[&topics.coupons, &topics.products], 3)
         .await

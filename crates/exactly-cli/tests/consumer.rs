@@ -4,7 +4,6 @@ use std::sync::atomic::Ordering;
 
 use exactly_core::header;
 use exactly_testkit::{brokers, read_topic, unique};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::support::*;
@@ -136,12 +135,7 @@ async fn poison_messages_are_parked_and_the_partition_moves_on() {
     let mut headers = garbled.to_headers(&exactly_core::IdempotencyKey::UuidV7(garbled.event_id));
     headers[0].1 = b"v7:not-a-uuid".to_vec();
     for headers in [headers, vec![]] {
-        let owned = headers.iter().fold(OwnedHeaders::new(), |h, (k, v)| {
-            h.insert(Header {
-                key: k,
-                value: Some(v),
-            })
-        });
+        let owned = exactly_kafka::record_headers(&headers);
         producer
             .send(
                 FutureRecord::to(&topic).key("A-0").payload("{}").headers(owned),

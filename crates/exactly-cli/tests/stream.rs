@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use exactly_core::{Envelope, IdempotencyKey, UnixMillis};
 use exactly_testkit::{brokers, read_topic, unique};
 use rand::{Rng, SeedableRng};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
 use crate::support::EXACTLY;
@@ -78,13 +77,7 @@ fn produce(brokers: &str, topic: &str, events: &[Envelope]) {
         .create()
         .expect("producer");
     for e in events {
-        let mut headers = OwnedHeaders::new();
-        for (name, value) in e.to_headers(&IdempotencyKey::UuidV7(e.event_id)) {
-            headers = headers.insert(Header {
-                key: &name,
-                value: Some(&value),
-            });
-        }
+        let headers = exactly_kafka::record_headers(&e.to_headers(&IdempotencyKey::UuidV7(e.event_id)));
         let mut record = BaseRecord::to(topic)
             .key(e.aggregate_id.as_bytes())
             .payload(&e.payload)

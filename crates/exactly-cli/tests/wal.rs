@@ -409,7 +409,6 @@ async fn idle_outbox_beside_busy_tables_keeps_retained_wal_bounded() {
 /// is still a repeat.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_source_going_backwards_is_parked_not_dropped() {
-    use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
 
     let brokers = brokers();
@@ -435,18 +434,12 @@ async fn a_source_going_backwards_is_parked_not_dropped() {
             source: source.into(),
             value: *value,
         };
-        let mut headers = OwnedHeaders::new();
-        for (name, v) in e.to_headers(&key) {
-            headers = headers.insert(Header {
-                key: &name,
-                value: Some(&v),
-            });
-        }
-        let stamp = exactly_core::source_header(source, *epoch);
-        headers = headers.insert(Header {
-            key: "exactly-source",
-            value: Some(&stamp),
-        });
+        let mut wire = e.to_headers(&key);
+        wire.push((
+            "exactly-source".to_owned(),
+            exactly_core::source_header(source, *epoch).into_bytes(),
+        ));
+        let headers = exactly_kafka::record_headers(&wire);
         producer
             .send(
                 FutureRecord::to(&topic)

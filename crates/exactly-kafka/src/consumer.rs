@@ -6,8 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use exactly_core::{
-    after_handler_error, decode_record, header, AfterError, ApplyOutcome, DedupePolicy, DedupeRoute,
-    EffectStore, Inbound, ParkReason, ParkedMessage, RetryPolicy,
+    after_handler_error, header, AfterError, ApplyOutcome, DedupePolicy, DedupeRoute, EffectStore, Inbound,
+    ParkReason, ParkedMessage, RetryPolicy,
 };
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
@@ -19,6 +19,7 @@ use crate::config::consumer_config;
 use crate::error::KafkaFlowError;
 use crate::faults::{FaultPoint, Faults};
 use crate::relay::now;
+use crate::wire::decode_message;
 
 /// How a consumer runs.
 #[derive(Debug, Clone)]
@@ -305,12 +306,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
     ) -> Result<(), KafkaFlowError> {
         self.counters.delivered.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("exactly_consumer_delivered_total").increment(1);
-        let headers: Vec<(&str, Option<&[u8]>)> = message
-            .headers()
-            .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
-            .unwrap_or_default();
-        let payload = message.payload().unwrap_or_default();
-        let delivery = match decode_record(headers.iter().copied(), payload) {
+        let delivery = match decode_message(message) {
             Ok(d) => d,
             Err(e) => return self.park(message, ParkReason::BadHeaders, e.to_string()).await,
         };

@@ -16,6 +16,7 @@ mod error;
 mod faults;
 mod relay;
 mod wal_relay;
+mod wire;
 
 pub use admin::ensure_topics;
 pub use config::{consumer_config, producer_config};
@@ -25,3 +26,4 @@ pub use error::KafkaFlowError;
 pub use faults::{FaultPoint, Faults};
 pub use relay::{now, BatchReport, Relay, RelayConfig, RelayCounters};
 pub use wal_relay::{WalRelay, WalRelayConfig, WalRelayCounters};
+pub use wire::{decode_message, record_headers};

@@ -4,11 +4,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::wire::record_headers;
 use exactly_core::{
     ClaimRequest, Claimed, KeyMode, OutboxEvent, OutboxRecord, OutboxStatus, OutboxStore, RetryPolicy,
     RowState, Settlement, UnixMillis,
 };
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio::sync::watch;
 
@@ -291,16 +291,7 @@ impl<S: OutboxStore> Relay<S> {
 
     fn send(&self, record: &OutboxRecord) -> Result<rdkafka::producer::DeliveryFuture, String> {
         let envelope = &record.envelope;
-        let headers =
-            envelope
-                .to_headers(&record.key)
-                .iter()
-                .fold(OwnedHeaders::new(), |h, (name, value)| {
-                    h.insert(Header {
-                        key: name,
-                        value: Some(value),
-                    })
-                });
+        let headers = record_headers(&envelope.to_headers(&record.key));
         let kafka_record = FutureRecord::to(&record.topic)
             .key(envelope.aggregate_id.as_bytes())
             .payload(&envelope.payload)

@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::wire::record_headers;
 use exactly_core::wal::{CommitTracker, TxnId};
 use exactly_core::{
     lsn_sequence, source_header, ChangeFeed, DeadEvent, FeedItem, IdempotencyKey, KeyMode, OutboxRecord,
     RawRow, RowDefect,
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 use tokio::sync::{mpsc, watch};
@@ -763,17 +763,12 @@ impl<F: ChangeFeed> WalRelay<F> {
             Err(e) => return Ok(Err(format!("feed out of order: {e}"))),
         };
         let envelope = &record.envelope;
-        let mut headers = OwnedHeaders::new_with_capacity(8 + envelope.headers.len());
-        for (name, value) in envelope.to_headers(&record.key) {
-            headers = headers.insert(Header {
-                key: &name,
-                value: Some(&value),
-            });
-        }
-        headers = headers.insert(Header {
-            key: exactly_core::header::SOURCE,
-            value: Some(&self.source_header),
-        });
+        let mut wire = envelope.to_headers(&record.key);
+        wire.push((
+            exactly_core::header::SOURCE.to_owned(),
+            self.source_header.clone().into_bytes(),
+        ));
+        let headers = record_headers(&wire);
         let mut tag = Box::new(DeliveryTag {
             generation: self.generation,
             txn,

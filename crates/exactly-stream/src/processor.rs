@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use exactly_core::changelog::TxnSeq;
 use exactly_core::window::{unsalted_key, TumblingWindows};
-use exactly_core::{decode_record, UnixMillis};
-use exactly_kafka::{consumer_config, producer_config, QuietEof};
+use exactly_core::UnixMillis;
+use exactly_kafka::{consumer_config, decode_message, producer_config, QuietEof};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
@@ -350,15 +350,11 @@ impl Processor {
     }
 
     fn process(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Result<(), ProcessorError> {
-        let headers: Vec<(&str, Option<&[u8]>)> = m
-            .headers()
-            .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
-            .unwrap_or_default();
-        let payload = m.payload().unwrap_or_default();
-        let delivery = match decode_record(headers.iter().copied(), payload) {
+        let delivery = match decode_message(m) {
             Ok(d) => d,
             Err(e) => return self.unreadable(m, &e.to_string()),
         };
+        let payload = &delivery.envelope.payload;
         let key = match &self.config.group_by {
             GroupBy::AggregateId => Some(delivery.envelope.aggregate_id.clone()),
             GroupBy::PayloadField(field) => serde_json::from_slice::<serde_json::Value>(payload)
