@@ -172,12 +172,24 @@ pub struct WalRelayArgs {
 
 pub struct EosArgs {
     pub progress_topic: String,
+    pub replication: InternalTopicArgs,
     pub commit_interval: Duration,
     pub batch_events: u64,
     pub kill_before_commit: Option<u64>,
     pub kill_after_commit: Option<u64>,
     pub kill_during_abort: Option<u64>,
     pub abort_every: Option<u64>,
+}
+
+/// Layout of the internal topics a command creates (progress, changelog, dead letters).
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct InternalTopicArgs {
+    /// Replication factor of internal topics this command creates (use 3 on a production cluster).
+    #[arg(long, default_value_t = 1)]
+    pub replication_factor: i32,
+    /// `min.insync.replicas` of those topics (with acks=all; use 2 with 3 replicas).
+    #[arg(long, default_value_t = 1)]
+    pub min_insync_replicas: i32,
 }
 
 pub async fn wal_relay(args: WalRelayArgs) -> Result<()> {
@@ -211,6 +223,8 @@ pub async fn wal_relay(args: WalRelayArgs) -> Result<()> {
         ]);
         let mut settings = ExactlyOnce::for_source(relay.source());
         settings.progress_topic = eos.progress_topic;
+        settings.replication_factor = eos.replication.replication_factor;
+        settings.min_insync_replicas = eos.replication.min_insync_replicas;
         settings.commit_interval = eos.commit_interval;
         settings.max_batch_events = eos.batch_events;
         settings.abort_every = eos.abort_every;
@@ -220,14 +234,24 @@ pub async fn wal_relay(args: WalRelayArgs) -> Result<()> {
     relay.run(stop_on_signal()).await.context("wal relay stopped")
 }
 
-/// `exactly stream`: runs one processor until SIGINT/SIGTERM.
-pub async fn stream(config: exactly_stream::StreamConfig, partitions: i32) -> Result<()> {
-    exactly_kafka::ensure_topics(
-        &config.brokers,
-        &[&config.input, &config.output, &config.changelog_topic()],
-        partitions,
-    )
-    .await?;
+/// `exactly stream`: runs one processor until SIGINT/SIGTERM, and with `sink_database` the
+/// UPSERT sink of its results beside it.
+pub async fn stream(
+    config: exactly_stream::StreamConfig,
+    partitions: i32,
+    sink_database: Option<String>,
+) -> Result<()> {
+    config
+        .prepare_topics(partitions)
+        .await
+        .with_context(|| format!("preparing topics on {}", config.brokers))?;
+    let sink = sink_database.map(|url| {
+        let (brokers, topic) = (config.brokers.clone(), config.output.clone());
+        let group = format!("{}-sink", config.application_id);
+        tokio::spawn(async move {
+            crate::sink::sink_counts(&url, &brokers, &topic, &group, stop_on_signal()).await
+        })
+    });
     let counters = std::sync::Arc::new(exactly_stream::StreamCounters::default());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut signal = stop_on_signal();
@@ -242,7 +266,11 @@ pub async fn stream(config: exactly_stream::StreamConfig, partitions: i32) -> Re
     })
     .await
     .context("stream processor task")?
-    .context("stream processor stopped")
+    .context("stream processor stopped")?;
+    if let Some(sink) = sink {
+        sink.await.context("sink task")?.context("sink stopped")?;
+    }
+    Ok(())
 }
 
 /// The built-in handler of `exactly consume --handler record`: one row per event in

@@ -42,6 +42,8 @@ pub struct DemoOptions {
     pub quiet: bool,
     /// Follow PostgreSQL logical replication instead of polling the outbox.
     pub wal: bool,
+    /// Topic name suffix (default: `-<run id>`, so runs on a shared broker stay apart).
+    pub topic_suffix: Option<String>,
 }
 
 /// Crash budgets, shared by the restarts of each role.
@@ -139,7 +141,18 @@ impl DemoReport {
 pub async fn run_demo(options: DemoOptions) -> Result<DemoReport> {
     let run_id = exactly_kafka::now().0;
     let (brokers, _local_broker) = given_or_local(options.brokers.as_deref()).await?;
-    let topics = Topics::with_suffix(&format!("-{run_id}"));
+    let topics = Topics::with_suffix(
+        &options
+            .topic_suffix
+            .clone()
+            .unwrap_or_else(|| format!("-{run_id}")),
+    );
+    if !options.quiet {
+        println!(
+            "  topics: {} (orders, coupons) and {} (likes, renames)",
+            topics.coupons, topics.products
+        );
+    }
     exactly_kafka::ensure_topics(&brokers, &[&topics.coupons, &topics.products], 3)
         .await
         .with_context(|| {

@@ -20,7 +20,7 @@ use std::time::Duration;
 use anyhow::Result;
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::commands::{ConsumeArgs, Database, RelayArgs};
+use crate::commands::{ConsumeArgs, Database, InternalTopicArgs, RelayArgs};
 use crate::demo::{run_demo, DemoOptions};
 
 #[derive(Parser)]
@@ -118,6 +118,10 @@ enum Command {
         /// Which relay moves the events (wal needs --database postgres://…).
         #[arg(long, value_enum, default_value = "poll")]
         relay: RelayMode,
+        /// Topic name suffix (default: -<run id>); `--topic-suffix ""` writes coupon-events and
+        /// product-events, the topics `exactly stream` reads by default.
+        #[arg(long)]
+        topic_suffix: Option<String>,
     },
     /// Publish outbox rows to Kafka.
     Relay {
@@ -172,6 +176,8 @@ enum Command {
         /// wal --exactly-once: compacted single-partition topic of source positions.
         #[arg(long, default_value = "exactly-progress")]
         progress_topic: String,
+        #[command(flatten)]
+        internal: InternalTopicArgs,
         /// wal --exactly-once: commit a Kafka transaction this often (at a source-transaction boundary).
         #[arg(long, default_value_t = 100)]
         commit_interval_ms: u64,
@@ -245,6 +251,12 @@ enum Command {
         /// Where task stores live (default: a folder per application in the temp dir).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        #[command(flatten)]
+        internal: InternalTopicArgs,
+        /// Also upsert the window results into this PostgreSQL database's `order_counts`
+        /// (what `exactly sink-counts` does, in the same process).
+        #[arg(long)]
+        sink_database: Option<String>,
         #[arg(long, default_value = "127.0.0.1:9466")]
         metrics_addr: SocketAddr,
         #[arg(long)]
@@ -312,6 +324,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             timeout_secs,
             quiet,
             relay,
+            topic_suffix,
         } => {
             let report = run_demo(DemoOptions {
                 events,
@@ -325,6 +338,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 timeout: Duration::from_secs(timeout_secs),
                 quiet,
                 wal: matches!(relay, RelayMode::Wal),
+                topic_suffix,
             })
             .await?;
             report.print();
@@ -347,6 +361,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             outbox,
             exactly_once,
             progress_topic,
+            internal,
             commit_interval_ms,
             batch_events,
             kill_before_commit,
@@ -371,6 +386,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 kill_after_publish,
                 exactly_once: exactly_once.then_some(commands::EosArgs {
                     progress_topic,
+                    replication: internal,
                     commit_interval: Duration::from_millis(commit_interval_ms),
                     batch_events,
                     kill_before_commit,
@@ -466,6 +482,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             salts,
             commit_interval_ms,
             state_dir,
+            internal,
+            sink_database,
             metrics_addr,
             no_metrics,
         } => {
@@ -491,8 +509,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 salts: salts.max(1),
                 commit_interval: Duration::from_millis(commit_interval_ms),
                 state_dir,
+                replication_factor: internal.replication_factor,
+                min_insync_replicas: internal.min_insync_replicas,
             };
-            commands::stream(config, partitions).await?;
+            commands::stream(config, partitions, sink_database).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::SinkCounts {

@@ -34,6 +34,26 @@ pub fn consumer_config(brokers: &str, group_id: &str) -> ClientConfig {
         .set("isolation.level", "read_committed")
         .set("session.timeout.ms", "6000")
         .set("max.poll.interval.ms", "10000")
-        .set("heartbeat.interval.ms", "1000");
+        .set("heartbeat.interval.ms", "1000")
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
     config
+}
+
+/// How often librdkafka reports statistics (consumer lag comes from them).
+pub(crate) const STATISTICS_INTERVAL_MS: &str = "5000";
+
+/// Exports each partition's consumer lag (records between the committed position and the high
+/// watermark, as librdkafka measures it) as the gauge `metric{topic, partition}`.
+pub fn export_consumer_lag(statistics: &rdkafka::Statistics, metric: &'static str) {
+    for (topic, t) in &statistics.topics {
+        for (partition, p) in &t.partitions {
+            // -1: unknown (not assigned here, or no position yet); partition -1 is librdkafka's
+            // internal unassigned-messages queue.
+            if *partition < 0 || p.consumer_lag < 0 {
+                continue;
+            }
+            metrics::gauge!(metric, "topic" => topic.clone(), "partition" => partition.to_string())
+                .set(p.consumer_lag as f64);
+        }
+    }
 }

@@ -88,7 +88,11 @@ impl AssignmentContext {
     }
 }
 
-impl ClientContext for AssignmentContext {}
+impl ClientContext for AssignmentContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        crate::config::export_consumer_lag(&statistics, "exactly_consumer_lag_records");
+    }
+}
 
 impl ConsumerContext for AssignmentContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {

@@ -20,6 +20,10 @@ pub struct ExactlyOnce {
     pub transactional_id: String,
     /// Compacted single-partition topic holding (source → last committed end position).
     pub progress_topic: String,
+    /// Replication factor of the progress topic when the relay creates it.
+    pub replication_factor: i32,
+    /// Its `min.insync.replicas`.
+    pub min_insync_replicas: i32,
     /// A Kafka transaction is committed at the first source-transaction boundary after this.
     pub commit_interval: Duration,
     /// …or once it holds this many events.
@@ -34,6 +38,8 @@ impl ExactlyOnce {
         ExactlyOnce {
             transactional_id: format!("exactly-wal-{source}"),
             progress_topic: "exactly-progress".to_owned(),
+            replication_factor: 1,
+            min_insync_replicas: 1,
             commit_interval: Duration::from_millis(100),
             max_batch_events: 50_000,
             abort_every: None,

@@ -23,6 +23,9 @@ pub enum KafkaFlowError {
     /// The transactional producer is fenced (another relay took over this source) or broken.
     #[error("exactly-once relay stopped: {0} (another relay with the same transactional.id took over, or the producer failed fatally)")]
     Fenced(String),
+    /// A topic exists with a layout the flow cannot use.
+    #[error("topic layout: {0}")]
+    Layout(String),
     /// A fault point fired (tests and the demo simulate a crash this way).
     #[error("injected crash at {0:?}")]
     InjectedCrash(crate::FaultPoint),

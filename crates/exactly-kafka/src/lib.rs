@@ -18,8 +18,8 @@ mod relay;
 mod wal_relay;
 mod wire;
 
-pub use admin::ensure_topics;
-pub use config::{consumer_config, producer_config};
+pub use admin::{ensure_internal_topics, ensure_topics, partition_count, topic_configs, InternalTopic};
+pub use config::{consumer_config, export_consumer_lag, producer_config};
 pub use consumer::{ConsumerConfig, ConsumerCounters, IdempotentConsumer};
 pub use eos::{broker_hides_aborted_records, is_fenced, ExactlyOnce, QuietEof};
 pub use error::KafkaFlowError;

@@ -190,7 +190,17 @@ impl<F: ChangeFeed> WalRelay<F> {
     /// committed batch (consumers drop the repeats) but never skips one.
     /// Needs a multi-threaded tokio runtime (transactional calls block).
     pub async fn exactly_once(mut self, settings: ExactlyOnce) -> Result<Self, KafkaFlowError> {
-        crate::admin::ensure_topics(&self.config.brokers, &[&settings.progress_topic], 1).await?;
+        crate::admin::ensure_internal_topics(
+            &self.config.brokers,
+            &[crate::InternalTopic {
+                name: settings.progress_topic.clone(),
+                partitions: 1,
+                replication_factor: settings.replication_factor,
+                min_insync_replicas: settings.min_insync_replicas,
+                compacted: true,
+            }],
+        )
+        .await?;
         let brokers = self.config.brokers.clone();
         let topic = settings.progress_topic.clone();
         let hides = tokio::task::spawn_blocking(move || eos::broker_hides_aborted_records(&brokers, &topic))

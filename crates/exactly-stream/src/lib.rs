@@ -16,6 +16,8 @@ mod processor;
 mod store;
 mod task;
 
-pub use processor::{GroupBy, Processor, ProcessorError, StreamConfig, StreamCounters};
+pub use processor::{
+    GroupBy, Processor, ProcessorError, StreamConfig, StreamCounters, DEAD_ORIGIN_HEADER, DEAD_REASON_HEADER,
+};
 pub use store::{Batch, Change, StateStore, StoreError};
 pub use task::{Counted, Input, WindowedCount};

@@ -30,6 +30,11 @@ use crate::changelog::{records_for, restore, ChangelogRecord, TXN_HEADER};
 use crate::store::{Change, StateStore};
 use crate::task::{Counted, Input, WindowedCount};
 
+/// Header on a dead letter: why the input was not counted.
+pub const DEAD_REASON_HEADER: &str = "exactly-dead-reason";
+/// Header on a dead letter: `topic/partition@offset` of the input.
+pub const DEAD_ORIGIN_HEADER: &str = "exactly-dead-origin";
+
 /// What the count groups by.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GroupBy {
@@ -62,12 +67,54 @@ pub struct StreamConfig {
     pub commit_interval: Duration,
     /// Where task stores live.
     pub state_dir: PathBuf,
+    /// Replication factor of the internal topics.
+    pub replication_factor: i32,
+    /// `min.insync.replicas` of the internal topics.
+    pub min_insync_replicas: i32,
 }
 
 impl StreamConfig {
     /// The changelog topic: `<application.id>-counts-changelog`.
     pub fn changelog_topic(&self) -> String {
         format!("{}-counts-changelog", self.application_id)
+    }
+
+    /// Where unreadable inputs are parked: `<application.id>-dead-letters`.
+    pub fn dead_letter_topic(&self) -> String {
+        format!("{}-dead-letters", self.application_id)
+    }
+
+    /// Creates what the processor writes to: the output topic and the internal topics (the
+    /// changelog compacted, one partition per input partition, so task n restores from
+    /// changelog partition n). A missing input topic is created with `default_partitions`.
+    pub async fn prepare_topics(&self, default_partitions: i32) -> Result<(), ProcessorError> {
+        let kafka = |e: exactly_kafka::KafkaFlowError| ProcessorError(e.to_string());
+        let mut partitions = exactly_kafka::partition_count(&self.brokers, &self.input).map_err(kafka)?;
+        if partitions == 0 {
+            exactly_kafka::ensure_topics(&self.brokers, &[&self.input], default_partitions)
+                .await
+                .map_err(kafka)?;
+            partitions = default_partitions;
+        }
+        exactly_kafka::ensure_topics(&self.brokers, &[&self.output], partitions)
+            .await
+            .map_err(kafka)?;
+        let internal = |name: String, compacted: bool| exactly_kafka::InternalTopic {
+            name,
+            partitions,
+            replication_factor: self.replication_factor,
+            min_insync_replicas: self.min_insync_replicas,
+            compacted,
+        };
+        exactly_kafka::ensure_internal_topics(
+            &self.brokers,
+            &[
+                internal(self.changelog_topic(), true),
+                internal(self.dead_letter_topic(), false),
+            ],
+        )
+        .await
+        .map_err(kafka)
     }
 }
 
@@ -80,7 +127,7 @@ pub struct StreamCounters {
     pub duplicates: AtomicU64,
     /// Input records later than window end + grace.
     pub late: AtomicU64,
-    /// Input records without readable headers or grouping key (skipped and logged).
+    /// Input records without readable headers or grouping key (parked on the dead-letter topic).
     pub unreadable: AtomicU64,
     /// Kafka transactions committed.
     pub commits: AtomicU64,
@@ -88,6 +135,8 @@ pub struct StreamCounters {
     pub aborts: AtomicU64,
     /// Milliseconds the last restore took.
     pub last_restore_ms: AtomicU64,
+    /// Tasks (input partitions) this processor holds now.
+    pub tasks: AtomicU64,
 }
 
 /// The processor failed for good.
@@ -123,7 +172,11 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-impl ClientContext for RebalanceContext {}
+impl ClientContext for RebalanceContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        exactly_kafka::export_consumer_lag(&statistics, "exactly_stream_lag_records");
+    }
+}
 
 impl ConsumerContext for RebalanceContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -133,6 +186,7 @@ impl ConsumerContext for RebalanceContext {
             for e in list.elements() {
                 shared.tasks.remove(&e.partition());
             }
+            shared.count_tasks();
         }
     }
 
@@ -161,6 +215,7 @@ impl ConsumerContext for RebalanceContext {
                     tracing::error!("cannot position partition {partition}: {e}");
                 }
             }
+            shared.count_tasks();
             drop(shared);
             if let Err(e) = base_consumer.assign(&positioned) {
                 tracing::error!("assign failed: {e}");
@@ -176,6 +231,12 @@ impl ConsumerContext for RebalanceContext {
 }
 
 impl Shared {
+    fn count_tasks(&self) {
+        let n = self.tasks.len() as u64;
+        self.counters.tasks.store(n, Ordering::Relaxed);
+        metrics::gauge!("exactly_stream_tasks").set(n as f64);
+    }
+
     /// Makes sure a task exists for `partition`, rebuilding its store from the changelog when
     /// it is new to this processor; returns the input offset its state reflects.
     fn restore_task(&mut self, partition: i32) -> Result<Option<i64>, ProcessorError> {
@@ -412,16 +473,43 @@ impl Processor {
         Ok(())
     }
 
+    /// Parks an input that cannot be counted on the dead-letter topic, with its bytes, its
+    /// headers and the reason, inside the open transaction (so it is parked exactly once, and
+    /// its offset commits with the state).
     fn unreadable(&self, m: &rdkafka::message::BorrowedMessage<'_>, why: &str) -> Result<(), ProcessorError> {
-        // The record is skipped (its offset is still committed with the state); it is never
-        // counted. Kept visible by the log and the counter.
-        tracing::warn!(
-            "{}/{}@{} not counted: {why}",
-            m.topic(),
-            m.partition(),
-            m.offset()
-        );
+        let origin = format!("{}/{}@{}", m.topic(), m.partition(), m.offset());
+        tracing::warn!("{origin} parked on {}: {why}", self.config.dead_letter_topic());
+        let mut headers = OwnedHeaders::new();
+        if let Some(original) = m.headers() {
+            for h in original.iter() {
+                headers = headers.insert(Header {
+                    key: h.key,
+                    value: h.value,
+                });
+            }
+        }
+        let headers = headers
+            .insert(Header {
+                key: DEAD_REASON_HEADER,
+                value: Some(why),
+            })
+            .insert(Header {
+                key: DEAD_ORIGIN_HEADER,
+                value: Some(&origin),
+            });
+        let topic = self.config.dead_letter_topic();
+        let mut record = BaseRecord::<[u8], [u8]>::to(&topic)
+            .partition(m.partition())
+            .headers(headers);
+        if let Some(key) = m.key() {
+            record = record.key(key);
+        }
+        if let Some(payload) = m.payload() {
+            record = record.payload(payload);
+        }
+        self.send(record)?;
         self.counters.unreadable.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("exactly_stream_dead_letters_total").increment(1);
         let mut shared = lock(&self.shared);
         if let Some(slot) = shared.tasks.get_mut(&m.partition()) {
             slot.touched = true;
@@ -453,7 +541,10 @@ impl Processor {
         )
     }
 
-    fn send(&self, mut record: BaseRecord<'_, str, str>) -> Result<(), ProcessorError> {
+    fn send<K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(
+        &self,
+        mut record: BaseRecord<'_, K, P>,
+    ) -> Result<(), ProcessorError> {
         loop {
             match self.producer.send(record) {
                 Ok(()) => return Ok(()),
