@@ -30,34 +30,57 @@ fn spawn_stream(
     input: &str,
     output: &str,
     state: &std::path::Path,
+    metrics: Option<&str>,
 ) -> StreamProcess {
-    let child = Command::new(EXACTLY)
-        .args([
-            "stream",
-            "--brokers",
-            brokers,
-            "--application-id",
-            app,
-            "--input",
-            input,
-            "--output",
-            output,
-            "--group-by",
-            "product_id",
-            "--grace-ms",
-            "86400000",
-            "--retention-ms",
-            "172800000",
-            "--state-dir",
-            state.to_str().expect("utf-8 path"),
-            "--no-metrics",
-        ])
+    let mut command = Command::new(EXACTLY);
+    command.args([
+        "stream",
+        "--brokers",
+        brokers,
+        "--application-id",
+        app,
+        "--input",
+        input,
+        "--output",
+        output,
+        "--group-by",
+        "product_id",
+        "--grace-ms",
+        "86400000",
+        "--retention-ms",
+        "172800000",
+        "--state-dir",
+        state.to_str().expect("utf-8 path"),
+    ]);
+    match metrics {
+        Some(addr) => command.args(["--metrics-addr", addr]),
+        None => command.arg("--no-metrics"),
+    };
+    let child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn exactly stream");
     StreamProcess(child)
+}
+
+/// A metric's value from a Prometheus endpoint (None while it is not up or not reported yet).
+fn scrape(addr: &str, metric: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find(|l| l.starts_with(metric) && l[metric.len()..].starts_with(' '))
+        .and_then(|l| l.split_whitespace().last()?.parse().ok())
+}
+
+fn free_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("address").to_string()
 }
 
 fn order(i: usize, at: UnixMillis) -> Envelope {
@@ -149,13 +172,35 @@ async fn stream_processor_killed_3_times_counts_exactly() {
     sent.extend(events.iter().step_by(33).cloned());
     let state = tempfile::tempdir().expect("tempdir");
 
-    let mut processor = spawn_stream(&brokers, &app, &input, &output, state.path());
+    let metrics = free_address();
+    let spawn = || spawn_stream(&brokers, &app, &input, &output, state.path(), Some(&metrics));
+    let mut processor = spawn();
     let (b, i) = (brokers.clone(), input.clone());
     let producing = tokio::task::spawn_blocking(move || produce(&b, &i, &sent));
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(rng.random_range(1_500..4_000))).await;
+    // Each kill lands while the processor is counting: only once this process has counted a
+    // random number of records (after its restore and group join), never before or after.
+    for kill in 0..3 {
+        let at = rng.random_range(1_000..8_000) as f64;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let mut counted = 0.0;
+        while counted < at {
+            assert!(
+                Instant::now() < deadline,
+                "kill {kill}: the processor counted only {counted} records in 120 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            counted = scrape(&metrics, "exactly_stream_records_total").unwrap_or(0.0);
+        }
         drop(processor);
-        processor = spawn_stream(&brokers, &app, &input, &output, state.path());
+        let committed: u64 = merged_counts(&brokers, &output).values().sum();
+        eprintln!(
+            "kill {kill}: after {counted} records of this process; {committed} counted in committed results"
+        );
+        assert!(
+            committed < EVENTS as u64,
+            "kill {kill} landed after the processor had finished"
+        );
+        processor = spawn();
     }
     producing.await.expect("producer");
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -557,4 +602,90 @@ fn two_processors_split_partitions_and_survive_a_rebalance() {
     assert!(reasons[0].contains("grouping key missing"), "{reasons:?}");
     assert!(reasons[1].contains("header"), "{reasons:?}");
     assert!(dead.iter().any(|r| r.payload == b"not an event"), "bytes kept");
+}
+
+/// The seed's example end to end: `exactly demo` commits orders through its outbox and relays,
+/// `exactly stream` (orders-agg) counts them per product per 5 minutes from the demo's order
+/// topic, and its in-process sink fills `order_counts`, which ends equal to the committed
+/// orders in the demo's outbox (rolled-back orders absent).
+#[tokio::test(flavor = "multi_thread")]
+async fn exactly_stream_counts_the_demo_orders_into_order_counts() {
+    let brokers = brokers();
+    let url = exactly_testkit::fresh_pg_database().await;
+    let suffix = format!("-{}", unique("s"));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let demo = Command::new(EXACTLY)
+        .args([
+            "demo",
+            "--events",
+            "2000",
+            "--quiet",
+            "--no-faults",
+            "--brokers",
+            &brokers,
+        ])
+        .args([
+            "--dir",
+            dir.path().to_str().expect("path"),
+            &format!("--topic-suffix={suffix}"),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run demo");
+    assert!(
+        demo.status.success(),
+        "demo failed:\n{}\n{}",
+        String::from_utf8_lossy(&demo.stdout),
+        String::from_utf8_lossy(&demo.stderr)
+    );
+
+    let mut expected: HashMap<(String, i64), i64> = HashMap::new();
+    let service = rusqlite::Connection::open(dir.path().join("service.db")).expect("service db");
+    let mut query = service
+        .prepare("SELECT occurred_at, payload FROM outbox WHERE event_type = 'CouponUsed'")
+        .expect("query");
+    let rows = query
+        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?)))
+        .expect("rows");
+    for row in rows {
+        let (at, payload) = row.expect("row");
+        let v: serde_json::Value = serde_json::from_slice(&payload).expect("json payload");
+        let product = v["product_id"].as_str().expect("product_id").to_owned();
+        *expected.entry((product, at - at.rem_euclid(WINDOW))).or_insert(0) += 1;
+    }
+    assert!(expected.values().sum::<i64>() > 100, "the demo committed orders");
+
+    let state = tempfile::tempdir().expect("tempdir");
+    let stream = Command::new(EXACTLY)
+        .args([
+            "stream",
+            "--brokers",
+            &brokers,
+            "--application-id",
+            &unique("orders-agg"),
+        ])
+        .args(["--input", &format!("coupon-events{suffix}")])
+        .args(["--output", &format!("agg-out{suffix}")])
+        .args(["--sink-database", &url, "--no-metrics"])
+        .args(["--state-dir", state.path().to_str().expect("path")])
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("spawn exactly stream");
+    let _stream = StreamProcess(stream);
+    let client = exactly_postgres::connect(&url).await.expect("connect");
+    let mut rows: HashMap<(String, i64), i64> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while rows != expected && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Ok(found) = client
+            .query("SELECT key, window_start, count FROM order_counts", &[])
+            .await
+        {
+            rows = found
+                .iter()
+                .map(|r| ((r.get::<_, String>(0), r.get::<_, i64>(1)), r.get::<_, i64>(2)))
+                .collect();
+        }
+    }
+    assert_eq!(rows, expected, "order_counts equal the committed orders");
 }
