@@ -10,6 +10,7 @@ mod commands;
 mod demo;
 mod sink;
 mod story;
+mod stream_bench;
 mod telemetry;
 
 use std::net::SocketAddr;
@@ -32,6 +33,13 @@ use crate::demo::{run_demo, DemoOptions};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// `exactly stream --processing-guarantee`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProcessingGuarantee {
+    ExactlyOnce,
+    AtLeastOnce,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -78,6 +86,19 @@ enum BenchKind {
         events: u64,
         #[arg(long, default_value_t = 200)]
         payload_bytes: usize,
+    },
+    /// The orders-agg job exactly once vs at least once (no transactions) on the same input,
+    /// and the restore of a changelog with --restore-keys store keys.
+    Stream {
+        /// Use this broker instead of starting one.
+        #[arg(long, env = "EXACTLY_BENCH_BROKERS")]
+        brokers: Option<String>,
+        #[arg(long, default_value_t = 200_000)]
+        events: u64,
+        #[arg(long, default_value_t = 1_000_000)]
+        restore_keys: u64,
+        #[arg(long, default_value_t = 100)]
+        commit_interval_ms: u64,
     },
 }
 
@@ -251,6 +272,9 @@ enum Command {
         /// Where task stores live (default: a folder per application in the temp dir).
         #[arg(long)]
         state_dir: Option<PathBuf>,
+        /// exactly-once (Kafka transactions) or at-least-once (the same job without them).
+        #[arg(long, value_enum, default_value = "exactly-once")]
+        processing_guarantee: ProcessingGuarantee,
         #[command(flatten)]
         internal: InternalTopicArgs,
         /// Also upsert the window results into this PostgreSQL database's `order_counts`
@@ -468,6 +492,24 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             .await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Bench {
+            what:
+                BenchKind::Stream {
+                    brokers,
+                    events,
+                    restore_keys,
+                    commit_interval_ms,
+                },
+        } => {
+            stream_bench::stream_bench(stream_bench::StreamBench {
+                brokers,
+                events,
+                restore_keys,
+                commit_interval: Duration::from_millis(commit_interval_ms),
+            })
+            .await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Stream {
             brokers,
             application_id,
@@ -482,6 +524,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             salts,
             commit_interval_ms,
             state_dir,
+            processing_guarantee,
             internal,
             sink_database,
             metrics_addr,
@@ -508,6 +551,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 windows,
                 salts: salts.max(1),
                 commit_interval: Duration::from_millis(commit_interval_ms),
+                guarantee: match processing_guarantee {
+                    ProcessingGuarantee::ExactlyOnce => exactly_stream::Guarantee::ExactlyOnce,
+                    ProcessingGuarantee::AtLeastOnce => exactly_stream::Guarantee::AtLeastOnce,
+                },
                 state_dir,
                 replication_factor: internal.replication_factor,
                 min_insync_replicas: internal.min_insync_replicas,

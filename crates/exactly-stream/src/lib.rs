@@ -17,7 +17,8 @@ mod store;
 mod task;
 
 pub use processor::{
-    GroupBy, Processor, ProcessorError, StreamConfig, StreamCounters, DEAD_ORIGIN_HEADER, DEAD_REASON_HEADER,
+    rebuild_store, GroupBy, Guarantee, Processor, ProcessorError, RestoreStats, StreamConfig, StreamCounters,
+    DEAD_ORIGIN_HEADER, DEAD_REASON_HEADER,
 };
 pub use store::{Batch, Change, StateStore, StoreError};
 pub use task::{Counted, Input, WindowedCount};

@@ -44,6 +44,17 @@ pub enum GroupBy {
     AggregateId,
 }
 
+/// What a processor promises (Kafka Streams' `processing.guarantee`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guarantee {
+    /// Outputs, changelog and input offsets in one Kafka transaction per commit interval.
+    ExactlyOnce,
+    /// The same job without transactions: flush, then commit the input offsets. After a crash
+    /// the outputs since the last offset commit are sent again (the counts stay right: the
+    /// state is restored from the changelog and inputs are deduped per window).
+    AtLeastOnce,
+}
+
 /// How a processor runs.
 #[derive(Debug, Clone)]
 pub struct StreamConfig {
@@ -65,6 +76,8 @@ pub struct StreamConfig {
     pub salts: u32,
     /// Kafka transaction length.
     pub commit_interval: Duration,
+    /// Transactions or not.
+    pub guarantee: Guarantee,
     /// Where task stores live.
     pub state_dir: PathBuf,
     /// Replication factor of the internal topics.
@@ -241,25 +254,19 @@ impl Shared {
     /// it is new to this processor; returns the input offset its state reflects.
     fn restore_task(&mut self, partition: i32) -> Result<Option<i64>, ProcessorError> {
         if !self.tasks.contains_key(&partition) {
-            let started = Instant::now();
-            let records = read_changelog(&self.config, partition)?;
-            let (batch, last, dropped) = restore(records);
-            let path = self.config.state_dir.join(format!("partition-{partition}.redb"));
-            // The changelog is the truth; a local file may be behind or ahead of it.
-            let _ = std::fs::remove_file(&path);
-            std::fs::create_dir_all(&self.config.state_dir)
-                .map_err(|e| ProcessorError(format!("state dir: {e}")))?;
-            let store = StateStore::open(&path).map_err(|e| ProcessorError(e.to_string()))?;
-            store.commit(&batch).map_err(|e| ProcessorError(e.to_string()))?;
+            let (store, stats) = rebuild_store(&self.config, partition)?;
             let count = WindowedCount::new(store, self.config.windows, self.config.salts)
                 .map_err(|e| ProcessorError(e.to_string()))?;
-            let ms = started.elapsed().as_millis() as u64;
-            self.counters.last_restore_ms.store(ms, Ordering::Relaxed);
-            metrics::gauge!("exactly_stream_restore_seconds").set(ms as f64 / 1000.0);
+            self.counters
+                .last_restore_ms
+                .store(stats.elapsed.as_millis() as u64, Ordering::Relaxed);
+            metrics::gauge!("exactly_stream_restore_seconds").set(stats.elapsed.as_secs_f64());
             tracing::info!(
-                "partition {partition}: restored {} entries up to {:?} ({dropped} uncommitted dropped) in {ms} ms",
-                batch.changes.len(),
-                last
+                "partition {partition}: restored {} entries from {} changelog records ({} uncommitted dropped) in {:?}",
+                stats.entries,
+                stats.records,
+                stats.dropped,
+                stats.elapsed
             );
             // Unmarked commits before this restore stay unmarked for good: their changes were
             // not restored, their inputs are read again.
@@ -283,6 +290,46 @@ impl Shared {
         });
         Ok(offset)
     }
+}
+
+/// What one restore did.
+#[derive(Debug, Clone, Copy)]
+pub struct RestoreStats {
+    /// Changelog records read.
+    pub records: usize,
+    /// Store entries restored.
+    pub entries: usize,
+    /// Records of transactions not known to have committed.
+    pub dropped: usize,
+    /// Reading and applying, end to end.
+    pub elapsed: Duration,
+}
+
+/// Rebuilds the store of task `partition` from its changelog partition, read to its end: the
+/// local file is discarded first (the changelog is the truth; a local file may be behind or
+/// ahead of it).
+pub fn rebuild_store(
+    config: &StreamConfig,
+    partition: i32,
+) -> Result<(StateStore, RestoreStats), ProcessorError> {
+    let started = Instant::now();
+    let records = read_changelog(config, partition)?;
+    let read = records.len();
+    let (batch, _last, dropped) = restore(records);
+    let path = config.state_dir.join(format!("partition-{partition}.redb"));
+    let _ = std::fs::remove_file(&path);
+    std::fs::create_dir_all(&config.state_dir).map_err(|e| ProcessorError(format!("state dir: {e}")))?;
+    let store = StateStore::open(&path).map_err(|e| ProcessorError(e.to_string()))?;
+    store.commit(&batch).map_err(|e| ProcessorError(e.to_string()))?;
+    Ok((
+        store,
+        RestoreStats {
+            records: read,
+            entries: batch.changes.len(),
+            dropped,
+            elapsed: started.elapsed(),
+        },
+    ))
 }
 
 /// Reads changelog partition `partition` from the beginning to its end (read_committed).
@@ -340,15 +387,20 @@ impl Processor {
     /// Creates the internal topics, the transactional producer (fencing an earlier one of this
     /// instance) and the consumer.
     pub fn new(config: StreamConfig, counters: Arc<StreamCounters>) -> Result<Self, ProcessorError> {
-        let transactional_id = format!("{}-{}", config.application_id, config.instance);
-        let producer: ThreadedProducer<DefaultProducerContext> = producer_config(&config.brokers, true)
-            .set("transactional.id", &transactional_id)
-            .set("transaction.timeout.ms", "60000")
-            .create()
-            .map_err(fail("create producer"))?;
-        producer
-            .init_transactions(Duration::from_secs(30))
-            .map_err(fail("init transactions"))?;
+        let mut producer_settings = producer_config(&config.brokers, true);
+        if config.guarantee == Guarantee::ExactlyOnce {
+            let transactional_id = format!("{}-{}", config.application_id, config.instance);
+            producer_settings
+                .set("transactional.id", &transactional_id)
+                .set("transaction.timeout.ms", "60000");
+        }
+        let producer: ThreadedProducer<DefaultProducerContext> =
+            producer_settings.create().map_err(fail("create producer"))?;
+        if config.guarantee == Guarantee::ExactlyOnce {
+            producer
+                .init_transactions(Duration::from_secs(30))
+                .map_err(fail("init transactions"))?;
+        }
         let shared = Arc::new(Mutex::new(Shared {
             tasks: BTreeMap::new(),
             rebalanced: false,
@@ -389,9 +441,11 @@ impl Processor {
             match message {
                 Some(Ok(m)) => {
                     if open_since.is_none() {
-                        self.producer
-                            .begin_transaction()
-                            .map_err(fail("begin transaction"))?;
+                        if self.transactional() {
+                            self.producer
+                                .begin_transaction()
+                                .map_err(fail("begin transaction"))?;
+                        }
                         open_since = Some(Instant::now());
                     }
                     self.process(&m)?;
@@ -408,6 +462,10 @@ impl Processor {
             self.commit()?;
         }
         Ok(())
+    }
+
+    fn transactional(&self) -> bool {
+        self.config.guarantee == Guarantee::ExactlyOnce
     }
 
     fn process(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Result<(), ProcessorError> {
@@ -606,18 +664,25 @@ impl Processor {
                 batches.push((*partition, batch));
             }
         }
-        let metadata = self
-            .consumer
-            .group_metadata()
-            .ok_or_else(|| ProcessorError("no group metadata".into()))?;
         let started = Instant::now();
-        let result = self
-            .producer
-            .send_offsets_to_transaction(&offsets, &metadata, Duration::from_secs(30))
-            .and_then(|()| {
-                self.producer.flush(Duration::from_secs(30))?;
-                self.producer.commit_transaction(Duration::from_secs(30))
-            });
+        let result = if self.transactional() {
+            let metadata = self
+                .consumer
+                .group_metadata()
+                .ok_or_else(|| ProcessorError("no group metadata".into()))?;
+            self.producer
+                .send_offsets_to_transaction(&offsets, &metadata, Duration::from_secs(30))
+                .and_then(|()| {
+                    self.producer.flush(Duration::from_secs(30))?;
+                    self.producer.commit_transaction(Duration::from_secs(30))
+                })
+        } else {
+            // At least once: what was sent is acknowledged before the offsets move past it.
+            self.producer.flush(Duration::from_secs(30)).and_then(|()| {
+                self.consumer
+                    .commit(&offsets, rdkafka::consumer::CommitMode::Sync)
+            })
+        };
         match result {
             Ok(()) => {
                 self.counters.commits.fetch_add(1, Ordering::Relaxed);
@@ -657,9 +722,11 @@ impl Processor {
     /// Aborts the open transaction, drops every overlay and puts each partition back at the
     /// offset its committed state reflects.
     fn abort(&mut self) -> Result<(), ProcessorError> {
-        self.producer
-            .abort_transaction(Duration::from_secs(30))
-            .map_err(fail("abort"))?;
+        if self.transactional() {
+            self.producer
+                .abort_transaction(Duration::from_secs(30))
+                .map_err(fail("abort"))?;
+        }
         self.counters.aborts.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("exactly_stream_aborts_total").increment(1);
         let mut shared = lock(&self.shared);

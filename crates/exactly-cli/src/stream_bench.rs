@@ -1,0 +1,321 @@
+//! `exactly bench stream`: the orders-agg job with exactly-once (Kafka transactions every
+//! commit interval) against the same job at least once (no transactions), on the same input in
+//! one run; then the restore of a changelog holding 1M store keys (time and store size).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use exactly_core::changelog::TxnSeq;
+use exactly_core::window::TumblingWindows;
+use exactly_core::{Envelope, IdempotencyKey, UnixMillis};
+use exactly_stream::changelog::{records_for, TXN_HEADER};
+use exactly_stream::{Batch, Change, GroupBy, Guarantee, Processor, StreamConfig, StreamCounters};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+
+use crate::broker::given_or_local;
+
+/// Settings of `exactly bench stream`.
+pub struct StreamBench {
+    pub brokers: Option<String>,
+    pub events: u64,
+    pub restore_keys: u64,
+    pub commit_interval: Duration,
+}
+
+const WINDOW_MS: i64 = 300_000;
+
+fn send_all<'a>(
+    producer: &ThreadedProducer<rdkafka::producer::DefaultProducerContext>,
+    records: impl Iterator<Item = BaseRecord<'a, str, [u8]>>,
+) -> Result<()> {
+    for mut record in records {
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((
+                    rdkafka::error::KafkaError::MessageProduction(
+                        rdkafka::types::RDKafkaErrorCode::QueueFull,
+                    ),
+                    r,
+                )) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Err((e, _)) => bail!("producing bench input: {e}"),
+            }
+        }
+    }
+    producer
+        .flush(Duration::from_secs(120))
+        .context("flushing bench input")?;
+    Ok(())
+}
+
+/// `events` orders over 4 windows, 100 products, 1% sent twice.
+fn produce_orders(brokers: &str, topic: &str, events: u64) -> Result<u64> {
+    let producer: ThreadedProducer<_> = exactly_kafka::producer_config(brokers, false)
+        .create()
+        .context("creating the input producer")?;
+    let base = (exactly_kafka::now().0 / WINDOW_MS) * WINDOW_MS - 3 * WINDOW_MS;
+    let orders: Vec<(Envelope, OwnedHeaders)> = (0..events)
+        .map(|i| {
+            let envelope = Envelope {
+                event_id: uuid::Uuid::now_v7(),
+                event_type: "OrderPlaced".into(),
+                aggregate_type: "order".into(),
+                aggregate_id: format!("O-{}", i % 1000),
+                occurred_at: UnixMillis(base + (i as i64 * 7919) % (4 * WINDOW_MS)),
+                payload: format!("{{\"product_id\":\"P-{}\"}}", i % 100).into_bytes(),
+                headers: vec![],
+            };
+            let headers = exactly_kafka::record_headers(
+                &envelope.to_headers(&IdempotencyKey::UuidV7(envelope.event_id)),
+            );
+            (envelope, headers)
+        })
+        .collect();
+    let repeats = orders.iter().step_by(100);
+    let sent = orders.len() + repeats.len();
+    send_all(
+        &producer,
+        orders.iter().chain(orders.iter().step_by(100)).map(|(e, h)| {
+            BaseRecord::to(topic)
+                .key(e.aggregate_id.as_str())
+                .payload(e.payload.as_slice())
+                .headers(h.clone())
+        }),
+    )?;
+    Ok(sent as u64)
+}
+
+struct Run {
+    guarantee: Guarantee,
+    seconds: f64,
+    records: u64,
+    commits: u64,
+}
+
+/// Runs the job on `input` until every record is counted or found a duplicate; the clock runs
+/// from the first record processed (group join and restore excluded) to the last.
+fn run_job(
+    brokers: &str,
+    input: &str,
+    sent: u64,
+    guarantee: Guarantee,
+    commit_interval: Duration,
+    run_id: i64,
+) -> Result<Run> {
+    let name = match guarantee {
+        Guarantee::ExactlyOnce => "eos",
+        Guarantee::AtLeastOnce => "alos",
+    };
+    let state = tempfile::tempdir().context("state dir")?;
+    let config = StreamConfig {
+        brokers: brokers.to_owned(),
+        application_id: format!("bench-agg-{name}-{run_id}"),
+        instance: "0".into(),
+        input: input.to_owned(),
+        output: format!("bench-agg-out-{name}-{run_id}"),
+        group_by: GroupBy::PayloadField("product_id".into()),
+        windows: TumblingWindows::new(WINDOW_MS, 86_400_000, 172_800_000)?,
+        salts: 1,
+        commit_interval,
+        guarantee,
+        state_dir: state.path().to_owned(),
+        replication_factor: 1,
+        min_insync_replicas: 1,
+    };
+    let runtime = tokio::runtime::Handle::current();
+    runtime.block_on(config.prepare_topics(3))?;
+    let counters = Arc::new(StreamCounters::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (c, s) = (counters.clone(), stop.clone());
+    let job = std::thread::spawn(move || Processor::new(config, c)?.run(&s));
+    let done = |c: &StreamCounters| c.counted.load(Ordering::Relaxed) + c.duplicates.load(Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while done(&counters) == 0 {
+        if Instant::now() > deadline || job.is_finished() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let started = Instant::now();
+    while done(&counters) < sent && Instant::now() < deadline && !job.is_finished() {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let records = done(&counters);
+    stop.store(true, Ordering::Relaxed);
+    job.join()
+        .map_err(|_| anyhow::anyhow!("the {name} processor panicked"))?
+        .with_context(|| format!("the {name} processor"))?;
+    if records < sent {
+        bail!("the {name} job processed {records} of {sent} records within 600 s");
+    }
+    Ok(Run {
+        guarantee,
+        seconds,
+        records,
+        commits: counters.commits.load(Ordering::Relaxed),
+    })
+}
+
+/// Writes a changelog holding `keys` count entries in transactions of 10,000 changes with their
+/// commit markers, then rebuilds a store from it.
+fn restore_figures(brokers: &str, keys: u64, run_id: i64) -> Result<(exactly_stream::RestoreStats, u64)> {
+    let state = tempfile::tempdir().context("state dir")?;
+    let config = StreamConfig {
+        brokers: brokers.to_owned(),
+        application_id: format!("bench-restore-{run_id}"),
+        instance: "0".into(),
+        input: format!("bench-restore-in-{run_id}"),
+        output: format!("bench-restore-out-{run_id}"),
+        group_by: GroupBy::AggregateId,
+        windows: TumblingWindows::new(WINDOW_MS, 60_000, 86_400_000)?,
+        salts: 1,
+        commit_interval: Duration::from_millis(100),
+        guarantee: Guarantee::ExactlyOnce,
+        state_dir: state.path().to_owned(),
+        replication_factor: 1,
+        min_insync_replicas: 1,
+    };
+    let runtime = tokio::runtime::Handle::current();
+    runtime.block_on(exactly_kafka::ensure_topics(brokers, &[&config.input], 1))?;
+    runtime.block_on(config.prepare_topics(1))?;
+    let producer: ThreadedProducer<_> = exactly_kafka::producer_config(brokers, false)
+        .create()
+        .context("creating the changelog producer")?;
+    let topic = config.changelog_topic();
+    let mut previous: Option<TxnSeq> = None;
+    let per_txn = 10_000u64;
+    let mut written = 0u64;
+    let mut seq = 0u64;
+    while written < keys || previous.is_some() {
+        let n = per_txn.min(keys - written);
+        let batch = Batch {
+            changes: (written..written + n)
+                .map(|k| Change::Count {
+                    window_start: UnixMillis((k as i64 % 12) * WINDOW_MS),
+                    key: format!("P-{k}"),
+                    count: Some(k % 50 + 1),
+                })
+                .collect(),
+        };
+        let txn = TxnSeq { epoch: 1, seq };
+        let records = records_for(txn, previous, &batch);
+        send_all(
+            &producer,
+            records.iter().map(|r| {
+                let headers = OwnedHeaders::new().insert(Header {
+                    key: TXN_HEADER,
+                    value: Some(&r.txn),
+                });
+                let record = BaseRecord::to(&topic)
+                    .key(r.key.as_str())
+                    .partition(0)
+                    .headers(headers);
+                match &r.value {
+                    Some(v) => record.payload(v.as_bytes()),
+                    None => record,
+                }
+            }),
+        )?;
+        written += n;
+        seq += 1;
+        // The last round only carries the marker of the one before.
+        previous = (n > 0).then_some(txn);
+    }
+    let (store, stats) = exactly_stream::rebuild_store(&config, 0)?;
+    drop(store);
+    let bytes = std::fs::metadata(state.path().join("partition-0.redb"))
+        .map(|m| m.len())
+        .unwrap_or(0);
+    Ok((stats, bytes))
+}
+
+pub async fn stream_bench(options: StreamBench) -> Result<()> {
+    let run_id = exactly_kafka::now().0;
+    let (brokers, _local_broker) = given_or_local(options.brokers.as_deref()).await?;
+    let input = format!("bench-orders-{run_id}");
+    exactly_kafka::ensure_topics(&brokers, &[&input], 3).await?;
+    eprintln!("bench: producing {} orders (1% twice) to {input}", options.events);
+    let (b, i, n) = (brokers.clone(), input.clone(), options.events);
+    let sent = tokio::task::spawn_blocking(move || produce_orders(&b, &i, n)).await??;
+
+    let (b, i, interval) = (brokers.clone(), input.clone(), options.commit_interval);
+    let runs = tokio::task::spawn_blocking(move || -> Result<Vec<Run>> {
+        let mut runs = Vec::new();
+        // Alternated, so neither job always runs on the warmer broker.
+        for guarantee in [
+            Guarantee::AtLeastOnce,
+            Guarantee::ExactlyOnce,
+            Guarantee::AtLeastOnce,
+            Guarantee::ExactlyOnce,
+        ] {
+            eprintln!("bench: {guarantee:?} job over {sent} records");
+            runs.push(run_job(
+                &b,
+                &i,
+                sent,
+                guarantee,
+                interval,
+                run_id + runs.len() as i64,
+            )?);
+        }
+        Ok(runs)
+    })
+    .await??;
+    let rate = |g: Guarantee| {
+        let (records, seconds) = runs
+            .iter()
+            .filter(|r| r.guarantee == g)
+            .fold((0u64, 0f64), |(n, s), r| (n + r.records, s + r.seconds));
+        records as f64 / seconds.max(1e-9)
+    };
+    let (alos, eos) = (rate(Guarantee::AtLeastOnce), rate(Guarantee::ExactlyOnce));
+
+    eprintln!("bench: restore of {} store keys", options.restore_keys);
+    let (b, keys) = (brokers.clone(), options.restore_keys);
+    let (restore, store_bytes) =
+        tokio::task::spawn_blocking(move || restore_figures(&b, keys, run_id)).await??;
+
+    println!();
+    println!(
+        "  stream bench: orders-agg, {sent} input records, 3 partitions, commit interval {} ms, broker {brokers}",
+        options.commit_interval.as_millis()
+    );
+    for r in &runs {
+        println!(
+            "  {:<34} {:>10.0} records/s  ({} commits, {:.2} s)",
+            format!("{:?}", r.guarantee),
+            r.records as f64 / r.seconds.max(1e-9),
+            r.commits,
+            r.seconds
+        );
+    }
+    println!("  {:<34} {:>10.0} records/s", "at-least-once (baseline)", alos);
+    println!("  {:<34} {:>10.0} records/s", "exactly-once", eos);
+    println!(
+        "  {:<34} {:>10.2}x  (goal >= 0.9x)",
+        "exactly-once / at-least-once",
+        eos / alos.max(1e-9)
+    );
+    println!(
+        "  {:<34} {:>10.2} s  ({} changelog records, {} entries, {} dropped)",
+        format!("restore of {} keys", options.restore_keys),
+        restore.elapsed.as_secs_f64(),
+        restore.records,
+        restore.entries,
+        restore.dropped
+    );
+    println!(
+        "  {:<34} {:>10.1} MiB  ({:.0} B per key)",
+        "store size after restore",
+        store_bytes as f64 / (1024.0 * 1024.0),
+        store_bytes as f64 / options.restore_keys.max(1) as f64
+    );
+    Ok(())
+}
