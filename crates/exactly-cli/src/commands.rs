@@ -274,13 +274,31 @@ pub async fn stream(
 }
 
 /// The built-in handler of `exactly consume --handler record`: one row per event in
-/// `exactly_consumed`, payload required to be JSON (anything else is parked as undecodable).
-#[derive(Debug, Clone, Copy)]
-pub struct RecordHandler;
+/// `exactly_consumed` (no unique key, so an event applied twice shows as two rows; applied_seq
+/// is the order of application). The payload must be JSON, and with `event_types` set the event
+/// type one of them; anything else is parked with the reason.
+#[derive(Debug, Clone, Default)]
+pub struct RecordHandler {
+    pub event_types: Vec<String>,
+}
 
-pub const RECORD_SCHEMA: &str = "CREATE TABLE IF NOT EXISTS exactly_consumed (
-    consumer TEXT NOT NULL, event_id TEXT NOT NULL, event_type TEXT NOT NULL, aggregate_id TEXT NOT NULL,
-    occurred_at BIGINT NOT NULL, payload TEXT NOT NULL, applied_seq BIGINT NOT NULL)";
+pub const RECORD_SCHEMA_SQLITE: &str = "CREATE TABLE IF NOT EXISTS exactly_consumed (
+    applied_seq INTEGER PRIMARY KEY, consumer TEXT NOT NULL, event_id TEXT NOT NULL, event_type TEXT NOT NULL,
+    aggregate_id TEXT NOT NULL, occurred_at BIGINT NOT NULL, payload TEXT NOT NULL)";
+
+pub const RECORD_SCHEMA_PG: &str = "CREATE TABLE IF NOT EXISTS exactly_consumed (
+    applied_seq BIGSERIAL PRIMARY KEY, consumer TEXT NOT NULL, event_id TEXT NOT NULL, event_type TEXT NOT NULL,
+    aggregate_id TEXT NOT NULL, occurred_at BIGINT NOT NULL, payload TEXT NOT NULL)";
+
+impl RecordHandler {
+    fn check(&self, delivery: &Delivery) -> Result<String, HandlerError> {
+        let event_type = &delivery.envelope.event_type;
+        if !self.event_types.is_empty() && !self.event_types.iter().any(|t| t == event_type) {
+            return Err(HandlerError::Rejected(format!("unknown event type {event_type:?}")));
+        }
+        decode_json(delivery)
+    }
+}
 
 fn decode_json(delivery: &Delivery) -> Result<String, HandlerError> {
     let text = std::str::from_utf8(&delivery.envelope.payload)
@@ -290,12 +308,12 @@ fn decode_json(delivery: &Delivery) -> Result<String, HandlerError> {
     Ok(text.to_owned())
 }
 
-const RECORD_INSERT: &str = "INSERT INTO exactly_consumed (consumer, event_id, event_type, aggregate_id, occurred_at, payload, applied_seq)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, (SELECT COUNT(*) FROM exactly_consumed))";
+const RECORD_INSERT: &str = "INSERT INTO exactly_consumed (consumer, event_id, event_type, aggregate_id, occurred_at, payload)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 
 impl SqliteHandler for RecordHandler {
     fn handle(&self, tx: &rusqlite::Transaction<'_>, d: &Delivery) -> Result<(), HandlerError> {
-        let payload = decode_json(d)?;
+        let payload = self.check(d)?;
         let e = &d.envelope;
         tx.execute(
             RECORD_INSERT,
@@ -320,7 +338,7 @@ impl PgHandler for RecordHandler {
         d: &'a Delivery,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
-            let payload = decode_json(d)?;
+            let payload = self.check(d)?;
             let e = &d.envelope;
             tx.execute(
                 &crate::story::pg_placeholders(RECORD_INSERT),
@@ -346,6 +364,7 @@ pub struct ConsumeArgs {
     pub group: String,
     pub topics: Vec<String>,
     pub handler: String,
+    pub event_types: Vec<String>,
     pub metrics: Option<SocketAddr>,
     pub kill_after_apply: Option<u64>,
 }
@@ -362,11 +381,14 @@ pub async fn consume(args: ConsumeArgs) -> Result<()> {
     );
     let stop = stop_on_signal();
     let consumer_name = args.group.clone();
+    let record_handler = RecordHandler {
+        event_types: args.event_types.clone(),
+    };
     match (&args.database, args.handler.as_str()) {
         (Database::Sqlite(path), "record") => {
-            exactly_sqlite::open(path)?.execute_batch(RECORD_SCHEMA)?;
+            exactly_sqlite::open(path)?.execute_batch(RECORD_SCHEMA_SQLITE)?;
             run_consumer(
-                SqliteEffects::open(path, &consumer_name, RecordHandler)?,
+                SqliteEffects::open(path, &consumer_name, record_handler)?,
                 config,
                 faults,
                 stop,
@@ -376,10 +398,10 @@ pub async fn consume(args: ConsumeArgs) -> Result<()> {
         (Database::Postgres(url), "record") => {
             exactly_postgres::connect(url)
                 .await?
-                .batch_execute(RECORD_SCHEMA)
+                .batch_execute(RECORD_SCHEMA_PG)
                 .await?;
             run_consumer(
-                PgEffects::connect(url, &consumer_name, RecordHandler).await?,
+                PgEffects::connect(url, &consumer_name, record_handler).await?,
                 config,
                 faults,
                 stop,

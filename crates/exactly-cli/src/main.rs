@@ -231,6 +231,9 @@ enum Command {
         /// record (a row per event in exactly_consumed), story-coupons, story-likes, story-products.
         #[arg(long, default_value = "record")]
         handler: String,
+        /// record: the event types it accepts (comma-separated; others are parked). Default: any.
+        #[arg(long, value_delimiter = ',')]
+        event_types: Vec<String>,
         #[arg(long, default_value = "127.0.0.1:9465")]
         metrics_addr: SocketAddr,
         #[arg(long)]
@@ -461,6 +464,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             metrics_addr,
             no_metrics,
             kill_after_apply,
+            event_types,
         } => {
             commands::consume(ConsumeArgs {
                 database: Database::parse(&database),
@@ -468,6 +472,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 group,
                 topics,
                 handler,
+                event_types,
                 metrics: (!no_metrics).then_some(metrics_addr),
                 kill_after_apply,
             })

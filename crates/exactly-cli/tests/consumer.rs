@@ -58,8 +58,8 @@ async fn consumer_killed_between_db_commit_and_offset_commit_redelivers_and_dedu
     // Continue the same group in-process, on the same dedupe table (consumer name = group).
     let store = exactly_sqlite::SqliteEffects::open(&consumer_db, &group, |tx: &rusqlite::Transaction<'_>, d: &exactly_core::Delivery| {
         tx.execute(
-            "INSERT INTO exactly_consumed (consumer, event_id, event_type, aggregate_id, occurred_at, payload, applied_seq)
-             VALUES ('record', ?1, ?2, ?3, ?4, '', 0)",
+            "INSERT INTO exactly_consumed (consumer, event_id, event_type, aggregate_id, occurred_at, payload)
+             VALUES ('record', ?1, ?2, ?3, ?4, '')",
             rusqlite::params![d.envelope.event_id.hyphenated().to_string(), d.envelope.event_type, d.envelope.aggregate_id, d.envelope.occurred_at.0],
         )
         .map(|_| ())
