@@ -294,7 +294,9 @@ impl RecordHandler {
     fn check(&self, delivery: &Delivery) -> Result<String, HandlerError> {
         let event_type = &delivery.envelope.event_type;
         if !self.event_types.is_empty() && !self.event_types.iter().any(|t| t == event_type) {
-            return Err(HandlerError::Rejected(format!("unknown event type {event_type:?}")));
+            return Err(HandlerError::Rejected(format!(
+                "unknown event type {event_type:?}"
+            )));
         }
         decode_json(delivery)
     }
@@ -308,7 +310,8 @@ fn decode_json(delivery: &Delivery) -> Result<String, HandlerError> {
     Ok(text.to_owned())
 }
 
-const RECORD_INSERT: &str = "INSERT INTO exactly_consumed (consumer, event_id, event_type, aggregate_id, occurred_at, payload)
+const RECORD_INSERT: &str =
+    "INSERT INTO exactly_consumed (consumer, event_id, event_type, aggregate_id, occurred_at, payload)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
 
 impl SqliteHandler for RecordHandler {

@@ -9,6 +9,8 @@
 //! - [`changelog`]: state-store restore that applies only committed changes, even where aborted
 //!   records are visible.
 //! - [`window`]: tumbling windows with grace and retention, and hot-key salting.
+//! - [`check`]: the end-to-end checker of `exactly verify` (lost, duplicate, unseen,
+//!   non-monotonic, aborted read).
 //! - [`ports`]: the traits database adapters implement for relays and consumers.
 //!
 //! Time is always an argument ([`UnixMillis`]), so every rule is reproducible in tests.
@@ -27,6 +29,7 @@
 //! ```
 
 pub mod changelog;
+pub mod check;
 pub mod dedupe;
 pub mod envelope;
 pub mod key;
