@@ -12,6 +12,7 @@ mod sink;
 mod story;
 mod stream_bench;
 mod telemetry;
+mod verify;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -305,6 +306,53 @@ enum Command {
         #[command(subcommand)]
         what: BenchKind,
     },
+    /// Prove exactly-once end to end: writers, relay and consumers as processes, killed and
+    /// restarted (and the broker and PostgreSQL) while they run, bad input injected; then the
+    /// checker's table (lost, duplicate, unseen, non-monotonic, aborted read) and a verdict.
+    Verify {
+        /// The PostgreSQL server (a fresh database per run).
+        #[arg(
+            long,
+            env = "EXACTLY_PG_URL",
+            default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+        )]
+        database: String,
+        #[arg(long, default_value_t = 100_000)]
+        events: u64,
+        #[arg(long, default_value_t = 4)]
+        writers: usize,
+        #[arg(long, default_value_t = 2)]
+        consumers: usize,
+        #[arg(long, value_enum, default_value = "poll")]
+        relay: verify::VerifyRelay,
+        /// poll relay keys: event-id (consumers keep key sets) or sequence (watermarks).
+        #[arg(long, default_value = "event-id")]
+        keys: String,
+        #[arg(long, default_value_t = 1)]
+        runs: u32,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long)]
+        no_relay_kills: bool,
+        #[arg(long)]
+        no_consumer_kills: bool,
+        #[arg(long)]
+        no_broker_restarts: bool,
+        #[arg(long)]
+        no_pg_restart: bool,
+        #[arg(long)]
+        no_bad_input: bool,
+        /// Kills per process kind (broker restarts at most 2, PostgreSQL once).
+        #[arg(long, default_value_t = 3)]
+        fault_rounds: usize,
+        /// Write the runs' reports here as JSON.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        #[arg(long)]
+        quiet: bool,
+        #[arg(long, default_value_t = 1800)]
+        timeout_secs: u64,
+    },
     /// Outbox rows by status, oldest unsent row, parked messages.
     Status {
         #[arg(long, env = "EXACTLY_DATABASE")]
@@ -575,6 +623,49 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             sink::sink_counts(&database, &brokers, &topic, &group, commands::stop_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify {
+            database,
+            events,
+            writers,
+            consumers,
+            relay,
+            keys,
+            runs,
+            seed,
+            no_relay_kills,
+            no_consumer_kills,
+            no_broker_restarts,
+            no_pg_restart,
+            no_bad_input,
+            fault_rounds,
+            report,
+            quiet,
+            timeout_secs,
+        } => {
+            let ok = verify::verify(verify::VerifyOptions {
+                database,
+                events: events.max(1),
+                writers: writers.max(1),
+                consumers: consumers.max(1),
+                relay,
+                keys,
+                runs: runs.max(1),
+                seed,
+                faults: verify::FaultSwitches {
+                    relay_kills: !no_relay_kills,
+                    consumer_kills: !no_consumer_kills,
+                    broker_restarts: !no_broker_restarts,
+                    pg_restart: !no_pg_restart,
+                    bad_input: !no_bad_input,
+                    rounds: fault_rounds,
+                },
+                report,
+                quiet,
+                timeout: Duration::from_secs(timeout_secs),
+            })
+            .await?;
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Status { database } => {
             commands::status(Database::parse(&database)).await?;

@@ -1,0 +1,903 @@
+//! `exactly verify`: seeds events through concurrent writers (some transactions roll back),
+//! runs the relay and the consumers as separate OS processes, kills and restarts them, the
+//! broker and PostgreSQL while they run, injects bad input, then checks the history with
+//! [`exactly_core::check`] and reconciles the bad input (applied + parked = total).
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use exactly_core::check::{check, Anomaly, CommittedEvent, ConsumerHistory, Findings, History};
+use rand::{Rng, SeedableRng};
+
+use crate::demo::with_database;
+
+/// Which relay moves the events.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum VerifyRelay {
+    Poll,
+    Wal,
+    WalExactlyOnce,
+}
+
+/// Faults that can be switched off one by one.
+#[derive(Debug, Clone, Copy)]
+pub struct FaultSwitches {
+    pub relay_kills: bool,
+    pub consumer_kills: bool,
+    pub broker_restarts: bool,
+    pub pg_restart: bool,
+    pub bad_input: bool,
+    /// Kills per process kind (3 by default; broker restarts at most 2, PostgreSQL once).
+    pub rounds: usize,
+}
+
+/// Settings of `exactly verify`.
+#[derive(Debug, Clone)]
+pub struct VerifyOptions {
+    pub database: String,
+    pub events: u64,
+    pub writers: usize,
+    pub consumers: usize,
+    pub relay: VerifyRelay,
+    /// Poll relay key kind: event-id (consumers keep key sets) or sequence (watermarks).
+    pub keys: String,
+    pub runs: u32,
+    pub seed: u64,
+    pub faults: FaultSwitches,
+    pub report: Option<PathBuf>,
+    pub quiet: bool,
+    pub timeout: Duration,
+}
+
+const EVENT_TYPE: &str = "VerifyEvent";
+const AGGREGATES_PER_WRITER: u64 = 10;
+/// Outbox rows of the corpus the relay must refuse (oversized payload, NULL and oversized
+/// aggregate id), and those that reach consumers and must be parked there (not JSON, not
+/// UTF-8, unknown type), and foreign records (no headers, garbled key, duplicate key header).
+const BAD_AT_RELAY: u64 = 3;
+const BAD_AT_CONSUMER: u64 = 3;
+const FOREIGN: u64 = 3;
+
+/// One run's outcome.
+#[derive(Debug, serde::Serialize)]
+struct RunReport {
+    seed: u64,
+    relay: String,
+    events_committed: u64,
+    rolled_back: u64,
+    seconds: f64,
+    faults: BTreeMap<String, u64>,
+    anomalies: BTreeMap<String, (u64, Vec<String>)>,
+    applied: BTreeMap<String, u64>,
+    parked: BTreeMap<String, u64>,
+    relay_dead: u64,
+    bad_input_total: u64,
+    bad_input_reconciled: bool,
+    verdict: String,
+}
+
+/// A child process of the run, restarted when it dies, killed on drop.
+struct Supervised {
+    name: String,
+    args: Vec<String>,
+    child: Mutex<Option<Child>>,
+    restarts: AtomicU64,
+}
+
+impl Supervised {
+    fn new(name: &str, args: Vec<String>) -> Arc<Self> {
+        Arc::new(Supervised {
+            name: name.to_owned(),
+            args,
+            child: Mutex::new(None),
+            restarts: AtomicU64::new(0),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Child>> {
+        self.child
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts the process when it is not running (first start, or after it died).
+    fn ensure_running(&self) -> Result<()> {
+        let mut child = self.lock();
+        let running = match child.as_mut() {
+            Some(c) => c.try_wait().ok().flatten().is_none(),
+            None => false,
+        };
+        if !running {
+            if child.is_some() {
+                self.restarts.fetch_add(1, Ordering::Relaxed);
+            }
+            let exe = std::env::current_exe().context("locating the exactly binary")?;
+            *child = Some(
+                Command::new(exe)
+                    .args(&self.args)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .with_context(|| format!("starting {}", self.name))?,
+            );
+        }
+        Ok(())
+    }
+
+    /// SIGKILL: a crash, no clean-up.
+    fn kill(&self) {
+        if let Some(c) = self.lock().as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The broker of a run: the durable (sqlite) Tansu, which keeps its data across restarts, or
+/// the in-memory one with transactions for the exactly-once relay.
+struct Broker {
+    binary: PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+    durable: bool,
+    child: Option<Child>,
+}
+
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+fn find_durable_tansu() -> Result<PathBuf> {
+    let candidates = [
+        std::env::var("EXACTLY_TANSU_DURABLE")
+            .ok()
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from),
+        std::env::var("HOME")
+            .ok()
+            .map(|h| Path::new(&h).join(".cargo/bin/tansu")),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|p| p.exists())
+        .context("no durable (sqlite) Tansu build: run scripts/setup --durable (cargo install, once)")
+}
+
+impl Broker {
+    fn start(durable: bool) -> Result<Broker> {
+        let binary = if durable {
+            find_durable_tansu()?
+        } else {
+            crate::broker::find_tansu()?
+        };
+        let mut broker = Broker {
+            binary,
+            dir: tempfile::tempdir().context("broker dir")?,
+            port: free_port()?,
+            durable,
+            child: None,
+        };
+        broker.launch()?;
+        Ok(broker)
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn launch(&mut self) -> Result<()> {
+        let url = format!("tcp://{}", self.address());
+        let mut command = Command::new(&self.binary);
+        command
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("broker.log"))?);
+        if self.durable {
+            // Tansu takes the path relative to its working directory.
+            command.args(["--storage-engine", "sqlite://broker.db"]);
+        }
+        self.child = Some(command.spawn().context("starting Tansu")?);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(self.address()).is_err() {
+            if Instant::now() > deadline {
+                bail!("Tansu did not listen on {} within 30 s", self.address());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(())
+    }
+
+    /// Stops the broker (SIGTERM, then waits) and starts it again on the same port and storage.
+    fn restart(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        self.launch()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn restart_postgres() -> Result<()> {
+    let version = std::fs::read_dir("/etc/postgresql")
+        .context("PostgreSQL restart needs a local Debian cluster (/etc/postgresql)")?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .max()
+        .context("no cluster in /etc/postgresql")?;
+    let status = Command::new("pg_ctlcluster")
+        .args(["--skip-systemctl-redirect", &version, "main", "restart"])
+        .status()
+        .context("running pg_ctlcluster")?;
+    if !status.success() {
+        bail!("pg_ctlcluster {version} main restart failed");
+    }
+    Ok(())
+}
+
+/// What the writers did, shared with the fault loop.
+#[derive(Default)]
+struct Writes {
+    committed: AtomicU64,
+    rolled_back: Mutex<HashSet<String>>,
+}
+
+async fn connect_retrying(url: &str) -> tokio_postgres::Client {
+    loop {
+        match exactly_postgres::connect(url).await {
+            Ok(c) => return c,
+            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// One writer: transactions of 1–4 events on its own aggregates; 5% roll back. An ordinal per
+/// aggregate grows only when its transaction commits; a commit whose outcome is unknown (the
+/// server restarted) is settled by looking for its rows.
+async fn writer(
+    url: String,
+    topic: String,
+    writer: usize,
+    quota: u64,
+    seed: u64,
+    writes: Arc<Writes>,
+) -> Result<()> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ (writer as u64) << 32);
+    let mut ordinals = vec![0u64; AGGREGATES_PER_WRITER as usize];
+    let mut client = connect_retrying(&url).await;
+    let mut done = 0u64;
+    while done < quota {
+        let n = rng.random_range(1..=4u64).min(quota - done);
+        let rollback = rng.random_bool(0.05);
+        let mut events = Vec::new();
+        let mut next = ordinals.clone();
+        for _ in 0..n {
+            let a = rng.random_range(0..AGGREGATES_PER_WRITER) as usize;
+            let aggregate = format!("A-{writer}-{a}");
+            let payload = serde_json::json!({"aggregate": aggregate, "ordinal": next[a]}).to_string();
+            next[a] += 1;
+            events.push(exactly_core::Envelope {
+                event_id: uuid::Uuid::now_v7(),
+                event_type: EVENT_TYPE.into(),
+                aggregate_type: "verify".into(),
+                aggregate_id: aggregate,
+                occurred_at: exactly_kafka::now(),
+                payload: payload.into_bytes(),
+                headers: vec![],
+            });
+        }
+        let attempt = async {
+            let tx = client.transaction().await?;
+            for e in &events {
+                exactly_postgres::enqueue(&tx, &topic, e)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+            }
+            if rollback {
+                tx.rollback().await?;
+            } else {
+                tx.commit().await?;
+            }
+            anyhow::Ok(())
+        }
+        .await;
+        let committed = match attempt {
+            Ok(()) => !rollback,
+            Err(_) => {
+                client = connect_retrying(&url).await;
+                let id = events[0].event_id.hyphenated().to_string();
+                client
+                    .query_opt("SELECT 1 FROM outbox WHERE event_id = $1::text::uuid", &[&id])
+                    .await
+                    .ok()
+                    .flatten()
+                    .is_some()
+            }
+        };
+        if committed {
+            ordinals = next;
+            done += n;
+            writes.committed.fetch_add(n, Ordering::Relaxed);
+        } else if rollback {
+            let mut rolled = writes
+                .rolled_back
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            rolled.extend(events.iter().map(|e| e.event_id.hyphenated().to_string()));
+        }
+        // A failed non-rollback attempt is simply retried with new event ids.
+    }
+    Ok(())
+}
+
+async fn inject_bad_rows(url: &str, topic: &str) -> Result<()> {
+    let client = connect_retrying(url).await;
+    let insert =
+        "INSERT INTO outbox (event_id, event_type, aggregate_type, aggregate_id, topic, payload, occurred_at)
+                  VALUES (gen_random_uuid(), $1, 'verify', $2, $3, $4, now())";
+    let rows: [(&str, Option<String>, Vec<u8>); 6] = [
+        (EVENT_TYPE, Some("bad-json".into()), b"{not json".to_vec()),
+        (EVENT_TYPE, Some("bad-utf8".into()), vec![0xff, 0xfe, 0x00, 0x80]),
+        ("Mystery", Some("bad-type".into()), b"{}".to_vec()),
+        (EVENT_TYPE, Some("bad-size".into()), vec![b' '; 1024 * 1024]),
+        (EVENT_TYPE, None, b"{}".to_vec()),
+        (EVENT_TYPE, Some("x".repeat(10_000)), b"{}".to_vec()),
+    ];
+    for (event_type, aggregate, payload) in rows {
+        client
+            .execute(insert, &[&event_type, &aggregate, &topic, &payload])
+            .await
+            .context("inserting a bad outbox row")?;
+    }
+    Ok(())
+}
+
+fn inject_foreign_records(brokers: &str, topic: &str) -> Result<()> {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    let producer: ThreadedProducer<_> = exactly_kafka::producer_config(brokers, false)
+        .create()
+        .context("foreign producer")?;
+    let header = |k: &'static str, v: &'static str| Header {
+        key: k,
+        value: Some(v),
+    };
+    let records = [
+        OwnedHeaders::new(),
+        OwnedHeaders::new().insert(header("exactly-key", "garbage")),
+        OwnedHeaders::new()
+            .insert(header("exactly-key", "v7:0190b2a4-8f11-7000-8000-000000000001"))
+            .insert(header("exactly-key", "v7:0190b2a4-8f11-7000-8000-000000000002")),
+    ];
+    for headers in records {
+        producer
+            .send(
+                BaseRecord::<str, str>::to(topic)
+                    .key("foreign")
+                    .payload("{}")
+                    .headers(headers),
+            )
+            .map_err(|(e, _)| e)
+            .context("producing a foreign record")?;
+    }
+    producer
+        .flush(Duration::from_secs(30))
+        .context("flushing foreign records")?;
+    Ok(())
+}
+
+fn consumer_db(dir: &Path, i: usize) -> PathBuf {
+    dir.join(format!("consumer-{i}.db"))
+}
+
+/// Distinct good events applied, per consumer (0 while its database is not there yet).
+fn applied_counts(dir: &Path, consumers: usize) -> Vec<u64> {
+    (0..consumers)
+        .map(|i| {
+            rusqlite::Connection::open(consumer_db(dir, i))
+                .and_then(|c| {
+                    c.query_row(
+                        "SELECT COUNT(DISTINCT event_id) FROM exactly_consumed WHERE event_type = ?1",
+                        [EVENT_TYPE],
+                        |r| r.get::<_, i64>(0),
+                    )
+                })
+                .map_or(0, |n| n.max(0) as u64)
+        })
+        .collect()
+}
+
+/// Distinct inputs parked by consumer `i`.
+fn parked_count(dir: &Path, i: usize) -> u64 {
+    rusqlite::Connection::open(consumer_db(dir, i))
+        .and_then(|c| {
+            // A relay rewind may resend a record the consumer parks: the same key parked again
+            // is one bad input (records without a readable key are told apart by position).
+            c.query_row(
+                "SELECT COUNT(DISTINCT COALESCE(key_text, topic || '/' || partition || '@' || \"offset\")) FROM exactly_parked",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+        })
+        .map_or(0, |n| n.max(0) as u64)
+}
+
+fn event_id_from_headers(json: &str) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_str(json).ok()?;
+    value.as_array()?.iter().find_map(|pair| {
+        let pair = pair.as_array()?;
+        if pair.first()?.as_str()? != exactly_core::envelope::header::EVENT_ID {
+            return None;
+        }
+        let bytes: Vec<u8> = pair
+            .get(1)?
+            .as_array()?
+            .iter()
+            .filter_map(|b| Some(b.as_u64()? as u8))
+            .collect();
+        String::from_utf8(bytes).ok()
+    })
+}
+
+fn consumer_history(dir: &Path, i: usize) -> Result<ConsumerHistory> {
+    let conn = rusqlite::Connection::open(consumer_db(dir, i))?;
+    let mut applied_query = conn.prepare("SELECT event_id FROM exactly_consumed ORDER BY applied_seq")?;
+    let applied = applied_query
+        .query_map([], |r| r.get::<_, String>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut parked_query = conn.prepare("SELECT headers FROM exactly_parked")?;
+    let parked = parked_query
+        .query_map([], |r| r.get::<_, String>(0))?
+        .filter_map(|h| event_id_from_headers(&h.ok()?))
+        .collect();
+    Ok(ConsumerHistory {
+        name: format!("consumer-{i}"),
+        applied,
+        parked,
+    })
+}
+
+fn topic_event_ids(brokers: &str, topic: &str) -> Result<(HashSet<String>, u64)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::{Headers, Message};
+    let consumer: BaseConsumer<exactly_kafka::QuietEof> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("verify-reader-{}", exactly_kafka::now().0))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .create_with_context(exactly_kafka::QuietEof)?;
+    let partitions = exactly_kafka::partition_count(brokers, topic)?;
+    let mut list = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&list)?;
+    let (mut ids, mut without_id, mut ended) = (HashSet::new(), 0u64, HashSet::new());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (ended.len() as i32) < partitions && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let id = m.headers().and_then(|h| {
+                    h.iter()
+                        .find(|h| h.key == exactly_core::envelope::header::EVENT_ID)
+                        .and_then(|h| String::from_utf8(h.value?.to_vec()).ok())
+                });
+                match id {
+                    Some(id) => {
+                        ids.insert(id);
+                    }
+                    None => without_id += 1,
+                }
+            }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                ended.insert(p);
+            }
+            _ => {}
+        }
+    }
+    Ok((ids, without_id))
+}
+
+/// Runs one seeded run and returns its report.
+async fn run_once(
+    options: &VerifyOptions,
+    seed: u64,
+    progress: &indicatif::ProgressBar,
+) -> Result<RunReport> {
+    let started = Instant::now();
+    let run_id = exactly_kafka::now().0;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let exactly_once = options.relay == VerifyRelay::WalExactlyOnce;
+    // The durable broker lacks transactions (EndTxn): the exactly-once relay runs on the
+    // in-memory one, which cannot be restarted without losing the topic.
+    let broker_restarts = options.faults.broker_restarts && !exactly_once;
+    let mut broker = Broker::start(!exactly_once)?;
+    let brokers = broker.address();
+    let topic = format!("verify-{run_id}");
+    exactly_kafka::ensure_topics(&brokers, &[&topic], 3).await?;
+
+    let admin = exactly_postgres::connect(&options.database).await?;
+    let name = format!("exactly_verify_{run_id}");
+    admin.batch_execute(&format!("CREATE DATABASE {name}")).await?;
+    let url = with_database(&options.database, &name);
+    {
+        let mut client = exactly_postgres::connect(&url).await?;
+        exactly_postgres::migrations::migrate(&mut client).await?;
+    }
+    let slot = format!("exactly_verify_{run_id}");
+    if options.relay != VerifyRelay::Poll {
+        let mut config = exactly_postgres::WalConfig::new(&url);
+        config.slot = slot.clone();
+        exactly_postgres::wal::ensure_slot(&config).await?;
+    }
+    let dir = tempfile::tempdir()?;
+
+    let mut relay_args: Vec<String> = ["relay", "--database", &url, "--brokers", &brokers, "--no-metrics"]
+        .map(String::from)
+        .to_vec();
+    match options.relay {
+        VerifyRelay::Poll => relay_args.extend(["--mode", "poll", "--keys", &options.keys].map(String::from)),
+        VerifyRelay::Wal => relay_args.extend(["--mode", "wal", "--slot", &slot].map(String::from)),
+        VerifyRelay::WalExactlyOnce => {
+            relay_args.extend(["--mode", "wal", "--slot", &slot, "--exactly-once"].map(String::from))
+        }
+    }
+    let relay = Supervised::new("relay", relay_args);
+    let consumers: Vec<Arc<Supervised>> = (0..options.consumers)
+        .map(|i| {
+            let db = consumer_db(dir.path(), i);
+            Supervised::new(
+                &format!("consumer-{i}"),
+                [
+                    "consume",
+                    "--database",
+                    &db.to_string_lossy(),
+                    "--brokers",
+                    &brokers,
+                    "--group",
+                    &format!("verify-{run_id}-{i}"),
+                    "--topic",
+                    &topic,
+                    "--event-types",
+                    EVENT_TYPE,
+                    "--no-metrics",
+                ]
+                .map(String::from)
+                .to_vec(),
+            )
+        })
+        .collect();
+    relay.ensure_running()?;
+    for c in &consumers {
+        c.ensure_running()?;
+    }
+
+    let writes = Arc::new(Writes::default());
+    let per_writer = options.events / options.writers as u64;
+    let mut writer_tasks = Vec::new();
+    for w in 0..options.writers {
+        let quota = if w == 0 {
+            options.events - per_writer * (options.writers as u64 - 1)
+        } else {
+            per_writer
+        };
+        writer_tasks.push(tokio::spawn(writer(
+            url.clone(),
+            topic.clone(),
+            w,
+            quota,
+            seed,
+            writes.clone(),
+        )));
+    }
+
+    // Fault schedule, in fractions of the slowest consumer's progress.
+    let mut schedule: Vec<(f64, &'static str)> = Vec::new();
+    let jitter = |rng: &mut rand::rngs::StdRng| rng.random_range(0.0..0.05);
+    let rounds = options.faults.rounds;
+    if options.faults.relay_kills {
+        for at in [0.2, 0.4, 0.6].into_iter().take(rounds) {
+            schedule.push((at + jitter(&mut rng), "relay kill"));
+        }
+    }
+    if options.faults.consumer_kills {
+        for at in [0.25, 0.5, 0.75].into_iter().take(rounds) {
+            schedule.push((at + jitter(&mut rng), "consumer kills"));
+        }
+    }
+    if broker_restarts {
+        for at in [0.35, 0.65].into_iter().take(rounds.min(2)) {
+            schedule.push((at + jitter(&mut rng), "broker restart"));
+        }
+    }
+    if options.faults.pg_restart {
+        schedule.push((0.45 + jitter(&mut rng), "postgres restart"));
+    }
+    if options.faults.bad_input {
+        schedule.push((0.3, "bad input"));
+    }
+    schedule.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let mut faults: BTreeMap<String, u64> = BTreeMap::new();
+    let total = options.events;
+    let deadline = Instant::now() + options.timeout;
+    let stalled = AtomicBool::new(false);
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        relay.ensure_running()?;
+        for c in &consumers {
+            c.ensure_running()?;
+        }
+        let applied = applied_counts(dir.path(), options.consumers);
+        let slowest = applied.iter().copied().min().unwrap_or(0);
+        progress.set_position(slowest);
+        let fraction = slowest as f64 / total.max(1) as f64;
+        // One fault per turn, so every killed process is restarted before the next fault.
+        if let Some((at, what)) = schedule.first().copied().filter(|(at, _)| fraction >= *at) {
+            let _ = at;
+            schedule.remove(0);
+            progress.set_message(what);
+            match what {
+                "relay kill" => relay.kill(),
+                "consumer kills" => {
+                    for c in &consumers {
+                        c.kill();
+                    }
+                }
+                "broker restart" => broker.restart()?,
+                "postgres restart" => restart_postgres()?,
+                "bad input" => {
+                    inject_bad_rows(&url, &topic).await?;
+                    let (b, t) = (brokers.clone(), topic.clone());
+                    tokio::task::spawn_blocking(move || inject_foreign_records(&b, &t)).await??;
+                }
+                _ => {}
+            }
+            *faults.entry(what.to_owned()).or_insert(0) += 1;
+        }
+        let writers_done = writer_tasks.iter().all(|t| t.is_finished());
+        let parked_done = !options.faults.bad_input
+            || (0..options.consumers).all(|i| parked_count(dir.path(), i) >= BAD_AT_CONSUMER + FOREIGN);
+        if writers_done && slowest >= total && schedule.is_empty() && parked_done {
+            // A little longer, so a late repeat would still show up as a duplicate.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            break;
+        }
+        if Instant::now() > deadline {
+            stalled.store(true, Ordering::Relaxed);
+            break;
+        }
+    }
+    for t in writer_tasks {
+        if t.is_finished() {
+            t.await??;
+        } else {
+            t.abort();
+        }
+    }
+    relay.kill();
+    for c in &consumers {
+        c.kill();
+    }
+    faults.insert("relay restarts".into(), relay.restarts.load(Ordering::Relaxed));
+    faults.insert(
+        "consumer restarts".into(),
+        consumers.iter().map(|c| c.restarts.load(Ordering::Relaxed)).sum(),
+    );
+
+    // The history.
+    let client = connect_retrying(&url).await;
+    let rows = client
+        .query(
+            "SELECT event_id::text, aggregate_id, convert_from(payload, 'UTF8') FROM outbox WHERE event_type = $1 AND aggregate_id LIKE 'A-%' ORDER BY id",
+            &[&EVENT_TYPE],
+        )
+        .await?;
+    let mut committed = Vec::with_capacity(rows.len());
+    for row in rows {
+        let payload: String = row.get(2);
+        let v: serde_json::Value = serde_json::from_str(&payload)?;
+        committed.push(CommittedEvent {
+            id: row.get(0),
+            aggregate: row.get(1),
+            ordinal: v["ordinal"].as_u64().context("ordinal in a verify payload")?,
+        });
+    }
+    let relay_dead: i64 = match options.relay {
+        VerifyRelay::Poll => client
+            .query_one("SELECT COUNT(*) FROM outbox WHERE status = 'DEAD'", &[])
+            .await?
+            .get(0),
+        _ => client
+            .query_one("SELECT COUNT(*) FROM exactly_relay_dead", &[])
+            .await?
+            .get(0),
+    };
+    let (b, t) = (brokers.clone(), topic.clone());
+    let (on_topic, _without_id) = tokio::task::spawn_blocking(move || topic_event_ids(&b, &t)).await??;
+    let consumers_history = (0..options.consumers)
+        .map(|i| consumer_history(dir.path(), i))
+        .collect::<Result<Vec<_>>>()?;
+    let rolled_back = writes
+        .rolled_back
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    let history = History {
+        committed,
+        rolled_back,
+        on_topic,
+        consumers: consumers_history,
+    };
+    let findings = check(&history);
+    let bad_total = if options.faults.bad_input {
+        BAD_AT_RELAY + BAD_AT_CONSUMER + FOREIGN
+    } else {
+        0
+    };
+    // applied + parked = total: every good event applied once (the checker), and every bad
+    // input refused by the relay or parked by each consumer, none more.
+    let reconciled = !options.faults.bad_input
+        || (relay_dead as u64 == BAD_AT_RELAY
+            && (0..options.consumers).all(|i| parked_count(dir.path(), i) == BAD_AT_CONSUMER + FOREIGN));
+    let ok = findings.ok() && reconciled && !stalled.load(Ordering::Relaxed);
+    drop(broker);
+    if options.relay != VerifyRelay::Poll {
+        let _ = exactly_postgres::wal::drop_slot(&url, &slot).await;
+    }
+    let parked: BTreeMap<String, u64> = (0..options.consumers)
+        .map(|i| (format!("consumer-{i}"), parked_count(dir.path(), i)))
+        .collect();
+    Ok(report(
+        parked,
+        seed,
+        options,
+        &history,
+        &findings,
+        faults,
+        relay_dead as u64,
+        bad_total,
+        reconciled,
+        if ok {
+            "exactly once".into()
+        } else if stalled.load(Ordering::Relaxed) {
+            format!("FAILED (not done within {:?})", options.timeout)
+        } else {
+            "FAILED".into()
+        },
+        started.elapsed().as_secs_f64(),
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    parked: BTreeMap<String, u64>,
+    seed: u64,
+    options: &VerifyOptions,
+    history: &History,
+    findings: &Findings,
+    faults: BTreeMap<String, u64>,
+    relay_dead: u64,
+    bad_input_total: u64,
+    bad_input_reconciled: bool,
+    verdict: String,
+    seconds: f64,
+) -> RunReport {
+    RunReport {
+        seed,
+        relay: format!("{:?}", options.relay),
+        events_committed: history.committed.len() as u64,
+        rolled_back: history.rolled_back.len() as u64,
+        seconds,
+        faults,
+        anomalies: Anomaly::ALL
+            .iter()
+            .map(|k| {
+                let f = findings.anomalies.get(k).cloned().unwrap_or_default();
+                (k.name().to_owned(), (f.count, f.examples))
+            })
+            .collect(),
+        applied: findings.applied.clone(),
+        parked,
+        relay_dead,
+        bad_input_total,
+        bad_input_reconciled,
+        verdict,
+    }
+}
+
+fn print(report: &RunReport) {
+    println!();
+    println!(
+        "  run seed {} · relay {} · {:.1} s",
+        report.seed, report.relay, report.seconds
+    );
+    println!("  {:<28} {:>10}", "events committed", report.events_committed);
+    println!("  {:<28} {:>10}", "rolled back", report.rolled_back);
+    for (what, n) in &report.faults {
+        println!("  {:<28} {:>10}", what, n);
+    }
+    println!("  {:<28} {:>10}  first examples", "anomaly", "count");
+    for (name, (count, examples)) in &report.anomalies {
+        println!("  {:<28} {:>10}  {}", name, count, examples.join(", "));
+    }
+    for (name, n) in &report.applied {
+        println!(
+            "  {:<28} {:>10}  (parked {})",
+            format!("{name} applied"),
+            n,
+            report.parked.get(name).copied().unwrap_or(0)
+        );
+    }
+    println!(
+        "  {:<28} {:>10}  (relay refused {}; reconciled: {})",
+        "bad input injected", report.bad_input_total, report.relay_dead, report.bad_input_reconciled
+    );
+    println!("  verdict: {}", report.verdict);
+}
+
+/// Runs `--runs` seeded runs; Ok(true) when every run is exactly once.
+pub async fn verify(options: VerifyOptions) -> Result<bool> {
+    let mut reports = Vec::new();
+    for run in 0..options.runs {
+        let seed = options.seed + u64::from(run);
+        let progress = if options.quiet {
+            indicatif::ProgressBar::hidden()
+        } else {
+            indicatif::ProgressBar::new(options.events)
+        };
+        progress.set_style(
+            indicatif::ProgressStyle::with_template(
+                "  run {prefix} [{bar:40}] {pos}/{len} applied by the slowest consumer · {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        progress.set_prefix(format!("{}/{}", run + 1, options.runs));
+        let report = run_once(&options, seed, &progress).await?;
+        progress.finish_and_clear();
+        print(&report);
+        reports.push(report);
+    }
+    if let Some(path) = &options.report {
+        std::fs::write(path, serde_json::to_string_pretty(&reports)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(reports.iter().all(|r| r.verdict == "exactly once"))
+}
