@@ -30,6 +30,19 @@ pub fn find_tansu() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// A loopback port nobody listens on now.
+pub fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")
+        .context("finding a free port")?
+        .local_addr()?
+        .port())
+}
+
+/// `tansu broker` listening and advertising `url` (`tcp://host:port`).
+pub fn broker_args(url: &str) -> [&str; 5] {
+    ["broker", "--listener-url", url, "--advertised-listener-url", url]
+}
+
 /// The broker to use: `given`, or a local one started now (kept alive by the returned handle).
 pub async fn given_or_local(given: Option<&str>) -> Result<(String, Option<LocalBroker>)> {
     match given {
@@ -44,17 +57,10 @@ pub async fn given_or_local(given: Option<&str>) -> Result<(String, Option<Local
 /// Starts Tansu (memory storage) on a free loopback port and waits until it accepts connections.
 pub async fn start_local_broker() -> Result<LocalBroker> {
     let tansu = find_tansu()?;
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let address = format!("127.0.0.1:{port}");
+    let address = format!("127.0.0.1:{}", free_port()?);
     let url = format!("tcp://{address}");
     let child = Command::new(&tansu)
-        .args([
-            "broker",
-            "--listener-url",
-            &url,
-            "--advertised-listener-url",
-            &url,
-        ])
+        .args(broker_args(&url))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -155,11 +155,6 @@ struct Broker {
     child: Option<Child>,
 }
 
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
-    Ok(listener.local_addr()?.port())
-}
-
 fn find_durable_tansu() -> Result<PathBuf> {
     let candidates = [
         std::env::var("EXACTLY_TANSU_DURABLE")
@@ -187,7 +182,7 @@ impl Broker {
         let mut broker = Broker {
             binary,
             dir: tempfile::tempdir().context("broker dir")?,
-            port: free_port()?,
+            port: crate::broker::free_port()?,
             durable,
             child: None,
         };
@@ -203,13 +198,7 @@ impl Broker {
         let url = format!("tcp://{}", self.address());
         let mut command = Command::new(&self.binary);
         command
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
+            .args(crate::broker::broker_args(&url))
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())

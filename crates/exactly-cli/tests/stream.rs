@@ -121,9 +121,9 @@ fn produce(brokers: &str, topic: &str, events: &[Envelope]) {
 /// What a sink holds: per partial count the largest value seen (counts only grow, so a value
 /// from a resent or aborted transaction never exceeds the committed one), summed per key and
 /// window.
-fn merged_counts(brokers: &str, topic: &str) -> HashMap<(String, i64), u64> {
+fn merged_counts(brokers: &str, topic: &str, partitions: i32) -> HashMap<(String, i64), u64> {
     let mut partials: HashMap<String, (String, i64, u64)> = HashMap::new();
-    for r in read_topic(brokers, topic, 3, "read_committed") {
+    for r in read_topic(brokers, topic, partitions, "read_committed") {
         let v: serde_json::Value = serde_json::from_slice(&r.payload).expect("json output");
         let (Some(key), Some(partial), Some(start), Some(count)) = (
             v["key"].as_str(),
@@ -192,7 +192,7 @@ async fn stream_processor_killed_3_times_counts_exactly() {
             counted = scrape(&metrics, "exactly_stream_records_total").unwrap_or(0.0);
         }
         drop(processor);
-        let committed: u64 = merged_counts(&brokers, &output).values().sum();
+        let committed: u64 = merged_counts(&brokers, &output, 3).values().sum();
         eprintln!(
             "kill {kill}: after {counted} records of this process; {committed} counted in committed results"
         );
@@ -224,7 +224,7 @@ async fn stream_processor_killed_3_times_counts_exactly() {
         }
         let (b, o) = (brokers.clone(), output.clone());
         // A read that does not reach the end in time is tried again, not a failure.
-        if let Ok(read) = std::panic::catch_unwind(move || merged_counts(&b, &o)) {
+        if let Ok(read) = std::panic::catch_unwind(move || merged_counts(&b, &o, 3)) {
             merged = read;
             if merged == expected {
                 break;
@@ -259,28 +259,14 @@ fn late_records_are_dropped_and_duplicates_count_once() {
     let (input, output, app) = (unique("orders"), unique("agg-out"), unique("late"));
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let state = tempfile::tempdir().expect("tempdir");
-    let config = exactly_stream::StreamConfig {
-        brokers: brokers.clone(),
-        application_id: app.clone(),
-        instance: "0".into(),
-        input: input.clone(),
-        output: output.clone(),
-        group_by: exactly_stream::GroupBy::PayloadField("product_id".into()),
-        windows: exactly_core::window::TumblingWindows::new(WINDOW, 1_000, 10 * WINDOW).expect("windows"),
-        salts: 1,
-        commit_interval: Duration::from_millis(100),
-        guarantee: exactly_stream::Guarantee::ExactlyOnce,
-        state_dir: state.path().to_owned(),
-        replication_factor: 1,
-        min_insync_replicas: 1,
-    };
+    let mut config = config_for(&brokers, &app, "0", &input, &output, state.path());
+    config.windows = exactly_core::window::TumblingWindows::new(WINDOW, 1_000, 10 * WINDOW).expect("windows");
     runtime
-        .block_on(exactly_kafka::ensure_topics(
-            &brokers,
-            &[&input, &output, &config.changelog_topic()],
-            1,
-        ))
+        .block_on(exactly_kafka::ensure_topics(&brokers, &[&input], 1))
         .expect("topics");
+    runtime
+        .block_on(config.prepare_topics(1))
+        .expect("internal topics");
     let t0 = 100 * WINDOW;
     let first = order(0, UnixMillis(t0 + 10));
     let events = vec![
@@ -291,46 +277,22 @@ fn late_records_are_dropped_and_duplicates_count_once() {
         order(21, UnixMillis(t0 + 30)),         // late
     ];
     produce(&brokers, &input, &events);
-    let counters = Arc::new(exactly_stream::StreamCounters::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let (c, s) = (counters.clone(), stop.clone());
-    let run = std::thread::spawn(move || {
-        let mut p = exactly_stream::Processor::new(config, c).expect("processor");
-        p.run(&s)
-    });
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline
-        && counters.counted.load(Ordering::Relaxed)
+    let processor = Running::start(config);
+    let counters = processor.counters.clone();
+    let seen = || {
+        counters.counted.load(Ordering::Relaxed)
             + counters.duplicates.load(Ordering::Relaxed)
             + counters.late.load(Ordering::Relaxed)
-            < 5
-    {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    };
+    wait_for("all 5 inputs processed", Duration::from_secs(60), || seen() >= 5);
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, Ordering::Relaxed);
-    run.join().expect("join").expect("processor ran");
+    processor.stop();
     assert_eq!(counters.counted.load(Ordering::Relaxed), 3);
     assert_eq!(counters.duplicates.load(Ordering::Relaxed), 1);
     assert_eq!(counters.late.load(Ordering::Relaxed), 1);
-    let merged = merged_counts_one(&brokers, &output);
+    let merged = merged_counts(&brokers, &output, 1);
     assert_eq!(merged.get(&("P-0".to_owned(), t0)), Some(&2));
     assert_eq!(merged.get(&("P-0".to_owned(), t0 + 2 * WINDOW)), Some(&1));
-}
-
-fn merged_counts_one(brokers: &str, topic: &str) -> HashMap<(String, i64), u64> {
-    let mut out = HashMap::new();
-    for r in read_topic(brokers, topic, 1, "read_committed") {
-        let v: serde_json::Value = serde_json::from_slice(&r.payload).expect("json");
-        let key = (
-            v["key"].as_str().unwrap_or_default().to_owned(),
-            v["window_start"].as_i64().unwrap_or_default(),
-        );
-        let count = v["count"].as_u64().unwrap_or_default();
-        let entry = out.entry(key).or_insert(0);
-        *entry = count.max(*entry);
-    }
-    out
 }
 
 /// The UPSERT sink: results that arrive twice or out of order never lower a count, partial
@@ -592,7 +554,7 @@ fn two_processors_split_partitions_and_survive_a_rebalance() {
         "merged counts to equal the input's",
         Duration::from_secs(120),
         || {
-            merged = merged_counts(&brokers, &output);
+            merged = merged_counts(&brokers, &output, 3);
             merged == expected
         },
     );

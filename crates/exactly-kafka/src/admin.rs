@@ -11,28 +11,33 @@ use crate::error::KafkaFlowError;
 
 /// Creates the topics that do not exist yet, with `partitions` each.
 pub async fn ensure_topics(brokers: &str, topics: &[&str], partitions: i32) -> Result<(), KafkaFlowError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .map_err(KafkaFlowError::at("create admin client"))?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
         .collect();
+    create_missing(brokers, &new).await
+}
+
+/// Sends CreateTopics; a topic that already exists is fine.
+async fn create_missing(brokers: &str, new: &[NewTopic<'_>]) -> Result<(), KafkaFlowError> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .map_err(KafkaFlowError::at("create admin client"))?;
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin
-        .create_topics(&new, &options)
+        .create_topics(new, &options)
         .await
         .map_err(KafkaFlowError::at("create topics"))?;
     for result in results {
         match result {
             Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
+                tracing::error!("creating topic {topic} failed: {code}");
                 return Err(KafkaFlowError::Kafka {
                     context: "create topic",
                     source: rdkafka::error::KafkaError::AdminOp(code),
-                })
-                .inspect_err(|_| tracing::error!("creating topic {topic} failed: {code}"));
+                });
             }
         }
     }
@@ -58,45 +63,21 @@ pub struct InternalTopic {
 /// configs; an existing topic with fewer partitions than asked is an error (its keys would map
 /// to the wrong tasks).
 pub async fn ensure_internal_topics(brokers: &str, topics: &[InternalTopic]) -> Result<(), KafkaFlowError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()
-        .map_err(KafkaFlowError::at("create admin client"))?;
     let min_isr: Vec<String> = topics.iter().map(|t| t.min_insync_replicas.to_string()).collect();
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .zip(&min_isr)
         .map(|(t, isr)| {
-            let topic = NewTopic::new(
+            NewTopic::new(
                 &t.name,
                 t.partitions,
                 TopicReplication::Fixed(t.replication_factor),
             )
-            .set("min.insync.replicas", isr);
-            if t.compacted {
-                topic.set("cleanup.policy", "compact")
-            } else {
-                topic.set("cleanup.policy", "delete")
-            }
+            .set("min.insync.replicas", isr)
+            .set("cleanup.policy", if t.compacted { "compact" } else { "delete" })
         })
         .collect();
-    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-    let results = admin
-        .create_topics(&new, &options)
-        .await
-        .map_err(KafkaFlowError::at("create internal topics"))?;
-    for result in results {
-        match result {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((topic, code)) => {
-                tracing::error!("creating topic {topic} failed: {code}");
-                return Err(KafkaFlowError::Kafka {
-                    context: "create internal topic",
-                    source: rdkafka::error::KafkaError::AdminOp(code),
-                });
-            }
-        }
-    }
+    create_missing(brokers, &new).await?;
     for t in topics {
         let have = partition_count(brokers, &t.name)?;
         if have < t.partitions {
