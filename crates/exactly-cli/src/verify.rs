@@ -79,21 +79,27 @@ struct RunReport {
     bad_input_total: u64,
     bad_input_reconciled: bool,
     verdict: String,
+    /// A failed run keeps its logs and databases here (relay.log, consumer-N.log, broker.log).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    kept_logs: Option<PathBuf>,
 }
 
 /// A child process of the run, restarted when it dies, killed on drop.
 struct Supervised {
     name: String,
     args: Vec<String>,
+    /// Where the process's stderr goes (appended across restarts).
+    log: PathBuf,
     child: Mutex<Option<Child>>,
     restarts: AtomicU64,
 }
 
 impl Supervised {
-    fn new(name: &str, args: Vec<String>) -> Arc<Self> {
+    fn new(name: &str, args: Vec<String>, log_dir: &Path) -> Arc<Self> {
         Arc::new(Supervised {
             name: name.to_owned(),
             args,
+            log: log_dir.join(format!("{name}.log")),
             child: Mutex::new(None),
             restarts: AtomicU64::new(0),
         })
@@ -117,12 +123,21 @@ impl Supervised {
                 self.restarts.fetch_add(1, Ordering::Relaxed);
             }
             let exe = std::env::current_exe().context("locating the exactly binary")?;
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .with_context(|| format!("opening {}", self.log.display()))?;
             *child = Some(
                 Command::new(exe)
                     .args(&self.args)
+                    .env(
+                        "EXACTLY_LOG",
+                        "info,rdkafka=warn,librdkafka=warn,pg_walstream=warn",
+                    )
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
-                    .stderr(Stdio::null())
+                    .stderr(log)
                     .spawn()
                     .with_context(|| format!("starting {}", self.name))?,
             );
@@ -245,6 +260,7 @@ impl Drop for Broker {
     }
 }
 
+/// Crashes PostgreSQL and starts it again.
 fn restart_postgres() -> Result<()> {
     let version = std::fs::read_dir("/etc/postgresql")
         .context("PostgreSQL restart needs a local Debian cluster (/etc/postgresql)")?
@@ -252,7 +268,17 @@ fn restart_postgres() -> Result<()> {
         .max()
         .context("no cluster in /etc/postgresql")?;
     let status = Command::new("pg_ctlcluster")
-        .args(["--skip-systemctl-redirect", &version, "main", "restart"])
+        // Immediate: a crash, recovered from the WAL at start. (A fast shutdown would also wait
+        // for the WAL relay's walsender, which holds it until the relay confirms the shutdown
+        // checkpoint; see the README's known limits.)
+        .args([
+            "--skip-systemctl-redirect",
+            &version,
+            "main",
+            "restart",
+            "-m",
+            "immediate",
+        ])
         .status()
         .context("running pg_ctlcluster")?;
     if !status.success() {
@@ -266,6 +292,17 @@ fn restart_postgres() -> Result<()> {
 struct Writes {
     committed: AtomicU64,
     rolled_back: Mutex<HashSet<String>>,
+    /// Writers pause once this many events are committed, so each fault lands while events
+    /// are still being written (not after a fast run has already finished).
+    gate: AtomicU64,
+}
+
+impl Writes {
+    async fn wait_for_gate(&self) {
+        while self.committed.load(Ordering::Relaxed) >= self.gate.load(Ordering::Relaxed) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 async fn connect_retrying(url: &str) -> tokio_postgres::Client {
@@ -293,6 +330,7 @@ async fn writer(
     let mut client = connect_retrying(&url).await;
     let mut done = 0u64;
     while done < quota {
+        writes.wait_for_gate().await;
         let n = rng.random_range(1..=4u64).min(quota - done);
         let rollback = rng.random_bool(0.05);
         let mut events = Vec::new();
@@ -536,9 +574,10 @@ async fn run_once(
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let exactly_once = options.relay == VerifyRelay::WalExactlyOnce;
     // The durable broker lacks transactions (EndTxn): the exactly-once relay runs on the
-    // in-memory one, which cannot be restarted without losing the topic.
+    // in-memory one, which cannot be restarted without losing the topic. Runs without broker
+    // restarts use the in-memory one too.
     let broker_restarts = options.faults.broker_restarts && !exactly_once;
-    let mut broker = Broker::start(!exactly_once)?;
+    let mut broker = Broker::start(broker_restarts)?;
     let brokers = broker.address();
     let topic = format!("verify-{run_id}");
     exactly_kafka::ensure_topics(&brokers, &[&topic], 3).await?;
@@ -569,7 +608,7 @@ async fn run_once(
             relay_args.extend(["--mode", "wal", "--slot", &slot, "--exactly-once"].map(String::from))
         }
     }
-    let relay = Supervised::new("relay", relay_args);
+    let relay = Supervised::new("relay", relay_args, dir.path());
     let consumers: Vec<Arc<Supervised>> = (0..options.consumers)
         .map(|i| {
             let db = consumer_db(dir.path(), i);
@@ -591,31 +630,13 @@ async fn run_once(
                 ]
                 .map(String::from)
                 .to_vec(),
+                dir.path(),
             )
         })
         .collect();
     relay.ensure_running()?;
     for c in &consumers {
         c.ensure_running()?;
-    }
-
-    let writes = Arc::new(Writes::default());
-    let per_writer = options.events / options.writers as u64;
-    let mut writer_tasks = Vec::new();
-    for w in 0..options.writers {
-        let quota = if w == 0 {
-            options.events - per_writer * (options.writers as u64 - 1)
-        } else {
-            per_writer
-        };
-        writer_tasks.push(tokio::spawn(writer(
-            url.clone(),
-            topic.clone(),
-            w,
-            quota,
-            seed,
-            writes.clone(),
-        )));
     }
 
     // Fault schedule, in fractions of the slowest consumer's progress.
@@ -644,8 +665,33 @@ async fn run_once(
         schedule.push((0.3, "bad input"));
     }
     schedule.sort_by(|a, b| a.0.total_cmp(&b.0));
-    let mut faults: BTreeMap<String, u64> = BTreeMap::new();
+    // Writers stay at most 10% of the events ahead of the next fault's point.
     let total = options.events;
+    let gate_for = |schedule: &[(f64, &str)]| match schedule.first() {
+        Some((at, _)) => ((at + 0.1).min(1.0) * total as f64) as u64,
+        None => total,
+    };
+    let writes = Arc::new(Writes::default());
+    writes.gate.store(gate_for(&schedule), Ordering::Relaxed);
+    let per_writer = options.events / options.writers as u64;
+    let mut writer_tasks = Vec::new();
+    for w in 0..options.writers {
+        let quota = if w == 0 {
+            options.events - per_writer * (options.writers as u64 - 1)
+        } else {
+            per_writer
+        };
+        writer_tasks.push(tokio::spawn(writer(
+            url.clone(),
+            topic.clone(),
+            w,
+            quota,
+            seed,
+            writes.clone(),
+        )));
+    }
+
+    let mut faults: BTreeMap<String, u64> = BTreeMap::new();
     let deadline = Instant::now() + options.timeout;
     let stalled = AtomicBool::new(false);
     loop {
@@ -662,6 +708,7 @@ async fn run_once(
         if let Some((at, what)) = schedule.first().copied().filter(|(at, _)| fraction >= *at) {
             let _ = at;
             schedule.remove(0);
+            writes.gate.store(gate_for(&schedule), Ordering::Relaxed);
             progress.set_message(what);
             match what {
                 "relay kill" => relay.kill(),
@@ -766,15 +813,22 @@ async fn run_once(
     let reconciled = !options.faults.bad_input
         || (relay_dead as u64 == BAD_AT_RELAY
             && (0..options.consumers).all(|i| parked_count(dir.path(), i) == BAD_AT_CONSUMER + FOREIGN));
-    let ok = findings.ok() && reconciled && !stalled.load(Ordering::Relaxed);
-    drop(broker);
-    if options.relay != VerifyRelay::Poll {
-        let _ = exactly_postgres::wal::drop_slot(&url, &slot).await;
-    }
     let parked: BTreeMap<String, u64> = (0..options.consumers)
         .map(|i| (format!("consumer-{i}"), parked_count(dir.path(), i)))
         .collect();
-    Ok(report(
+    let ok = findings.ok() && reconciled && !stalled.load(Ordering::Relaxed);
+    let broker_log = broker.dir.path().join("broker.log");
+    drop(broker);
+    let kept_logs = if ok {
+        None
+    } else {
+        let _ = std::fs::copy(&broker_log, dir.path().join("broker.log"));
+        Some(dir.keep())
+    };
+    if options.relay != VerifyRelay::Poll {
+        let _ = exactly_postgres::wal::drop_slot(&url, &slot).await;
+    }
+    let mut report = report(
         parked,
         seed,
         options,
@@ -792,7 +846,9 @@ async fn run_once(
             "FAILED".into()
         },
         started.elapsed().as_secs_f64(),
-    ))
+    );
+    report.kept_logs = kept_logs;
+    Ok(report)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -829,6 +885,7 @@ fn report(
         bad_input_total,
         bad_input_reconciled,
         verdict,
+        kept_logs: None,
     }
 }
 
@@ -860,6 +917,9 @@ fn print(report: &RunReport) {
         "bad input injected", report.bad_input_total, report.relay_dead, report.bad_input_reconciled
     );
     println!("  verdict: {}", report.verdict);
+    if let Some(dir) = &report.kept_logs {
+        println!("  logs and consumer databases kept in {}", dir.display());
+    }
 }
 
 /// Runs `--runs` seeded runs; Ok(true) when every run is exactly once.

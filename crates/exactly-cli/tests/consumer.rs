@@ -177,3 +177,80 @@ async fn poison_messages_are_parked_and_the_partition_moves_on() {
     assert_eq!(parked[2].0, "bad_headers");
     assert!(parked[2].1.contains("missing"), "{:?}", parked[2]);
 }
+
+struct NoEffect;
+
+impl exactly_postgres::PgHandler for NoEffect {
+    fn handle<'a>(
+        &'a self,
+        _tx: &'a tokio_postgres::Transaction<'a>,
+        _delivery: &'a exactly_core::Delivery,
+    ) -> futures::future::BoxFuture<'a, Result<(), exactly_core::HandlerError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+fn parked(offset: i64, key_text: Option<&str>) -> exactly_core::ParkedMessage {
+    exactly_core::ParkedMessage {
+        topic: "t".into(),
+        partition: 0,
+        offset,
+        reason: exactly_core::ParkReason::Rejected,
+        detail: "bad".into(),
+        key_text: key_text.map(str::to_owned),
+        record_key: None,
+        headers: vec![],
+        payload: Some(b"{".to_vec()),
+        parked_at: exactly_kafka::now(),
+    }
+}
+
+/// A relay resend puts the same poison record at a new offset: one parked row per key. Records
+/// without a readable key are told apart by position; the same position twice is one row.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resent_poison_record_is_parked_once_per_key_on_both_stores() {
+    use exactly_core::EffectStore;
+    let key = "v7:0190b2a4-8f11-7000-8000-000000000001";
+    let messages = [
+        parked(5, Some(key)),
+        parked(9, Some(key)),
+        parked(5, Some(key)),
+        parked(6, None),
+        parked(7, None),
+        parked(7, None),
+    ];
+    let dir = tempfile::tempdir().expect("tempdir");
+    let noop = |_: &rusqlite::Transaction<'_>, _: &exactly_core::Delivery| Ok(());
+    let sqlite = exactly_sqlite::SqliteEffects::open(&dir.path().join("c.db"), "c", noop).expect("open");
+    let url = exactly_testkit::fresh_pg_database().await;
+    let pg = exactly_postgres::PgEffects::connect(&url, "c", NoEffect)
+        .await
+        .expect("connect");
+    for m in &messages {
+        sqlite.park(m).await.expect("park on sqlite");
+        pg.park(m).await.expect("park on postgres");
+    }
+    let conn = rusqlite::Connection::open(dir.path().join("c.db")).expect("open");
+    let mut rows = conn
+        .prepare("SELECT \"offset\", key_text FROM exactly_parked ORDER BY \"offset\"")
+        .expect("prepare");
+    let sqlite_rows: Vec<(i64, Option<String>)> = rows
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    let expected = vec![(5, Some(key.to_owned())), (6, None), (7, None)];
+    assert_eq!(sqlite_rows, expected);
+    let client = exactly_postgres::connect(&url).await.expect("connect");
+    let pg_rows: Vec<(i64, Option<String>)> = client
+        .query(
+            "SELECT \"offset\", key_text FROM exactly_parked ORDER BY \"offset\"",
+            &[],
+        )
+        .await
+        .expect("query")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(pg_rows, expected);
+}

@@ -247,7 +247,8 @@ pub trait EffectStore: Send + Sync {
     /// Watermarks are never forgotten: they are constant space.
     fn forget_keys_before(&self, cutoff: UnixMillis) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
-    /// Stores a parked message; parking the same (topic, partition, offset) twice keeps one row.
+    /// Stores a parked message. Parking the same (topic, partition, offset) twice, or a record
+    /// whose readable idempotency key is parked already (a relay resend), keeps one row.
     fn park(&self, message: &ParkedMessage) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 

@@ -113,6 +113,45 @@ impl ConsumerContext for AssignmentContext {
     }
 }
 
+/// How long a subscribed member may hold no partition before its group is looked at (longer
+/// than a rebalance: session timeout 6 s, joins waiting part of the 10 s rebalance timeout).
+const IDLE_ASSIGNMENT_GRACE: Duration = Duration::from_secs(15);
+
+/// Tracks how long this member has held no partition; due once per grace period.
+#[derive(Default)]
+struct IdleWatch {
+    last_look: Option<Instant>,
+    empty_since: Option<Instant>,
+    /// The group's committed positions at the last look, when records were waiting.
+    positions: Option<Vec<i64>>,
+}
+
+impl IdleWatch {
+    fn due<C: Consumer<AssignmentContext>>(&mut self, consumer: &C) -> bool {
+        if self
+            .last_look
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
+        {
+            return false;
+        }
+        self.last_look = Some(Instant::now());
+        let empty = consumer.assignment().is_ok_and(|a| a.count() == 0);
+        match (empty, self.empty_since) {
+            (false, _) => {
+                self.empty_since = None;
+                self.positions = None;
+            }
+            (true, None) => self.empty_since = Some(Instant::now()),
+            (true, Some(since)) if since.elapsed() >= IDLE_ASSIGNMENT_GRACE => {
+                self.empty_since = Some(Instant::now());
+                return true;
+            }
+            (true, Some(_)) => {}
+        }
+        false
+    }
+}
+
 /// Reads `topics` and applies each record once through `store`.
 ///
 /// Per record: decode strictly (bad headers → park), check the key's age (too old → park), then
@@ -171,7 +210,11 @@ impl<S: EffectStore> IdempotentConsumer<S> {
         let mut pending: HashMap<(String, i32), i64> = HashMap::new();
         let mut last_commit = Instant::now();
         let mut last_prune: Option<Instant> = None;
+        let mut idle = IdleWatch::default();
         loop {
+            if idle.due(&self.consumer) {
+                self.rejoin_if_group_is_stuck(&mut idle);
+            }
             self.seek_unchecked().await?;
             if last_prune.is_none_or(|at| at.elapsed() >= self.config.prune_interval) {
                 last_prune = Some(Instant::now());
@@ -217,6 +260,67 @@ impl<S: EffectStore> IdempotentConsumer<S> {
         }
         self.commit(&mut pending);
         Ok(())
+    }
+
+    /// Rejoins when this member holds no partition and nobody in its group reads: records wait
+    /// behind the group's committed offsets, and those offsets did not move since the last look
+    /// (one grace period ago). Seen on Tansu after a broker restart: the leader synced an empty
+    /// assignment and nothing triggered another, so the group read nothing forever. Kafka should
+    /// not get there; Tansu's group descriptions list no members, hence offsets, not members.
+    fn rejoin_if_group_is_stuck(&self, idle: &mut IdleWatch) {
+        let group = &self.config.group_id;
+        let mut list = TopicPartitionList::new();
+        for topic in &self.config.topics {
+            match self.consumer.fetch_metadata(Some(topic), Duration::from_secs(2)) {
+                Ok(m) => {
+                    for t in m.topics() {
+                        for p in t.partitions() {
+                            list.add_partition(t.name(), p.id());
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("cannot read metadata of {topic} (idle check): {e}");
+                    return;
+                }
+            }
+        }
+        let committed = match self.consumer.committed_offsets(list, Duration::from_secs(2)) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("cannot read the committed offsets of {group} (idle check): {e}");
+                return;
+            }
+        };
+        let mut waiting = false;
+        let mut positions = Vec::new();
+        for e in committed.elements() {
+            let Ok((low, high)) =
+                self.consumer
+                    .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2))
+            else {
+                return;
+            };
+            let position = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => low,
+            };
+            waiting |= high > position;
+            positions.push(position);
+        }
+        let stuck = waiting && idle.positions.as_ref() == Some(&positions);
+        idle.positions = waiting.then_some(positions);
+        if !stuck {
+            return;
+        }
+        idle.positions = None;
+        tracing::warn!("group {group}: records wait and no member reads them: rejoining");
+        metrics::counter!("exactly_consumer_rejoins_total").increment(1);
+        let topics: Vec<&str> = self.config.topics.iter().map(String::as_str).collect();
+        self.consumer.unsubscribe();
+        if let Err(e) = self.consumer.subscribe(&topics) {
+            tracing::warn!("resubscribing failed (will retry): {e}");
+        }
     }
 
     /// Deletes key-set entries past the retention window. A failure is only logged: the entries

@@ -190,7 +190,10 @@ impl<H: PgHandler> EffectStore for PgEffects<H> {
         client
             .execute(
                 "INSERT INTO exactly_parked (consumer, topic, partition, \"offset\", reason, detail, key_text, record_key, headers, payload, parked_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, to_timestamp($11::float8 / 1000))
+                 SELECT $1::text, $2::text, $3::int4, $4::int8, $5::text, $6::text, $7::text, $8::bytea,
+                        $9::text, $10::bytea, to_timestamp($11::float8 / 1000)
+                 WHERE $7::text IS NULL OR NOT EXISTS
+                     (SELECT 1 FROM exactly_parked WHERE consumer = $1::text AND key_text = $7::text)
                  ON CONFLICT (consumer, topic, partition, \"offset\") DO NOTHING",
                 &[
                     &self.consumer,

@@ -398,7 +398,9 @@ fn column<'a>(data: &'a RowData, name: &str) -> Option<&'a [u8]> {
     }
 }
 
-fn to_feed_item(event: ChangeEvent) -> FeedItem {
+/// One decoded pgoutput change as the relay sees it. Public so the pgoutput fuzz target drives
+/// the same mapping the relay runs, from wire bytes to validated rows.
+pub fn to_feed_item(event: ChangeEvent) -> FeedItem {
     match event.event_type {
         EventType::Begin {
             final_lsn,

@@ -225,7 +225,9 @@ impl<H: SqliteHandler> EffectStore for SqliteEffects<H> {
             .run(move |conn| {
                 conn.execute(
                     "INSERT INTO exactly_parked (consumer, topic, partition, \"offset\", reason, detail, key_text, record_key, headers, payload, parked_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11
+                     WHERE ?7 IS NULL OR NOT EXISTS
+                         (SELECT 1 FROM exactly_parked WHERE consumer = ?1 AND key_text = ?7)
                      ON CONFLICT (consumer, topic, partition, \"offset\") DO NOTHING",
                     params![
                         &*consumer,

@@ -57,6 +57,27 @@ pub fn pg_url() -> String {
     url
 }
 
+/// The Tansu binaries `scripts/setup` installed: `EXACTLY_TANSU` (transactions, memory
+/// storage) and `EXACTLY_TANSU_DURABLE` (sqlite storage, for broker restarts), as environment
+/// variables to hand to a child process.
+pub fn tansu_env() -> Vec<(String, String)> {
+    let tansu = setting("EXACTLY_TANSU")
+        .unwrap_or_else(|| panic!("no Tansu binary configured: run scripts/setup (it writes .exactly/env)"));
+    let durable = setting("EXACTLY_TANSU_DURABLE").unwrap_or_else(|| {
+        panic!("no durable (sqlite) Tansu build configured: run scripts/setup --durable (cargo install, 20-35 min once)")
+    });
+    for path in [&tansu, &durable] {
+        assert!(
+            std::path::Path::new(path).exists(),
+            "{path} is missing: run scripts/setup --durable"
+        );
+    }
+    vec![
+        ("EXACTLY_TANSU".into(), tansu),
+        ("EXACTLY_TANSU_DURABLE".into(), durable),
+    ]
+}
+
 /// `prefix-<random>`, for topics, groups and databases.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
