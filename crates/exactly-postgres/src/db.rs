@@ -19,6 +19,32 @@ pub async fn connect(url: &str) -> Result<Client, PgError> {
     Ok(client)
 }
 
+/// A connection opened again on first use after it closed (a server restart), so long-lived
+/// background work (heartbeat, sweeper, dead events) heals instead of failing forever.
+pub struct ReconnectingClient {
+    url: String,
+    current: tokio::sync::Mutex<std::sync::Arc<Client>>,
+}
+
+impl ReconnectingClient {
+    /// Connects now, so a wrong URL fails at start.
+    pub async fn connect(url: &str) -> Result<Self, PgError> {
+        Ok(ReconnectingClient {
+            url: url.to_owned(),
+            current: tokio::sync::Mutex::new(std::sync::Arc::new(connect(url).await?)),
+        })
+    }
+
+    /// The open connection, reconnecting when the last one closed.
+    pub async fn get(&self) -> Result<std::sync::Arc<Client>, PgError> {
+        let mut current = self.current.lock().await;
+        if current.is_closed() {
+            *current = std::sync::Arc::new(connect(&self.url).await?);
+        }
+        Ok(current.clone())
+    }
+}
+
 fn redact(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => format!("{}://…{}", &url[..scheme], &url[at..]),

@@ -16,7 +16,7 @@ use pg_walstream::{
 use tokio::sync::mpsc;
 use tokio_postgres::Client;
 
-use crate::db::connect;
+use crate::db::{connect, ReconnectingClient};
 use crate::error::{replication, PgError};
 use crate::migrations::migrate;
 
@@ -203,7 +203,7 @@ struct Stream {
 /// [`ChangeFeed`] over a pgoutput slot.
 pub struct PgChangeFeed {
     config: WalConfig,
-    client: Arc<Client>,
+    client: Arc<ReconnectingClient>,
     source: String,
     timeline: u64,
     stream: Option<Stream>,
@@ -217,13 +217,14 @@ impl PgChangeFeed {
     /// confirmed position. Fails while another relay streams from the slot.
     pub async fn connect(config: WalConfig) -> Result<Self, PgError> {
         let backlog = ensure_slot(&config).await?;
-        let client = Arc::new(connect(&config.url).await?);
-        let system_id: String = client
+        let client = Arc::new(ReconnectingClient::connect(&config.url).await?);
+        let first = client.get().await?;
+        let system_id: String = first
             .query_one("SELECT system_identifier::text FROM pg_control_system()", &[])
             .await
             .map_err(PgError::at("read system identifier"))?
             .get(0);
-        let timeline: i32 = client
+        let timeline: i32 = first
             .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
             .await
             .map_err(PgError::at("read timeline"))?
@@ -259,9 +260,9 @@ impl PgChangeFeed {
         Ok(feed)
     }
 
-    /// A plain connection to the same database (stats, tests).
-    pub fn client(&self) -> &Client {
-        &self.client
+    /// A plain connection to the same database (stats, tests), reopened after a server restart.
+    pub async fn client(&self) -> Result<Arc<Client>, PgError> {
+        self.client.get().await
     }
 
     /// The slot name.
@@ -461,7 +462,7 @@ pub fn to_feed_item(event: ChangeEvent) -> FeedItem {
 /// Emits a heartbeat message whenever no transaction of the relay's own committed for
 /// `interval`, so the slot's confirmed position (and retained WAL) follows the server even
 /// when only other tables change.
-async fn heartbeat(client: Arc<Client>, interval: Duration, last_own_commit_ms: Arc<AtomicI64>) {
+async fn heartbeat(client: Arc<ReconnectingClient>, interval: Duration, last_own_commit_ms: Arc<AtomicI64>) {
     let tick = (interval / 2).max(Duration::from_millis(50));
     loop {
         tokio::time::sleep(tick).await;
@@ -469,13 +470,17 @@ async fn heartbeat(client: Arc<Client>, interval: Duration, last_own_commit_ms: 
         if idle_ms < interval.as_millis() as i64 {
             continue;
         }
-        match client
-            .execute(
-                "SELECT pg_logical_emit_message(true, $1, '')",
-                &[&HEARTBEAT_PREFIX],
-            )
-            .await
-        {
+        let emitted = match client.get().await {
+            Ok(c) => c
+                .execute(
+                    "SELECT pg_logical_emit_message(true, $1, '')",
+                    &[&HEARTBEAT_PREFIX],
+                )
+                .await
+                .map_err(PgError::at("emit heartbeat")),
+            Err(e) => Err(e),
+        };
+        match emitted {
             Ok(_) => {
                 last_own_commit_ms.store(now_ms(), Ordering::Relaxed);
                 metrics::counter!("exactly_wal_heartbeats_total").increment(1);
@@ -487,21 +492,25 @@ async fn heartbeat(client: Arc<Client>, interval: Duration, last_own_commit_ms: 
 
 /// Marks published rows SENT in batches. Best effort: the rows are on the topic already, and a
 /// crash before the mark only leaves them NEW (the WAL relay never re-reads the table).
-async fn sweep(client: Arc<Client>, mut ids: mpsc::UnboundedReceiver<Vec<i64>>) {
+async fn sweep(client: Arc<ReconnectingClient>, mut ids: mpsc::UnboundedReceiver<Vec<i64>>) {
     while let Some(first) = ids.recv().await {
         let mut batch = first;
         while let Ok(more) = ids.try_recv() {
             batch.extend(more);
         }
         for chunk in batch.chunks(10_000) {
-            if let Err(e) = client
-                .execute(
-                    "UPDATE outbox SET status = 'SENT', sent_at = clock_timestamp(), lease_owner = 'wal'
-                     WHERE id = ANY($1) AND status <> 'SENT'",
-                    &[&chunk],
-                )
-                .await
-            {
+            let marked = match client.get().await {
+                Ok(c) => c
+                    .execute(
+                        "UPDATE outbox SET status = 'SENT', sent_at = clock_timestamp(), lease_owner = 'wal'
+                         WHERE id = ANY($1) AND status <> 'SENT'",
+                        &[&chunk],
+                    )
+                    .await
+                    .map_err(PgError::at("mark rows SENT")),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = marked {
                 tracing::warn!("sweeper could not mark {} rows SENT: {e}", chunk.len());
             }
         }
@@ -539,7 +548,8 @@ impl ChangeFeed for PgChangeFeed {
     }
 
     async fn park(&self, dead: &DeadEvent) -> Result<(), StoreError> {
-        self.client
+        let client = self.client.get().await?;
+        client
             .execute(
                 "INSERT INTO exactly_relay_dead (key_text, outbox_id, reason, raw) VALUES ($1, $2, $3, $4)
                  ON CONFLICT (key_text) DO NOTHING",
@@ -548,7 +558,7 @@ impl ChangeFeed for PgChangeFeed {
             .await
             .map_err(PgError::at("record dead event"))?;
         if dead.outbox_id > 0 && self.config.mark_sent {
-            self.client
+            client
                 .execute(
                     "UPDATE outbox SET status = 'DEAD', last_error = $2 WHERE id = $1",
                     &[&dead.outbox_id, &dead.reason],
