@@ -69,6 +69,8 @@ struct RunReport {
     seed: u64,
     relay: String,
     events_committed: u64,
+    /// Records on the topic, resends and bad input included: what dedupe had to absorb.
+    records_on_topic: u64,
     rolled_back: u64,
     seconds: f64,
     faults: BTreeMap<String, u64>,
@@ -521,6 +523,7 @@ fn consumer_history(dir: &Path, i: usize) -> Result<ConsumerHistory> {
     })
 }
 
+/// The event ids on the topic and how many records it holds in all (resends included).
 fn topic_event_ids(brokers: &str, topic: &str) -> Result<(HashSet<String>, u64)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Headers, Message};
@@ -537,21 +540,19 @@ fn topic_event_ids(brokers: &str, topic: &str) -> Result<(HashSet<String>, u64)>
         list.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
     }
     consumer.assign(&list)?;
-    let (mut ids, mut without_id, mut ended) = (HashSet::new(), 0u64, HashSet::new());
+    let (mut ids, mut records, mut ended) = (HashSet::new(), 0u64, HashSet::new());
     let deadline = Instant::now() + Duration::from_secs(120);
     while (ended.len() as i32) < partitions && Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
+                records += 1;
                 let id = m.headers().and_then(|h| {
                     h.iter()
                         .find(|h| h.key == exactly_core::envelope::header::EVENT_ID)
                         .and_then(|h| String::from_utf8(h.value?.to_vec()).ok())
                 });
-                match id {
-                    Some(id) => {
-                        ids.insert(id);
-                    }
-                    None => without_id += 1,
+                if let Some(id) = id {
+                    ids.insert(id);
                 }
             }
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
@@ -560,7 +561,7 @@ fn topic_event_ids(brokers: &str, topic: &str) -> Result<(HashSet<String>, u64)>
             _ => {}
         }
     }
-    Ok((ids, without_id))
+    Ok((ids, records))
 }
 
 /// Runs one seeded run and returns its report.
@@ -787,7 +788,7 @@ async fn run_once(
             .get(0),
     };
     let (b, t) = (brokers.clone(), topic.clone());
-    let (on_topic, _without_id) = tokio::task::spawn_blocking(move || topic_event_ids(&b, &t)).await??;
+    let (on_topic, records_on_topic) = tokio::task::spawn_blocking(move || topic_event_ids(&b, &t)).await??;
     let consumers_history = (0..options.consumers)
         .map(|i| consumer_history(dir.path(), i))
         .collect::<Result<Vec<_>>>()?;
@@ -848,6 +849,7 @@ async fn run_once(
         started.elapsed().as_secs_f64(),
     );
     report.kept_logs = kept_logs;
+    report.records_on_topic = records_on_topic;
     Ok(report)
 }
 
@@ -869,6 +871,7 @@ fn report(
         seed,
         relay: format!("{:?}", options.relay),
         events_committed: history.committed.len() as u64,
+        records_on_topic: 0,
         rolled_back: history.rolled_back.len() as u64,
         seconds,
         faults,
@@ -897,6 +900,10 @@ fn print(report: &RunReport) {
     );
     println!("  {:<28} {:>10}", "events committed", report.events_committed);
     println!("  {:<28} {:>10}", "rolled back", report.rolled_back);
+    println!(
+        "  {:<28} {:>10}  (resends and bad input included)",
+        "records on the topic", report.records_on_topic
+    );
     for (what, n) in &report.faults {
         println!("  {:<28} {:>10}", what, n);
     }
