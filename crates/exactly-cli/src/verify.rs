@@ -829,6 +829,17 @@ async fn run_once(
     if options.relay != VerifyRelay::Poll {
         let _ = exactly_postgres::wal::drop_slot(&url, &slot).await;
     }
+    drop(client);
+    if ok {
+        // A failed run keeps its database for inspection (scripts/setup drops leftovers).
+        let admin = connect_retrying(&options.database).await;
+        if let Err(e) = admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await
+        {
+            tracing::warn!("cannot drop {name}: {e}");
+        }
+    }
     let mut report = report(
         parked,
         seed,
