@@ -109,6 +109,22 @@ pub struct TopicRecord {
     pub payload: Vec<u8>,
 }
 
+/// Whether the reader's position in some partition is below that partition's high watermark.
+fn partitions_behind(consumer: &BaseConsumer, topic: &str, partitions: i32) -> bool {
+    let Ok(positions) = consumer.position() else {
+        return false;
+    };
+    (0..partitions).any(|p| {
+        let position = match positions.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => return false,
+        };
+        consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(5))
+            .is_ok_and(|(_, high)| position < high)
+    })
+}
+
 /// Reads every record of `topic` (all `partitions`) from the beginning up to the current end,
 /// with `isolation` (`read_committed` or `read_uncommitted`).
 pub fn read_topic(brokers: &str, topic: &str, partitions: i32, isolation: &str) -> Vec<TopicRecord> {
@@ -129,7 +145,23 @@ pub fn read_topic(brokers: &str, topic: &str, partitions: i32, isolation: &str) 
     let mut records = Vec::new();
     let mut at_end = std::collections::HashSet::new();
     let deadline = Instant::now() + Duration::from_secs(30);
-    while at_end.len() < partitions as usize && Instant::now() < deadline {
+    // An end-of-partition event can come early (seen on Tansu under load: a fetch answered
+    // empty below the high watermark). Once every partition reported its end, a partition whose
+    // position is still below its high watermark gets up to 3 s more; records past the last
+    // stable offset (an open transaction) never come, hence a bound, not a wait for the mark.
+    let mut grace: Option<Instant> = None;
+    loop {
+        if Instant::now() >= deadline {
+            break;
+        }
+        if at_end.len() == partitions as usize {
+            let behind = grace.is_none() && partitions_behind(&consumer, topic, partitions);
+            match grace {
+                None if behind => grace = Some(Instant::now() + Duration::from_secs(3)),
+                Some(until) if Instant::now() < until && partitions_behind(&consumer, topic, partitions) => {}
+                _ => break,
+            }
+        }
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => records.push(TopicRecord {
                 partition: m.partition(),
