@@ -268,10 +268,13 @@ impl<S: EffectStore> IdempotentConsumer<S> {
     /// assignment and nothing triggered another, so the group read nothing forever. Kafka should
     /// not get there; Tansu's group descriptions list no members, hence offsets, not members.
     fn rejoin_if_group_is_stuck(&self, idle: &mut IdleWatch) {
+        // Short timeouts: these calls block this loop, and a loop that stops polling for
+        // max.poll.interval.ms (10 s) is put out of the group.
+        const LOOK: Duration = Duration::from_millis(500);
         let group = &self.config.group_id;
         let mut list = TopicPartitionList::new();
         for topic in &self.config.topics {
-            match self.consumer.fetch_metadata(Some(topic), Duration::from_secs(2)) {
+            match self.consumer.fetch_metadata(Some(topic), LOOK) {
                 Ok(m) => {
                     for t in m.topics() {
                         for p in t.partitions() {
@@ -285,7 +288,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                 }
             }
         }
-        let committed = match self.consumer.committed_offsets(list, Duration::from_secs(2)) {
+        let committed = match self.consumer.committed_offsets(list, LOOK) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!("cannot read the committed offsets of {group} (idle check): {e}");
@@ -295,10 +298,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
         let mut waiting = false;
         let mut positions = Vec::new();
         for e in committed.elements() {
-            let Ok((low, high)) =
-                self.consumer
-                    .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(2))
-            else {
+            let Ok((low, high)) = self.consumer.fetch_watermarks(e.topic(), e.partition(), LOOK) else {
                 return;
             };
             let position = match e.offset() {
