@@ -525,42 +525,25 @@ fn consumer_history(dir: &Path, i: usize) -> Result<ConsumerHistory> {
 
 /// The event ids on the topic and how many records it holds in all (resends included).
 fn topic_event_ids(brokers: &str, topic: &str) -> Result<(HashSet<String>, u64)> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::{Headers, Message};
-    let consumer: BaseConsumer<exactly_kafka::QuietEof> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("verify-reader-{}", exactly_kafka::now().0))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
-        .create_with_context(exactly_kafka::QuietEof)?;
     let partitions = exactly_kafka::partition_count(brokers, topic)?;
-    let mut list = rdkafka::TopicPartitionList::new();
-    for p in 0..partitions {
-        list.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
-    }
-    consumer.assign(&list)?;
-    let (mut ids, mut records, mut ended) = (HashSet::new(), 0u64, HashSet::new());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while (ended.len() as i32) < partitions && Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                records += 1;
-                let id = m.headers().and_then(|h| {
-                    h.iter()
-                        .find(|h| h.key == exactly_core::envelope::header::EVENT_ID)
-                        .and_then(|h| String::from_utf8(h.value?.to_vec()).ok())
-                });
-                if let Some(id) = id {
-                    ids.insert(id);
-                }
-            }
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                ended.insert(p);
-            }
-            _ => {}
-        }
-    }
+    let (mut ids, mut records) = (HashSet::new(), 0u64);
+    exactly_kafka::scan_topic(
+        brokers,
+        topic,
+        partitions,
+        "read_committed",
+        Duration::from_secs(120),
+        |m| {
+            records += 1;
+            let id = m.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == exactly_core::envelope::header::EVENT_ID)
+                    .and_then(|h| String::from_utf8(h.value?.to_vec()).ok())
+            });
+            ids.extend(id);
+        },
+    )?;
     Ok((ids, records))
 }
 

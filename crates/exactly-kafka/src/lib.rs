@@ -15,6 +15,7 @@ mod eos;
 mod error;
 mod faults;
 mod relay;
+mod scan;
 mod wal_relay;
 mod wire;
 
@@ -25,5 +26,6 @@ pub use eos::{broker_hides_aborted_records, is_fenced, ExactlyOnce, QuietEof};
 pub use error::KafkaFlowError;
 pub use faults::{FaultPoint, Faults};
 pub use relay::{now, BatchReport, Relay, RelayConfig, RelayCounters};
+pub use scan::scan_topic;
 pub use wal_relay::{WalRelay, WalRelayConfig, WalRelayCounters};
 pub use wire::{decode_message, record_headers};

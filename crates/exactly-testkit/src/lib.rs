@@ -9,9 +9,7 @@ use std::net::TcpStream;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 fn setup_env() -> HashMap<String, String> {
     let file = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../.exactly/env");
@@ -109,61 +107,18 @@ pub struct TopicRecord {
     pub payload: Vec<u8>,
 }
 
-/// Whether the reader's position in some partition is below that partition's high watermark.
-fn partitions_behind(consumer: &BaseConsumer, topic: &str, partitions: i32) -> bool {
-    let Ok(positions) = consumer.position() else {
-        return false;
-    };
-    (0..partitions).any(|p| {
-        let position = match positions.find_partition(topic, p).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) => o,
-            _ => return false,
-        };
-        consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(5))
-            .is_ok_and(|(_, high)| position < high)
-    })
-}
-
 /// Reads every record of `topic` (all `partitions`) from the beginning up to the current end,
 /// with `isolation` (`read_committed` or `read_uncommitted`).
 pub fn read_topic(brokers: &str, topic: &str, partitions: i32, isolation: &str) -> Vec<TopicRecord> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", unique("reader"))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", isolation)
-        .create()
-        .expect("create reader");
-    let mut list = TopicPartitionList::new();
-    for p in 0..partitions {
-        list.add_partition_offset(topic, p, Offset::Beginning)
-            .expect("partition");
-    }
-    consumer.assign(&list).expect("assign");
     let mut records = Vec::new();
-    let mut at_end = std::collections::HashSet::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    // An end-of-partition event can come early (seen on Tansu under load: a fetch answered
-    // empty below the high watermark). Once every partition reported its end, a partition whose
-    // position is still below its high watermark gets up to 3 s more; records past the last
-    // stable offset (an open transaction) never come, hence a bound, not a wait for the mark.
-    let mut grace: Option<Instant> = None;
-    loop {
-        if Instant::now() >= deadline {
-            break;
-        }
-        if at_end.len() == partitions as usize {
-            let behind = grace.is_none() && partitions_behind(&consumer, topic, partitions);
-            match grace {
-                None if behind => grace = Some(Instant::now() + Duration::from_secs(3)),
-                Some(until) if Instant::now() < until && partitions_behind(&consumer, topic, partitions) => {}
-                _ => break,
-            }
-        }
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => records.push(TopicRecord {
+    exactly_kafka::scan_topic(
+        brokers,
+        topic,
+        partitions,
+        isolation,
+        Duration::from_secs(30),
+        |m| {
+            records.push(TopicRecord {
                 partition: m.partition(),
                 offset: m.offset(),
                 key: m.key().map(<[u8]>::to_vec),
@@ -181,19 +136,10 @@ pub fn read_topic(brokers: &str, topic: &str, partitions: i32, isolation: &str) 
                     })
                     .unwrap_or_default(),
                 payload: m.payload().unwrap_or_default().to_vec(),
-            }),
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                at_end.insert(p);
-            }
-            Some(Err(e)) => panic!("reading {topic}: {e}"),
-            None => {}
-        }
-    }
-    assert_eq!(
-        at_end.len(),
-        partitions as usize,
-        "did not reach the end of {topic} within 30 s"
-    );
+            })
+        },
+    )
+    .unwrap_or_else(|e| panic!("reading {topic}: {e}"));
     records
 }
 
