@@ -20,7 +20,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 use crate::commands::{ConsumeArgs, Database, InternalTopicArgs, RelayArgs};
 use crate::demo::{run_demo, DemoOptions};
@@ -268,6 +269,10 @@ enum Command {
         grace_ms: i64,
         #[arg(long, default_value_t = 86_400_000)]
         retention_ms: i64,
+        /// Event times further ahead of the wall clock go to the dead-letter topic (they would
+        /// otherwise advance stream time and make every later record late).
+        #[arg(long, default_value_t = exactly_stream::DEFAULT_MAX_EVENT_TIME_SKEW_MS)]
+        max_event_time_skew_ms: i64,
         /// Partial counts per hot key.
         #[arg(long, default_value_t = 1)]
         salts: u32,
@@ -368,7 +373,14 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    if let Err(e) = refuse_ignored_relay_flags(&matches) {
+        e.exit();
+    }
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -382,6 +394,89 @@ fn main() -> ExitCode {
             eprintln!("exactly: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Relay flags that only one mode reads, by clap id.
+const POLL_ONLY_FLAGS: &[&str] = &[
+    "keys",
+    "batch_size",
+    "lease_ms",
+    "poll_ms",
+    "max_retries",
+    "exit_when_idle",
+];
+const WAL_ONLY_FLAGS: &[&str] = &["slot", "publication", "heartbeat_ms", "outbox", "exactly_once"];
+const EXACTLY_ONCE_ONLY_FLAGS: &[&str] = &[
+    "progress_topic",
+    "replication_factor",
+    "min_insync_replicas",
+    "commit_interval_ms",
+    "batch_events",
+    "kill_before_commit",
+    "kill_after_commit",
+    "kill_during_abort",
+    "abort_every",
+];
+
+/// `exactly relay` parses every mode's flags; a flag the chosen mode would not read is refused
+/// (exit 2) instead of being dropped, so `--mode poll --exactly-once` cannot look like it worked.
+fn refuse_ignored_relay_flags(matches: &ArgMatches) -> Result<(), clap::Error> {
+    let Some(relay) = matches.subcommand_matches("relay") else {
+        return Ok(());
+    };
+    let given = |id: &str| relay.value_source(id) == Some(ValueSource::CommandLine);
+    let mode = relay
+        .get_one::<RelayMode>("mode")
+        .copied()
+        .unwrap_or(RelayMode::Poll);
+    let exactly_once = relay.get_flag("exactly_once");
+    let (ignored, why): (Vec<&str>, &str) = match mode {
+        RelayMode::Poll => (
+            WAL_ONLY_FLAGS
+                .iter()
+                .chain(EXACTLY_ONCE_ONLY_FLAGS)
+                .copied()
+                .filter(|f| given(f))
+                .collect(),
+            "only --mode wal reads it",
+        ),
+        RelayMode::Wal if !exactly_once => {
+            let mut flags: Vec<&str> = POLL_ONLY_FLAGS.iter().copied().filter(|f| given(f)).collect();
+            if !flags.is_empty() {
+                (flags, "only --mode poll reads it")
+            } else {
+                flags = EXACTLY_ONCE_ONLY_FLAGS
+                    .iter()
+                    .copied()
+                    .filter(|f| given(f))
+                    .collect();
+                (flags, "only --mode wal --exactly-once reads it")
+            }
+        }
+        RelayMode::Wal => (
+            POLL_ONLY_FLAGS.iter().copied().filter(|f| given(f)).collect(),
+            "only --mode poll reads it",
+        ),
+    };
+    match ignored.first() {
+        None => Ok(()),
+        Some(flag) => Err(Cli::command().error(
+            clap::error::ErrorKind::ArgumentConflict,
+            format!(
+                "`exactly relay --{}` is not used with --mode {}{}: {why}",
+                flag.replace('_', "-"),
+                match mode {
+                    RelayMode::Poll => "poll",
+                    RelayMode::Wal => "wal",
+                },
+                if matches!(mode, RelayMode::Wal) && !exactly_once {
+                    " (without --exactly-once)"
+                } else {
+                    ""
+                },
+            ),
+        )),
     }
 }
 
@@ -574,6 +669,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             window_ms,
             grace_ms,
             retention_ms,
+            max_event_time_skew_ms,
             salts,
             commit_interval_ms,
             state_dir,
@@ -611,6 +707,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 state_dir,
                 replication_factor: internal.replication_factor,
                 min_insync_replicas: internal.min_insync_replicas,
+                max_event_time_skew_ms,
             };
             commands::stream(config, partitions, sink_database).await?;
             Ok(ExitCode::SUCCESS)

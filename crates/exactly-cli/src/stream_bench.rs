@@ -127,6 +127,7 @@ fn run_job(
         state_dir: state.path().to_owned(),
         replication_factor: 1,
         min_insync_replicas: 1,
+        max_event_time_skew_ms: exactly_stream::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
     };
     let runtime = tokio::runtime::Handle::current();
     runtime.block_on(config.prepare_topics(3))?;
@@ -181,6 +182,7 @@ fn restore_figures(brokers: &str, keys: u64, run_id: i64) -> Result<(exactly_str
         state_dir: state.path().to_owned(),
         replication_factor: 1,
         min_insync_replicas: 1,
+        max_event_time_skew_ms: exactly_stream::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
     };
     let runtime = tokio::runtime::Handle::current();
     runtime.block_on(exactly_kafka::ensure_topics(brokers, &[&config.input], 1))?;
@@ -228,7 +230,8 @@ fn restore_figures(brokers: &str, keys: u64, run_id: i64) -> Result<(exactly_str
         // The last round only carries the marker of the one before.
         previous = (n > 0).then_some(txn);
     }
-    let (store, stats) = exactly_stream::rebuild_store(&config, 0)?;
+    let (store, stats) =
+        exactly_stream::rebuild_store(&config, 0, exactly_core::changelog::RestoreMode::Markers)?;
     drop(store);
     let bytes = std::fs::metadata(state.path().join("partition-0.redb"))
         .map(|m| m.len())

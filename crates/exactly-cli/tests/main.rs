@@ -6,6 +6,7 @@
 
 mod support;
 
+mod cli;
 mod consumer;
 mod demo;
 mod eos;

@@ -295,6 +295,71 @@ fn late_records_are_dropped_and_duplicates_count_once() {
     assert_eq!(merged.get(&("P-0".to_owned(), t0 + 2 * WINDOW)), Some(&1));
 }
 
+/// Untrusted event time: a far-future timestamp and `i64::MIN` go to the dead-letter topic with
+/// their reason, neither panics the processor, and the far-future one does not move stream time
+/// (the record after it, in the first window, still counts instead of being dropped as late).
+#[test]
+fn far_future_and_extreme_event_times_go_to_the_dead_letter_topic() {
+    let brokers = brokers();
+    let (input, output, app) = (unique("orders"), unique("agg-out"), unique("skew"));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let state = tempfile::tempdir().expect("tempdir");
+    let mut config = config_for(&brokers, &app, "0", &input, &output, state.path());
+    config.windows = exactly_core::window::TumblingWindows::new(WINDOW, 1_000, 10 * WINDOW).expect("windows");
+    config.max_event_time_skew_ms = 60_000;
+    runtime
+        .block_on(exactly_kafka::ensure_topics(&brokers, &[&input], 1))
+        .expect("topics");
+    runtime
+        .block_on(config.prepare_topics(1))
+        .expect("internal topics");
+    let t0 = 100 * WINDOW;
+    let events = vec![
+        order(0, UnixMillis(t0 + 10)),
+        order(7, exactly_kafka::now().plus_ms(2 * 3_600_000)),
+        order(14, UnixMillis(i64::MIN)),
+        order(21, UnixMillis(t0 + 20)),
+    ];
+    produce(&brokers, &input, &events);
+    let processor = Running::start(config.clone());
+    let counters = processor.counters.clone();
+    wait_for("4 inputs handled", Duration::from_secs(60), || {
+        counters.counted.load(Ordering::Relaxed) + counters.unreadable.load(Ordering::Relaxed) >= 4
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    processor.stop();
+    assert_eq!(
+        counters.counted.load(Ordering::Relaxed),
+        2,
+        "both first-window orders count"
+    );
+    assert_eq!(
+        counters.late.load(Ordering::Relaxed),
+        0,
+        "stream time was not moved by the future record"
+    );
+    assert_eq!(counters.unreadable.load(Ordering::Relaxed), 2);
+    let merged = merged_counts(&brokers, &output, 1);
+    assert_eq!(merged.get(&("P-0".to_owned(), t0)), Some(&2));
+    let dead = read_topic(&brokers, &config.dead_letter_topic(), 1, "read_committed");
+    let mut reasons: Vec<String> = dead
+        .iter()
+        .map(|r| {
+            r.headers
+                .get(exactly_stream::DEAD_REASON_HEADER)
+                .cloned()
+                .unwrap_or_default()
+        })
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("ahead of the wall clock")),
+        "{reasons:?}"
+    );
+    assert!(reasons.iter().any(|r| r.contains("out of range")), "{reasons:?}");
+}
+
 /// The UPSERT sink: results that arrive twice or out of order never lower a count, partial
 /// counts add up per (key, window), and a restarted sink (replaying from its last commit)
 /// changes nothing.
@@ -397,6 +462,7 @@ fn config_for(
         state_dir: state.to_owned(),
         replication_factor: 1,
         min_insync_replicas: 1,
+        max_event_time_skew_ms: exactly_stream::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
     }
 }
 

@@ -12,6 +12,6 @@ impl UnixMillis {
 
     /// Milliseconds from `earlier` to `self`, never negative.
     pub fn millis_since(self, earlier: UnixMillis) -> i64 {
-        (self.0 - earlier.0).max(0)
+        self.0.saturating_sub(earlier.0).max(0)
     }
 }

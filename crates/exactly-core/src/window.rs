@@ -46,6 +46,30 @@ pub enum Placement {
         /// The window it would have belonged to.
         window_start: UnixMillis,
     },
+    /// The event time is so far from now that its window's bounds do not fit in an i64.
+    OutOfRange,
+}
+
+/// Why an event time is refused before it can move the stream time.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EventTimeError {
+    /// Ahead of the wall clock by more than the allowed skew: counted, it would advance stream
+    /// time and make every later record of the task late.
+    #[error(
+        "event time {event_time} ms is {ahead_ms} ms ahead of the wall clock (allowed skew {max_skew_ms} ms)"
+    )]
+    TooFarAhead {
+        /// The record's event time.
+        event_time: i64,
+        /// How far ahead of now it is.
+        ahead_ms: i64,
+        /// The configured skew.
+        max_skew_ms: i64,
+    },
+    /// Its window's bounds overflow.
+    #[error("event time {0} ms is out of range: its window's bounds do not fit in 64 bits")]
+    OutOfRange(i64),
 }
 
 impl TumblingWindows {
@@ -70,17 +94,29 @@ impl TumblingWindows {
         })
     }
 
-    /// The start of the window holding `event_time` (windows are aligned to the epoch).
-    pub fn window_start(&self, event_time: UnixMillis) -> UnixMillis {
-        UnixMillis(event_time.0 - event_time.0.rem_euclid(self.size_ms))
+    /// The start of the window holding `event_time` (windows are aligned to the epoch); None
+    /// when it does not fit in an i64 (event times near `i64::MIN`).
+    pub fn window_start(&self, event_time: UnixMillis) -> Option<UnixMillis> {
+        event_time
+            .0
+            .checked_sub(event_time.0.rem_euclid(self.size_ms))
+            .map(UnixMillis)
     }
 
     /// Where a record with `event_time` goes, given the stream time (the largest event time
     /// seen so far, the record's own included). Kafka Streams' rule: a window closes at
     /// end + grace of stream time.
     pub fn place(&self, event_time: UnixMillis, stream_time: UnixMillis) -> Placement {
-        let start = self.window_start(event_time);
-        let closes_at = start.0 + self.size_ms + self.grace_ms;
+        let Some(start) = self.window_start(event_time) else {
+            return Placement::OutOfRange;
+        };
+        let Some(closes_at) = start
+            .0
+            .checked_add(self.size_ms)
+            .and_then(|end| end.checked_add(self.grace_ms))
+        else {
+            return Placement::OutOfRange;
+        };
         if stream_time.0 >= closes_at {
             Placement::Late { window_start: start }
         } else {
@@ -90,7 +126,44 @@ impl TumblingWindows {
 
     /// True when the window starting at `window_start` may be removed at `stream_time`.
     pub fn expired(&self, window_start: UnixMillis, stream_time: UnixMillis) -> bool {
-        stream_time.0 >= window_start.0 + self.size_ms + self.retention_ms
+        window_start
+            .0
+            .checked_add(self.size_ms)
+            .and_then(|end| end.checked_add(self.retention_ms))
+            .is_some_and(|gone_at| stream_time.0 >= gone_at)
+    }
+
+    /// The oldest window start still kept at `stream_time` is after this (saturating).
+    pub fn expiry_cutoff(&self, stream_time: UnixMillis) -> UnixMillis {
+        UnixMillis(
+            stream_time
+                .0
+                .saturating_sub(self.size_ms)
+                .saturating_sub(self.retention_ms)
+                .saturating_add(1),
+        )
+    }
+
+    /// Refuses an event time before it is counted: more than `max_skew_ms` ahead of `now` (the
+    /// wall clock, an argument), or with window bounds that overflow.
+    pub fn check_event_time(
+        &self,
+        event_time: UnixMillis,
+        now: UnixMillis,
+        max_skew_ms: i64,
+    ) -> Result<(), EventTimeError> {
+        let ahead_ms = event_time.0.saturating_sub(now.0);
+        if ahead_ms > max_skew_ms {
+            return Err(EventTimeError::TooFarAhead {
+                event_time: event_time.0,
+                ahead_ms,
+                max_skew_ms,
+            });
+        }
+        match self.place(event_time, event_time) {
+            Placement::OutOfRange => Err(EventTimeError::OutOfRange(event_time.0)),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -136,7 +209,7 @@ mod tests {
     fn late_means_after_end_plus_grace_of_stream_time() {
         let w = TumblingWindows::new(MIN5, 60_000, 3_600_000).expect("valid");
         let t = UnixMillis(10 * MIN5 + 123);
-        assert_eq!(w.window_start(t), UnixMillis(10 * MIN5));
+        assert_eq!(w.window_start(t), Some(UnixMillis(10 * MIN5)));
         let end = 11 * MIN5;
         assert_eq!(
             w.place(t, UnixMillis(end + 59_999)),
@@ -162,11 +235,48 @@ mod tests {
         assert_eq!(unsalted_key("a#b"), "a#b");
     }
 
+    #[test]
+    fn extreme_event_times_are_refused_not_overflowed() {
+        let w = TumblingWindows::new(MIN5, 60_000, 3_600_000).expect("valid");
+        let now = UnixMillis(1_700_000_000_000);
+        assert_eq!(w.place(UnixMillis(i64::MIN), now), Placement::OutOfRange);
+        assert_eq!(w.place(UnixMillis(i64::MAX), now), Placement::OutOfRange);
+        assert!(!w.expired(UnixMillis(i64::MAX - 10), now));
+        assert_eq!(
+            w.check_event_time(UnixMillis(i64::MIN), now, 3_600_000),
+            Err(EventTimeError::OutOfRange(i64::MIN))
+        );
+        assert!(matches!(
+            w.check_event_time(UnixMillis(i64::MAX), now, 3_600_000),
+            Err(EventTimeError::TooFarAhead { .. })
+        ));
+        assert!(matches!(
+            w.check_event_time(now.plus_ms(3_600_001), now, 3_600_000),
+            Err(EventTimeError::TooFarAhead {
+                ahead_ms: 3_600_001,
+                ..
+            })
+        ));
+        assert_eq!(w.check_event_time(now.plus_ms(3_600_000), now, 3_600_000), Ok(()));
+        assert_eq!(w.expiry_cutoff(UnixMillis(i64::MIN)), UnixMillis(i64::MIN + 1));
+        assert_eq!(UnixMillis(i64::MAX).millis_since(UnixMillis(i64::MIN)), i64::MAX);
+    }
+
     proptest! {
+        /// No event time and no stream time makes the window math panic.
+        #[test]
+        fn window_math_never_overflows(t in any::<i64>(), stream in any::<i64>(), now in any::<i64>(), skew in 0i64..i64::MAX) {
+            let w = TumblingWindows::new(MIN5, 60_000, 3_600_000).expect("valid");
+            let _ = w.place(UnixMillis(t), UnixMillis(stream));
+            let _ = w.expired(UnixMillis(t), UnixMillis(stream));
+            let _ = w.expiry_cutoff(UnixMillis(stream));
+            let _ = w.check_event_time(UnixMillis(t), UnixMillis(now), skew);
+        }
+
         #[test]
         fn every_time_falls_in_exactly_one_window(t in -1_000_000_000_000i64..4_000_000_000_000, size in 1i64..10_000_000) {
             let w = TumblingWindows::new(size, 0, 0).expect("valid");
-            let start = w.window_start(UnixMillis(t));
+            let start = w.window_start(UnixMillis(t)).expect("in range");
             prop_assert!(start.0 <= t && t < start.0 + size);
             prop_assert_eq!(start.0.rem_euclid(size), 0);
         }
@@ -177,7 +287,7 @@ mod tests {
         ) {
             let w = TumblingWindows::new(size, grace, grace).expect("valid");
             let stream = UnixMillis(t + ahead);
-            let start = w.window_start(UnixMillis(t));
+            let start = w.window_start(UnixMillis(t)).expect("in range");
             let open = stream.0 < start.0 + size + grace;
             prop_assert_eq!(matches!(w.place(UnixMillis(t), stream), Placement::Window(_)), open);
             // A window is never removed while it still accepts records.

@@ -1,7 +1,7 @@
 //! Exactly-once into Kafka for the WAL relay: settings, the progress record written in every
 //! Kafka transaction, reading it back on start, and what a transactional error means.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -144,19 +144,12 @@ fn read_all(brokers: &str, topic: &str) -> Result<Vec<Vec<u8>>, KafkaFlowError> 
     consumer
         .assign(&list)
         .map_err(KafkaFlowError::at("assign progress partition"))?;
-    let deadline = Instant::now() + Duration::from_secs(30);
     let mut values = Vec::new();
-    while Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => values.push(m.payload().unwrap_or_default().to_vec()),
-            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(values),
-            Some(Err(e)) => tracing::debug!("reading {topic}: {e}"),
-            None => {}
-        }
-    }
-    Err(KafkaFlowError::Feed(format!(
-        "could not read {topic} to its end within 30 s"
-    )))
+    crate::scan::read_assigned(&consumer, topic, 1, Duration::from_secs(30), |m| {
+        values.push(m.payload().unwrap_or_default().to_vec());
+        Ok(())
+    })?;
+    Ok(values)
 }
 
 /// The last committed end position of `source` in the progress topic.

@@ -26,6 +26,6 @@ pub use eos::{broker_hides_aborted_records, is_fenced, ExactlyOnce, QuietEof};
 pub use error::KafkaFlowError;
 pub use faults::{FaultPoint, Faults};
 pub use relay::{now, BatchReport, Relay, RelayConfig, RelayCounters};
-pub use scan::scan_topic;
+pub use scan::{read_assigned, scan_topic, EndWatch, END_IDLE};
 pub use wal_relay::{WalRelay, WalRelayConfig, WalRelayCounters};
 pub use wire::{decode_message, record_headers};

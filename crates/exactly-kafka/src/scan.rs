@@ -5,19 +5,70 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::BorrowedMessage;
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::error::KafkaFlowError;
+
+/// How long a reader keeps reading once every partition reported its end, and then until no
+/// record came for this long. ListOffsets and end-of-partition events can both be early: on
+/// Tansu after relay kills a high watermark was reported 2 below records a consumer then read,
+/// and under load a fetch can answer empty below the mark. A reader that stopped at the reported
+/// end would miss those records (and the verifier would call them "unseen" or lost).
+pub const END_IDLE: Duration = Duration::from_secs(3);
+
+/// When a whole-topic read is over: every partition reported its end, and nothing arrived for
+/// [`END_IDLE`] since the last record or end report. Time is an argument, so the rule is tested
+/// without a broker.
+#[derive(Debug)]
+pub struct EndWatch {
+    partitions: usize,
+    at_end: HashSet<i32>,
+    last_activity: Instant,
+    idle: Duration,
+}
+
+impl EndWatch {
+    /// A watch over `partitions` partitions, starting at `now`.
+    pub fn new(partitions: i32, idle: Duration, now: Instant) -> Self {
+        EndWatch {
+            partitions: partitions.max(0) as usize,
+            at_end: HashSet::new(),
+            last_activity: now,
+            idle,
+        }
+    }
+
+    /// A record of `partition` arrived: that partition is not at its end after all.
+    pub fn record(&mut self, partition: i32, now: Instant) {
+        self.at_end.remove(&partition);
+        self.last_activity = now;
+    }
+
+    /// `partition` reported its end.
+    pub fn end(&mut self, partition: i32, now: Instant) {
+        if self.at_end.insert(partition) {
+            self.last_activity = now;
+        }
+    }
+
+    /// Every partition reported its end and has stayed quiet for the idle period.
+    pub fn done(&self, now: Instant) -> bool {
+        self.at_end.len() >= self.partitions && now.duration_since(self.last_activity) >= self.idle
+    }
+
+    /// Every partition reported its end (perhaps not yet quiet for long).
+    pub fn all_ended(&self) -> bool {
+        self.at_end.len() >= self.partitions
+    }
+}
 
 /// Hands every record of `topic` (partitions 0..`partitions`) to `visit`, from the beginning up
 /// to the end, read with `isolation` (`read_committed` or `read_uncommitted`). Errors when some
 /// partition's end is not reached within `timeout`.
 ///
-/// An end-of-partition event can come early (seen on Tansu under load: a fetch answered empty
-/// below the high watermark). Once every partition reported its end, a partition whose position
-/// is still below its high watermark gets up to 3 s more; records past the last stable offset (an
-/// open transaction) never come, hence a bound rather than a wait for the mark.
+/// The end is not the reported high watermark: see [`END_IDLE`] and [`EndWatch`]. Records past
+/// the last stable offset (an open transaction) never come; the idle period ends the read then.
 pub fn scan_topic<F>(
     brokers: &str,
     topic: &str,
@@ -49,29 +100,45 @@ where
     consumer
         .assign(&list)
         .map_err(KafkaFlowError::at("assign topic reader"))?;
+    read_assigned(&consumer, topic, partitions, timeout, |m| {
+        visit(m);
+        Ok(())
+    })
+}
+
+/// Reads what `consumer` is assigned (`partitions` partitions of `topic`, with
+/// `enable.partition.eof` on) until [`EndWatch`] says the end is reached, handing each record to
+/// `visit`; an error from `visit` stops the read. Errors when the end is not reached within
+/// `timeout`. Every reader that needs "everything up to the end" uses this: topic scans, the
+/// exactly-once relay's progress, and the stream processor's changelog restore.
+pub fn read_assigned<C, F>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partitions: i32,
+    timeout: Duration,
+    mut visit: F,
+) -> Result<(), KafkaFlowError>
+where
+    C: rdkafka::consumer::ConsumerContext,
+    F: FnMut(&BorrowedMessage<'_>) -> Result<(), KafkaFlowError>,
+{
     let deadline = Instant::now() + timeout;
-    let mut at_end = HashSet::new();
-    let mut grace: Option<Instant> = None;
+    let mut watch = EndWatch::new(partitions, END_IDLE, Instant::now());
     while Instant::now() < deadline {
-        if at_end.len() == partitions as usize {
-            match grace {
-                None if behind(&consumer, topic, partitions) => {
-                    grace = Some(Instant::now() + Duration::from_secs(3))
-                }
-                Some(until) if Instant::now() < until && behind(&consumer, topic, partitions) => {}
-                _ => return Ok(()),
-            }
+        if watch.done(Instant::now()) {
+            return Ok(());
         }
         match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => visit(&m),
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                at_end.insert(p);
+            Some(Ok(m)) => {
+                watch.record(m.partition(), Instant::now());
+                visit(&m)?;
             }
-            Some(Err(e)) => return Err(KafkaFlowError::at("read topic")(e)),
+            Some(Err(KafkaError::PartitionEOF(p))) => watch.end(p, Instant::now()),
+            Some(Err(e)) => tracing::debug!("reading {topic}: {e}"),
             None => {}
         }
     }
-    if at_end.len() == partitions as usize {
+    if watch.all_ended() {
         return Ok(());
     }
     Err(KafkaFlowError::Feed(format!(
@@ -79,18 +146,36 @@ where
     )))
 }
 
-/// Whether the reader's position in some partition is below that partition's high watermark.
-fn behind(consumer: &BaseConsumer, topic: &str, partitions: i32) -> bool {
-    let Ok(positions) = consumer.position() else {
-        return false;
-    };
-    (0..partitions).any(|p| {
-        let position = match positions.find_partition(topic, p).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) => o,
-            _ => return false,
-        };
-        consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(5))
-            .is_ok_and(|(_, high)| position < high)
-    })
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_read_goes_on_past_the_reported_end_until_it_is_quiet() {
+        let t0 = Instant::now();
+        let s = |ms| t0 + Duration::from_millis(ms);
+        let mut watch = EndWatch::new(2, Duration::from_secs(3), t0);
+        watch.end(0, s(100));
+        assert!(!watch.done(s(5_000)), "partition 1 has not reported its end");
+        watch.end(1, s(200));
+        assert!(!watch.done(s(3_100)), "quiet for less than the idle period");
+        // A record below the end that was reported too early (Tansu after relay kills).
+        watch.record(1, s(3_150));
+        assert!(!watch.done(s(3_200)), "partition 1 is reading again");
+        watch.end(1, s(3_300));
+        assert!(
+            !watch.done(s(6_200)),
+            "the idle period starts again after the late record"
+        );
+        assert!(watch.done(s(6_300)));
+    }
+
+    #[test]
+    fn a_repeated_end_report_does_not_extend_the_read() {
+        let t0 = Instant::now();
+        let mut watch = EndWatch::new(1, Duration::from_secs(1), t0);
+        watch.end(0, t0);
+        watch.end(0, t0 + Duration::from_millis(900));
+        assert!(watch.done(t0 + Duration::from_millis(1_000)));
+    }
 }

@@ -2,14 +2,28 @@
 //! transaction, plus a commit marker for the previous transaction; and the restore that turns
 //! such records back into the committed store state (see [`exactly_core::changelog`]).
 
-use exactly_core::changelog::{ChangelogEntry, Restore, TxnSeq};
+use exactly_core::changelog::{ChangelogEntry, Restore, RestoreMode, TxnSeq};
 
 use crate::store::{Batch, Change};
 
 /// Header carrying the writing transaction (`epoch.seq`).
 pub const TXN_HEADER: &str = "exactly-txn";
-/// Key of a commit marker record; its value is the committed transaction (`epoch.seq`).
+/// Key prefix of a commit marker record: `exactly-committed/<epoch>`, one key per epoch so that
+/// compaction keeps every epoch's newest marker; its value is the committed transaction
+/// (`epoch.seq`). (Versions before per-epoch markers used the bare prefix as the key.)
 pub const COMMIT_MARKER_KEY: &str = "exactly-committed";
+
+/// The key of the marker of `txn`'s epoch.
+pub fn marker_key(txn: TxnSeq) -> String {
+    format!("{COMMIT_MARKER_KEY}/{}", txn.epoch)
+}
+
+fn is_marker_key(key: &str) -> bool {
+    key == COMMIT_MARKER_KEY
+        || key
+            .strip_prefix(COMMIT_MARKER_KEY)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
 
 /// One changelog record: key, value (None: tombstone), and the transaction header.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,12 +36,12 @@ pub struct ChangelogRecord {
     pub txn: String,
 }
 
-/// The records transaction `txn` writes: first the marker of `previous_committed` (if any),
-/// then every change of `batch`.
+/// The records transaction `txn` writes: first the marker of `previous_committed` (if any:
+/// marker mode only), then every change of `batch`.
 pub fn records_for(txn: TxnSeq, previous_committed: Option<TxnSeq>, batch: &Batch) -> Vec<ChangelogRecord> {
     let header = txn.to_header();
     let marker = previous_committed.map(|p| ChangelogRecord {
-        key: COMMIT_MARKER_KEY.to_owned(),
+        key: marker_key(p),
         value: Some(p.to_header()),
         txn: header.clone(),
     });
@@ -45,13 +59,16 @@ pub fn records_for(txn: TxnSeq, previous_committed: Option<TxnSeq>, batch: &Batc
 }
 
 /// Reads changelog records in order and returns the committed state as one batch to commit into
-/// an empty store, the last transaction restored, and how many records were dropped (aborted,
-/// not yet marked, or unreadable).
-pub fn restore(records: impl IntoIterator<Item = ChangelogRecord>) -> (Batch, Option<TxnSeq>, usize) {
-    let mut restore: Restore<String, Option<String>> = Restore::new();
+/// an empty store, the last transaction restored (marker mode), and how many records were
+/// dropped (aborted, not yet marked, or unreadable).
+pub fn restore(
+    mode: RestoreMode,
+    records: impl IntoIterator<Item = ChangelogRecord>,
+) -> (Batch, Option<TxnSeq>, usize) {
+    let mut restore: Restore<String, Option<String>> = Restore::new(mode);
     let mut unreadable = 0;
     for record in records {
-        if record.key == COMMIT_MARKER_KEY {
+        if is_marker_key(&record.key) {
             match record.value.as_deref().and_then(TxnSeq::from_header) {
                 Some(txn) => restore.push(ChangelogEntry::Committed { txn }),
                 None => unreadable += 1,
@@ -98,41 +115,55 @@ mod tests {
 
     #[test]
     fn aborted_and_unmarked_transactions_are_not_restored() {
-        let t = |seq| TxnSeq { epoch: 1, seq };
+        let t = |epoch, seq| TxnSeq { epoch, seq };
+        let batch = |changes| Batch { changes };
         let mut log = Vec::new();
-        // t0 commits; t1 (carrying t0's marker) aborts but stays visible; t2 carries the
-        // marker again and commits; t3 marks t2 and commits, unmarked itself.
+        // (1,0) commits; (1,1), carrying (1,0)'s marker, aborts but stays visible (Tansu), which
+        // starts epoch 2; (2,0) carries the marker again and commits; (2,1) marks (2,0) and
+        // commits, unmarked itself.
+        log.extend(records_for(t(1, 0), None, &batch(vec![count("a", Some(1))])));
         log.extend(records_for(
-            t(0),
-            None,
-            &Batch {
-                changes: vec![count("a", Some(1))],
-            },
+            t(1, 1),
+            Some(t(1, 0)),
+            &batch(vec![count("a", Some(99))]),
         ));
         log.extend(records_for(
-            t(1),
-            Some(t(0)),
-            &Batch {
-                changes: vec![count("a", Some(99))],
-            },
+            t(2, 0),
+            Some(t(1, 0)),
+            &batch(vec![count("b", Some(1)), count("a", Some(2))]),
         ));
         log.extend(records_for(
-            t(2),
-            Some(t(0)),
-            &Batch {
-                changes: vec![count("b", Some(1)), count("a", Some(2))],
-            },
+            t(2, 1),
+            Some(t(2, 0)),
+            &batch(vec![count("a", None)]),
         ));
-        log.extend(records_for(
-            t(3),
-            Some(t(2)),
-            &Batch {
-                changes: vec![count("a", None)],
-            },
-        ));
-        let (batch, last, dropped) = restore(log);
-        assert_eq!(last, Some(t(2)));
-        assert_eq!(batch.changes, vec![count("a", Some(2)), count("b", Some(1))]);
-        assert_eq!(dropped, 2, "t1's change and t3's unmarked tombstone");
+        let (restored, last, dropped) = restore(RestoreMode::Markers, log.clone());
+        assert_eq!(last, Some(t(2, 0)));
+        assert_eq!(restored.changes, vec![count("a", Some(2)), count("b", Some(1))]);
+        assert_eq!(dropped, 2, "(1,1)'s change and (2,1)'s unmarked tombstone");
+
+        // Read committed (aborted records hidden): (1,1) is not in the log, everything else
+        // committed, the unmarked tombstone included.
+        let hidden: Vec<ChangelogRecord> = log.into_iter().filter(|r| r.txn != "1.1").collect();
+        let (restored, _, dropped) = restore(RestoreMode::ReadCommitted, hidden);
+        assert_eq!(restored.changes, vec![count("b", Some(1))]);
+        assert_eq!(dropped, 0);
+    }
+
+    #[test]
+    fn each_epoch_has_its_own_marker_key() {
+        let marker = |epoch| {
+            records_for(
+                TxnSeq { epoch: 9, seq: 0 },
+                Some(TxnSeq { epoch, seq: 4 }),
+                &Batch::default(),
+            )
+            .remove(0)
+        };
+        assert_eq!(marker(7).key, "exactly-committed/7");
+        assert_eq!(marker(7).value.as_deref(), Some("7.4"));
+        assert_ne!(marker(7).key, marker(8).key);
+        assert!(is_marker_key("exactly-committed") && is_marker_key("exactly-committed/3"));
+        assert!(!is_marker_key("exactly-committedX"));
     }
 }

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use exactly_core::changelog::TxnSeq;
+use exactly_core::changelog::{RestoreMode, TxnSeq};
 use exactly_core::window::{unsalted_key, TumblingWindows};
 use exactly_core::UnixMillis;
 use exactly_kafka::{consumer_config, decode_message, producer_config, QuietEof};
@@ -84,6 +84,9 @@ pub struct StreamConfig {
     pub replication_factor: i32,
     /// `min.insync.replicas` of the internal topics.
     pub min_insync_replicas: i32,
+    /// Event times further ahead of the wall clock go to the dead-letter topic instead of
+    /// advancing stream time.
+    pub max_event_time_skew_ms: i64,
 }
 
 impl StreamConfig {
@@ -168,6 +171,8 @@ struct Shared {
     rebalanced: bool,
     config: StreamConfig,
     counters: Arc<StreamCounters>,
+    /// How changelogs are restored (and whether commit markers are written), from the probe.
+    restore_mode: RestoreMode,
 }
 
 struct TaskSlot {
@@ -254,9 +259,10 @@ impl Shared {
     /// it is new to this processor; returns the input offset its state reflects.
     fn restore_task(&mut self, partition: i32) -> Result<Option<i64>, ProcessorError> {
         if !self.tasks.contains_key(&partition) {
-            let (store, stats) = rebuild_store(&self.config, partition)?;
+            let (store, stats) = rebuild_store(&self.config, partition, self.restore_mode)?;
             let count = WindowedCount::new(store, self.config.windows, self.config.salts)
-                .map_err(|e| ProcessorError(e.to_string()))?;
+                .map_err(|e| ProcessorError(e.to_string()))?
+                .with_max_skew_ms(self.config.max_event_time_skew_ms);
             self.counters
                 .last_restore_ms
                 .store(stats.elapsed.as_millis() as u64, Ordering::Relaxed);
@@ -307,15 +313,17 @@ pub struct RestoreStats {
 
 /// Rebuilds the store of task `partition` from its changelog partition, read to its end: the
 /// local file is discarded first (the changelog is the truth; a local file may be behind or
-/// ahead of it).
+/// ahead of it). `mode` says how committed changes are told from aborted ones
+/// ([`exactly_core::changelog`]).
 pub fn rebuild_store(
     config: &StreamConfig,
     partition: i32,
+    mode: RestoreMode,
 ) -> Result<(StateStore, RestoreStats), ProcessorError> {
     let started = Instant::now();
     let records = read_changelog(config, partition)?;
     let read = records.len();
-    let (batch, _last, dropped) = restore(records);
+    let (batch, _last, dropped) = restore(mode, records);
     let path = config.state_dir.join(format!("partition-{partition}.redb"));
     let _ = std::fs::remove_file(&path);
     std::fs::create_dir_all(&config.state_dir).map_err(|e| ProcessorError(format!("state dir: {e}")))?;
@@ -332,6 +340,24 @@ pub fn rebuild_store(
     ))
 }
 
+/// How to restore on `config`'s broker: without transactions nothing is ever aborted; with
+/// them, one aborted probe transaction on the changelog says whether read_committed readers
+/// miss aborted records (Kafka) or see them (Tansu 0.6.0).
+pub fn probe_restore_mode(config: &StreamConfig) -> Result<RestoreMode, ProcessorError> {
+    if config.guarantee == Guarantee::AtLeastOnce {
+        return Ok(RestoreMode::ReadCommitted);
+    }
+    let hides = exactly_kafka::broker_hides_aborted_records(&config.brokers, &config.changelog_topic())
+        .map_err(|e| ProcessorError(format!("abort probe: {e}")))?;
+    if !hides {
+        tracing::warn!(
+            "this broker shows aborted records to read_committed readers: changelogs are restored \
+             through commit markers (Kafka hides them; see docs/guarantees.md)"
+        );
+    }
+    Ok(RestoreMode::for_broker(hides))
+}
+
 /// Reads changelog partition `partition` from the beginning to its end (read_committed).
 fn read_changelog(config: &StreamConfig, partition: i32) -> Result<Vec<ChangelogRecord>, ProcessorError> {
     let consumer: BaseConsumer<QuietEof> = ClientConfig::new()
@@ -342,34 +368,27 @@ fn read_changelog(config: &StreamConfig, partition: i32) -> Result<Vec<Changelog
         .set("isolation.level", "read_committed")
         .create_with_context(QuietEof)
         .map_err(fail("create restore consumer"))?;
+    let topic = config.changelog_topic();
     let mut list = TopicPartitionList::new();
-    list.add_partition_offset(&config.changelog_topic(), partition, Offset::Beginning)
+    list.add_partition_offset(&topic, partition, Offset::Beginning)
         .map_err(fail("restore assignment"))?;
     consumer.assign(&list).map_err(fail("restore assignment"))?;
     let mut records = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                let txn = m
-                    .headers()
-                    .and_then(|h| h.iter().find(|h| h.key == TXN_HEADER).and_then(|h| h.value))
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-                    .unwrap_or_default();
-                records.push(ChangelogRecord {
-                    key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
-                    value: m.payload().map(|v| String::from_utf8_lossy(v).into_owned()),
-                    txn,
-                });
-            }
-            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(records),
-            Some(Err(e)) => tracing::debug!("restore read: {e}"),
-            None => {}
-        }
-    }
-    Err(ProcessorError(format!(
-        "changelog partition {partition} not read to its end within 120 s"
-    )))
+    exactly_kafka::read_assigned(&consumer, &topic, 1, Duration::from_secs(120), |m| {
+        let txn = m
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == TXN_HEADER).and_then(|h| h.value))
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .unwrap_or_default();
+        records.push(ChangelogRecord {
+            key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+            value: m.payload().map(|v| String::from_utf8_lossy(v).into_owned()),
+            txn,
+        });
+        Ok(())
+    })
+    .map_err(|e| ProcessorError(format!("changelog partition {partition}: {e}")))?;
+    Ok(records)
 }
 
 /// Runs one processor until `stop` is set.
@@ -379,8 +398,11 @@ pub struct Processor {
     producer: ThreadedProducer<DefaultProducerContext>,
     shared: Arc<Mutex<Shared>>,
     counters: Arc<StreamCounters>,
+    /// A new epoch on every start and after every abort, so that inside one epoch every
+    /// transaction before a committed one committed too (what a per-epoch marker claims).
     epoch: u64,
     seq: u64,
+    restore_mode: RestoreMode,
 }
 
 impl Processor {
@@ -401,11 +423,13 @@ impl Processor {
                 .init_transactions(Duration::from_secs(30))
                 .map_err(fail("init transactions"))?;
         }
+        let restore_mode = probe_restore_mode(&config)?;
         let shared = Arc::new(Mutex::new(Shared {
             tasks: BTreeMap::new(),
             rebalanced: false,
             config: config.clone(),
             counters: counters.clone(),
+            restore_mode,
         }));
         let consumer: BaseConsumer<RebalanceContext> =
             consumer_config(&config.brokers, &config.application_id)
@@ -423,6 +447,7 @@ impl Processor {
             counters,
             epoch,
             seq: 0,
+            restore_mode,
         })
     }
 
@@ -500,6 +525,7 @@ impl Processor {
                     key: &key,
                     idempotency_key: &idempotency_key,
                     event_time: delivery.envelope.occurred_at,
+                    now: exactly_kafka::now(),
                 })
                 .map_err(|e| ProcessorError(e.to_string()))?
         };
@@ -527,6 +553,7 @@ impl Processor {
                 self.counters.late.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("exactly_stream_late_dropped_total").increment(1);
             }
+            Counted::Refused(why) => return self.unreadable(m, &why.to_string()),
         }
         Ok(())
     }
@@ -647,7 +674,8 @@ impl Processor {
                             .map_err(fail("offsets"))?;
                     }
                 }
-                for record in records_for(txn, slot.unmarked, &batch) {
+                let marker = slot.unmarked.filter(|_| self.restore_mode.writes_markers());
+                for record in records_for(txn, marker, &batch) {
                     let headers = OwnedHeaders::new().insert(Header {
                         key: TXN_HEADER,
                         value: Some(&record.txn),
@@ -729,6 +757,10 @@ impl Processor {
         }
         self.counters.aborts.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("exactly_stream_aborts_total").increment(1);
+        // The aborted transaction ends its epoch: a later marker of this epoch would otherwise
+        // claim it committed.
+        self.epoch = (exactly_kafka::now().0.max(0) as u64).max(self.epoch + 1);
+        self.seq = 0;
         let mut shared = lock(&self.shared);
         let input = shared.config.input.clone();
         for (partition, slot) in shared.tasks.iter_mut() {

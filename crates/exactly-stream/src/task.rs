@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use exactly_core::window::{salted_key, Placement, TumblingWindows};
+use exactly_core::window::{salted_key, EventTimeError, Placement, TumblingWindows};
 use exactly_core::UnixMillis;
 
 use crate::store::{Batch, Change, StateStore, StoreError};
@@ -22,8 +22,10 @@ pub struct Input<'a> {
     pub key: &'a str,
     /// The input's idempotency key text.
     pub idempotency_key: &'a str,
-    /// Event time (the envelope's occurred_at).
+    /// Event time (the envelope's occurred_at): untrusted input.
     pub event_time: UnixMillis,
+    /// The wall clock when the record was read (the runtime reads it, the task does not).
+    pub now: UnixMillis,
 }
 
 /// What one input did.
@@ -42,7 +44,13 @@ pub enum Counted {
     Duplicate,
     /// Later than window end + grace: dropped and counted as late.
     Late,
+    /// The event time cannot be counted (too far ahead of the wall clock, or out of range); the
+    /// stream time did not move. The runtime parks the record with this reason.
+    Refused(EventTimeError),
 }
+
+/// Default allowed skew of event time ahead of the wall clock: one hour.
+pub const DEFAULT_MAX_EVENT_TIME_SKEW_MS: i64 = 3_600_000;
 
 /// A task's counting state over a [`StateStore`].
 pub struct WindowedCount {
@@ -54,6 +62,7 @@ pub struct WindowedCount {
     offsets: HashMap<(String, i32), i64>,
     stream_time: Option<UnixMillis>,
     late: u64,
+    max_skew_ms: i64,
 }
 
 impl WindowedCount {
@@ -68,13 +77,28 @@ impl WindowedCount {
             seen: HashSet::new(),
             offsets: HashMap::new(),
             late: 0,
+            max_skew_ms: DEFAULT_MAX_EVENT_TIME_SKEW_MS,
         })
+    }
+
+    /// Event times more than `ms` ahead of the wall clock are refused (not counted).
+    pub fn with_max_skew_ms(mut self, ms: i64) -> Self {
+        self.max_skew_ms = ms.max(0);
+        self
     }
 
     /// Processes one input inside the open transaction.
     pub fn process(&mut self, input: Input<'_>) -> Result<Counted, StoreError> {
         self.offsets
             .insert((input.topic.to_owned(), input.partition), input.offset + 1);
+        // Checked before the stream time moves: one far-future record would otherwise make every
+        // later record of this task late.
+        if let Err(refused) = self
+            .windows
+            .check_event_time(input.event_time, input.now, self.max_skew_ms)
+        {
+            return Ok(Counted::Refused(refused));
+        }
         let stream_time = self
             .stream_time
             .map_or(input.event_time, |t| UnixMillis(t.0.max(input.event_time.0)));
@@ -84,6 +108,10 @@ impl WindowedCount {
             Placement::Late { .. } => {
                 self.late += 1;
                 return Ok(Counted::Late);
+            }
+            Placement::OutOfRange => {
+                // check_event_time refused these already; kept total for the type.
+                return Ok(Counted::Refused(EventTimeError::OutOfRange(input.event_time.0)));
             }
         };
         let key = salted_key(input.key, input.idempotency_key, self.salts);
@@ -149,7 +177,7 @@ impl WindowedCount {
             changes.push(Change::StreamTime(t));
             // A window's end + retention passed: drop it (the oldest start still kept is the
             // one whose end + retention is after the stream time).
-            let cutoff = UnixMillis(t.0 - self.windows.size_ms - self.windows.retention_ms + 1);
+            let cutoff = self.windows.expiry_cutoff(t);
             let mut expired = self.store.expiry(cutoff)?;
             // Changes of this batch to expired windows are superseded by their removal.
             changes.append(&mut expired.changes);
@@ -184,7 +212,51 @@ mod tests {
             key,
             idempotency_key: id,
             event_time: UnixMillis(t),
+            now: UnixMillis(NOW),
         }
+    }
+
+    /// The wall clock in these tests: far after every ordinary event time used.
+    const NOW: i64 = 1_000_000_000;
+
+    #[test]
+    fn a_far_future_or_extreme_event_time_is_refused_and_does_not_move_stream_time() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(&dir.path().join("s.redb")).expect("open");
+        let windows = TumblingWindows::new(SIZE, 60_000, 3_600_000).expect("windows");
+        let mut task = WindowedCount::new(store, windows, 1)
+            .expect("task")
+            .with_max_skew_ms(60_000);
+        assert!(matches!(
+            task.process(input(0, "P-1", "a", 10)).expect("p"),
+            Counted::Updated { count: 1, .. }
+        ));
+        for (offset, t) in [(1, NOW + 60_001), (2, i64::MAX), (3, i64::MIN)] {
+            assert!(
+                matches!(
+                    task.process(input(offset, "P-1", &format!("x{offset}"), t))
+                        .expect("p"),
+                    Counted::Refused(_)
+                ),
+                "event time {t} must be refused"
+            );
+        }
+        // Stream time did not move: a record of the first window still counts.
+        assert!(matches!(
+            task.process(input(4, "P-1", "b", 20)).expect("p"),
+            Counted::Updated { count: 2, .. }
+        ));
+        // Within the skew is fine.
+        assert!(matches!(
+            task.process(input(5, "P-9", "c", NOW + 60_000)).expect("p"),
+            Counted::Updated { count: 1, .. }
+        ));
+        let batch = task.take_batch().expect("batch");
+        task.store().commit(&batch).expect("commit");
+        assert_eq!(
+            task.store().offsets().expect("offsets"),
+            vec![("orders".into(), 0, 6)]
+        );
     }
 
     #[test]
