@@ -296,6 +296,110 @@ async fn malformed_outbox_rows_are_dead_with_a_reason() {
     assert_eq!(read_topic(&brokers, &topic, 1, "read_committed").len(), 4);
 }
 
+/// Rows whose columns cannot even be read as their types (a strict read failed the claim, and
+/// the relay restarted into the same row forever) end DEAD with their reason, and the rows
+/// around them go out. SQLite: a BLOB event_id, non-UTF-8 text, TEXT where Unix milliseconds
+/// belong; a TEXT payload is published as its bytes. PostgreSQL: occurred_at = 'infinity'.
+#[tokio::test(flavor = "multi_thread")]
+async fn unreadable_outbox_rows_are_dead_and_do_not_stall_the_relay() {
+    let brokers = brokers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let service = dir.path().join("service.db");
+    let topic = unique("unreadable");
+    exactly_kafka::ensure_topics(&brokers, &[&topic], 1)
+        .await
+        .expect("topic");
+    insert_sqlite(&service, &topic, 1);
+    let conn = exactly_sqlite::open(&service).expect("open");
+    let text_payload_id = uuid::Uuid::now_v7();
+    conn.execute_batch(&format!(
+        "INSERT INTO outbox (event_id, event_type, aggregate_type, aggregate_id, topic, payload)
+           VALUES (X'0102030405', 'T', 'thing', 'A-0', '{topic}', CAST('{{}}' AS BLOB));
+         INSERT INTO outbox (event_id, event_type, aggregate_type, aggregate_id, topic, payload)
+           VALUES ('{}', CAST(X'C328' AS TEXT), 'thing', 'A-0', '{topic}', CAST('{{}}' AS BLOB));
+         INSERT INTO outbox (event_id, event_type, aggregate_type, aggregate_id, topic, payload, occurred_at)
+           VALUES ('{}', 'T', 'thing', 'A-0', '{topic}', CAST('{{}}' AS BLOB), 'yesterday');
+         INSERT INTO outbox (event_id, event_type, aggregate_type, aggregate_id, topic, payload)
+           VALUES ('{text_payload_id}', 'T', 'thing', 'A-0', '{topic}', '{{\"text\":true}}');",
+        uuid::Uuid::now_v7(),
+        uuid::Uuid::now_v7(),
+    ))
+    .expect("insert unreadable rows");
+    insert_sqlite(&service, &topic, 1);
+    let out = relay(service.to_str().expect("path"), &brokers, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut stmt = conn
+        .prepare("SELECT status, COALESCE(last_error, '') FROM outbox ORDER BY id")
+        .expect("prepare");
+    let rows: Vec<(String, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("q")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    let statuses: Vec<&str> = rows.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(
+        statuses,
+        ["SENT", "DEAD", "DEAD", "DEAD", "SENT", "SENT"],
+        "{rows:?}"
+    );
+    assert!(
+        rows[1].1.contains("event_id holds a 5-byte BLOB"),
+        "{}",
+        rows[1].1
+    );
+    assert!(
+        rows[2].1.contains("event_type is not valid UTF-8"),
+        "{}",
+        rows[2].1
+    );
+    assert!(rows[3].1.contains("occurred_at holds TEXT"), "{}", rows[3].1);
+    let sqlite_records = read_topic(&brokers, &topic, 1, "read_committed");
+    assert_eq!(sqlite_records.len(), 3);
+    let text_payload = sqlite_records
+        .iter()
+        .find(|r| r.headers["exactly-event-id"] == text_payload_id.hyphenated().to_string())
+        .expect("the TEXT payload row is published");
+    assert_eq!(text_payload.payload, br#"{"text":true}"#);
+
+    let url = fresh_pg_database().await;
+    let pg_topic = unique("unreadable-pg");
+    exactly_kafka::ensure_topics(&brokers, &[&pg_topic], 1)
+        .await
+        .expect("topic");
+    let mut client = exactly_postgres::connect(&url).await.expect("connect");
+    exactly_postgres::migrations::migrate(&mut client)
+        .await
+        .expect("migrate");
+    for (i, occurred_at) in ["now()", "'infinity'", "'-infinity'", "now()"].iter().enumerate() {
+        client
+            .execute(
+                &format!(
+                    "INSERT INTO outbox (event_id, event_type, aggregate_type, aggregate_id, topic, payload, occurred_at)
+                     VALUES ($1::text::uuid, 'T', 'thing', 'B', $2, '{{}}', {occurred_at})"
+                ),
+                &[&uuid::Uuid::now_v7().hyphenated().to_string(), &pg_topic],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("insert row {i}: {e}"));
+    }
+    let out = relay(&url, &brokers, &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<(String, String)> = client
+        .query(
+            "SELECT status, COALESCE(last_error, '') FROM outbox ORDER BY id",
+            &[],
+        )
+        .await
+        .expect("rows")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let statuses: Vec<&str> = rows.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(statuses, ["SENT", "DEAD", "DEAD", "SENT"], "{rows:?}");
+    assert!(rows[1].1.contains("not a finite timestamp"), "{}", rows[1].1);
+    assert_eq!(read_topic(&brokers, &pg_topic, 1, "read_committed").len(), 2);
+}
+
 /// Sequence keys: a leader relay SIGKILLed mid-batch, then restarted, resumes at the lowest
 /// unsent sequence; per partition the keys only grow, so a consumer keeping one watermark per
 /// source and partition applies every event exactly once.

@@ -38,6 +38,10 @@ pub struct RawRow {
     pub retry_count: u32,
     /// Sequence assigned at claim time, in sequence-key mode.
     pub sequence: Option<u128>,
+    /// Set by the adapter when a column could not be read as its type (a BLOB where text
+    /// belongs, text that is not UTF-8, a timestamp of `infinity`): the row is DEAD with this
+    /// reason instead of failing the claim for every row behind it.
+    pub unreadable: Option<String>,
 }
 
 /// A row ready to publish.
@@ -71,6 +75,9 @@ pub enum RowDefect {
     /// Envelope rules (aggregate id size, reserved header names).
     #[error(transparent)]
     Envelope(#[from] HeaderError),
+    /// A column could not be read as its type.
+    #[error("unreadable row: {0}")]
+    Unreadable(String),
     /// A table-less outbox message that is not the documented JSON object.
     #[error("outbox message is not valid: {0}")]
     BadMessage(String),
@@ -99,6 +106,9 @@ pub enum KeyMode {
 impl RawRow {
     /// Validates the row and derives its key.
     pub fn into_record(self, keys: &KeyMode, max_payload: usize) -> Result<OutboxRecord, RowDefect> {
+        if let Some(why) = self.unreadable {
+            return Err(RowDefect::Unreadable(why));
+        }
         let required = |value: Option<String>, column: &'static str| {
             value
                 .filter(|v| !v.is_empty())
@@ -215,6 +225,7 @@ mod tests {
             occurred_at: UnixMillis(5),
             retry_count: 0,
             sequence: Some(9),
+            unreadable: None,
         }
     }
 

@@ -90,6 +90,7 @@ impl BinaryOutboxColumns<'_> {
             occurred_at,
             retry_count: 0,
             sequence: None,
+            unreadable: None,
         }
     }
 }
@@ -150,6 +151,7 @@ pub fn decode_message_event(content: &[u8]) -> Result<RawRow, RowDefect> {
         occurred_at,
         retry_count: 0,
         sequence: None,
+        unreadable: None,
     })
 }
 

@@ -89,9 +89,13 @@ const CLAIM_LOCK: i64 = 7_384_615_001;
 /// Held for a whole session by the one relay allowed to publish sequence keys.
 const SEQUENCE_LEADER_LOCK: i64 = 7_384_615_002;
 
+/// The claimed columns. A timestamp of `infinity` has no Unix milliseconds (the cast would fail
+/// the whole claim, and every relay after it): it reads as NULL, and the row is DEAD.
 const COLUMNS: &str =
     "o.id, o.event_id::text, o.event_type, o.aggregate_type, o.aggregate_id, o.topic, o.payload,
-    o.headers::text, (extract(epoch from COALESCE(o.occurred_at, o.created_at)) * 1000)::bigint,
+    o.headers::text,
+    CASE WHEN isfinite(COALESCE(o.occurred_at, o.created_at))
+         THEN (extract(epoch from COALESCE(o.occurred_at, o.created_at)) * 1000)::bigint END,
     o.retry_count, o.sequence";
 
 impl PgOutbox {
@@ -178,6 +182,7 @@ async fn listen(url: &str, wake: Arc<Notify>) -> Result<Client, PgError> {
 }
 
 fn raw_row(row: &Row) -> RawRow {
+    let occurred_at: Option<i64> = row.get(8);
     RawRow {
         id: row.get(0),
         event_id: row.get(1),
@@ -187,9 +192,12 @@ fn raw_row(row: &Row) -> RawRow {
         topic: row.get(5),
         payload: row.get(6),
         headers_json: row.get(7),
-        occurred_at: UnixMillis(row.get(8)),
+        occurred_at: UnixMillis(occurred_at.unwrap_or(0)),
         retry_count: row.get::<_, i32>(9).max(0) as u32,
         sequence: row.get::<_, Option<i64>>(10).map(|s| s as u128),
+        unreadable: occurred_at
+            .is_none()
+            .then(|| "occurred_at is not a finite timestamp (infinity)".to_owned()),
     }
 }
 

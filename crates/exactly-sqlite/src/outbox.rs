@@ -92,6 +92,77 @@ WHERE o.status IN ('NEW', 'SENDING') AND o.next_retry_at <= ?1
 ORDER BY o.id
 LIMIT ?2";
 
+/// Reads a claimed row by the types its values really have. SQLite stores any value in any
+/// column, so a writer can put a BLOB in `event_id` or bytes that are not UTF-8 in a TEXT
+/// column; a strict read would fail the claim, and the relay would restart into the same row
+/// forever. Such a row comes back with [`RawRow::unreadable`] set and ends DEAD with the reason.
+/// A TEXT payload is taken as its bytes.
+fn lenient_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+    use rusqlite::types::ValueRef;
+    let mut unreadable: Option<String> = None;
+    let mut text = |i: usize, column: &str| -> Option<String> {
+        let problem = match r.get_ref(i) {
+            Ok(ValueRef::Null) => return None,
+            Ok(ValueRef::Text(bytes)) => match std::str::from_utf8(bytes) {
+                Ok(t) => return Some(t.to_owned()),
+                Err(e) => format!("column {column} is not valid UTF-8 ({e})"),
+            },
+            Ok(ValueRef::Integer(n)) => return Some(n.to_string()),
+            Ok(ValueRef::Real(x)) => return Some(x.to_string()),
+            Ok(ValueRef::Blob(b)) => format!("column {column} holds a {}-byte BLOB, not TEXT", b.len()),
+            Err(e) => format!("column {column}: {e}"),
+        };
+        unreadable.get_or_insert(problem);
+        None
+    };
+    let event_id = text(1, "event_id");
+    let event_type = text(2, "event_type");
+    let aggregate_type = text(3, "aggregate_type");
+    let aggregate_id = text(4, "aggregate_id");
+    let topic = text(5, "topic");
+    let headers_json = text(7, "headers");
+    let payload = match r.get_ref(6)? {
+        ValueRef::Null => None,
+        ValueRef::Blob(b) | ValueRef::Text(b) => Some(b.to_vec()),
+        ValueRef::Integer(_) | ValueRef::Real(_) => {
+            unreadable.get_or_insert("column payload holds a number, not bytes".to_owned());
+            None
+        }
+    };
+    let occurred_at = match r.get_ref(8)? {
+        ValueRef::Integer(ms) => ms,
+        ValueRef::Real(ms) if ms.is_finite() && ms.abs() < 9.0e15 => ms as i64,
+        other => {
+            unreadable.get_or_insert(format!(
+                "occurred_at holds {}, not Unix milliseconds",
+                match other {
+                    ValueRef::Text(_) => "TEXT",
+                    ValueRef::Blob(_) => "a BLOB",
+                    _ => "a number out of range",
+                }
+            ));
+            0
+        }
+    };
+    Ok(RawRow {
+        id: r.get(0)?,
+        event_id,
+        event_type,
+        aggregate_type,
+        aggregate_id,
+        topic,
+        payload,
+        headers_json,
+        occurred_at: UnixMillis(occurred_at),
+        retry_count: r
+            .get::<_, i64>(9)
+            .map(|n| n.clamp(0, i64::from(u32::MAX)) as u32)
+            .unwrap_or(0),
+        sequence: r.get::<_, Option<i64>>(10).ok().flatten().map(|s| s as u128),
+        unreadable,
+    })
+}
+
 fn claim_rows(conn: &mut Connection, request: &ClaimRequest) -> Result<Vec<Claimed>, SqliteError> {
     if let KeyMode::Sequence { .. } = request.keys {
         return Err(SqliteError::Runtime(
@@ -108,21 +179,7 @@ fn claim_rows(conn: &mut Connection, request: &ClaimRequest) -> Result<Vec<Claim
             .prepare_cached(CLAIM_SQL)
             .map_err(SqliteError::at("prepare claim"))?;
         let rows = stmt
-            .query_map(params![request.now.0, request.max_rows as i64], |r| {
-                Ok(RawRow {
-                    id: r.get(0)?,
-                    event_id: r.get(1)?,
-                    event_type: r.get(2)?,
-                    aggregate_type: r.get(3)?,
-                    aggregate_id: r.get(4)?,
-                    topic: r.get(5)?,
-                    payload: r.get(6)?,
-                    headers_json: r.get(7)?,
-                    occurred_at: UnixMillis(r.get(8)?),
-                    retry_count: r.get(9)?,
-                    sequence: r.get::<_, Option<i64>>(10)?.map(|s| s as u128),
-                })
-            })
+            .query_map(params![request.now.0, request.max_rows as i64], lenient_row)
             .map_err(SqliteError::at("claim"))?;
         rows.collect::<Result<_, _>>()
             .map_err(SqliteError::at("read claimed row"))?
