@@ -47,7 +47,7 @@ pub use outbox::{OutboxEvent, OutboxStatus, RetryPolicy, RowState};
 pub use ports::{
     after_handler_error, AfterError, ApplyOutcome, ChangeFeed, ClaimRequest, Claimed, DeadEvent, EffectStore,
     FeedItem, HandlerError, Inbound, OutboxStats, OutboxStore, ParkReason, ParkedMessage, Settlement,
-    StoreError,
+    StoreError, StoreErrorKind,
 };
 pub use record::{KeyMode, OutboxRecord, RawRow, RowDefect};
 pub use time::UnixMillis;

@@ -12,27 +12,59 @@ use crate::outbox::{RetryPolicy, RowState};
 use crate::record::{KeyMode, OutboxRecord, RowDefect};
 use crate::time::UnixMillis;
 
-/// A database call failed. Adapters wrap their driver's error with what they were doing.
+/// A database call failed. Adapters wrap their driver's error with what they were doing, and
+/// say whether trying again can help ([`StoreErrorKind`]); relays and consumers decide on that.
 #[derive(Debug, thiserror::Error)]
 #[error("{context}: {source}")]
 pub struct StoreError {
     /// What the store was doing.
     pub context: String,
+    /// Retry or stop.
+    pub kind: StoreErrorKind,
     /// The driver's error.
     #[source]
     pub source: Box<dyn std::error::Error + Send + Sync>,
 }
 
+/// What a caller should do about a [`StoreError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    /// The database is unreachable or refused this once (a restart, a lost connection, a lock
+    /// timeout): try again after a backoff; the store reconnects on its next call.
+    Retry,
+    /// Retrying cannot help (stored data this version cannot read, a leadership lost): stop,
+    /// and let the operator or a supervisor decide.
+    Stop,
+}
+
 impl StoreError {
-    /// Wraps `source` with `context`.
+    /// Wraps `source` with `context`; worth retrying.
     pub fn new(
         context: impl Into<String>,
         source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
         StoreError {
             context: context.into(),
+            kind: StoreErrorKind::Retry,
             source: source.into(),
         }
+    }
+
+    /// Wraps `source` with `context`; retrying cannot help.
+    pub fn stop(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        StoreError {
+            kind: StoreErrorKind::Stop,
+            ..StoreError::new(context, source)
+        }
+    }
+
+    /// Whether trying again after a backoff can help.
+    pub fn is_retryable(&self) -> bool {
+        self.kind == StoreErrorKind::Retry
     }
 }
 

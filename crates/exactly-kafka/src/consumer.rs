@@ -215,7 +215,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
             if idle.due(&self.consumer) {
                 self.rejoin_if_group_is_stuck(&mut idle);
             }
-            self.seek_unchecked().await?;
+            self.seek_unchecked(&mut stop).await?;
             if last_prune.is_none_or(|at| at.elapsed() >= self.config.prune_interval) {
                 last_prune = Some(Instant::now());
                 self.prune().await;
@@ -237,7 +237,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                     continue;
                 }
             };
-            if !self.resume_checked(&message).await? {
+            if !self.resume_checked(&message, &mut stop).await? {
                 continue;
             }
             self.handle(&message, &mut stop).await?;
@@ -339,10 +339,15 @@ impl<S: EffectStore> IdempotentConsumer<S> {
 
     /// Newly assigned partitions with no record yet (for example a group offset at the end of
     /// the partition while the database is behind it): seek each to its stored offset.
-    async fn seek_unchecked(&self) -> Result<(), KafkaFlowError> {
+    async fn seek_unchecked(&self, stop: &mut watch::Receiver<bool>) -> Result<(), KafkaFlowError> {
         let unchecked: Vec<(String, i32)> = self.consumer.context().unchecked().drain().collect();
         for (topic, partition) in unchecked {
-            if let Some(offset) = self.store.resume_offset(&topic, partition).await? {
+            let stored = self
+                .until_stored("read resume offset", stop, || {
+                    self.store.resume_offset(&topic, partition)
+                })
+                .await?;
+            if let Some(offset) = stored {
                 metrics::counter!("exactly_consumer_resume_seeks_total").increment(1);
                 if let Err(e) =
                     self.consumer
@@ -359,12 +364,20 @@ impl<S: EffectStore> IdempotentConsumer<S> {
     /// First record of a newly assigned partition: if the database recorded another resume
     /// offset, seek there and drop this record (false). librdkafka discards records fetched
     /// before the seek, so the next one from this partition is the one at the stored offset.
-    async fn resume_checked(&self, message: &BorrowedMessage<'_>) -> Result<bool, KafkaFlowError> {
+    async fn resume_checked(
+        &self,
+        message: &BorrowedMessage<'_>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<bool, KafkaFlowError> {
         let tp = (message.topic().to_owned(), message.partition());
         if !self.consumer.context().unchecked().remove(&tp) {
             return Ok(true);
         }
-        let stored = self.store.resume_offset(&tp.0, tp.1).await?;
+        let stored = self
+            .until_stored("read resume offset", stop, || {
+                self.store.resume_offset(&tp.0, tp.1)
+            })
+            .await?;
         match stored {
             Some(offset) if offset != message.offset() => {
                 tracing::info!(
@@ -384,6 +397,37 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                 Ok(false)
             }
             _ => Ok(true),
+        }
+    }
+
+    /// Runs a store call until it succeeds: a retryable error (the database restarting) backs
+    /// off and tries again, for as long as it takes. Nothing moves on meanwhile (no record is
+    /// skipped, no offset committed). Returns the error when it cannot be retried or on stop.
+    async fn until_stored<T, F, Fut>(
+        &self,
+        what: &str,
+        stop: &mut watch::Receiver<bool>,
+        mut call: F,
+    ) -> Result<T, KafkaFlowError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, exactly_core::StoreError>>,
+    {
+        let mut failures = 0u32;
+        loop {
+            match call().await {
+                Ok(value) => return Ok(value),
+                Err(e) if e.is_retryable() => {
+                    failures += 1;
+                    tracing::warn!("database error: {what} (retrying): {e}");
+                    let delay = self.config.retry.backoff_ms(failures.min(10)).max(50) as u64;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                        _ = stop.changed() => return Err(KafkaFlowError::Store(e)),
+                    }
+                }
+                Err(e) => return Err(KafkaFlowError::Store(e)),
+            }
         }
     }
 
@@ -416,7 +460,11 @@ impl<S: EffectStore> IdempotentConsumer<S> {
         metrics::counter!("exactly_consumer_delivered_total").increment(1);
         let delivery = match decode_message(message) {
             Ok(d) => d,
-            Err(e) => return self.park(message, ParkReason::BadHeaders, e.to_string()).await,
+            Err(e) => {
+                return self
+                    .park(message, ParkReason::BadHeaders, e.to_string(), stop)
+                    .await
+            }
         };
         let received_at = now();
         if let DedupeRoute::TooOld { age_ms } = self.config.dedupe.route(&delivery.key, received_at) {
@@ -424,7 +472,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                 "key {} is {age_ms} ms old, beyond the dedupe horizon of {} ms",
                 delivery.key, self.config.dedupe.horizon_ms
             );
-            return self.park(message, ParkReason::KeyTooOld, detail).await;
+            return self.park(message, ParkReason::KeyTooOld, detail, stop).await;
         }
         let inbound = Inbound {
             topic: message.topic(),
@@ -447,14 +495,19 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                     metrics::counter!("exactly_consumer_dedupe_hits_total").increment(1);
                     return Ok(());
                 }
-                Ok(ApplyOutcome::Refused(reason, detail)) => return self.park(message, reason, detail).await,
+                Ok(ApplyOutcome::Refused(reason, detail)) => {
+                    return self.park(message, reason, detail, stop).await
+                }
                 Ok(ApplyOutcome::Failed(error)) => {
                     attempt += 1;
                     match after_handler_error(&error, attempt, &self.config.retry) {
                         AfterError::RetryAfter(delay) => tokio::time::sleep(delay).await,
-                        AfterError::Park(reason, detail) => return self.park(message, reason, detail).await,
+                        AfterError::Park(reason, detail) => {
+                            return self.park(message, reason, detail, stop).await
+                        }
                     }
                 }
+                Err(e) if !e.is_retryable() => return Err(KafkaFlowError::Store(e)),
                 Err(e) => {
                     store_failures += 1;
                     tracing::warn!(
@@ -478,6 +531,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
         message: &BorrowedMessage<'_>,
         reason: ParkReason,
         detail: String,
+        stop: &mut watch::Receiver<bool>,
     ) -> Result<(), KafkaFlowError> {
         let headers: Vec<(String, Option<Vec<u8>>)> = message
             .headers()
@@ -512,18 +566,8 @@ impl<S: EffectStore> IdempotentConsumer<S> {
             reason.as_str(),
             parked.detail
         );
-        let mut failures = 0u32;
-        loop {
-            match self.store.park(&parked).await {
-                Ok(()) => break,
-                Err(e) if failures < 20 => {
-                    failures += 1;
-                    tracing::warn!("database error parking (retrying): {e}");
-                    tokio::time::sleep(Duration::from_millis(100 * u64::from(failures))).await;
-                }
-                Err(e) => return Err(KafkaFlowError::Store(e)),
-            }
-        }
+        self.until_stored("park message", stop, || self.store.park(&parked))
+            .await?;
         self.counters.parked.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("exactly_consumer_parked_total", "reason" => reason.as_str()).increment(1);
         Ok(())

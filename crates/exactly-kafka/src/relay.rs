@@ -275,10 +275,30 @@ impl<S: OutboxStore> Relay<S> {
     }
 
     /// Runs rounds until `stop` turns true: a full batch goes again at once, otherwise the relay
-    /// waits for a NOTIFY or the poll interval.
+    /// waits for a NOTIFY or the poll interval. A retryable database error (PostgreSQL
+    /// restarting) backs off and tries again: rows claimed before it stay leased, and are
+    /// published again once the lease expires, never skipped.
     pub async fn run(&mut self, mut stop: watch::Receiver<bool>) -> Result<(), KafkaFlowError> {
+        let mut store_failures = 0u32;
         while !*stop.borrow() {
-            let report = self.run_once().await?;
+            let report = match self.run_once().await {
+                Ok(report) => {
+                    store_failures = 0;
+                    report
+                }
+                Err(KafkaFlowError::Store(e)) if e.is_retryable() => {
+                    store_failures += 1;
+                    tracing::warn!("database error (retrying): {e}");
+                    metrics::counter!("exactly_relay_store_errors_total").increment(1);
+                    let delay = self.config.retry.backoff_ms(store_failures.min(10)).max(50) as u64;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(delay)) => {}
+                        _ = stop.changed() => {}
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if report.claimed < self.config.batch_size || report.retrying > 0 {
                 tokio::select! {
                     _ = self.store.wait_for_rows(self.config.poll_interval) => {}

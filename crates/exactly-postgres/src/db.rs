@@ -19,6 +19,17 @@ pub async fn connect(url: &str) -> Result<Client, PgError> {
     Ok(client)
 }
 
+/// Replaces `client` by a new connection to `url` when the old one closed (a server restart or
+/// a dropped connection), so a store heals on its next call instead of failing forever. The
+/// caller holds the store's lock, so nothing else uses the old client meanwhile.
+pub(crate) async fn reconnect_if_closed(url: &str, client: &mut Client) -> Result<(), PgError> {
+    if client.is_closed() {
+        tracing::info!("postgres connection closed; reconnecting");
+        *client = connect(url).await?;
+    }
+    Ok(())
+}
+
 /// A connection opened again on first use after it closed (a server restart), so long-lived
 /// background work (heartbeat, sweeper, dead events) heals instead of failing forever.
 pub struct ReconnectingClient {

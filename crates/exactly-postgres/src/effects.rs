@@ -12,7 +12,7 @@ use futures::future::BoxFuture;
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, Transaction};
 
-use crate::db::connect;
+use crate::db::{connect, reconnect_if_closed};
 use crate::error::PgError;
 use crate::migrations::migrate;
 
@@ -28,8 +28,13 @@ pub trait PgHandler: Send + Sync + 'static {
 }
 
 /// An idempotent consumer's database: key set or watermark, handler, parking lot.
+///
+/// One connection, reopened on the next call after it closed (a PostgreSQL restart): a call
+/// that fails meanwhile returns a retryable [`StoreError`], the consumer backs off and commits no
+/// offset until the effect is applied.
 pub struct PgEffects<H> {
     consumer: String,
+    url: String,
     client: Mutex<Client>,
     handler: Arc<H>,
 }
@@ -41,6 +46,7 @@ impl<H: PgHandler> PgEffects<H> {
         migrate(&mut client).await?;
         Ok(PgEffects {
             consumer: consumer.to_owned(),
+            url: url.to_owned(),
             client: Mutex::new(client),
             handler: Arc::new(handler),
         })
@@ -140,9 +146,18 @@ async fn record_key(
     }
 }
 
+impl<H> PgEffects<H> {
+    /// The connection, reopened first if it closed.
+    async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Client>, PgError> {
+        let mut client = self.client.lock().await;
+        reconnect_if_closed(&self.url, &mut client).await?;
+        Ok(client)
+    }
+}
+
 impl<H: PgHandler> EffectStore for PgEffects<H> {
     async fn apply(&self, inbound: Inbound<'_>) -> Result<ApplyOutcome, StoreError> {
-        let mut client = self.client.lock().await;
+        let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(PgError::at("begin apply"))?;
         match record_key(&tx, &self.consumer, &inbound).await? {
             Recorded::New => {}
@@ -162,7 +177,7 @@ impl<H: PgHandler> EffectStore for PgEffects<H> {
     }
 
     async fn forget_keys_before(&self, cutoff: UnixMillis) -> Result<u64, StoreError> {
-        let client = self.client.lock().await;
+        let client = self.client().await?;
         let forgotten = client
             .execute(
                 "DELETE FROM exactly_processed WHERE consumer = $1 AND processed_at < to_timestamp($2::float8 / 1000)",
@@ -174,7 +189,7 @@ impl<H: PgHandler> EffectStore for PgEffects<H> {
     }
 
     async fn resume_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
-        let client = self.client.lock().await;
+        let client = self.client().await?;
         let row = client
             .query_one(
                 "SELECT max(next_offset) FROM exactly_watermarks WHERE consumer = $1 AND topic = $2 AND partition = $3",
@@ -186,7 +201,7 @@ impl<H: PgHandler> EffectStore for PgEffects<H> {
     }
 
     async fn park(&self, m: &ParkedMessage) -> Result<(), StoreError> {
-        let client = self.client.lock().await;
+        let client = self.client().await?;
         client
             .execute(
                 "INSERT INTO exactly_parked (consumer, topic, partition, \"offset\", reason, detail, key_text, record_key, headers, payload, parked_at)

@@ -34,6 +34,10 @@ pub enum PgError {
     /// Stored data is not what this version wrote.
     #[error("postgres: {0}")]
     Corrupt(String),
+    /// The session that held the sequence-key leader lock ended (a server restart): another
+    /// relay may lead now, so this one must not publish another sequence.
+    #[error("postgres: the sequence-key leader lock was lost with its connection; restart the relay to contend again")]
+    LeaderLost,
 }
 
 impl PgError {
@@ -50,6 +54,9 @@ pub(crate) fn replication(context: &'static str) -> impl Fn(pg_walstream::Replic
 
 impl From<PgError> for StoreError {
     fn from(e: PgError) -> Self {
-        StoreError::new("postgres", e)
+        match e {
+            PgError::Corrupt(_) | PgError::LeaderLost => StoreError::stop("postgres", e),
+            _ => StoreError::new("postgres", e),
+        }
     }
 }

@@ -12,7 +12,7 @@ use futures::StreamExt;
 use tokio::sync::{Mutex, Notify};
 use tokio_postgres::{AsyncMessage, Client, GenericClient, NoTls, Row};
 
-use crate::db::connect;
+use crate::db::{connect, reconnect_if_closed};
 use crate::error::PgError;
 use crate::migrations::{migrate, NOTIFY_CHANNEL};
 
@@ -74,13 +74,25 @@ pub async fn emit_event<C: GenericClient>(client: &C, topic: &str, event: &Envel
 }
 
 /// The relay's handle on a PostgreSQL outbox.
+///
+/// The query connection is reopened on the next call after it closed (a server restart), and the
+/// LISTEN connection by its own task, so a relay outlives a PostgreSQL restart: calls fail with a
+/// retryable [`StoreError`] meanwhile, and the relay backs off. Claimed rows stay leased, so a
+/// settle lost to the restart only means they are published again when the lease expires.
 pub struct PgOutbox {
+    url: String,
     client: Mutex<Client>,
     wake: Arc<Notify>,
-    _listener: Client,
+    listener: tokio::task::JoinHandle<()>,
     // Keeps the session-level leader lock of sequence mode alive: it is released when this
     // connection closes, including when the process is killed.
-    _leader: Option<Client>,
+    leader: Option<Client>,
+}
+
+impl Drop for PgOutbox {
+    fn drop(&mut self) {
+        self.listener.abort();
+    }
 }
 
 /// Serializes claims (held for one claim transaction). With claims in a row, a relay never
@@ -104,12 +116,13 @@ impl PgOutbox {
         let mut client = connect(url).await?;
         migrate(&mut client).await?;
         let wake = Arc::new(Notify::new());
-        let listener = listen(url, wake.clone()).await?;
+        let listener = tokio::spawn(listen(url.to_owned(), wake.clone()));
         Ok(PgOutbox {
+            url: url.to_owned(),
             client: Mutex::new(client),
             wake,
-            _listener: listener,
-            _leader: None,
+            listener,
+            leader: None,
         })
     }
 
@@ -128,13 +141,24 @@ impl PgOutbox {
             }
             tokio::time::sleep(poll).await;
         }
-        outbox._leader = Some(leader);
+        outbox.leader = Some(leader);
         Ok(outbox)
+    }
+
+    /// The query connection, reopened first if it closed. In sequence mode the leader lock
+    /// went with a closed leader connection: another relay may lead now, so this one stops.
+    async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Client>, PgError> {
+        if self.leader.as_ref().is_some_and(Client::is_closed) {
+            return Err(PgError::LeaderLost);
+        }
+        let mut client = self.client.lock().await;
+        reconnect_if_closed(&self.url, &mut client).await?;
+        Ok(client)
     }
 
     /// The source name for sequence keys: this cluster's system identifier and database.
     pub async fn sequence_source(&self) -> Result<String, PgError> {
-        let client = self.client.lock().await;
+        let client = self.client().await?;
         let row = client
             .query_one(
                 "SELECT (SELECT system_identifier::text FROM pg_control_system()), current_database()",
@@ -150,9 +174,27 @@ impl PgOutbox {
     }
 }
 
-/// Opens a connection that LISTENs on the outbox channel and wakes `wake` per notification.
-/// The returned client must be kept: dropping it ends the session.
-async fn listen(url: &str, wake: Arc<Notify>) -> Result<Client, PgError> {
+/// LISTENs on the outbox channel and wakes `wake` per notification, for as long as the outbox
+/// lives: when the connection ends (a server restart) it wakes the relay once (rows may have
+/// committed meanwhile, unannounced) and connects again with a backoff.
+async fn listen(url: String, wake: Arc<Notify>) {
+    let mut failures = 0u32;
+    loop {
+        match listen_once(&url, &wake).await {
+            Ok(()) => failures = 0,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!("outbox LISTEN connection failed (polling meanwhile, reconnecting): {e}");
+            }
+        }
+        wake.notify_one();
+        let backoff = Duration::from_millis(200 * u64::from(failures.clamp(1, 25)));
+        tokio::time::sleep(backoff).await;
+    }
+}
+
+/// One LISTEN session, until its connection ends.
+async fn listen_once(url: &str, wake: &Arc<Notify>) -> Result<(), PgError> {
     let (client, mut connection) =
         tokio_postgres::connect(url, NoTls)
             .await
@@ -161,24 +203,32 @@ async fn listen(url: &str, wake: Arc<Notify>) -> Result<Client, PgError> {
                 source,
             })?;
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+    let wake_on_notify = wake.clone();
     // Polling the stream also drives the connection, so it must run before LISTEN is awaited.
-    tokio::spawn(async move {
+    let driver = tokio::spawn(async move {
         while let Some(message) = messages.next().await {
             match message {
-                Ok(AsyncMessage::Notification(_)) => wake.notify_one(),
+                Ok(AsyncMessage::Notification(_)) => wake_on_notify.notify_one(),
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!("outbox LISTEN connection failed, falling back to polling: {e}");
+                    tracing::debug!("outbox LISTEN connection ended: {e}");
                     break;
                 }
             }
         }
     });
-    client
+    let listened = client
         .batch_execute(&format!("LISTEN {NOTIFY_CHANNEL}"))
         .await
-        .map_err(PgError::at("LISTEN for outbox inserts"))?;
-    Ok(client)
+        .map_err(PgError::at("LISTEN for outbox inserts"));
+    if listened.is_ok() {
+        // The client stays alive (held here) until the connection ends.
+        let _ = driver.await;
+    } else {
+        driver.abort();
+    }
+    drop(client);
+    listened
 }
 
 fn raw_row(row: &Row) -> RawRow {
@@ -203,7 +253,7 @@ fn raw_row(row: &Row) -> RawRow {
 
 impl OutboxStore for PgOutbox {
     async fn claim(&self, request: &ClaimRequest) -> Result<Vec<Claimed>, StoreError> {
-        let mut client = self.client.lock().await;
+        let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(PgError::at("begin claim"))?;
         let now = request.now.0 as f64;
         let until = request.now.plus_ms(request.lease_ms).0 as f64;
@@ -282,7 +332,7 @@ impl OutboxStore for PgOutbox {
             .filter(|s| s.state.status == OutboxStatus::Sent)
             .map(|s| s.id)
             .collect();
-        let mut client = self.client.lock().await;
+        let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(PgError::at("begin settle"))?;
         if !sent.is_empty() {
             tx.execute(
@@ -317,7 +367,7 @@ impl OutboxStore for PgOutbox {
     }
 
     async fn stats(&self, now: UnixMillis) -> Result<OutboxStats, StoreError> {
-        let client = self.client.lock().await;
+        let client = self.client().await?;
         Ok(outbox_stats(&*client, now).await?)
     }
 

@@ -158,3 +158,26 @@ where
     }
     false
 }
+
+/// Crash-restarts the local PostgreSQL cluster (`pg_ctlcluster … restart -m immediate`): the
+/// server dies without a checkpoint and recovers from its WAL, as after a power loss. Only test
+/// binaries that run alone may call it (every other test's connections die too).
+pub fn crash_restart_postgres() {
+    let version = std::fs::read_dir("/etc/postgresql")
+        .expect("a local Debian PostgreSQL cluster (/etc/postgresql): run scripts/setup")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .max()
+        .expect("no cluster in /etc/postgresql: run scripts/setup");
+    let status = std::process::Command::new("pg_ctlcluster")
+        .args([
+            "--skip-systemctl-redirect",
+            &version,
+            "main",
+            "restart",
+            "-m",
+            "immediate",
+        ])
+        .status()
+        .expect("run pg_ctlcluster");
+    assert!(status.success(), "pg_ctlcluster {version} main restart failed");
+}
