@@ -296,6 +296,81 @@ async fn malformed_outbox_rows_are_dead_with_a_reason() {
     assert_eq!(read_topic(&brokers, &topic, 1, "read_committed").len(), 4);
 }
 
+/// The producer refuses one record (as a full queue or a record too large for the client
+/// would): the later records of that aggregate in the batch are held back and go out only after
+/// the refused one, while other aggregates go on; the topic holds each aggregate in commit order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_send_holds_the_aggregates_later_records_and_keeps_order() {
+    let brokers = brokers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let service = dir.path().join("service.db");
+    let topic = unique("refused");
+    exactly_kafka::ensure_topics(&brokers, &[&topic], 1)
+        .await
+        .expect("topic");
+    let mut conn = exactly_sqlite::open(&service).expect("open");
+    let mut committed = Vec::new();
+    for i in 0..4 {
+        for aggregate in ["A", "B"] {
+            let tx = conn.transaction().expect("begin");
+            let e = event(aggregate, i, b"");
+            exactly_sqlite::enqueue(&tx, &topic, &e).expect("enqueue");
+            tx.commit().expect("commit");
+            committed.push(e);
+        }
+    }
+    let mut config = exactly_kafka::RelayConfig::new(&brokers);
+    config.retry.base_ms = 200;
+    let sends = std::sync::atomic::AtomicU64::new(0);
+    // The third send is A1's.
+    let faults = exactly_kafka::Faults::new(move |point| {
+        point == exactly_kafka::FaultPoint::RelaySendRefused
+            && sends.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 2
+    });
+    let store = exactly_sqlite::SqliteOutbox::open(&service).expect("outbox");
+    let mut relay = exactly_kafka::Relay::new(store, config)
+        .expect("relay")
+        .with_faults(faults);
+    let first = relay.run_once().await.expect("first round");
+    assert_eq!(first.claimed, 8);
+    assert_eq!(first.sent, 5, "A0 and B0..B3");
+    assert_eq!(first.retrying, 3, "A1 refused, A2 and A3 held");
+    let mut rounds = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let report = relay.run_once().await.expect("round");
+        rounds += 1;
+        if outbox_status_counts(&service) == vec![("SENT".to_owned(), 8)] {
+            break;
+        }
+        assert!(
+            rounds < 40,
+            "rows not all sent: {:?} {report:?}",
+            outbox_status_counts(&service)
+        );
+    }
+    relay.flush(Duration::from_secs(10));
+    let mut per_aggregate: HashMap<String, Vec<String>> = HashMap::new();
+    for r in read_topic(&brokers, &topic, 1, "read_committed") {
+        per_aggregate
+            .entry(String::from_utf8(r.key.expect("key")).expect("utf-8"))
+            .or_default()
+            .push(r.headers["exactly-event-id"].clone());
+    }
+    for aggregate in ["A", "B"] {
+        let expected: Vec<String> = ids(&committed)
+            .into_iter()
+            .zip(&committed)
+            .filter(|(_, e)| e.aggregate_id == aggregate)
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(
+            per_aggregate[aggregate], expected,
+            "aggregate {aggregate} out of commit order"
+        );
+    }
+}
+
 /// Rows whose columns cannot even be read as their types (a strict read failed the claim, and
 /// the relay restarted into the same row forever) end DEAD with their reason, and the rows
 /// around them go out. SQLite: a BLOB event_id, non-UTF-8 text, TEXT where Unix milliseconds

@@ -17,6 +17,9 @@ pub enum FaultPoint {
     EosDuringAbort,
     /// Consumer: the effect committed, the offset not yet.
     ConsumerAfterApplyBeforeOffsetCommit,
+    /// Relay: the producer refuses one record at send time (as a full queue past its wait, or a
+    /// record too large for the client, would). Not a crash: the relay goes on.
+    RelaySendRefused,
 }
 
 /// Decides at each fault point whether to crash there.

@@ -1,5 +1,6 @@
 //! The polling relay: claim, publish in order, settle after acks.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -9,7 +10,9 @@ use exactly_core::{
     ClaimRequest, Claimed, KeyMode, OutboxEvent, OutboxRecord, OutboxStatus, OutboxStore, RetryPolicy,
     RowState, Settlement, UnixMillis,
 };
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::watch;
 
 use crate::config::producer_config;
@@ -162,6 +165,9 @@ impl<S: OutboxStore> Relay<S> {
         let mut settlements = Vec::with_capacity(claimed.len());
         let mut in_flight = Vec::with_capacity(claimed.len());
         let mut stopped = false;
+        // Aggregates with a record the producer refused in this batch: their later records are
+        // released unsent, so the retry of the refused one still goes out before them.
+        let mut held: HashSet<(String, String)> = HashSet::new();
         for row in claimed {
             match row {
                 Claimed::Malformed {
@@ -179,9 +185,17 @@ impl<S: OutboxStore> Relay<S> {
                         last_error: Some(defect.to_string()),
                     });
                 }
-                Claimed::Ready(record) if stopped => {
-                    // Sequence mode after a failure: leave the rest claimed but unsent; the next
-                    // round starts again at the lowest unsent sequence (rewind, never skip).
+                Claimed::Ready(record)
+                    if stopped
+                        || held.contains(&(
+                            record.envelope.aggregate_type.clone(),
+                            record.envelope.aggregate_id.clone(),
+                        )) =>
+                {
+                    // Sequence mode after a failure: leave the rest unsent; the next round starts
+                    // again at the lowest unsent sequence (rewind, never skip). Event-id mode:
+                    // the same for the rest of a held aggregate; the claim query keeps them back
+                    // until the refused record, backing off, has gone out.
                     let state = leased(record.retry_count, lease_until);
                     let released = state
                         .apply(OutboxEvent::Release { now: started }, &self.config.retry)
@@ -192,9 +206,19 @@ impl<S: OutboxStore> Relay<S> {
                         last_error: None,
                     });
                 }
-                Claimed::Ready(record) => match self.send(&record) {
+                Claimed::Ready(record) => match self.send(&record).await {
                     Ok(delivery) => in_flight.push((record, delivery, Instant::now())),
                     Err(error) => {
+                        tracing::warn!(
+                            "the producer refused outbox row {} ({}/{}): {error}; holding the aggregate's later rows",
+                            record.id,
+                            record.envelope.aggregate_type,
+                            record.envelope.aggregate_id
+                        );
+                        held.insert((
+                            record.envelope.aggregate_type.clone(),
+                            record.envelope.aggregate_id.clone(),
+                        ));
                         settlements.push(fail(&record, lease_until, &error, &self.config.retry, started));
                         stopped = sequence_mode;
                     }
@@ -309,17 +333,32 @@ impl<S: OutboxStore> Relay<S> {
         Ok(())
     }
 
-    fn send(&self, record: &OutboxRecord) -> Result<rdkafka::producer::DeliveryFuture, String> {
+    /// Queues one record. A full queue is waited out (up to [`QUEUE_FULL_WAIT`]): the records
+    /// ahead drain as the broker acknowledges them.
+    async fn send(&self, record: &OutboxRecord) -> Result<rdkafka::producer::DeliveryFuture, String> {
+        if self.faults.fires(FaultPoint::RelaySendRefused) {
+            return Err("injected: the producer refused the record".to_owned());
+        }
         let envelope = &record.envelope;
         let headers = record_headers(&envelope.to_headers(&record.key));
-        let kafka_record = FutureRecord::to(&record.topic)
+        let mut kafka_record = FutureRecord::to(&record.topic)
             .key(envelope.aggregate_id.as_bytes())
             .payload(&envelope.payload)
             .headers(headers)
             .timestamp(envelope.occurred_at.0);
-        self.producer
-            .send_result(kafka_record)
-            .map_err(|(e, _)| e.to_string())
+        let deadline = Instant::now() + QUEUE_FULL_WAIT;
+        loop {
+            match self.producer.send_result(kafka_record) {
+                Ok(delivery) => return Ok(delivery),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                    if Instant::now() < deadline =>
+                {
+                    kafka_record = back;
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err((e, _)) => return Err(e.to_string()),
+            }
+        }
     }
 
     /// Waits for everything queued to be delivered (shutdown).
@@ -327,6 +366,9 @@ impl<S: OutboxStore> Relay<S> {
         let _ = self.producer.flush(timeout);
     }
 }
+
+/// How long a send waits for room in a full producer queue before the record counts as refused.
+const QUEUE_FULL_WAIT: Duration = Duration::from_secs(10);
 
 fn new_producer(config: &RelayConfig) -> Result<FutureProducer, KafkaFlowError> {
     let gapless = matches!(config.keys, KeyMode::Sequence { .. });
