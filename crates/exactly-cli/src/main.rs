@@ -221,11 +221,18 @@ enum Command {
         abort_every: Option<u64>,
     },
     /// Consume topics and apply each event once.
+    ///
+    /// Every member of a consumer group must use the same effect database: the dedupe records
+    /// live there under the group's name, and a partition moves between members on every
+    /// rebalance. Members on different databases would each apply what the other already did.
     Consume {
+        /// The effect database (postgres://… or a SQLite file), shared by every member of the
+        /// group.
         #[arg(long, env = "EXACTLY_DATABASE")]
         database: String,
         #[arg(long, env = "EXACTLY_BROKERS")]
         brokers: String,
+        /// Consumer group; also the name of this consumer's rows in the effect database.
         #[arg(long)]
         group: String,
         #[arg(long = "topic", required = true)]

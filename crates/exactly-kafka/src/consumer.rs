@@ -73,10 +73,15 @@ pub struct ConsumerCounters {
     pub parked: AtomicU64,
 }
 
-/// Remembers partitions assigned since their last resume check.
+/// Offsets of applied records, per partition, not committed to Kafka yet.
+type Pending = HashMap<(String, i32), i64>;
+
+/// State the rebalance callbacks share with the consumer loop: partitions assigned since their
+/// last resume check, and the offsets applied but not yet committed.
 #[derive(Default)]
 pub(crate) struct AssignmentContext {
     unchecked: Mutex<HashSet<(String, i32)>>,
+    pending: Mutex<Pending>,
 }
 
 impl AssignmentContext {
@@ -85,6 +90,31 @@ impl AssignmentContext {
         self.unchecked
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Commits `offsets` synchronously; a failure only means a redelivery, which dedupe absorbs.
+fn commit_offsets<C: Consumer<AssignmentContext>>(consumer: &C, offsets: Pending, when: &str) {
+    if offsets.is_empty() {
+        return;
+    }
+    let mut list = TopicPartitionList::new();
+    for ((topic, partition), offset) in offsets {
+        if list
+            .add_partition_offset(&topic, partition, Offset::Offset(offset))
+            .is_err()
+        {
+            tracing::warn!("cannot commit offset {offset} of {topic}/{partition}");
+        }
+    }
+    if let Err(e) = consumer.commit(&list, CommitMode::Sync) {
+        tracing::debug!("offset commit {when} failed (records will redeliver and dedupe): {e}");
     }
 }
 
@@ -95,6 +125,25 @@ impl ClientContext for AssignmentContext {
 }
 
 impl ConsumerContext for AssignmentContext {
+    /// Before partitions go to another member: commit what was applied from them, so the next
+    /// owner starts after it (fewer redeliveries), and forget it, so it is never committed later
+    /// over the next owner's progress.
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let revoked: Pending = {
+                let mut pending = self.pending();
+                list.elements()
+                    .iter()
+                    .filter_map(|e| {
+                        let tp = (e.topic().to_owned(), e.partition());
+                        pending.remove(&tp).map(|offset| (tp, offset))
+                    })
+                    .collect()
+            };
+            commit_offsets(consumer, revoked, "at revoke");
+        }
+    }
+
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let mut unchecked = self.unchecked();
         match rebalance {
@@ -207,7 +256,6 @@ impl<S: EffectStore> IdempotentConsumer<S> {
 
     /// Consumes until `stop` turns true, then commits what was processed.
     pub async fn run(&self, mut stop: watch::Receiver<bool>) -> Result<(), KafkaFlowError> {
-        let mut pending: HashMap<(String, i32), i64> = HashMap::new();
         let mut last_commit = Instant::now();
         let mut last_prune: Option<Instant> = None;
         let mut idle = IdleWatch::default();
@@ -224,7 +272,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                 m = self.consumer.recv() => m,
                 _ = stop.changed() => break,
                 _ = tokio::time::sleep(self.config.commit_interval) => {
-                    self.commit(&mut pending);
+                    self.commit();
                     last_commit = Instant::now();
                     continue;
                 }
@@ -249,16 +297,16 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                     FaultPoint::ConsumerAfterApplyBeforeOffsetCommit,
                 ));
             }
-            pending.insert(
+            self.consumer.context().pending().insert(
                 (message.topic().to_owned(), message.partition()),
                 message.offset() + 1,
             );
             if last_commit.elapsed() >= self.config.commit_interval {
-                self.commit(&mut pending);
+                self.commit();
                 last_commit = Instant::now();
             }
         }
-        self.commit(&mut pending);
+        self.commit();
         Ok(())
     }
 
@@ -431,24 +479,31 @@ impl<S: EffectStore> IdempotentConsumer<S> {
         }
     }
 
-    fn commit(&self, pending: &mut HashMap<(String, i32), i64>) {
-        if pending.is_empty() {
-            return;
-        }
-        let mut list = TopicPartitionList::new();
-        for ((topic, partition), offset) in pending.drain() {
-            if list
-                .add_partition_offset(&topic, partition, Offset::Offset(offset))
-                .is_err()
-            {
-                tracing::warn!("cannot commit offset {offset} of {topic}/{partition}");
+    /// Commits the applied offsets of partitions this member still owns; those of partitions
+    /// it no longer owns are dropped (their revoke committed them, or the next owner has).
+    fn commit(&self) {
+        let owned: HashSet<(String, i32)> = match self.consumer.assignment() {
+            Ok(list) => list
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect(),
+            Err(e) => {
+                tracing::debug!("cannot read the assignment (commit later): {e}");
+                return;
             }
-        }
-        // A failed commit (for example after a rebalance) only means a redelivery later, which
-        // the dedupe record absorbs.
-        if let Err(e) = self.consumer.commit(&list, CommitMode::Sync) {
-            tracing::debug!("offset commit failed (records will redeliver and dedupe): {e}");
-        }
+        };
+        let offsets: Pending = {
+            let mut pending = self.consumer.context().pending();
+            let taken = std::mem::take(&mut *pending);
+            let (mine, dropped): (Pending, Pending) =
+                taken.into_iter().partition(|(tp, _)| owned.contains(tp));
+            if !dropped.is_empty() {
+                tracing::debug!("dropping offsets of {} partitions no longer owned", dropped.len());
+            }
+            mine
+        };
+        commit_offsets(&self.consumer, offsets, "");
     }
 
     async fn handle(
