@@ -280,3 +280,127 @@ fn verify_poll_wal_and_exactly_once_relays_under_one_fault_of_each_kind() {
     assert_exactly_once(&verify("wal", events), events, 1);
     assert_exactly_once(&verify("poll", events), events, 1);
 }
+
+/// Sets a server setting for one test and puts it back when the test ends, however it ends,
+/// so the default server is never left weakened for other tests.
+struct ServerSetting {
+    admin: String,
+    name: &'static str,
+}
+
+impl ServerSetting {
+    fn set(admin: &str, name: &'static str, value: &str) -> ServerSetting {
+        psql(admin, &format!("ALTER SYSTEM SET {name} = '{value}'"));
+        psql(admin, "SELECT pg_reload_conf()");
+        ServerSetting {
+            admin: admin.to_owned(),
+            name,
+        }
+    }
+}
+
+impl Drop for ServerSetting {
+    fn drop(&mut self) {
+        psql(&self.admin, &format!("ALTER SYSTEM RESET {}", self.name));
+        psql(&self.admin, "SELECT pg_reload_conf()");
+    }
+}
+
+fn psql(url: &str, sql: &str) -> String {
+    let out = Command::new("psql")
+        .args([url, "-XAtqc", sql])
+        .output()
+        .expect("run psql");
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// The WAL relay's slot is invalidated while it runs (it could not publish, so it confirmed
+/// nothing, and the server removed the WAL past max_slot_wal_keep_size). The stream fails, the
+/// relay reads the slot's state again before restarting it, finds `wal_status = 'lost'`, and
+/// stops with an error that names the slot and the recovery, instead of retrying forever or
+/// silently making a new slot that would skip events.
+#[test]
+fn a_lost_slot_stops_the_wal_relay_with_the_recovery() {
+    let _serial = serial();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let url = runtime.block_on(exactly_testkit::fresh_pg_database());
+    let admin = format!(
+        "{}/postgres",
+        url.rsplit_once('/').map_or(url.as_str(), |(b, _)| b)
+    );
+    let slot = exactly_testkit::unique("exactly_test_lost").replace('-', "_");
+    let _keep = ServerSetting::set(&admin, "max_slot_wal_keep_size", "1MB");
+    // A broker nothing listens on, and no outbox row: nothing is in flight, so the rewind after
+    // the stream fails has nothing to drain (a record waiting for a broker holds the rewind up
+    // to its 60 s drain). Its log goes to a file: a pipe nobody reads would fill and block it.
+    let log = tempfile::NamedTempFile::new().expect("log file");
+    let relay = Command::new(EXACTLY)
+        .args([
+            "relay",
+            "--mode",
+            "wal",
+            "--database",
+            &url,
+            "--brokers",
+            "127.0.0.1:1",
+            "--no-metrics",
+            "--slot",
+            &slot,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.reopen().expect("log file"))
+        .spawn()
+        .expect("spawn relay");
+    let mut relay = Running(relay);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while psql(
+        &admin,
+        &format!("SELECT active FROM pg_replication_slots WHERE slot_name = '{slot}'"),
+    ) != "t"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the relay never streamed from its slot"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // Move the server well past the slot's limit: WAL segments, switched and checkpointed away.
+    let mut lost = false;
+    for _ in 0..20 {
+        psql(&url, "CREATE TABLE IF NOT EXISTS filler (b bytea); INSERT INTO filler SELECT decode(repeat('ab', 4096), 'hex') FROM generate_series(1, 500)");
+        psql(&admin, "SELECT pg_switch_wal()");
+        psql(&admin, "CHECKPOINT");
+        if psql(
+            &admin,
+            &format!("SELECT wal_status FROM pg_replication_slots WHERE slot_name = '{slot}'"),
+        ) == "lost"
+        {
+            lost = true;
+            break;
+        }
+    }
+    assert!(lost, "the slot was not invalidated");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = relay.0.try_wait().expect("relay status") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the relay kept running on a lost slot");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let stderr = std::fs::read_to_string(log.path()).expect("read the relay's log");
+    assert!(!status.success(), "the relay must fail: {stderr}");
+    assert!(stderr.contains("is lost (wal_status = 'lost')"), "{stderr}");
+    assert!(
+        stderr.contains(&slot) && stderr.contains("pg_drop_replication_slot"),
+        "{stderr}"
+    );
+    // Clean-up: the lost slot would otherwise stay.
+    psql(&admin, &format!("SELECT pg_drop_replication_slot('{slot}')"));
+}

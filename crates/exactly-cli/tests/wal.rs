@@ -153,7 +153,8 @@ async fn wal_relay_keys_modes_rollbacks_and_dead_rows() {
         .expect("enqueue+delete");
     tx.commit().await.expect("commit");
 
-    let message = event("A-3", 0, b"");
+    // A binary payload (not UTF-8): the table-less path carries it as base64 inside the message.
+    let message = event("A-3", 0, &[0, 0xff, 0xfe, b'{', 0x80]);
     let tx = client.transaction().await.expect("begin");
     exactly_postgres::emit_event(&tx, &topic, &message)
         .await
@@ -186,8 +187,12 @@ async fn wal_relay_keys_modes_rollbacks_and_dead_rows() {
         .iter()
         .map(|r| r.headers["exactly-event-id"].clone())
         .collect();
-    let expected: Vec<String> = ids(&[&a[..], &[deleted, message, after]].concat());
+    let expected: Vec<String> = ids(&[&a[..], &[deleted, message.clone(), after]].concat());
     assert_eq!(got, expected, "commit order, rolled-back event absent");
+    assert_eq!(
+        records[4].payload, message.payload,
+        "the emitted binary payload, byte for byte"
+    );
     let values: Vec<u128> = records.iter().map(sequence_value).collect();
     let commit = values[0] >> 64;
     assert_eq!(

@@ -95,10 +95,18 @@ impl BinaryOutboxColumns<'_> {
     }
 }
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine as _;
+
 /// The JSON a writer passes to `pg_logical_emit_message(true, 'exactly', …)` for the
-/// table-less outbox. `payload` is the event's payload as UTF-8 text.
+/// table-less outbox. The payload goes in `payload` as text when it is UTF-8, else in
+/// `payload_base64` (standard alphabet, padded), so binary payloads arrive byte for byte.
 pub fn encode_message_event(topic: &str, envelope: &Envelope) -> String {
-    serde_json::json!({
+    let (field, payload) = match std::str::from_utf8(&envelope.payload) {
+        Ok(text) => ("payload", text.to_owned()),
+        Err(_) => ("payload_base64", BASE64.encode(&envelope.payload)),
+    };
+    let mut message = serde_json::json!({
         "topic": topic,
         "event_id": envelope.event_id.hyphenated().to_string(),
         "event_type": envelope.event_type,
@@ -107,9 +115,18 @@ pub fn encode_message_event(topic: &str, envelope: &Envelope) -> String {
         "occurred_at": envelope.occurred_at.0,
         "headers": serde_json::from_str::<serde_json::Value>(&headers_to_json(&envelope.headers))
             .unwrap_or(serde_json::Value::Null),
-        "payload": String::from_utf8_lossy(&envelope.payload),
-    })
-    .to_string()
+    });
+    message[field] = serde_json::Value::String(payload);
+    message.to_string()
+}
+
+/// Bytes kept as text for an operator (dead events): as they are when UTF-8, else `base64:`
+/// and their base64, so nothing is lost to a lossy conversion.
+pub fn raw_text(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.to_owned(),
+        Err(_) => format!("base64:{}", BASE64.encode(bytes)),
+    }
 }
 
 /// Reads a table-less outbox message; anything but the documented JSON object is a defect.
@@ -146,7 +163,16 @@ pub fn decode_message_event(content: &[u8]) -> Result<RawRow, RowDefect> {
         aggregate_type: text("aggregate_type")?,
         aggregate_id: text("aggregate_id")?,
         topic: text("topic")?,
-        payload: text("payload")?.map(String::into_bytes),
+        payload: match (text("payload")?, text("payload_base64")?) {
+            (Some(_), Some(_)) => return Err(bad("both payload and payload_base64 are set".into())),
+            (Some(text), None) => Some(text.into_bytes()),
+            (None, Some(encoded)) => Some(
+                BASE64
+                    .decode(encoded.as_bytes())
+                    .map_err(|e| bad(format!("payload_base64 is not base64: {e}")))?,
+            ),
+            (None, None) => None,
+        },
         headers_json,
         occurred_at,
         retry_count: 0,
@@ -377,6 +403,30 @@ mod tests {
         ] {
             assert!(decode_message_event(garbage).is_err());
         }
+    }
+
+    #[test]
+    fn binary_message_payloads_arrive_byte_for_byte() {
+        let payload: Vec<u8> = vec![0, 0xff, 0xfe, b'{', 0x80, 7];
+        let envelope = Envelope {
+            event_id: Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0003),
+            event_type: "Blob".into(),
+            aggregate_type: "file".into(),
+            aggregate_id: "F-1".into(),
+            occurred_at: UnixMillis(42),
+            payload: payload.clone(),
+            headers: vec![],
+        };
+        let text = encode_message_event("files", &envelope);
+        assert!(text.contains("payload_base64"), "{text}");
+        let row = decode_message_event(text.as_bytes()).expect("decodes");
+        assert_eq!(row.payload, Some(payload));
+        let both = r#"{"occurred_at":1,"payload":"a","payload_base64":"YQ=="}"#;
+        assert!(decode_message_event(both.as_bytes()).is_err());
+        let not_base64 = r#"{"occurred_at":1,"payload_base64":"%%%"}"#;
+        assert!(decode_message_event(not_base64.as_bytes()).is_err());
+        assert_eq!(raw_text(b"plain"), "plain");
+        assert_eq!(raw_text(&[0xff]), "base64:/w==");
     }
 
     #[test]

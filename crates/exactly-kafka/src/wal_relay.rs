@@ -321,15 +321,7 @@ impl<F: ChangeFeed> WalRelay<F> {
         self.tracker = CommitTracker::new();
         self.open_commit = None;
         self.sent_ids.clear();
-        loop {
-            match self.feed.restart(None).await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!("wal relay cannot restart the feed yet: {e}");
-                    tokio::time::sleep(self.config.rewind_backoff).await;
-                }
-            }
-        }
+        self.restart_feed(None).await
     }
 
     /// Exactly-once rewind: abort the open Kafka transaction (or, when its outcome is unknown,
@@ -390,9 +382,23 @@ impl<F: ChangeFeed> WalRelay<F> {
         self.tracker = CommitTracker::new();
         self.open_commit = None;
         self.sent_ids.clear();
+        self.restart_feed(resume).await
+    }
+
+    /// Restarts the feed at the confirmed position (or `from`), retrying while the source is
+    /// unreachable; a source that cannot stream again (its slot lost) stops the relay. The
+    /// source's name and epoch are read again, so records after a failover carry the new
+    /// timeline.
+    async fn restart_feed(&mut self, from: Option<u64>) -> Result<(), KafkaFlowError> {
         loop {
-            match self.feed.restart(resume).await {
-                Ok(()) => return Ok(()),
+            match self.feed.restart(from).await {
+                Ok(()) => {
+                    let (source, epoch) = self.feed.source();
+                    self.source_header = source_header(&source, epoch);
+                    self.source = source;
+                    return Ok(());
+                }
+                Err(e) if !e.is_retryable() => return Err(KafkaFlowError::Store(e)),
                 Err(e) => {
                     tracing::warn!("wal relay cannot restart the feed yet: {e}");
                     tokio::time::sleep(self.config.rewind_backoff).await;

@@ -34,6 +34,21 @@ pub enum PgError {
     /// Stored data is not what this version wrote.
     #[error("postgres: {0}")]
     Corrupt(String),
+    /// The replication slot can no longer stream: PostgreSQL invalidated it (`wal_status =
+    /// 'lost'`, WAL past `max_slot_wal_keep_size` was removed) or it was dropped. Events
+    /// committed meanwhile were never streamed; recreating the slot silently would skip them.
+    #[error(
+        "postgres: replication slot {slot:?} {state}: the WAL it needed is gone, and events committed since its \
+         confirmed position cannot be streamed. Recover: drain the outbox with `exactly relay --mode poll` \
+         (rows still NEW), then SELECT pg_drop_replication_slot('{slot}') if it still exists and start the WAL \
+         relay again (it creates a new slot). Raise max_slot_wal_keep_size or alert on retained WAL to avoid this."
+    )]
+    SlotUnusable {
+        /// The slot.
+        slot: String,
+        /// `is lost (wal_status = 'lost')` or `does not exist`.
+        state: &'static str,
+    },
     /// The session that held the sequence-key leader lock ended (a server restart): another
     /// relay may lead now, so this one must not publish another sequence.
     #[error("postgres: the sequence-key leader lock was lost with its connection; restart the relay to contend again")]
@@ -55,7 +70,9 @@ pub(crate) fn replication(context: &'static str) -> impl Fn(pg_walstream::Replic
 impl From<PgError> for StoreError {
     fn from(e: PgError) -> Self {
         match e {
-            PgError::Corrupt(_) | PgError::LeaderLost => StoreError::stop("postgres", e),
+            PgError::Corrupt(_) | PgError::LeaderLost | PgError::SlotUnusable { .. } => {
+                StoreError::stop("postgres", e)
+            }
             _ => StoreError::new("postgres", e),
         }
     }

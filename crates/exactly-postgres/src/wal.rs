@@ -192,6 +192,50 @@ pub async fn slot_stats(client: &Client, slot: &str) -> Result<Option<SlotStats>
     }))
 }
 
+/// What the source is now: read on start and again before every stream restart, since a
+/// failover changes the timeline and a slot can be invalidated while the relay runs.
+struct SourceFacts {
+    source: String,
+    timeline: u64,
+}
+
+/// Reads the source name (system identifier and slot), the timeline, and the slot's health. A
+/// slot PostgreSQL invalidated (`wal_status = 'lost'`) or one that was dropped stops the relay:
+/// it cannot stream what it missed, and a new slot would skip it.
+async fn read_source_facts(client: &Client, slot: &str) -> Result<SourceFacts, PgError> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT system_identifier::text FROM pg_control_system()),
+                    (SELECT timeline_id FROM pg_control_checkpoint()),
+                    (SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1),
+                    EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1)",
+            &[&slot],
+        )
+        .await
+        .map_err(PgError::at("read source facts"))?;
+    let (system_id, timeline): (String, i32) = (row.get(0), row.get(1));
+    let wal_status: Option<String> = row.get(2);
+    let exists: bool = row.get(3);
+    let unusable = |state| {
+        metrics::gauge!("exactly_wal_slot_unusable", "slot" => slot.to_owned()).set(1.0);
+        Err(PgError::SlotUnusable {
+            slot: slot.to_owned(),
+            state,
+        })
+    };
+    if !exists {
+        return unusable("does not exist");
+    }
+    if wal_status.as_deref() == Some("lost") {
+        return unusable("is lost (wal_status = 'lost')");
+    }
+    metrics::gauge!("exactly_wal_slot_unusable", "slot" => slot.to_owned()).set(0.0);
+    Ok(SourceFacts {
+        source: format!("pg:{system_id}:{slot}"),
+        timeline: timeline.max(0) as u64,
+    })
+}
+
 /// A running replication stream: its reader task and the feedback it reports.
 struct Stream {
     items: mpsc::Receiver<Result<FeedItem, PgError>>,
@@ -218,17 +262,7 @@ impl PgChangeFeed {
     pub async fn connect(config: WalConfig) -> Result<Self, PgError> {
         let backlog = ensure_slot(&config).await?;
         let client = Arc::new(ReconnectingClient::connect(&config.url).await?);
-        let first = client.get().await?;
-        let system_id: String = first
-            .query_one("SELECT system_identifier::text FROM pg_control_system()", &[])
-            .await
-            .map_err(PgError::at("read system identifier"))?
-            .get(0);
-        let timeline: i32 = first
-            .query_one("SELECT timeline_id FROM pg_control_checkpoint()", &[])
-            .await
-            .map_err(PgError::at("read timeline"))?
-            .get(0);
+        let facts = read_source_facts(&*client.get().await?, &config.slot).await?;
         if backlog > 0 && config.mark_sent {
             tracing::info!(
                 "{backlog} outbox rows are NEW; rows committed before slot {} existed are not in its stream",
@@ -237,8 +271,8 @@ impl PgChangeFeed {
         }
         let last_own_commit_ms = Arc::new(AtomicI64::new(now_ms()));
         let mut feed = PgChangeFeed {
-            source: format!("pg:{system_id}:{}", config.slot),
-            timeline: timeline.max(0) as u64,
+            source: facts.source,
+            timeline: facts.timeline,
             client: client.clone(),
             stream: None,
             last_own_commit_ms: last_own_commit_ms.clone(),
@@ -443,14 +477,14 @@ pub fn to_feed_item(event: ChangeEvent) -> FeedItem {
                 Ok(row) => FeedItem::Event(row),
                 Err(defect) => FeedItem::Unreadable {
                     defect,
-                    raw: String::from_utf8_lossy(&content).into_owned(),
+                    raw: exactly_core::wal::raw_text(&content),
                 },
             },
             MESSAGE_PREFIX => FeedItem::Unreadable {
                 defect: RowDefect::BadMessage(
                     "emitted with transactional = false; exactly messages must be transactional".into(),
                 ),
-                raw: String::from_utf8_lossy(&content).into_owned(),
+                raw: exactly_core::wal::raw_text(&content),
             },
             HEARTBEAT_PREFIX => FeedItem::Ignored("heartbeat"),
             _ => FeedItem::Ignored("message with another prefix"),
@@ -543,6 +577,19 @@ impl ChangeFeed for PgChangeFeed {
 
     async fn restart(&mut self, from: Option<u64>) -> Result<(), StoreError> {
         self.stop_stream().await;
+        // A failover may have moved the timeline, and the slot may be gone: look again.
+        let facts = read_source_facts(&*self.client.get().await?, &self.config.slot).await?;
+        if facts.timeline != self.timeline || facts.source != self.source {
+            tracing::warn!(
+                "source changed: {}@{} → {}@{}",
+                self.source,
+                self.timeline,
+                facts.source,
+                facts.timeline
+            );
+        }
+        self.source = facts.source;
+        self.timeline = facts.timeline;
         self.stream = Some(self.open_stream(from).await?);
         Ok(())
     }
