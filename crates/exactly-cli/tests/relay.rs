@@ -280,14 +280,7 @@ async fn malformed_outbox_rows_are_dead_with_a_reason() {
     assert!(relay(service.to_str().expect("path"), &brokers, &[])
         .status
         .success());
-    let mut stmt = conn
-        .prepare("SELECT status, COALESCE(last_error, '') FROM outbox ORDER BY id")
-        .expect("prepare");
-    let rows: Vec<(String, String)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .expect("q")
-        .collect::<Result<_, _>>()
-        .expect("rows");
+    let rows = outbox_statuses_and_errors(&conn);
     let statuses: Vec<&str> = rows.iter().map(|(s, _)| s.as_str()).collect();
     assert_eq!(statuses, ["SENT", "SENT", "DEAD", "DEAD", "DEAD", "SENT", "SENT"]);
     assert!(rows[2].1.contains("aggregate_id is NULL"), "{}", rows[2].1);
@@ -403,14 +396,7 @@ async fn unreadable_outbox_rows_are_dead_and_do_not_stall_the_relay() {
     insert_sqlite(&service, &topic, 1);
     let out = relay(service.to_str().expect("path"), &brokers, &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let mut stmt = conn
-        .prepare("SELECT status, COALESCE(last_error, '') FROM outbox ORDER BY id")
-        .expect("prepare");
-    let rows: Vec<(String, String)> = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .expect("q")
-        .collect::<Result<_, _>>()
-        .expect("rows");
+    let rows = outbox_statuses_and_errors(&conn);
     let statuses: Vec<&str> = rows.iter().map(|(s, _)| s.as_str()).collect();
     assert_eq!(
         statuses,

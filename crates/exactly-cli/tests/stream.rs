@@ -314,24 +314,29 @@ fn far_future_and_extreme_event_times_go_to_the_dead_letter_topic() {
         .block_on(config.prepare_topics(1))
         .expect("internal topics");
     let t0 = 100 * WINDOW;
+    let hash_key = Envelope {
+        payload: br#"{"product_id":"P#3"}"#.to_vec(),
+        ..order(28, UnixMillis(t0 + 30))
+    };
     let events = vec![
         order(0, UnixMillis(t0 + 10)),
         order(7, exactly_kafka::now().plus_ms(2 * 3_600_000)),
         order(14, UnixMillis(i64::MIN)),
         order(21, UnixMillis(t0 + 20)),
+        hash_key,
     ];
     produce(&brokers, &input, &events);
     let processor = Running::start(config.clone());
     let counters = processor.counters.clone();
-    wait_for("4 inputs handled", Duration::from_secs(60), || {
-        counters.counted.load(Ordering::Relaxed) + counters.unreadable.load(Ordering::Relaxed) >= 4
+    wait_for("5 inputs handled", Duration::from_secs(60), || {
+        counters.counted.load(Ordering::Relaxed) + counters.unreadable.load(Ordering::Relaxed) >= 5
     });
     std::thread::sleep(Duration::from_millis(500));
     processor.stop();
     assert_eq!(
         counters.counted.load(Ordering::Relaxed),
-        2,
-        "both first-window orders count"
+        3,
+        "the three first-window orders count"
     );
     assert_eq!(
         counters.late.load(Ordering::Relaxed),
@@ -341,6 +346,8 @@ fn far_future_and_extreme_event_times_go_to_the_dead_letter_topic() {
     assert_eq!(counters.unreadable.load(Ordering::Relaxed), 2);
     let merged = merged_counts(&brokers, &output, 1);
     assert_eq!(merged.get(&("P-0".to_owned(), t0)), Some(&2));
+    // With salting off, a key with `#` in it is the key itself, not a salted one.
+    assert_eq!(merged.get(&("P#3".to_owned(), t0)), Some(&1), "{merged:?}");
     let dead = read_topic(&brokers, &config.dead_letter_topic(), 1, "read_committed");
     let mut reasons: Vec<String> = dead
         .iter()
@@ -358,6 +365,70 @@ fn far_future_and_extreme_event_times_go_to_the_dead_letter_topic() {
         "{reasons:?}"
     );
     assert!(reasons.iter().any(|r| r.contains("out of range")), "{reasons:?}");
+}
+
+/// Hot-key salting: every order is for one product on a one-partition input, which without
+/// salting one task in one processor would count alone. With 4 salts the records go through the
+/// repartition topic keyed by `P-HOT#n`, two processors count them, and the partial counts
+/// merged downstream equal the input exactly.
+#[test]
+fn a_hot_key_is_counted_by_two_processors_and_merges_exactly() {
+    const ORDERS: usize = 2_000;
+    let brokers = brokers();
+    let (input, output, app) = (unique("orders"), unique("agg-out"), unique("hot"));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (state_a, state_b) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let mut config_a = config_for(&brokers, &app, "a", &input, &output, state_a.path());
+    let mut config_b = config_for(&brokers, &app, "b", &input, &output, state_b.path());
+    config_a.salts = 4;
+    config_b.salts = 4;
+    runtime
+        .block_on(exactly_kafka::ensure_topics(&brokers, &[&input], 1))
+        .expect("input topic");
+    runtime
+        .block_on(config_a.prepare_topics(1))
+        .expect("internal topics");
+    assert_eq!(
+        exactly_kafka::partition_count(&brokers, &config_a.repartition_topic()).expect("metadata"),
+        4,
+        "one repartition partition per salt"
+    );
+    let t0 = (exactly_kafka::now().0 / WINDOW) * WINDOW;
+    let events: Vec<Envelope> = (0..ORDERS)
+        .map(|i| Envelope {
+            payload: format!("{{\"product_id\":\"P-HOT\",\"n\":{i}}}").into_bytes(),
+            ..order(i, UnixMillis(t0 + (i as i64 % 1000)))
+        })
+        .collect();
+    let a = Running::start(config_a);
+    let b = Running::start(config_b);
+    wait_for(
+        "both processors to hold counting tasks",
+        Duration::from_secs(60),
+        || a.tasks() > 0 && b.tasks() > 0 && a.tasks() + b.tasks() == 4,
+    );
+    produce(&brokers, &input, &events);
+    wait_for("every order counted", Duration::from_secs(120), || {
+        a.counted() + b.counted() >= ORDERS as u64
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let (counted_a, counted_b) = (a.counted(), b.counted());
+    a.stop();
+    b.stop();
+    assert!(
+        counted_a > 0 && counted_b > 0,
+        "one processor counted everything: {counted_a} / {counted_b}"
+    );
+    let merged = merged_counts(&brokers, &output, 4);
+    assert_eq!(
+        merged.get(&("P-HOT".to_owned(), t0)),
+        Some(&(ORDERS as u64)),
+        "{merged:?}"
+    );
+    assert_eq!(merged.len(), 1, "{merged:?}");
 }
 
 /// The UPSERT sink: results that arrive twice or out of order never lower a count, partial

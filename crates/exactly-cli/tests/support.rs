@@ -72,6 +72,17 @@ pub fn outbox_status_counts(path: &Path) -> Vec<(String, i64)> {
         .expect("rows")
 }
 
+/// Each outbox row's status and last error (empty when none), in id order.
+pub fn outbox_statuses_and_errors(conn: &rusqlite::Connection) -> Vec<(String, String)> {
+    let mut stmt = conn
+        .prepare("SELECT status, COALESCE(last_error, '') FROM outbox ORDER BY id")
+        .expect("prepare");
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
 /// The test consumers' effect: one row per applied event, payload must be JSON.
 pub const APPLIED_SCHEMA: &str =
     "CREATE TABLE IF NOT EXISTS applied (seq INTEGER PRIMARY KEY AUTOINCREMENT, event_id TEXT NOT NULL, aggregate_id TEXT NOT NULL)";

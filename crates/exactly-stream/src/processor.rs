@@ -4,9 +4,13 @@
 //! offsets (`send_offsets_to_transaction` with the group's metadata) go out in one Kafka
 //! transaction. One task (store + changelog partition) per input partition.
 //!
-//! Counts are partial per input partition (input is keyed by its aggregate, not by the grouping
-//! key, so no repartition topic is needed): every output carries its partition, and sinks add
-//! the partial counts of a (key, window) together.
+//! Counts are partial per counting partition: every output carries its partition, and sinks add
+//! the partial counts of a (key, window) together. Without salting the input partitions are
+//! counted directly (input is keyed by its aggregate, not by the grouping key, so no repartition
+//! is needed for correctness). With `salts` > 1 a hot key is spread: stage one reads the input
+//! and forwards each record to `<application.id>-repartition`, keyed by its salted key
+//! (`key#n`), inside the same transaction as the input offsets; stage two counts the
+//! repartition partitions, so one key's salts land on different partitions and processors.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -15,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use exactly_core::changelog::{RestoreMode, TxnSeq};
-use exactly_core::window::{unsalted_key, TumblingWindows};
+use exactly_core::window::{salted_key, unsalted_key, TumblingWindows};
 use exactly_core::UnixMillis;
 use exactly_kafka::{consumer_config, decode_message, producer_config, QuietEof};
 use rdkafka::client::ClientContext;
@@ -95,14 +99,35 @@ impl StreamConfig {
         format!("{}-counts-changelog", self.application_id)
     }
 
+    /// The repartition topic of salted mode: `<application.id>-repartition`.
+    pub fn repartition_topic(&self) -> String {
+        format!("{}-repartition", self.application_id)
+    }
+
+    /// Whether hot keys are salted (two stages through the repartition topic).
+    pub fn salted(&self) -> bool {
+        self.salts > 1
+    }
+
+    /// The topic whose partitions are counted: the repartition topic when salted, else the input.
+    pub fn counted_topic(&self) -> String {
+        if self.salted() {
+            self.repartition_topic()
+        } else {
+            self.input.clone()
+        }
+    }
+
     /// Where unreadable inputs are parked: `<application.id>-dead-letters`.
     pub fn dead_letter_topic(&self) -> String {
         format!("{}-dead-letters", self.application_id)
     }
 
     /// Creates what the processor writes to: the output topic and the internal topics (the
-    /// changelog compacted, one partition per input partition, so task n restores from
+    /// changelog compacted, one partition per counted partition, so task n restores from
     /// changelog partition n). A missing input topic is created with `default_partitions`.
+    /// Salted, the repartition topic gets max(input partitions, salts) partitions, so one key's
+    /// salts can land on as many partitions as there are salts.
     pub async fn prepare_topics(&self, default_partitions: i32) -> Result<(), ProcessorError> {
         let kafka = |e: exactly_kafka::KafkaFlowError| ProcessorError(e.to_string());
         let mut partitions = exactly_kafka::partition_count(&self.brokers, &self.input).map_err(kafka)?;
@@ -112,25 +137,31 @@ impl StreamConfig {
                 .map_err(kafka)?;
             partitions = default_partitions;
         }
-        exactly_kafka::ensure_topics(&self.brokers, &[&self.output], partitions)
+        let counted_partitions = if self.salted() {
+            partitions.max(i32::try_from(self.salts).unwrap_or(i32::MAX))
+        } else {
+            partitions
+        };
+        exactly_kafka::ensure_topics(&self.brokers, &[&self.output], counted_partitions)
             .await
             .map_err(kafka)?;
         let internal = |name: String, compacted: bool| exactly_kafka::InternalTopic {
             name,
-            partitions,
+            partitions: counted_partitions,
             replication_factor: self.replication_factor,
             min_insync_replicas: self.min_insync_replicas,
             compacted,
         };
-        exactly_kafka::ensure_internal_topics(
-            &self.brokers,
-            &[
-                internal(self.changelog_topic(), true),
-                internal(self.dead_letter_topic(), false),
-            ],
-        )
-        .await
-        .map_err(kafka)
+        let mut topics = vec![
+            internal(self.changelog_topic(), true),
+            internal(self.dead_letter_topic(), false),
+        ];
+        if self.salted() {
+            topics.push(internal(self.repartition_topic(), false));
+        }
+        exactly_kafka::ensure_internal_topics(&self.brokers, &topics)
+            .await
+            .map_err(kafka)
     }
 }
 
@@ -166,7 +197,13 @@ fn fail(context: &str) -> impl Fn(KafkaError) -> ProcessorError + '_ {
 
 /// State shared with the rebalance callback.
 struct Shared {
+    /// Counting tasks, by partition of the counted topic.
     tasks: BTreeMap<i32, TaskSlot>,
+    /// Salted mode, stage one: per input partition, the next offset to commit with the open
+    /// transaction, and the offset the last committed transaction left it at (where an abort
+    /// seeks back to).
+    forwarded: BTreeMap<i32, i64>,
+    forward_committed: BTreeMap<i32, i64>,
     /// A rebalance happened: the open transaction must be aborted and overlays discarded.
     rebalanced: bool,
     config: StreamConfig,
@@ -201,8 +238,14 @@ impl ConsumerContext for RebalanceContext {
         let mut shared = lock(&self.shared);
         shared.rebalanced = true;
         if let Rebalance::Revoke(list) = rebalance {
+            let counted = shared.config.counted_topic();
             for e in list.elements() {
-                shared.tasks.remove(&e.partition());
+                if e.topic() == counted {
+                    shared.tasks.remove(&e.partition());
+                } else {
+                    shared.forwarded.remove(&e.partition());
+                    shared.forward_committed.remove(&e.partition());
+                }
             }
             shared.count_tasks();
         }
@@ -216,11 +259,19 @@ impl ConsumerContext for RebalanceContext {
     ) {
         if err == rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
             self.pre_rebalance(base_consumer, &Rebalance::Assign(tpl));
-            // Each partition starts where its restored state says, not at the group's offset.
+            // Each counted partition starts where its restored state says, not at the group's
+            // offset; a salted input partition (stateless forwarding) at the group's offset.
             let mut shared = lock(&self.shared);
+            let counted = shared.config.counted_topic();
             let mut positioned = TopicPartitionList::new();
             for e in tpl.elements() {
                 let partition = e.partition();
+                if e.topic() != counted {
+                    if let Err(e) = positioned.add_partition_offset(e.topic(), partition, Offset::Stored) {
+                        tracing::error!("cannot position input partition {partition}: {e}");
+                    }
+                    continue;
+                }
                 let offset = match shared.restore_task(partition) {
                     Ok(offset) => offset,
                     Err(error) => {
@@ -260,7 +311,8 @@ impl Shared {
     fn restore_task(&mut self, partition: i32) -> Result<Option<i64>, ProcessorError> {
         if !self.tasks.contains_key(&partition) {
             let (store, stats) = rebuild_store(&self.config, partition, self.restore_mode)?;
-            let count = WindowedCount::new(store, self.config.windows, self.config.salts)
+            // Salting happens before the repartition topic; the count sees salted keys as they are.
+            let count = WindowedCount::new(store, self.config.windows, 1)
                 .map_err(|e| ProcessorError(e.to_string()))?
                 .with_max_skew_ms(self.config.max_event_time_skew_ms);
             self.counters
@@ -285,13 +337,14 @@ impl Shared {
                 },
             );
         }
+        let counted = self.config.counted_topic();
         let offset = self.tasks.get(&partition).and_then(|t| {
             t.count
                 .store()
                 .offsets()
                 .ok()?
                 .into_iter()
-                .find(|(topic, p, _)| *topic == self.config.input && *p == partition)
+                .find(|(topic, p, _)| *topic == counted && *p == partition)
                 .map(|(_, _, o)| o)
         });
         Ok(offset)
@@ -391,6 +444,43 @@ fn read_changelog(config: &StreamConfig, partition: i32) -> Result<Vec<Changelog
     Ok(records)
 }
 
+/// A count input as it travels on the repartition topic (salted mode): the salted grouping key,
+/// the input's idempotency key (so stage two dedupes per window) and its event time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Repartitioned {
+    key: String,
+    idempotency_key: String,
+    event_time: UnixMillis,
+}
+
+impl Repartitioned {
+    fn encode(&self) -> String {
+        serde_json::json!({ "key": self.key, "id": self.idempotency_key, "t": self.event_time.0 }).to_string()
+    }
+
+    fn decode(payload: &[u8]) -> Result<Repartitioned, String> {
+        let value: serde_json::Value =
+            serde_json::from_slice(payload).map_err(|e| format!("repartition record is not JSON: {e}"))?;
+        let field = |name: &str| {
+            value
+                .get(name)
+                .and_then(|v| v.as_str())
+                .map(str::to_owned)
+                .ok_or_else(|| format!("repartition record has no {name}"))
+        };
+        Ok(Repartitioned {
+            key: field("key")?,
+            idempotency_key: field("id")?,
+            event_time: UnixMillis(
+                value
+                    .get("t")
+                    .and_then(serde_json::Value::as_i64)
+                    .ok_or_else(|| "repartition record has no event time".to_owned())?,
+            ),
+        })
+    }
+}
+
 /// Runs one processor until `stop` is set.
 pub struct Processor {
     config: StreamConfig,
@@ -426,6 +516,8 @@ impl Processor {
         let restore_mode = probe_restore_mode(&config)?;
         let shared = Arc::new(Mutex::new(Shared {
             tasks: BTreeMap::new(),
+            forwarded: BTreeMap::new(),
+            forward_committed: BTreeMap::new(),
             rebalanced: false,
             config: config.clone(),
             counters: counters.clone(),
@@ -437,7 +529,13 @@ impl Processor {
                     shared: shared.clone(),
                 })
                 .map_err(fail("create consumer"))?;
-        consumer.subscribe(&[&config.input]).map_err(fail("subscribe"))?;
+        let repartition = config.repartition_topic();
+        let topics: Vec<&str> = if config.salted() {
+            vec![&config.input, &repartition]
+        } else {
+            vec![&config.input]
+        };
+        consumer.subscribe(&topics).map_err(fail("subscribe"))?;
         let epoch = exactly_kafka::now().0.max(0) as u64;
         Ok(Processor {
             config,
@@ -493,11 +591,29 @@ impl Processor {
         self.config.guarantee == Guarantee::ExactlyOnce
     }
 
+    /// Routes a record: salted input goes to the repartition topic; everything else is counted.
     fn process(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Result<(), ProcessorError> {
-        let delivery = match decode_message(m) {
-            Ok(d) => d,
-            Err(e) => return self.unreadable(m, &e.to_string()),
+        if self.config.salted() && m.topic() == self.config.input {
+            return self.forward(m);
+        }
+        let counted = if self.config.salted() {
+            match Repartitioned::decode(m.payload().unwrap_or_default()) {
+                Ok(r) => r,
+                Err(why) => return self.unreadable(m, &why),
+            }
+        } else {
+            match self.read_input(m) {
+                Ok(r) => r,
+                Err(why) => return self.unreadable(m, &why),
+            }
         };
+        self.count(m, counted)
+    }
+
+    /// What the count needs from an input record: its grouping key, idempotency key and event
+    /// time; an error is the reason to park it.
+    fn read_input(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Result<Repartitioned, String> {
+        let delivery = decode_message(m).map_err(|e| e.to_string())?;
         let payload = &delivery.envelope.payload;
         let key = match &self.config.group_by {
             GroupBy::AggregateId => Some(delivery.envelope.aggregate_id.clone()),
@@ -505,10 +621,53 @@ impl Processor {
                 .ok()
                 .and_then(|v| v.get(field)?.as_str().map(str::to_owned)),
         };
-        let Some(key) = key else {
-            return self.unreadable(m, "grouping key missing from the payload");
+        let key = key.ok_or_else(|| "grouping key missing from the payload".to_owned())?;
+        Ok(Repartitioned {
+            key,
+            idempotency_key: delivery.key.to_string(),
+            event_time: delivery.envelope.occurred_at,
+        })
+    }
+
+    /// Salted mode, stage one: sends the record's count input to the repartition topic, keyed
+    /// by its salted key (so the default partitioner spreads one key's salts), inside the open
+    /// transaction; its input offset commits with it.
+    fn forward(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Result<(), ProcessorError> {
+        let partition = m.partition();
+        {
+            let mut shared = lock(&self.shared);
+            shared.forward_committed.entry(partition).or_insert(m.offset());
+        }
+        let mut input = match self.read_input(m) {
+            Ok(r) => r,
+            Err(why) => {
+                self.unreadable(m, &why)?;
+                lock(&self.shared).forwarded.insert(partition, m.offset() + 1);
+                return Ok(());
+            }
         };
-        let idempotency_key = delivery.key.to_string();
+        input.key = salted_key(&input.key, &input.idempotency_key, self.config.salts);
+        let value = input.encode();
+        self.send(
+            BaseRecord::<str, str>::to(&self.config.repartition_topic())
+                .key(&input.key)
+                .payload(&value),
+        )?;
+        lock(&self.shared).forwarded.insert(partition, m.offset() + 1);
+        Ok(())
+    }
+
+    /// Counts one record in its task.
+    fn count(
+        &self,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+        input: Repartitioned,
+    ) -> Result<(), ProcessorError> {
+        let Repartitioned {
+            key,
+            idempotency_key,
+            event_time,
+        } = input;
         let partition = m.partition();
         let outcome = {
             let mut shared = lock(&self.shared);
@@ -524,7 +683,7 @@ impl Processor {
                     offset: m.offset(),
                     key: &key,
                     idempotency_key: &idempotency_key,
-                    event_time: delivery.envelope.occurred_at,
+                    event_time,
                     now: exactly_kafka::now(),
                 })
                 .map_err(|e| ProcessorError(e.to_string()))?
@@ -537,12 +696,8 @@ impl Processor {
             } => {
                 self.counters.counted.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("exactly_stream_records_total").increment(1);
-                metrics::histogram!("exactly_stream_latency_seconds").record(
-                    exactly_kafka::now()
-                        .millis_since(delivery.envelope.occurred_at)
-                        .max(0) as f64
-                        / 1000.0,
-                );
+                metrics::histogram!("exactly_stream_latency_seconds")
+                    .record(exactly_kafka::now().millis_since(event_time) as f64 / 1000.0);
                 self.emit(partition, window_start, &key, count)?;
             }
             Counted::Duplicate => {
@@ -596,9 +751,11 @@ impl Processor {
         self.counters.unreadable.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("exactly_stream_dead_letters_total").increment(1);
         let mut shared = lock(&self.shared);
-        if let Some(slot) = shared.tasks.get_mut(&m.partition()) {
-            slot.touched = true;
-            slot.count.skip(m.topic(), m.partition(), m.offset());
+        if m.topic() == self.config.counted_topic() {
+            if let Some(slot) = shared.tasks.get_mut(&m.partition()) {
+                slot.touched = true;
+                slot.count.skip(m.topic(), m.partition(), m.offset());
+            }
         }
         Ok(())
     }
@@ -610,8 +767,14 @@ impl Processor {
         key: &str,
         count: u64,
     ) -> Result<(), ProcessorError> {
+        // Only a salted key is unsalted: with salting off a key such as `P#3` is the key itself.
+        let unsalted = if self.config.salted() {
+            unsalted_key(key)
+        } else {
+            key
+        };
         let value = serde_json::json!({
-            "key": unsalted_key(key),
+            "key": unsalted,
             "partial": format!("{key}#p{partition}"),
             "window_start": window_start.0,
             "window_end": window_start.0 + self.config.windows.size_ms,
@@ -652,8 +815,15 @@ impl Processor {
         let changelog = self.config.changelog_topic();
         let mut batches = Vec::new();
         let mut offsets = TopicPartitionList::new();
+        let forwarded: Vec<(i32, i64)>;
         {
             let mut shared = lock(&self.shared);
+            forwarded = shared.forwarded.iter().map(|(p, o)| (*p, *o)).collect();
+            for (partition, offset) in &forwarded {
+                offsets
+                    .add_partition_offset(&self.config.input, *partition, Offset::Offset(*offset))
+                    .map_err(fail("offsets"))?;
+            }
             for (partition, slot) in shared.tasks.iter_mut() {
                 if !std::mem::take(&mut slot.touched) {
                     continue;
@@ -717,6 +887,10 @@ impl Processor {
                 metrics::counter!("exactly_stream_commits_total").increment(1);
                 metrics::histogram!("exactly_stream_commit_seconds").record(started.elapsed().as_secs_f64());
                 let mut shared = lock(&self.shared);
+                for (partition, offset) in forwarded {
+                    shared.forward_committed.insert(partition, offset);
+                }
+                shared.forwarded.clear();
                 let mut bytes = 0u64;
                 for (partition, batch) in batches {
                     if let Some(slot) = shared.tasks.get_mut(&partition) {
@@ -762,7 +936,21 @@ impl Processor {
         self.epoch = (exactly_kafka::now().0.max(0) as u64).max(self.epoch + 1);
         self.seq = 0;
         let mut shared = lock(&self.shared);
+        shared.forwarded.clear();
         let input = shared.config.input.clone();
+        if shared.config.salted() {
+            for (partition, offset) in &shared.forward_committed {
+                if let Err(e) = self.consumer.seek(
+                    &input,
+                    *partition,
+                    Offset::Offset(*offset),
+                    Duration::from_secs(10),
+                ) {
+                    tracing::warn!("seek back of input partition {partition} failed: {e}");
+                }
+            }
+        }
+        let counted = shared.config.counted_topic();
         for (partition, slot) in shared.tasks.iter_mut() {
             slot.touched = false;
             slot.count.discard().map_err(|e| ProcessorError(e.to_string()))?;
@@ -772,11 +960,11 @@ impl Processor {
                 .offsets()
                 .map_err(|e| ProcessorError(e.to_string()))?
                 .into_iter()
-                .find(|(t, p, _)| *t == input && p == partition)
+                .find(|(t, p, _)| *t == counted && p == partition)
                 .map_or(Offset::Beginning, |(_, _, o)| Offset::Offset(o));
             if let Err(e) = self
                 .consumer
-                .seek(&input, *partition, offset, Duration::from_secs(10))
+                .seek(&counted, *partition, offset, Duration::from_secs(10))
             {
                 tracing::warn!("seek back of partition {partition} failed: {e}");
             }
