@@ -90,7 +90,7 @@ pub fn kill_at_points(points: Vec<(FaultPoint, Option<u64>)>) -> Faults {
 
 pub struct RelayArgs {
     pub database: Database,
-    pub brokers: String,
+    pub kafka: exactly_kafka::KafkaSettings,
     pub sequence_keys: bool,
     pub batch_size: usize,
     pub lease_ms: i64,
@@ -101,11 +101,21 @@ pub struct RelayArgs {
     pub exit_when_idle: bool,
 }
 
+/// Fails a command at start when Kafka refuses its TLS or login settings.
+async fn check_kafka(kafka: &exactly_kafka::KafkaSettings) -> Result<()> {
+    let kafka = kafka.clone();
+    tokio::task::spawn_blocking(move || exactly_kafka::check_connection(&kafka, Duration::from_secs(5)))
+        .await
+        .context("Kafka connection check")??;
+    Ok(())
+}
+
 pub async fn relay(args: RelayArgs) -> Result<()> {
     if let Some(addr) = args.metrics {
         serve_metrics(addr)?;
     }
-    let mut config = RelayConfig::new(&args.brokers);
+    check_kafka(&args.kafka).await?;
+    let mut config = RelayConfig::new(&args.kafka);
     config.batch_size = args.batch_size;
     config.lease_ms = args.lease_ms;
     config.poll_interval = Duration::from_millis(args.poll_ms);
@@ -160,7 +170,7 @@ async fn run_relay<S: OutboxStore + 'static>(
 
 pub struct WalRelayArgs {
     pub url: String,
-    pub brokers: String,
+    pub kafka: exactly_kafka::KafkaSettings,
     pub slot: Option<String>,
     pub publication: String,
     pub heartbeat: Duration,
@@ -181,6 +191,33 @@ pub struct EosArgs {
     pub abort_every: Option<u64>,
 }
 
+/// How a command reaches Kafka: the bootstrap servers and librdkafka properties passed
+/// through (security, timeouts). The settings exactly-once depends on are refused here.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaArgs {
+    /// Bootstrap servers, host:port[,host:port…].
+    #[arg(long, env = "EXACTLY_BROKERS")]
+    pub brokers: String,
+    /// A librdkafka property (repeatable), e.g. security.protocol=SASL_SSL. A value env:NAME is
+    /// read from the environment variable NAME: give secrets that way, never on the command
+    /// line. acks, enable.idempotence, isolation.level, enable.auto.commit, max.in.flight and
+    /// transactional.id are exactly's own and are refused.
+    #[arg(long = "kafka-property", value_name = "NAME=VALUE", value_parser = exactly_kafka::parse_property)]
+    pub kafka_properties: Vec<(String, String)>,
+}
+
+impl KafkaArgs {
+    /// The settings, every environment reference checked.
+    pub fn settings(&self) -> Result<exactly_kafka::KafkaSettings> {
+        let settings = exactly_kafka::KafkaSettings {
+            brokers: self.brokers.clone(),
+            properties: self.kafka_properties.iter().cloned().collect(),
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+}
+
 /// Layout of the internal topics a command creates (progress, changelog, dead letters).
 #[derive(Debug, Clone, Copy, clap::Args)]
 pub struct InternalTopicArgs {
@@ -196,6 +233,7 @@ pub async fn wal_relay(args: WalRelayArgs) -> Result<()> {
     if let Some(addr) = args.metrics {
         serve_metrics(addr)?;
     }
+    check_kafka(&args.kafka).await?;
     let mut feed_config = WalConfig::new(&args.url);
     if let Some(slot) = args.slot {
         feed_config.slot = slot;
@@ -214,7 +252,7 @@ pub async fn wal_relay(args: WalRelayArgs) -> Result<()> {
         tokio::spawn(async move { slot_gauges(&client, &slot, Duration::from_secs(1)).await });
     }
     let mut points = vec![(FaultPoint::RelayAfterPublishBeforeSettle, args.kill_after_publish)];
-    let mut relay = WalRelay::new(feed, WalRelayConfig::new(&args.brokers))?;
+    let mut relay = WalRelay::new(feed, WalRelayConfig::new(&args.kafka))?;
     if let Some(eos) = args.exactly_once {
         points.extend([
             (FaultPoint::EosBeforeCommit, eos.kill_before_commit),
@@ -241,16 +279,17 @@ pub async fn stream(
     partitions: i32,
     sink_database: Option<String>,
 ) -> Result<()> {
+    check_kafka(&config.kafka).await?;
     config
         .prepare_topics(partitions)
         .await
-        .with_context(|| format!("preparing topics on {}", config.brokers))?;
+        .with_context(|| format!("preparing topics on {}", config.kafka.brokers))?;
     let sink = sink_database.map(|url| {
-        let (brokers, topic) = (config.brokers.clone(), config.output.clone());
+        let (kafka, topic) = (config.kafka.clone(), config.output.clone());
         let group = format!("{}-sink", config.application_id);
-        tokio::spawn(async move {
-            crate::sink::sink_counts(&url, &brokers, &topic, &group, stop_on_signal()).await
-        })
+        tokio::spawn(
+            async move { crate::sink::sink_counts(&url, &kafka, &topic, &group, stop_on_signal()).await },
+        )
     });
     let counters = std::sync::Arc::new(exactly_stream::StreamCounters::default());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -363,7 +402,7 @@ impl PgHandler for RecordHandler {
 
 pub struct ConsumeArgs {
     pub database: Database,
-    pub brokers: String,
+    pub kafka: exactly_kafka::KafkaSettings,
     pub group: String,
     pub topics: Vec<String>,
     pub handler: String,
@@ -376,8 +415,9 @@ pub async fn consume(args: ConsumeArgs) -> Result<()> {
     if let Some(addr) = args.metrics {
         serve_metrics(addr)?;
     }
+    check_kafka(&args.kafka).await?;
     let topics: Vec<&str> = args.topics.iter().map(String::as_str).collect();
-    let config = ConsumerConfig::new(&args.brokers, &args.group, &topics);
+    let config = ConsumerConfig::new(&args.kafka, &args.group, &topics);
     let faults = kill_at(
         FaultPoint::ConsumerAfterApplyBeforeOffsetCommit,
         args.kill_after_apply,

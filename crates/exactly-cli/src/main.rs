@@ -23,7 +23,7 @@ use anyhow::Result;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
-use crate::commands::{ConsumeArgs, Database, InternalTopicArgs, RelayArgs};
+use crate::commands::{ConsumeArgs, Database, InternalTopicArgs, KafkaArgs, RelayArgs};
 use crate::demo::{run_demo, DemoOptions};
 
 #[derive(Parser)]
@@ -153,8 +153,8 @@ enum Command {
         /// postgres://… or a SQLite file.
         #[arg(long, env = "EXACTLY_DATABASE")]
         database: String,
-        #[arg(long, env = "EXACTLY_BROKERS")]
-        brokers: String,
+        #[command(flatten)]
+        kafka: KafkaArgs,
         #[arg(long, value_enum, default_value = "event-id")]
         keys: Keys,
         #[arg(long, default_value_t = 500)]
@@ -230,8 +230,8 @@ enum Command {
         /// group.
         #[arg(long, env = "EXACTLY_DATABASE")]
         database: String,
-        #[arg(long, env = "EXACTLY_BROKERS")]
-        brokers: String,
+        #[command(flatten)]
+        kafka: KafkaArgs,
         /// Consumer group; also the name of this consumer's rows in the effect database.
         #[arg(long)]
         group: String,
@@ -253,8 +253,8 @@ enum Command {
     },
     /// Exactly-once windowed counts (the orders-agg example): input topic → output topic.
     Stream {
-        #[arg(long, env = "EXACTLY_BROKERS")]
-        brokers: String,
+        #[command(flatten)]
+        kafka: KafkaArgs,
         #[arg(long, default_value = "orders-agg")]
         application_id: String,
         /// Distinguishes processors of one application.id.
@@ -306,8 +306,8 @@ enum Command {
     SinkCounts {
         #[arg(long, env = "EXACTLY_DATABASE")]
         database: String,
-        #[arg(long, env = "EXACTLY_BROKERS")]
-        brokers: String,
+        #[command(flatten)]
+        kafka: KafkaArgs,
         #[arg(long, default_value = "agg-out")]
         topic: String,
         #[arg(long, default_value = "orders-agg-sink")]
@@ -528,7 +528,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Relay {
             mode: RelayMode::Wal,
             database,
-            brokers,
+            kafka,
             metrics_addr,
             no_metrics,
             kill_after_publish,
@@ -554,7 +554,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             };
             commands::wal_relay(commands::WalRelayArgs {
                 url,
-                brokers,
+                kafka: kafka.settings()?,
                 slot,
                 publication,
                 heartbeat: Duration::from_millis(heartbeat_ms),
@@ -578,7 +578,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Relay {
             mode: RelayMode::Poll,
             database,
-            brokers,
+            kafka,
             keys,
             batch_size,
             lease_ms,
@@ -592,7 +592,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             commands::relay(RelayArgs {
                 database: Database::parse(&database),
-                brokers,
+                kafka: kafka.settings()?,
                 sequence_keys: keys == Keys::Sequence,
                 batch_size,
                 lease_ms,
@@ -607,7 +607,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Consume {
             database,
-            brokers,
+            kafka,
             group,
             topics,
             handler,
@@ -618,7 +618,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             commands::consume(ConsumeArgs {
                 database: Database::parse(&database),
-                brokers,
+                kafka: kafka.settings()?,
                 group,
                 topics,
                 handler,
@@ -666,7 +666,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Stream {
-            brokers,
+            kafka,
             application_id,
             instance,
             input,
@@ -694,7 +694,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 std::env::temp_dir().join(format!("exactly-stream-{application_id}-{instance}"))
             });
             let config = exactly_stream::StreamConfig {
-                brokers,
+                kafka: kafka.settings()?,
                 application_id,
                 instance,
                 input,
@@ -721,11 +721,18 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::SinkCounts {
             database,
-            brokers,
+            kafka,
             topic,
             group,
         } => {
-            sink::sink_counts(&database, &brokers, &topic, &group, commands::stop_on_signal()).await?;
+            sink::sink_counts(
+                &database,
+                &kafka.settings()?,
+                &topic,
+                &group,
+                commands::stop_on_signal(),
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify {

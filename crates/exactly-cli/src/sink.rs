@@ -24,14 +24,14 @@ fn parse(payload: &[u8]) -> Option<WindowCount> {
 /// offsets are committed only after that commit.
 pub async fn sink_counts(
     url: &str,
-    brokers: &str,
+    kafka: &exactly_kafka::KafkaSettings,
     topic: &str,
     group: &str,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let mut client = exactly_postgres::connect(url).await?;
     ensure_counts_schema(&client).await?;
-    let consumer: StreamConsumer = exactly_kafka::consumer_config(brokers, group)
+    let consumer: StreamConsumer = exactly_kafka::consumer_config(kafka, group)
         .create()
         .context("creating the sink consumer")?;
     consumer.subscribe(&[topic]).context("subscribing")?;

@@ -114,7 +114,7 @@ fn run_job(
     };
     let state = tempfile::tempdir().context("state dir")?;
     let config = StreamConfig {
-        brokers: brokers.to_owned(),
+        kafka: exactly_kafka::KafkaSettings::new(brokers),
         application_id: format!("bench-agg-{name}-{run_id}"),
         instance: "0".into(),
         input: input.to_owned(),
@@ -169,7 +169,7 @@ fn run_job(
 fn restore_figures(brokers: &str, keys: u64, run_id: i64) -> Result<(exactly_stream::RestoreStats, u64)> {
     let state = tempfile::tempdir().context("state dir")?;
     let config = StreamConfig {
-        brokers: brokers.to_owned(),
+        kafka: exactly_kafka::KafkaSettings::new(brokers),
         application_id: format!("bench-restore-{run_id}"),
         instance: "0".into(),
         input: format!("bench-restore-in-{run_id}"),

@@ -12,4 +12,5 @@ mod demo;
 mod eos;
 mod relay;
 mod stream;
+mod tls;
 mod wal;

@@ -519,7 +519,7 @@ fn config_for(
     state: &std::path::Path,
 ) -> exactly_stream::StreamConfig {
     exactly_stream::StreamConfig {
-        brokers: brokers.to_owned(),
+        kafka: exactly_kafka::KafkaSettings::new(brokers),
         application_id: app.to_owned(),
         instance: instance.to_owned(),
         input: input.to_owned(),

@@ -2,26 +2,30 @@
 
 use std::time::Duration;
 
+use crate::config::Cluster;
+use crate::error::KafkaFlowError;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::ClientConfig;
-
-use crate::error::KafkaFlowError;
 
 /// Creates the topics that do not exist yet, with `partitions` each.
-pub async fn ensure_topics(brokers: &str, topics: &[&str], partitions: i32) -> Result<(), KafkaFlowError> {
+pub async fn ensure_topics(
+    kafka: &(impl Cluster + ?Sized),
+    topics: &[&str],
+    partitions: i32,
+) -> Result<(), KafkaFlowError> {
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
         .collect();
-    create_missing(brokers, &new).await
+    create_missing(kafka, &new).await
 }
 
 /// Sends CreateTopics; a topic that already exists is fine.
-async fn create_missing(brokers: &str, new: &[NewTopic<'_>]) -> Result<(), KafkaFlowError> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+async fn create_missing(kafka: &(impl Cluster + ?Sized), new: &[NewTopic<'_>]) -> Result<(), KafkaFlowError> {
+    let admin: AdminClient<DefaultClientContext> = kafka
+        .settings()
+        .client()
         .create()
         .map_err(KafkaFlowError::at("create admin client"))?;
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
@@ -62,7 +66,10 @@ pub struct InternalTopic {
 /// Creates internal topics that do not exist yet with their partitions, replication and
 /// configs; an existing topic with fewer partitions than asked is an error (its keys would map
 /// to the wrong tasks).
-pub async fn ensure_internal_topics(brokers: &str, topics: &[InternalTopic]) -> Result<(), KafkaFlowError> {
+pub async fn ensure_internal_topics(
+    kafka: &(impl Cluster + ?Sized),
+    topics: &[InternalTopic],
+) -> Result<(), KafkaFlowError> {
     let min_isr: Vec<String> = topics.iter().map(|t| t.min_insync_replicas.to_string()).collect();
     let new: Vec<NewTopic<'_>> = topics
         .iter()
@@ -77,9 +84,9 @@ pub async fn ensure_internal_topics(brokers: &str, topics: &[InternalTopic]) -> 
             .set("cleanup.policy", if t.compacted { "compact" } else { "delete" })
         })
         .collect();
-    create_missing(brokers, &new).await?;
+    create_missing(kafka, &new).await?;
     for t in topics {
-        let have = partition_count(brokers, &t.name)?;
+        let have = partition_count(kafka, &t.name)?;
         if have < t.partitions {
             return Err(KafkaFlowError::Layout(format!(
                 "topic {} has {have} partitions, {} needed",
@@ -91,10 +98,11 @@ pub async fn ensure_internal_topics(brokers: &str, topics: &[InternalTopic]) -> 
 }
 
 /// The number of partitions of `topic` (0 when it does not exist).
-pub fn partition_count(brokers: &str, topic: &str) -> Result<i32, KafkaFlowError> {
+pub fn partition_count(kafka: &(impl Cluster + ?Sized), topic: &str) -> Result<i32, KafkaFlowError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let consumer: BaseConsumer = kafka
+        .settings()
+        .client()
         .create()
         .map_err(KafkaFlowError::at("create metadata client"))?;
     let metadata = consumer
@@ -109,12 +117,13 @@ pub fn partition_count(brokers: &str, topic: &str) -> Result<i32, KafkaFlowError
 
 /// The configs a broker reports for `topic` (name → value), for checks and `exactly status`.
 pub async fn topic_configs(
-    brokers: &str,
+    kafka: &(impl Cluster + ?Sized),
     topic: &str,
 ) -> Result<std::collections::BTreeMap<String, String>, KafkaFlowError> {
     use rdkafka::admin::ResourceSpecifier;
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let admin: AdminClient<DefaultClientContext> = kafka
+        .settings()
+        .client()
         .create()
         .map_err(KafkaFlowError::at("create admin client"))?;
     let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
@@ -135,4 +144,75 @@ pub async fn topic_configs(
         }
     }
     Ok(configs)
+}
+
+/// Remembers what librdkafka reported, so a failed metadata request can say why (an untrusted
+/// certificate, a refused SASL login) instead of only timing out. A misconfiguration is kept
+/// over the generic errors that follow it ("all brokers down").
+#[derive(Default)]
+struct LastError(std::sync::Mutex<Option<(rdkafka::error::KafkaError, String)>>);
+
+impl rdkafka::ClientContext for LastError {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::debug!("librdkafka: {error}: {reason}");
+        if let Ok(mut last) = self.0.lock() {
+            let keep = last.as_ref().is_some_and(|(e, _)| is_misconfiguration(e));
+            if !keep {
+                *last = Some((error, reason.to_owned()));
+            }
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LastError {}
+
+/// Whether a client error is a misconfiguration that retrying cannot fix.
+fn is_misconfiguration(error: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::error::KafkaError;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::SSL
+                | RDKafkaErrorCode::Authentication
+                | RDKafkaErrorCode::SaslAuthenticationFailed
+                | RDKafkaErrorCode::UnsupportedSASLMechanism
+                | RDKafkaErrorCode::IllegalSASLState
+        )
+    ) || matches!(error, KafkaError::ClientCreation(_))
+}
+
+/// Asks the cluster for its metadata within `timeout`, once, at a command's start. A TLS or
+/// authentication failure (an untrusted certificate, a wrong password) is an error with
+/// librdkafka's reason: retrying would never fix it. A broker that does not answer is only
+/// logged, since it may be restarting; the clients retry on their own.
+pub fn check_connection(kafka: &(impl Cluster + ?Sized), timeout: Duration) -> Result<(), KafkaFlowError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let settings = kafka.settings();
+    let consumer: BaseConsumer<LastError> = settings
+        .client()
+        .create_with_context(LastError::default())
+        .map_err(KafkaFlowError::at("create metadata client"))?;
+    let answered = consumer.fetch_metadata(None, timeout);
+    if answered.is_err() {
+        // Error events reach the context only while the client is polled.
+        for _ in 0..5 {
+            let _ = consumer.poll(Duration::from_millis(100));
+        }
+    }
+    let last = consumer.context().0.lock().ok().and_then(|last| last.clone());
+    match (answered, last) {
+        (Ok(_), _) => Ok(()),
+        (Err(_), Some((error, reason))) if is_misconfiguration(&error) => Err(KafkaFlowError::Unreachable {
+            brokers: settings.brokers.clone(),
+            reason: format!("{error}: {reason}"),
+        }),
+        (Err(e), last) => {
+            let reason = last.map_or_else(|| e.to_string(), |(error, reason)| format!("{error}: {reason}"));
+            tracing::warn!(
+                "Kafka at {} does not answer yet ({reason}); going on, the clients retry",
+                settings.brokers
+            );
+            Ok(())
+        }
+    }
 }

@@ -1,15 +1,249 @@
-//! Client settings exactly depends on, in one place.
+//! Client settings exactly depends on, in one place: how to reach the cluster
+//! ([`KafkaSettings`]: bootstrap servers and librdkafka properties passed through, security
+//! included), and the producer and consumer settings exactly-once rests on, which no
+//! passed-through property may override.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
 
 use rdkafka::ClientConfig;
+
+/// How to reach a Kafka cluster: the bootstrap servers and any librdkafka properties
+/// (`security.protocol`, `sasl.mechanism`, `ssl.ca.location`, timeouts, …), passed to every
+/// client exactly creates. A value `env:NAME` is read from the environment variable `NAME` when
+/// a client is made, so a secret (`sasl.password=env:KAFKA_PASSWORD`) never sits in a file or
+/// on a command line. `Debug` hides the values of secret properties.
+#[derive(Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// librdkafka properties, by name.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// A property exactly sets itself, and why: overriding it would break a guarantee.
+const PROTECTED: &[(&str, &str)] = &[
+    ("bootstrap.servers", "set it as brokers"),
+    (
+        "acks",
+        "every record must reach all in-sync replicas before it counts as published",
+    ),
+    (
+        "enable.idempotence",
+        "the producer's retries must not duplicate or reorder records",
+    ),
+    (
+        "enable.gapless.guarantee",
+        "sequence keys need it where exactly turns it on",
+    ),
+    (
+        "max.in.flight.requests.per.connection",
+        "idempotence keeps order only up to 5 in flight",
+    ),
+    ("max.in.flight", "idempotence keeps order only up to 5 in flight"),
+    (
+        "transactional.id",
+        "exactly derives it from the source or application, so zombies are fenced",
+    ),
+    (
+        "isolation.level",
+        "consumers must read committed transactions only",
+    ),
+    (
+        "enable.auto.commit",
+        "offsets are committed only after the effect is durable",
+    ),
+    (
+        "enable.auto.offset.store",
+        "offsets are stored only after the effect is durable",
+    ),
+    ("group.id", "set the group with --group (or the application id)"),
+];
+
+/// A property that cannot be passed through.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PropertyError {
+    /// exactly-once depends on exactly's own value.
+    #[error("kafka property {name} cannot be set: {why}")]
+    Protected {
+        /// The property.
+        name: String,
+        /// What it protects.
+        why: &'static str,
+    },
+    /// `name=value` expected.
+    #[error("kafka property {0:?} is not name=value")]
+    Malformed(String),
+    /// `env:NAME` names a variable that is not set.
+    #[error("kafka property {name} reads the environment variable {variable}, which is not set")]
+    MissingVariable {
+        /// The property.
+        name: String,
+        /// The variable.
+        variable: String,
+    },
+}
+
+impl KafkaSettings {
+    /// Bootstrap servers only.
+    pub fn new(brokers: &str) -> Self {
+        KafkaSettings {
+            brokers: brokers.to_owned(),
+            properties: BTreeMap::new(),
+        }
+    }
+
+    /// Adds a property; refuses the ones exactly-once depends on.
+    pub fn with_property(mut self, name: &str, value: &str) -> Result<Self, PropertyError> {
+        check_property(name)?;
+        self.properties.insert(name.to_owned(), value.to_owned());
+        Ok(self)
+    }
+
+    /// Checks every property: none protected, every `env:` variable set.
+    pub fn validate(&self) -> Result<(), PropertyError> {
+        for (name, value) in &self.properties {
+            check_property(name)?;
+            resolve(name, value)?;
+        }
+        Ok(())
+    }
+
+    /// A client configuration with the bootstrap servers and every property (environment
+    /// references resolved); exactly's own settings are applied on top by the callers.
+    pub fn client(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config.set("bootstrap.servers", &self.brokers);
+        for (name, value) in &self.properties {
+            match resolve(name, value) {
+                Ok(value) => {
+                    config.set(name, value.as_ref());
+                }
+                // validate() refused this at start; a variable unset since is reported here.
+                Err(e) => tracing::error!("{e}"),
+            }
+        }
+        config
+    }
+}
+
+/// Parses `name=value` (the `--kafka-property` form), refusing protected names.
+pub fn parse_property(text: &str) -> Result<(String, String), PropertyError> {
+    let (name, value) = text
+        .split_once('=')
+        .filter(|(n, _)| !n.trim().is_empty())
+        .ok_or_else(|| PropertyError::Malformed(redacted_pair(text)))?;
+    check_property(name.trim())?;
+    Ok((name.trim().to_owned(), value.to_owned()))
+}
+
+fn check_property(name: &str) -> Result<(), PropertyError> {
+    match PROTECTED.iter().find(|(p, _)| *p == name) {
+        Some((_, why)) => Err(PropertyError::Protected {
+            name: name.to_owned(),
+            why,
+        }),
+        None => Ok(()),
+    }
+}
+
+fn resolve<'a>(name: &str, value: &'a str) -> Result<Cow<'a, str>, PropertyError> {
+    match value.strip_prefix("env:") {
+        Some(variable) => {
+            std::env::var(variable)
+                .map(Cow::Owned)
+                .map_err(|_| PropertyError::MissingVariable {
+                    name: name.to_owned(),
+                    variable: variable.to_owned(),
+                })
+        }
+        None => Ok(Cow::Borrowed(value)),
+    }
+}
+
+/// Whether a property's value is a secret (never printed).
+pub fn is_secret_property(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    [
+        "password",
+        "secret",
+        "sasl.oauthbearer.config",
+        "ssl.key.pem",
+        "ssl_key",
+        "token",
+    ]
+    .iter()
+    .any(|s| name.contains(s))
+}
+
+/// A malformed `name=value` as an error may show it: the name only, never a value (a secret's
+/// name may be misspelt, so no value is safe to echo).
+fn redacted_pair(text: &str) -> String {
+    match text.split_once('=') {
+        Some((name, _)) => format!("{name}=…"),
+        None if text.chars().count() > 64 => format!("{}…", text.chars().take(64).collect::<String>()),
+        None => text.to_owned(),
+    }
+}
+
+impl fmt::Debug for KafkaSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let shown: BTreeMap<&str, &str> = self
+            .properties
+            .iter()
+            .map(|(k, v)| {
+                let shown = if is_secret_property(k) && !v.starts_with("env:") {
+                    "<redacted>"
+                } else {
+                    v.as_str()
+                };
+                (k.as_str(), shown)
+            })
+            .collect();
+        f.debug_struct("KafkaSettings")
+            .field("brokers", &self.brokers)
+            .field("properties", &shown)
+            .finish()
+    }
+}
+
+/// Anything that says how to reach a cluster: a bootstrap list (`"127.0.0.1:9092"`) or whole
+/// [`KafkaSettings`]. Functions that make clients take this, so a plain broker list still works
+/// wherever no security settings are needed.
+pub trait Cluster {
+    /// The settings, borrowed or made from a bootstrap list.
+    fn settings(&self) -> Cow<'_, KafkaSettings>;
+}
+
+impl Cluster for str {
+    fn settings(&self) -> Cow<'_, KafkaSettings> {
+        Cow::Owned(KafkaSettings::new(self))
+    }
+}
+
+impl Cluster for String {
+    fn settings(&self) -> Cow<'_, KafkaSettings> {
+        Cow::Owned(KafkaSettings::new(self))
+    }
+}
+
+impl Cluster for KafkaSettings {
+    fn settings(&self) -> Cow<'_, KafkaSettings> {
+        Cow::Borrowed(self)
+    }
+}
 
 /// A producer that cannot duplicate or reorder on its own retries: acks from every in-sync
 /// replica, idempotence on (which also caps in-flight requests at 5 and keeps order).
 /// `gapless` asks librdkafka to fail fatally rather than leave a gap in a partition, which
 /// sequence keys need (a gap followed by a resend would put a lower key after a higher one).
-pub fn producer_config(brokers: &str, gapless: bool) -> ClientConfig {
-    let mut config = ClientConfig::new();
+pub fn producer_config(kafka: &(impl Cluster + ?Sized), gapless: bool) -> ClientConfig {
+    let mut config = kafka.settings().client();
     config
-        .set("bootstrap.servers", brokers)
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
@@ -23,10 +257,9 @@ pub fn producer_config(brokers: &str, gapless: bool) -> ClientConfig {
 
 /// A consumer that commits only what the application committed: no auto commit, start from
 /// the earliest record when the group has no offset, read only committed transactions.
-pub fn consumer_config(brokers: &str, group_id: &str) -> ClientConfig {
-    let mut config = ClientConfig::new();
+pub fn consumer_config(kafka: &(impl Cluster + ?Sized), group_id: &str) -> ClientConfig {
+    let mut config = kafka.settings().client();
     config
-        .set("bootstrap.servers", brokers)
         .set("group.id", group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
@@ -36,6 +269,18 @@ pub fn consumer_config(brokers: &str, group_id: &str) -> ClientConfig {
         .set("max.poll.interval.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         .set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
+    config
+}
+
+/// A reader that is assigned partitions (no group membership) and reports reaching their end:
+/// topic scans, restores, the progress read.
+pub fn reader_config(kafka: &(impl Cluster + ?Sized), group_id: &str, isolation: &str) -> ClientConfig {
+    let mut config = kafka.settings().client();
+    config
+        .set("group.id", group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", isolation);
     config
 }
 
@@ -55,5 +300,58 @@ pub fn export_consumer_lag(statistics: &rdkafka::Statistics, metric: &'static st
             metrics::gauge!(metric, "topic" => topic.clone(), "partition" => partition.to_string())
                 .set(p.consumer_lag as f64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn protected_properties_are_refused_with_the_reason() {
+        for name in [
+            "acks",
+            "enable.idempotence",
+            "isolation.level",
+            "enable.auto.commit",
+            "max.in.flight",
+        ] {
+            let err = KafkaSettings::new("b:9092")
+                .with_property(name, "x")
+                .expect_err(name);
+            assert!(err.to_string().contains(name), "{err}");
+        }
+        let err = parse_property("acks=1").expect_err("acks");
+        assert!(err.to_string().contains("all in-sync replicas"), "{err}");
+        assert_eq!(
+            parse_property("security.protocol=SASL_SSL"),
+            Ok(("security.protocol".into(), "SASL_SSL".into()))
+        );
+        assert!(matches!(
+            parse_property("novalue"),
+            Err(PropertyError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn secrets_come_from_the_environment_and_are_never_shown() {
+        let settings = KafkaSettings::new("b:9092")
+            .with_property("sasl.password", "hunter2-literal")
+            .and_then(|s| s.with_property("sasl.username", "svc"))
+            .expect("allowed");
+        let shown = format!("{settings:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("svc"), "{shown}");
+        let from_env = KafkaSettings::new("b:9092")
+            .with_property("sasl.password", "env:EXACTLY_TEST_UNSET_VARIABLE_XYZ")
+            .expect("allowed");
+        assert!(matches!(
+            from_env.validate(),
+            Err(PropertyError::MissingVariable { .. })
+        ));
+        let malformed = parse_property("sasl.password").expect_err("malformed");
+        assert!(!malformed.to_string().contains("hunter2"));
+        let err = parse_property("=hunter2").expect_err("no name");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
     }
 }

@@ -15,7 +15,7 @@ use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 
-use crate::config::consumer_config;
+use crate::config::{consumer_config, Cluster, KafkaSettings};
 use crate::error::KafkaFlowError;
 use crate::faults::{FaultPoint, Faults};
 use crate::relay::now;
@@ -24,8 +24,8 @@ use crate::wire::decode_message;
 /// How a consumer runs.
 #[derive(Debug, Clone)]
 pub struct ConsumerConfig {
-    /// bootstrap.servers.
-    pub brokers: String,
+    /// How to reach the cluster.
+    pub kafka: KafkaSettings,
     /// Consumer group.
     pub group_id: String,
     /// Topics to subscribe to.
@@ -43,9 +43,9 @@ pub struct ConsumerConfig {
 
 impl ConsumerConfig {
     /// Defaults for a group on `topics`.
-    pub fn new(brokers: &str, group_id: &str, topics: &[&str]) -> Self {
+    pub fn new(kafka: &(impl Cluster + ?Sized), group_id: &str, topics: &[&str]) -> Self {
         ConsumerConfig {
-            brokers: brokers.to_owned(),
+            kafka: kafka.settings().into_owned(),
             group_id: group_id.to_owned(),
             topics: topics.iter().map(|t| (*t).to_owned()).collect(),
             dedupe: DedupePolicy::default(),
@@ -226,7 +226,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
             .dedupe
             .validate()
             .map_err(|e| KafkaFlowError::Store(exactly_core::StoreError::new("dedupe policy", e)))?;
-        let consumer: StreamConsumer<AssignmentContext> = consumer_config(&config.brokers, &config.group_id)
+        let consumer: StreamConsumer<AssignmentContext> = consumer_config(&config.kafka, &config.group_id)
             .create_with_context(AssignmentContext::default())
             .map_err(KafkaFlowError::at("create consumer"))?;
         let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();

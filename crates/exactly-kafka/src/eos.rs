@@ -7,9 +7,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 
-use crate::config::producer_config;
+use crate::config::{producer_config, reader_config, Cluster, KafkaSettings};
 use crate::error::KafkaFlowError;
 
 /// How the exactly-once WAL relay commits.
@@ -124,20 +124,15 @@ impl rdkafka::ClientContext for QuietEof {
 
 impl rdkafka::consumer::ConsumerContext for QuietEof {}
 
-fn reader(brokers: &str) -> Result<BaseConsumer<QuietEof>, KafkaFlowError> {
-    ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", "exactly-progress-reader")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
+fn reader(kafka: &KafkaSettings) -> Result<BaseConsumer<QuietEof>, KafkaFlowError> {
+    reader_config(kafka, "exactly-progress-reader", "read_committed")
         .create_with_context(QuietEof)
         .map_err(KafkaFlowError::at("create progress reader"))
 }
 
 /// Every (key, value) of partition 0 of `topic`, read_committed, from the beginning to the end.
-fn read_all(brokers: &str, topic: &str) -> Result<Vec<Vec<u8>>, KafkaFlowError> {
-    let consumer = reader(brokers)?;
+fn read_all(kafka: &KafkaSettings, topic: &str) -> Result<Vec<Vec<u8>>, KafkaFlowError> {
+    let consumer = reader(kafka)?;
     let mut list = TopicPartitionList::new();
     list.add_partition_offset(topic, 0, Offset::Beginning)
         .map_err(KafkaFlowError::at("assign progress partition"))?;
@@ -154,11 +149,11 @@ fn read_all(brokers: &str, topic: &str) -> Result<Vec<Vec<u8>>, KafkaFlowError> 
 
 /// The last committed end position of `source` in the progress topic.
 pub(crate) fn committed_progress(
-    brokers: &str,
+    kafka: &KafkaSettings,
     topic: &str,
     source: &str,
 ) -> Result<Option<u64>, KafkaFlowError> {
-    let last = read_all(brokers, topic)?
+    let last = read_all(kafka, topic)?
         .iter()
         .filter_map(|v| parse_progress(v))
         .filter(|(s, _)| s == source)
@@ -169,13 +164,17 @@ pub(crate) fn committed_progress(
 
 /// Writes a record in a transaction, aborts it, and reads the topic read_committed: true if the
 /// aborted record stays hidden, as Kafka guarantees. Tansu 0.6.0 shows it.
-pub fn broker_hides_aborted_records(brokers: &str, topic: &str) -> Result<bool, KafkaFlowError> {
+pub fn broker_hides_aborted_records(
+    kafka: &(impl Cluster + ?Sized),
+    topic: &str,
+) -> Result<bool, KafkaFlowError> {
+    let kafka = kafka.settings();
     let nonce = format!(
         "exactly-abort-probe-{}-{}",
         std::process::id(),
         crate::relay::now().0
     );
-    let producer: ThreadedProducer<DefaultProducerContext> = producer_config(brokers, false)
+    let producer: ThreadedProducer<DefaultProducerContext> = producer_config(&*kafka, false)
         .set("transactional.id", &nonce)
         .create()
         .map_err(KafkaFlowError::at("create probe producer"))?;
@@ -203,7 +202,7 @@ pub fn broker_hides_aborted_records(brokers: &str, topic: &str) -> Result<bool, 
     producer
         .abort_transaction(timeout)
         .map_err(KafkaFlowError::at("probe: abort"))?;
-    let visible = read_all(brokers, topic)?
+    let visible = read_all(&kafka, topic)?
         .iter()
         .any(|v| v.as_slice() == nonce.as_bytes());
     Ok(!visible)

@@ -26,6 +26,14 @@ pub enum KafkaFlowError {
     /// A topic exists with a layout the flow cannot use.
     #[error("topic layout: {0}")]
     Layout(String),
+    /// The cluster refused this client: TLS or authentication failed (retrying cannot help).
+    #[error("cannot connect to Kafka at {brokers}: {reason} (check security.protocol, the CA in ssl.ca.location and the SASL settings)")]
+    Unreachable {
+        /// The bootstrap servers tried.
+        brokers: String,
+        /// librdkafka's last error.
+        reason: String,
+    },
     /// A fault point fired (tests and the demo simulate a crash this way).
     #[error("injected crash at {0:?}")]
     InjectedCrash(crate::FaultPoint),

@@ -19,8 +19,13 @@ mod scan;
 mod wal_relay;
 mod wire;
 
-pub use admin::{ensure_internal_topics, ensure_topics, partition_count, topic_configs, InternalTopic};
-pub use config::{consumer_config, export_consumer_lag, producer_config};
+pub use admin::{
+    check_connection, ensure_internal_topics, ensure_topics, partition_count, topic_configs, InternalTopic,
+};
+pub use config::{
+    consumer_config, export_consumer_lag, is_secret_property, parse_property, producer_config, reader_config,
+    Cluster, KafkaSettings, PropertyError,
+};
 pub use consumer::{ConsumerConfig, ConsumerCounters, IdempotentConsumer};
 pub use eos::{broker_hides_aborted_records, is_fenced, ExactlyOnce, QuietEof};
 pub use error::KafkaFlowError;

@@ -15,15 +15,15 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use tokio::sync::watch;
 
-use crate::config::producer_config;
+use crate::config::{producer_config, Cluster, KafkaSettings};
 use crate::error::KafkaFlowError;
 use crate::faults::{FaultPoint, Faults};
 
 /// How a relay runs.
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
-    /// bootstrap.servers.
-    pub brokers: String,
+    /// How to reach the cluster.
+    pub kafka: KafkaSettings,
     /// This relay's name in `lease_owner`; unique per process.
     pub owner: String,
     /// Rows per claim.
@@ -41,10 +41,10 @@ pub struct RelayConfig {
 }
 
 impl RelayConfig {
-    /// Defaults for `brokers`, with a unique owner name.
-    pub fn new(brokers: &str) -> Self {
+    /// Defaults for `kafka`, with a unique owner name.
+    pub fn new(kafka: &(impl Cluster + ?Sized)) -> Self {
         RelayConfig {
-            brokers: brokers.to_owned(),
+            kafka: kafka.settings().into_owned(),
             owner: format!("relay-{}-{}", std::process::id(), uuid_suffix()),
             batch_size: 500,
             lease_ms: 30_000,
@@ -372,7 +372,7 @@ const QUEUE_FULL_WAIT: Duration = Duration::from_secs(10);
 
 fn new_producer(config: &RelayConfig) -> Result<FutureProducer, KafkaFlowError> {
     let gapless = matches!(config.keys, KeyMode::Sequence { .. });
-    producer_config(&config.brokers, gapless)
+    producer_config(&config.kafka, gapless)
         .create()
         .map_err(KafkaFlowError::at("create producer"))
 }

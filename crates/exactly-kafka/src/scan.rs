@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::config::{reader_config, Cluster};
 
 use crate::error::KafkaFlowError;
 
@@ -70,7 +72,7 @@ impl EndWatch {
 /// The end is not the reported high watermark: see [`END_IDLE`] and [`EndWatch`]. Records past
 /// the last stable offset (an open transaction) never come; the idle period ends the read then.
 pub fn scan_topic<F>(
-    brokers: &str,
+    kafka: &(impl Cluster + ?Sized),
     topic: &str,
     partitions: i32,
     isolation: &str,
@@ -80,16 +82,9 @@ pub fn scan_topic<F>(
 where
     F: FnMut(&BorrowedMessage<'_>),
 {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        // Assigned, not subscribed: the group only has to be unused.
-        .set(
-            "group.id",
-            format!("exactly-scan-{}-{}", std::process::id(), crate::now().0),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", isolation)
+    // Assigned, not subscribed: the group only has to be unused.
+    let group = format!("exactly-scan-{}-{}", std::process::id(), crate::now().0);
+    let consumer: BaseConsumer = reader_config(kafka, &group, isolation)
         .create()
         .map_err(KafkaFlowError::at("create topic reader"))?;
     let mut list = TopicPartitionList::new();

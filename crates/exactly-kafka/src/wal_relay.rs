@@ -22,7 +22,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use rdkafka::ClientContext;
 use tokio::sync::{mpsc, watch};
 
-use crate::config::producer_config;
+use crate::config::{producer_config, Cluster, KafkaSettings};
 use crate::eos::{self, ExactlyOnce};
 use crate::error::KafkaFlowError;
 use crate::faults::{FaultPoint, Faults};
@@ -31,8 +31,8 @@ use crate::relay::now;
 /// How a WAL relay runs.
 #[derive(Debug, Clone)]
 pub struct WalRelayConfig {
-    /// bootstrap.servers.
-    pub brokers: String,
+    /// How to reach the cluster.
+    pub kafka: KafkaSettings,
     /// Events with larger payloads are dead.
     pub max_payload_bytes: usize,
     /// Records handed to the producer and not yet acknowledged, at most.
@@ -42,10 +42,10 @@ pub struct WalRelayConfig {
 }
 
 impl WalRelayConfig {
-    /// Defaults for `brokers`.
-    pub fn new(brokers: &str) -> Self {
+    /// Defaults for `kafka`.
+    pub fn new(kafka: &(impl Cluster + ?Sized)) -> Self {
         WalRelayConfig {
-            brokers: brokers.to_owned(),
+            kafka: kafka.settings().into_owned(),
             max_payload_bytes: exactly_core::record::DEFAULT_MAX_PAYLOAD_BYTES,
             max_in_flight: 100_000,
             rewind_backoff: Duration::from_millis(500),
@@ -191,7 +191,7 @@ impl<F: ChangeFeed> WalRelay<F> {
     /// Needs a multi-threaded tokio runtime (transactional calls block).
     pub async fn exactly_once(mut self, settings: ExactlyOnce) -> Result<Self, KafkaFlowError> {
         crate::admin::ensure_internal_topics(
-            &self.config.brokers,
+            &self.config.kafka,
             &[crate::InternalTopic {
                 name: settings.progress_topic.clone(),
                 partitions: 1,
@@ -201,9 +201,9 @@ impl<F: ChangeFeed> WalRelay<F> {
             }],
         )
         .await?;
-        let brokers = self.config.brokers.clone();
+        let kafka = self.config.kafka.clone();
         let topic = settings.progress_topic.clone();
-        let hides = tokio::task::spawn_blocking(move || eos::broker_hides_aborted_records(&brokers, &topic))
+        let hides = tokio::task::spawn_blocking(move || eos::broker_hides_aborted_records(&kafka, &topic))
             .await
             .map_err(|e| KafkaFlowError::Feed(format!("abort probe task failed: {e}")))??;
         if !hides {
@@ -247,15 +247,14 @@ impl<F: ChangeFeed> WalRelay<F> {
         if !eos.broker_hides_aborted {
             return Ok(None);
         }
-        let (brokers, topic, source) = (
-            self.config.brokers.clone(),
+        let (kafka, topic, source) = (
+            self.config.kafka.clone(),
             eos.settings.progress_topic.clone(),
             self.source.clone(),
         );
-        let position =
-            tokio::task::spawn_blocking(move || eos::committed_progress(&brokers, &topic, &source))
-                .await
-                .map_err(|e| KafkaFlowError::Feed(format!("progress read task failed: {e}")))??;
+        let position = tokio::task::spawn_blocking(move || eos::committed_progress(&kafka, &topic, &source))
+            .await
+            .map_err(|e| KafkaFlowError::Feed(format!("progress read task failed: {e}")))??;
         metrics::gauge!("exactly_eos_progress_position").set(position.unwrap_or(0) as f64);
         Ok(position)
     }
@@ -839,7 +838,7 @@ fn new_producer(
     // which gapless does not cover. The relay waits out a broker outage instead. A
     // transactional producer is bounded by its transaction timeout instead, and an abort
     // removes whatever of the transaction landed.
-    let mut client = producer_config(&config.brokers, true);
+    let mut client = producer_config(&config.kafka, true);
     match transactional_id {
         Some(id) => {
             client

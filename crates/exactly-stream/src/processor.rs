@@ -28,7 +28,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::TopicPartitionList;
-use rdkafka::{ClientConfig, Offset};
+use rdkafka::Offset;
 
 use crate::changelog::{records_for, restore, ChangelogRecord, TXN_HEADER};
 use crate::store::{Change, StateStore};
@@ -62,8 +62,8 @@ pub enum Guarantee {
 /// How a processor runs.
 #[derive(Debug, Clone)]
 pub struct StreamConfig {
-    /// bootstrap.servers.
-    pub brokers: String,
+    /// How to reach the cluster.
+    pub kafka: exactly_kafka::KafkaSettings,
     /// Consumer group, transactional.id prefix and internal topic prefix.
     pub application_id: String,
     /// Distinguishes processors of one application (part of the transactional.id).
@@ -130,9 +130,9 @@ impl StreamConfig {
     /// salts can land on as many partitions as there are salts.
     pub async fn prepare_topics(&self, default_partitions: i32) -> Result<(), ProcessorError> {
         let kafka = |e: exactly_kafka::KafkaFlowError| ProcessorError(e.to_string());
-        let mut partitions = exactly_kafka::partition_count(&self.brokers, &self.input).map_err(kafka)?;
+        let mut partitions = exactly_kafka::partition_count(&self.kafka, &self.input).map_err(kafka)?;
         if partitions == 0 {
-            exactly_kafka::ensure_topics(&self.brokers, &[&self.input], default_partitions)
+            exactly_kafka::ensure_topics(&self.kafka, &[&self.input], default_partitions)
                 .await
                 .map_err(kafka)?;
             partitions = default_partitions;
@@ -142,7 +142,7 @@ impl StreamConfig {
         } else {
             partitions
         };
-        exactly_kafka::ensure_topics(&self.brokers, &[&self.output], counted_partitions)
+        exactly_kafka::ensure_topics(&self.kafka, &[&self.output], counted_partitions)
             .await
             .map_err(kafka)?;
         let internal = |name: String, compacted: bool| exactly_kafka::InternalTopic {
@@ -159,7 +159,7 @@ impl StreamConfig {
         if self.salted() {
             topics.push(internal(self.repartition_topic(), false));
         }
-        exactly_kafka::ensure_internal_topics(&self.brokers, &topics)
+        exactly_kafka::ensure_internal_topics(&self.kafka, &topics)
             .await
             .map_err(kafka)
     }
@@ -400,7 +400,7 @@ pub fn probe_restore_mode(config: &StreamConfig) -> Result<RestoreMode, Processo
     if config.guarantee == Guarantee::AtLeastOnce {
         return Ok(RestoreMode::ReadCommitted);
     }
-    let hides = exactly_kafka::broker_hides_aborted_records(&config.brokers, &config.changelog_topic())
+    let hides = exactly_kafka::broker_hides_aborted_records(&config.kafka, &config.changelog_topic())
         .map_err(|e| ProcessorError(format!("abort probe: {e}")))?;
     if !hides {
         tracing::warn!(
@@ -413,14 +413,13 @@ pub fn probe_restore_mode(config: &StreamConfig) -> Result<RestoreMode, Processo
 
 /// Reads changelog partition `partition` from the beginning to its end (read_committed).
 fn read_changelog(config: &StreamConfig, partition: i32) -> Result<Vec<ChangelogRecord>, ProcessorError> {
-    let consumer: BaseConsumer<QuietEof> = ClientConfig::new()
-        .set("bootstrap.servers", &config.brokers)
-        .set("group.id", format!("{}-restore", config.application_id))
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true")
-        .set("isolation.level", "read_committed")
-        .create_with_context(QuietEof)
-        .map_err(fail("create restore consumer"))?;
+    let consumer: BaseConsumer<QuietEof> = exactly_kafka::reader_config(
+        &config.kafka,
+        &format!("{}-restore", config.application_id),
+        "read_committed",
+    )
+    .create_with_context(QuietEof)
+    .map_err(fail("create restore consumer"))?;
     let topic = config.changelog_topic();
     let mut list = TopicPartitionList::new();
     list.add_partition_offset(&topic, partition, Offset::Beginning)
@@ -499,7 +498,7 @@ impl Processor {
     /// Creates the internal topics, the transactional producer (fencing an earlier one of this
     /// instance) and the consumer.
     pub fn new(config: StreamConfig, counters: Arc<StreamCounters>) -> Result<Self, ProcessorError> {
-        let mut producer_settings = producer_config(&config.brokers, true);
+        let mut producer_settings = producer_config(&config.kafka, true);
         if config.guarantee == Guarantee::ExactlyOnce {
             let transactional_id = format!("{}-{}", config.application_id, config.instance);
             producer_settings
@@ -523,12 +522,11 @@ impl Processor {
             counters: counters.clone(),
             restore_mode,
         }));
-        let consumer: BaseConsumer<RebalanceContext> =
-            consumer_config(&config.brokers, &config.application_id)
-                .create_with_context(RebalanceContext {
-                    shared: shared.clone(),
-                })
-                .map_err(fail("create consumer"))?;
+        let consumer: BaseConsumer<RebalanceContext> = consumer_config(&config.kafka, &config.application_id)
+            .create_with_context(RebalanceContext {
+                shared: shared.clone(),
+            })
+            .map_err(fail("create consumer"))?;
         let repartition = config.repartition_topic();
         let topics: Vec<&str> = if config.salted() {
             vec![&config.input, &repartition]

@@ -181,3 +181,22 @@ pub fn crash_restart_postgres() {
         .expect("run pg_ctlcluster");
     assert!(status.success(), "pg_ctlcluster {version} main restart failed");
 }
+
+/// The TLS broker `scripts/setup --tls` started (Tansu behind stunnel), as settings that trust
+/// the test certificate authority, and the path of a second authority that signed nothing.
+pub fn tls_kafka() -> (exactly_kafka::KafkaSettings, String) {
+    let missing = || panic!("no TLS broker configured: run scripts/setup --tls (scripts/test does)");
+    let brokers = setting("EXACTLY_TLS_BROKERS").unwrap_or_else(missing);
+    let ca = setting("EXACTLY_TLS_CA").unwrap_or_else(missing);
+    let other_ca = setting("EXACTLY_TLS_OTHER_CA").unwrap_or_else(missing);
+    let port = brokers.rsplit(':').next().unwrap_or_default();
+    assert!(
+        reachable(&format!("127.0.0.1:{port}")),
+        "TLS broker {brokers} does not answer: run scripts/setup --tls to start it"
+    );
+    let settings = exactly_kafka::KafkaSettings::new(&brokers)
+        .with_property("security.protocol", "SSL")
+        .and_then(|s| s.with_property("ssl.ca.location", &ca))
+        .expect("TLS properties are allowed");
+    (settings, other_ca)
+}

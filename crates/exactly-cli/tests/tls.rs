@@ -1,0 +1,155 @@
+//! Kafka over TLS: Tansu 0.6 does not wire its own TLS acceptor, so `scripts/setup --tls` puts
+//! stunnel in front of it, with a test certificate authority.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use exactly_testkit::{tls_kafka, unique};
+
+use crate::support::*;
+
+/// `--kafka-property` arguments for `settings`' properties.
+fn property_args(settings: &exactly_kafka::KafkaSettings) -> Vec<String> {
+    settings
+        .properties
+        .iter()
+        .flat_map(|(k, v)| ["--kafka-property".to_owned(), format!("{k}={v}")])
+        .collect()
+}
+
+/// The polling relay and an idempotent consumer run end to end through the TLS listener, with
+/// the certificate checked against the test CA: every event applied once.
+#[tokio::test(flavor = "multi_thread")]
+async fn relay_and_consumer_run_over_tls() {
+    let (kafka, _) = tls_kafka();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let service = dir.path().join("service.db");
+    let topic = unique("tls");
+    exactly_kafka::ensure_topics(&kafka, &[&topic], 2)
+        .await
+        .expect("topic over TLS");
+    let events = insert_sqlite(&service, &topic, 300);
+    let out = Command::new(EXACTLY)
+        .args([
+            "relay",
+            "--mode",
+            "poll",
+            "--database",
+            service.to_str().expect("path"),
+        ])
+        .args(["--brokers", &kafka.brokers, "--no-metrics", "--exit-when-idle"])
+        .args(property_args(&kafka))
+        .stdin(Stdio::null())
+        .output()
+        .expect("run relay");
+    assert!(
+        out.status.success(),
+        "relay over TLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(outbox_status_counts(&service), vec![("SENT".to_owned(), 300)]);
+
+    let consumer_db = dir.path().join("consumer.db");
+    let group = unique("g");
+    exactly_sqlite::open(&consumer_db)
+        .expect("open")
+        .execute_batch(APPLIED_SCHEMA)
+        .expect("schema");
+    let store = exactly_sqlite::SqliteEffects::open(&consumer_db, &group, apply_json).expect("effects");
+    let counters = std::sync::Arc::new(exactly_kafka::ConsumerCounters::default());
+    let consumer = exactly_kafka::IdempotentConsumer::new(
+        store,
+        exactly_kafka::ConsumerConfig::new(&kafka, &group, &[&topic]),
+    )
+    .expect("consumer")
+    .with_counters(counters.clone());
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(async move { consumer.run(stop_rx).await });
+    let watched = counters.clone();
+    let done = exactly_testkit::eventually(Duration::from_secs(60), || {
+        let c = watched.clone();
+        async move { c.applied.load(std::sync::atomic::Ordering::Relaxed) >= 300 }
+    })
+    .await;
+    let _ = stop.send(true);
+    run.await.expect("join").expect("consumer ran");
+    assert!(done, "consumer over TLS applied {:?}", counters);
+    assert_eq!(sorted(applied_event_ids(&consumer_db)), sorted(ids(&events)));
+}
+
+/// A client that does not trust the broker's certificate authority fails at start with the TLS
+/// reason (and exit code 2), instead of retrying sends until they time out.
+#[test]
+fn a_client_that_does_not_trust_the_ca_fails_clearly() {
+    let (kafka, other_ca) = tls_kafka();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let service = dir.path().join("service.db");
+    insert_sqlite(&service, &unique("tls-untrusted"), 1);
+    let started = Instant::now();
+    let out = Command::new(EXACTLY)
+        .args([
+            "relay",
+            "--mode",
+            "poll",
+            "--database",
+            service.to_str().expect("path"),
+        ])
+        .args(["--brokers", &kafka.brokers, "--no-metrics", "--exit-when-idle"])
+        .args(["--kafka-property", "security.protocol=SSL"])
+        .args(["--kafka-property", &format!("ssl.ca.location={other_ca}")])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run relay");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot connect to Kafka"), "{stderr}");
+    assert!(
+        stderr.to_lowercase().contains("certificate verify failed"),
+        "{stderr}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        outbox_status_counts(&service),
+        vec![("NEW".to_owned(), 1)],
+        "nothing was claimed"
+    );
+}
+
+/// The settings exactly-once depends on cannot be passed through: refused, exit 2, with why.
+#[test]
+fn exactly_once_settings_cannot_be_overridden() {
+    for property in [
+        "acks=1",
+        "enable.idempotence=false",
+        "isolation.level=read_uncommitted",
+        "enable.auto.commit=true",
+    ] {
+        let out = Command::new(EXACTLY)
+            .args([
+                "consume",
+                "--database",
+                "/nonexistent/x.db",
+                "--brokers",
+                "127.0.0.1:1",
+                "--group",
+                "g",
+                "--topic",
+                "t",
+            ])
+            .args(["--no-metrics", "--kafka-property", property])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run consume");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{property}: {stderr}");
+        let name = property.split('=').next().expect("name");
+        assert!(
+            stderr.contains(&format!("kafka property {name} cannot be set")),
+            "{stderr}"
+        );
+    }
+}
