@@ -153,3 +153,125 @@ fn exactly_once_settings_cannot_be_overridden() {
         );
     }
 }
+
+/// SASL_SSL with SCRAM-SHA-512 (Tansu's SASL behind the TLS terminator): the relay and
+/// `exactly consume` move every event once with the password given only by environment, a wrong
+/// password stops a command at start with the reason, and no output of any of them, with debug
+/// logging on, contains the password.
+#[test]
+fn sasl_scram_over_tls_end_to_end_and_the_password_never_shows() {
+    const PASSWORD_VARIABLE: &str = "EXACTLY_TEST_KAFKA_PASSWORD";
+    let (kafka, password) = exactly_testkit::sasl_kafka(PASSWORD_VARIABLE);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let service = dir.path().join("service.db");
+    let consumer_db = dir.path().join("consumer.db");
+    let topic = unique("sasl");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    std::env::set_var(PASSWORD_VARIABLE, &password);
+    runtime
+        .block_on(exactly_kafka::ensure_topics(&kafka, &[&topic], 2))
+        .expect("topic over SASL_SSL");
+    let events = insert_sqlite(&service, &topic, 200);
+    let mut outputs = Vec::new();
+    let command = |args: &[&str]| {
+        let mut c = Command::new(EXACTLY);
+        c.args(args)
+            .args(["--brokers", &kafka.brokers, "--no-metrics"])
+            .args(property_args(&kafka))
+            .env(PASSWORD_VARIABLE, &password)
+            .env("EXACTLY_LOG", "debug")
+            .stdin(Stdio::null());
+        c
+    };
+    let relay = command(&[
+        "relay",
+        "--mode",
+        "poll",
+        "--database",
+        service.to_str().expect("path"),
+        "--exit-when-idle",
+    ])
+    .output()
+    .expect("run relay");
+    outputs.push(relay.stdout.clone());
+    outputs.push(relay.stderr.clone());
+    assert!(
+        relay.status.success(),
+        "relay over SASL_SSL: {}",
+        String::from_utf8_lossy(&relay.stderr)
+    );
+    assert_eq!(outbox_status_counts(&service), vec![("SENT".to_owned(), 200)]);
+
+    let log = dir.path().join("consume.log");
+    let mut consume = command(&[
+        "consume",
+        "--database",
+        consumer_db.to_str().expect("path"),
+        "--group",
+        &topic,
+        "--topic",
+        &topic,
+    ])
+    .stdout(std::fs::File::create(&log).expect("log"))
+    .stderr(std::fs::File::options().append(true).open(&log).expect("log"))
+    .spawn()
+    .expect("spawn consume");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let applied = || -> i64 {
+        rusqlite::Connection::open(&consumer_db)
+            .and_then(|c| c.query_row("SELECT count(*) FROM exactly_consumed", [], |r| r.get(0)))
+            .unwrap_or(0)
+    };
+    while applied() < 200 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &consume.id().to_string()])
+        .status();
+    let _ = consume.wait();
+    outputs.push(std::fs::read(&log).expect("consume log"));
+    let conn = rusqlite::Connection::open(&consumer_db).expect("open");
+    let mut stmt = conn
+        .prepare("SELECT event_id FROM exactly_consumed")
+        .expect("prepare");
+    let consumed: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    assert_eq!(
+        sorted(consumed),
+        sorted(ids(&events)),
+        "every event applied once over SASL_SSL"
+    );
+
+    let wrong = command(&[
+        "relay",
+        "--mode",
+        "poll",
+        "--database",
+        service.to_str().expect("path"),
+        "--exit-when-idle",
+    ])
+    .env(PASSWORD_VARIABLE, "not-the-password")
+    .output()
+    .expect("run relay");
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert_eq!(wrong.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("SASL authentication error"), "{stderr}");
+    outputs.push(wrong.stdout);
+    outputs.push(wrong.stderr);
+
+    for output in &outputs {
+        let text = String::from_utf8_lossy(output);
+        assert!(!text.contains(&password), "the password appeared in an output");
+        assert!(
+            !text.contains("not-the-password"),
+            "a password appeared in an output"
+        );
+    }
+    assert!(
+        outputs.iter().map(Vec::len).sum::<usize>() > 0,
+        "the commands said nothing at all"
+    );
+}

@@ -200,3 +200,26 @@ pub fn tls_kafka() -> (exactly_kafka::KafkaSettings, String) {
         .expect("TLS properties are allowed");
     (settings, other_ca)
 }
+
+/// The SASL_SSL broker `scripts/setup --tls` started (durable Tansu with SCRAM-SHA-512 behind
+/// stunnel): settings whose password is read from `password_variable`, and the password, for
+/// the test to hand to a child process by environment (never by argument).
+pub fn sasl_kafka(password_variable: &str) -> (exactly_kafka::KafkaSettings, String) {
+    let missing =
+        || panic!("no SASL broker configured: run scripts/setup --durable --tls (scripts/test does)");
+    let brokers = setting("EXACTLY_SASL_BROKERS").unwrap_or_else(missing);
+    let user = setting("EXACTLY_SASL_USER").unwrap_or_else(missing);
+    let password_file = setting("EXACTLY_SASL_PASSWORD_FILE").unwrap_or_else(missing);
+    let password = std::fs::read_to_string(&password_file)
+        .unwrap_or_else(|e| panic!("{password_file}: {e}; run scripts/setup --durable --tls"));
+    let (tls, _) = tls_kafka();
+    let mut settings = exactly_kafka::KafkaSettings::new(&brokers);
+    settings.properties = tls.properties;
+    let settings = settings
+        .with_property("security.protocol", "SASL_SSL")
+        .and_then(|s| s.with_property("sasl.mechanism", "SCRAM-SHA-512"))
+        .and_then(|s| s.with_property("sasl.username", &user))
+        .and_then(|s| s.with_property("sasl.password", &format!("env:{password_variable}")))
+        .expect("SASL properties are allowed");
+    (settings, password.trim().to_owned())
+}
