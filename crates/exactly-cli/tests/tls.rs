@@ -275,3 +275,236 @@ fn sasl_scram_over_tls_end_to_end_and_the_password_never_shows() {
         "the commands said nothing at all"
     );
 }
+
+/// PostgreSQL with TLS and a password: `sslmode=verify-full` against the test CA, scram-sha-256.
+/// The polling relay, the WAL relay (its replication stream included) and a consumer with its
+/// effect store there all run end to end; the password reaches them by `PGPASSWORD` (child
+/// processes) or a passfile (this process). The wrong CA, a host name the certificate does not
+/// name, and a wrong password each fail at once with the reason, and no output shows the
+/// password.
+#[test]
+fn postgres_over_tls_with_scram_end_to_end_and_clear_failures() {
+    let (url, password) = exactly_testkit::pg_tls();
+    let brokers = exactly_testkit::brokers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let passfile = dir.path().join("pgpass");
+    std::fs::write(&passfile, format!("localhost:5433:*:exactly_app:{password}\n")).expect("passfile");
+    let in_process = format!("{url}&passfile={}", passfile.display());
+    let (poll_topic, wal_topic) = (unique("pgtls-poll"), unique("pgtls-wal"));
+    let slot = "exactly_tls_test";
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let insert = |topic: &str, n: usize| {
+        runtime.block_on(async {
+            let mut client = exactly_postgres::connect(&in_process)
+                .await
+                .expect("connect over TLS");
+            let tx = client.transaction().await.expect("begin");
+            let events: Vec<exactly_core::Envelope> =
+                (0..n).map(|i| event(&format!("A-{}", i % 5), i, b"")).collect();
+            for e in &events {
+                exactly_postgres::enqueue(&tx, topic, e).await.expect("enqueue");
+            }
+            tx.commit().await.expect("commit");
+            events
+        })
+    };
+    runtime.block_on(async {
+        exactly_kafka::ensure_topics(&brokers, &[&poll_topic, &wal_topic], 1).await.expect("topics");
+        let mut client = exactly_postgres::connect(&in_process).await.expect("connect over TLS");
+        // The cluster is this test's alone: start from an empty schema and no slot.
+        client
+            .batch_execute(&format!(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{slot}';
+                 DROP PUBLICATION IF EXISTS exactly_outbox;
+                 DROP SCHEMA public CASCADE; CREATE SCHEMA public;"
+            ))
+            .await
+            .expect("reset");
+        exactly_postgres::migrations::migrate(&mut client).await.expect("migrate");
+    });
+    let mut outputs: Vec<Vec<u8>> = Vec::new();
+    let exactly = |args: &[&str]| {
+        let mut c = Command::new(EXACTLY);
+        c.args(args)
+            .env("PGPASSWORD", &password)
+            .env("EXACTLY_LOG", "debug")
+            .stdin(Stdio::null());
+        c
+    };
+
+    let polled = insert(&poll_topic, 40);
+    let out = exactly(&[
+        "relay",
+        "--mode",
+        "poll",
+        "--database",
+        &url,
+        "--brokers",
+        &brokers,
+        "--no-metrics",
+        "--exit-when-idle",
+    ])
+    .output()
+    .expect("poll relay");
+    assert!(
+        out.status.success(),
+        "poll relay over TLS: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    outputs.extend([out.stdout, out.stderr]);
+
+    let wal_log = dir.path().join("wal.log");
+    let mut wal = exactly(&[
+        "relay",
+        "--mode",
+        "wal",
+        "--database",
+        &url,
+        "--brokers",
+        &brokers,
+        "--no-metrics",
+        "--slot",
+        slot,
+    ])
+    .stdout(std::fs::File::create(&wal_log).expect("log"))
+    .stderr(std::fs::File::options().append(true).open(&wal_log).expect("log"))
+    .spawn()
+    .expect("wal relay");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let slot_active = || {
+        runtime.block_on(async {
+            let client = exactly_postgres::connect(&in_process).await.ok()?;
+            let row = client
+                .query_opt(
+                    "SELECT active FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&slot],
+                )
+                .await
+                .ok()??;
+            Some(row.get::<_, bool>(0))
+        })
+    };
+    while slot_active() != Some(true) {
+        assert!(
+            Instant::now() < deadline,
+            "the WAL relay never streamed over TLS: {}",
+            std::fs::read_to_string(&wal_log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let streamed = insert(&wal_topic, 40);
+    let records = runtime.block_on(async {
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            got = exactly_testkit::read_topic(&brokers, &wal_topic, 1, "read_committed");
+            if got.len() >= 40 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        got
+    });
+    let _ = Command::new("kill")
+        .args(["-TERM", &wal.id().to_string()])
+        .status();
+    let _ = wal.wait();
+    outputs.push(std::fs::read(&wal_log).expect("wal log"));
+    let got: Vec<String> = records
+        .iter()
+        .map(|r| r.headers["exactly-event-id"].clone())
+        .collect();
+    assert_eq!(
+        got,
+        ids(&streamed),
+        "the WAL relay over TLS streamed every event in order"
+    );
+
+    let consume_log = dir.path().join("consume.log");
+    let mut consume = exactly(&[
+        "consume",
+        "--database",
+        &url,
+        "--brokers",
+        &brokers,
+        "--group",
+        &poll_topic,
+    ])
+    .args(["--topic", &poll_topic, "--topic", &wal_topic, "--no-metrics"])
+    .stdout(std::fs::File::create(&consume_log).expect("log"))
+    .stderr(
+        std::fs::File::options()
+            .append(true)
+            .open(&consume_log)
+            .expect("log"),
+    )
+    .spawn()
+    .expect("consume");
+    let applied = || -> Vec<String> {
+        runtime.block_on(async {
+            let Ok(client) = exactly_postgres::connect(&in_process).await else {
+                return Vec::new();
+            };
+            client
+                .query("SELECT event_id FROM exactly_consumed", &[])
+                .await
+                .map(|rows| rows.iter().map(|r| r.get(0)).collect())
+                .unwrap_or_default()
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while applied().len() < 80 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &consume.id().to_string()])
+        .status();
+    let _ = consume.wait();
+    outputs.push(std::fs::read(&consume_log).expect("consume log"));
+    let mut expected = ids(&polled);
+    expected.extend(ids(&streamed));
+    assert_eq!(
+        sorted(applied()),
+        sorted(expected),
+        "the consumer applied every event once over TLS"
+    );
+
+    let refused = |url: &str, pgpassword: &str, reason: &str| {
+        let out = exactly(&[
+            "relay",
+            "--mode",
+            "poll",
+            "--database",
+            url,
+            "--brokers",
+            &brokers,
+            "--no-metrics",
+            "--exit-when-idle",
+        ])
+        .env("PGPASSWORD", pgpassword)
+        .output()
+        .expect("relay");
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{url}: {stderr}");
+        assert!(stderr.contains("cannot connect to exactly_app@"), "{stderr}");
+        assert!(
+            stderr.to_lowercase().contains(reason),
+            "expected {reason:?}: {stderr}"
+        );
+        stderr
+    };
+    let other_ca = std::env::var("EXACTLY_TLS_OTHER_CA")
+        .ok()
+        .unwrap_or_else(|| exactly_testkit::tls_kafka().1);
+    let wrong_ca = url.replace(
+        url.split("sslrootcert=").nth(1).expect("sslrootcert in the URL"),
+        &other_ca,
+    );
+    outputs.push(refused(&wrong_ca, &password, "certificate verify failed").into_bytes());
+    let wrong_host = url.replace("@localhost:", "@127.0.0.1:");
+    outputs.push(refused(&wrong_host, &password, "certificate verify failed").into_bytes());
+    outputs.push(refused(&url, "not-the-password", "password authentication failed").into_bytes());
+    for output in &outputs {
+        let text = String::from_utf8_lossy(output);
+        assert!(!text.contains(&password), "the password appeared in an output");
+    }
+}

@@ -14,10 +14,10 @@ pub enum PgError {
         source: tokio_postgres::Error,
     },
     /// Could not connect.
-    #[error("postgres: cannot connect to {url}: {source} (is PostgreSQL running? scripts/setup starts it)")]
+    #[error("postgres: cannot connect to {target}: {source} (is PostgreSQL running and reachable? are sslmode, sslrootcert and the password right?)")]
     Connect {
-        /// The URL tried (without password).
-        url: String,
+        /// Who, where and how (no password).
+        target: String,
         /// The driver's error.
         #[source]
         source: tokio_postgres::Error,
@@ -31,6 +31,9 @@ pub enum PgError {
         #[source]
         source: pg_walstream::ReplicationError,
     },
+    /// The connection settings are not usable (a bad URL, sslmode or certificate file).
+    #[error("postgres: {0}")]
+    Config(String),
     /// Stored data is not what this version wrote.
     #[error("postgres: {0}")]
     Corrupt(String),

@@ -18,7 +18,7 @@ pub mod migrations;
 mod outbox;
 pub mod wal;
 
-pub use db::{connect, ReconnectingClient};
+pub use db::{connect, redact_url, PgTarget, ReconnectingClient, SslMode};
 pub use effects::{PgEffects, PgHandler};
 pub use error::PgError;
 pub use outbox::{emit_event, enqueue, enqueue_deleted, outbox_stats, PgOutbox};

@@ -10,7 +10,7 @@ use exactly_core::{
 };
 use futures::StreamExt;
 use tokio::sync::{Mutex, Notify};
-use tokio_postgres::{AsyncMessage, Client, GenericClient, NoTls, Row};
+use tokio_postgres::{AsyncMessage, Client, GenericClient, Row};
 
 use crate::db::{connect, reconnect_if_closed};
 use crate::error::PgError;
@@ -195,13 +195,7 @@ async fn listen(url: String, wake: Arc<Notify>) {
 
 /// One LISTEN session, until its connection ends.
 async fn listen_once(url: &str, wake: &Arc<Notify>) -> Result<(), PgError> {
-    let (client, mut connection) =
-        tokio_postgres::connect(url, NoTls)
-            .await
-            .map_err(|source| PgError::Connect {
-                url: "LISTEN connection".into(),
-                source,
-            })?;
+    let (client, mut connection) = crate::db::PgTarget::parse(url)?.connect_raw().await?;
     let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
     let wake_on_notify = wake.clone();
     // Polling the stream also drives the connection, so it must run before LISTEN is awaited.

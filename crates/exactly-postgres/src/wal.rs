@@ -316,7 +316,7 @@ impl PgChangeFeed {
             .with_connection_timeout(Duration::from_secs(10))
             .with_health_check_interval(Duration::from_secs(30))
             .with_retry_config(RetryConfig::default());
-        let url = replication_url(&self.config.url);
+        let url = crate::db::PgTarget::parse(&self.config.url)?.replication_url();
         // The previous walsender may take a moment to release the slot after a restart.
         let mut attempt = 0;
         let mut stream = loop {
@@ -415,11 +415,6 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
-}
-
-fn replication_url(url: &str) -> String {
-    let separator = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{separator}replication=database")
 }
 
 fn quote_ident(name: &str) -> String {
@@ -638,8 +633,10 @@ mod tests {
             "exactly_postgres"
         );
         assert_eq!(
-            replication_url("postgres://h/db"),
-            "postgres://h/db?replication=database"
+            crate::db::PgTarget::parse("postgres://u@h/db")
+                .expect("parses")
+                .replication_url(),
+            "postgres://u@h/db?replication=database"
         );
     }
 }

@@ -223,3 +223,19 @@ pub fn sasl_kafka(password_variable: &str) -> (exactly_kafka::KafkaSettings, Str
         .expect("SASL properties are allowed");
     (settings, password.trim().to_owned())
 }
+
+/// The TLS-only PostgreSQL cluster `scripts/setup --tls` made (port 5433, scram-sha-256,
+/// a certificate for `localhost` signed by the test CA): its `verify-full` URL (no password in
+/// it) and the role's password, for the test to hand over by environment or passfile.
+pub fn pg_tls() -> (String, String) {
+    let missing = || panic!("no TLS PostgreSQL configured: run scripts/setup --tls (scripts/test does)");
+    let url = setting("EXACTLY_PG_TLS_URL").unwrap_or_else(missing);
+    let password_file = setting("EXACTLY_PG_TLS_PASSWORD_FILE").unwrap_or_else(missing);
+    assert!(
+        reachable("127.0.0.1:5433"),
+        "the TLS PostgreSQL cluster does not answer on 127.0.0.1:5433: run scripts/setup --tls"
+    );
+    let password = std::fs::read_to_string(&password_file)
+        .unwrap_or_else(|e| panic!("{password_file}: {e}; run scripts/setup --tls"));
+    (url, password.trim().to_owned())
+}
