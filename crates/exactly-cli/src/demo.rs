@@ -174,7 +174,10 @@ pub async fn run_demo(options: DemoOptions) -> Result<DemoReport> {
     if !options.quiet {
         match &backend {
             Backend::Sqlite { dir } => eprintln!("demo: SQLite files in {}, broker {brokers}", dir.display()),
-            Backend::Postgres { url } => eprintln!("demo: PostgreSQL {url}, broker {brokers}"),
+            Backend::Postgres { url } => eprintln!(
+                "demo: PostgreSQL {}, broker {brokers}",
+                exactly_postgres::redact_url(url)
+            ),
         }
     }
 

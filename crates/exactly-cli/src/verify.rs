@@ -90,6 +90,7 @@ struct RunReport {
 struct Supervised {
     name: String,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     /// Where the process's stderr goes (appended across restarts).
     log: PathBuf,
     child: Mutex<Option<Child>>,
@@ -98,9 +99,16 @@ struct Supervised {
 
 impl Supervised {
     fn new(name: &str, args: Vec<String>, log_dir: &Path) -> Arc<Self> {
+        Supervised::with_env(name, args, Vec::new(), log_dir)
+    }
+
+    /// `env` reaches the child by environment: a database URL may hold a password, and a
+    /// command line is visible to every user of the machine.
+    fn with_env(name: &str, args: Vec<String>, env: Vec<(String, String)>, log_dir: &Path) -> Arc<Self> {
         Arc::new(Supervised {
             name: name.to_owned(),
             args,
+            env,
             log: log_dir.join(format!("{name}.log")),
             child: Mutex::new(None),
             restarts: AtomicU64::new(0),
@@ -133,6 +141,7 @@ impl Supervised {
             *child = Some(
                 Command::new(exe)
                     .args(&self.args)
+                    .envs(self.env.iter().map(|(k, v)| (k, v)))
                     .env(
                         "EXACTLY_LOG",
                         "info,rdkafka=warn,librdkafka=warn,pg_walstream=warn",
@@ -582,7 +591,7 @@ async fn run_once(
     }
     let dir = tempfile::tempdir()?;
 
-    let mut relay_args: Vec<String> = ["relay", "--database", &url, "--brokers", &brokers, "--no-metrics"]
+    let mut relay_args: Vec<String> = ["relay", "--brokers", &brokers, "--no-metrics"]
         .map(String::from)
         .to_vec();
     match options.relay {
@@ -592,7 +601,12 @@ async fn run_once(
             relay_args.extend(["--mode", "wal", "--slot", &slot, "--exactly-once"].map(String::from))
         }
     }
-    let relay = Supervised::new("relay", relay_args, dir.path());
+    let relay = Supervised::with_env(
+        "relay",
+        relay_args,
+        vec![("EXACTLY_DATABASE".to_owned(), url.clone())],
+        dir.path(),
+    );
     let consumers: Vec<Arc<Supervised>> = (0..options.consumers)
         .map(|i| {
             let db = consumer_db(dir.path(), i);

@@ -49,6 +49,32 @@ impl WalConfig {
     }
 }
 
+impl WalConfig {
+    /// Refuses names PostgreSQL would refuse, before any SQL runs: a slot name is 1-63 of
+    /// `a-z`, `0-9` and `_`; a publication name 1-63 bytes without NUL (it is always quoted).
+    pub fn validate(&self) -> Result<(), PgError> {
+        let slot_ok = !self.slot.is_empty()
+            && self.slot.len() <= 63
+            && self
+                .slot
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+        if !slot_ok {
+            return Err(PgError::Config(format!(
+                "slot {:?} is not a valid replication slot name: use 1-63 of a-z, 0-9 and _",
+                self.slot
+            )));
+        }
+        if self.publication.is_empty() || self.publication.len() > 63 || self.publication.contains('\0') {
+            return Err(PgError::Config(format!(
+                "publication {:?} is not a valid identifier: 1-63 bytes, no NUL",
+                self.publication
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// `exactly_<database>`: slots are cluster-wide, so the name carries the database.
 pub fn default_slot_name(url: &str) -> String {
     let database = url
@@ -87,6 +113,7 @@ pub struct SlotStats {
 /// streamed. Run before writers start: rows committed before the slot existed are not in its
 /// stream (drain those with the polling relay). Returns how many rows are NEW at creation.
 pub async fn ensure_slot(config: &WalConfig) -> Result<i64, PgError> {
+    config.validate()?;
     let mut client = connect(&config.url).await?;
     migrate(&mut client).await?;
     ensure_publication(&client, &config.publication).await?;
@@ -621,6 +648,24 @@ impl ChangeFeed for PgChangeFeed {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slot_and_publication_names_are_checked_before_sql() {
+        let named = |slot: &str, publication: &str| WalConfig {
+            slot: slot.into(),
+            publication: publication.into(),
+            ..WalConfig::new("postgres://u@h/db")
+        };
+        assert!(named("exactly_db_1", "exactly_outbox").validate().is_ok());
+        assert!(named("Bad-Slot", "p").validate().is_err());
+        assert!(named("s'; DROP TABLE outbox; --", "p").validate().is_err());
+        assert!(named(&"a".repeat(64), "p").validate().is_err());
+        assert!(named("s", "").validate().is_err());
+        assert!(
+            named("s", "has \"quotes\" and spaces").validate().is_ok(),
+            "quoted, so fine"
+        );
+    }
 
     #[test]
     fn slot_names_carry_the_database() {
