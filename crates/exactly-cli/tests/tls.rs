@@ -29,19 +29,9 @@ async fn relay_and_consumer_run_over_tls() {
         .await
         .expect("topic over TLS");
     let events = insert_sqlite(&service, &topic, 300);
-    let out = Command::new(EXACTLY)
-        .args([
-            "relay",
-            "--mode",
-            "poll",
-            "--database",
-            service.to_str().expect("path"),
-        ])
-        .args(["--brokers", &kafka.brokers, "--no-metrics", "--exit-when-idle"])
-        .args(property_args(&kafka))
-        .stdin(Stdio::null())
-        .output()
-        .expect("run relay");
+    let properties = property_args(&kafka);
+    let properties: Vec<&str> = properties.iter().map(String::as_str).collect();
+    let out = relay(service.to_str().expect("path"), &kafka.brokers, &properties);
     assert!(
         out.status.success(),
         "relay over TLS: {}",
@@ -86,20 +76,17 @@ fn a_client_that_does_not_trust_the_ca_fails_clearly() {
     let service = dir.path().join("service.db");
     insert_sqlite(&service, &unique("tls-untrusted"), 1);
     let started = Instant::now();
-    let out = Command::new(EXACTLY)
-        .args([
-            "relay",
-            "--mode",
-            "poll",
-            "--database",
-            service.to_str().expect("path"),
-        ])
-        .args(["--brokers", &kafka.brokers, "--no-metrics", "--exit-when-idle"])
-        .args(["--kafka-property", "security.protocol=SSL"])
-        .args(["--kafka-property", &format!("ssl.ca.location={other_ca}")])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run relay");
+    let untrusting = format!("ssl.ca.location={other_ca}");
+    let out = relay(
+        service.to_str().expect("path"),
+        &kafka.brokers,
+        &[
+            "--kafka-property",
+            "security.protocol=SSL",
+            "--kafka-property",
+            &untrusting,
+        ],
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("cannot connect to Kafka"), "{stderr}");
