@@ -84,8 +84,9 @@ where
 {
     // Assigned, not subscribed: the group only has to be unused.
     let group = format!("exactly-scan-{}-{}", std::process::id(), crate::now().0);
-    let consumer: BaseConsumer = reader_config(kafka, &group, isolation)
-        .create()
+    // Reaching a partition's end is the goal here, not an error worth a log line.
+    let consumer: BaseConsumer<crate::QuietEof> = reader_config(kafka, &group, isolation)
+        .create_with_context(crate::QuietEof)
         .map_err(KafkaFlowError::at("create topic reader"))?;
     let mut list = TopicPartitionList::new();
     for p in 0..partitions {
