@@ -99,8 +99,13 @@ impl AssignmentContext {
     }
 }
 
-/// Commits `offsets` synchronously; a failure only means a redelivery, which dedupe absorbs.
-fn commit_offsets<C: Consumer<AssignmentContext>>(consumer: &C, offsets: Pending, when: &str) {
+/// Commits `offsets` (`mode`); a failure only means a redelivery, which dedupe absorbs.
+fn commit_offsets<C: Consumer<AssignmentContext>>(
+    consumer: &C,
+    offsets: Pending,
+    mode: CommitMode,
+    when: &str,
+) {
     if offsets.is_empty() {
         return;
     }
@@ -113,7 +118,7 @@ fn commit_offsets<C: Consumer<AssignmentContext>>(consumer: &C, offsets: Pending
             tracing::warn!("cannot commit offset {offset} of {topic}/{partition}");
         }
     }
-    if let Err(e) = consumer.commit(&list, CommitMode::Sync) {
+    if let Err(e) = consumer.commit(&list, mode) {
         tracing::debug!("offset commit {when} failed (records will redeliver and dedupe): {e}");
     }
 }
@@ -140,7 +145,11 @@ impl ConsumerContext for AssignmentContext {
                     })
                     .collect()
             };
-            commit_offsets(consumer, revoked, "at revoke");
+            // Async: a synchronous commit here would block the rebalance callback for as long as
+            // a slow coordinator takes (past max.poll.interval.ms, which puts the member out of
+            // the group). librdkafka waits for outstanding commits before it rejoins, so the
+            // next owner still starts after what was applied.
+            commit_offsets(consumer, revoked, CommitMode::Async, "at revoke");
         }
     }
 
@@ -503,7 +512,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
             }
             mine
         };
-        commit_offsets(&self.consumer, offsets, "");
+        commit_offsets(&self.consumer, offsets, CommitMode::Sync, "");
     }
 
     async fn handle(
