@@ -1,6 +1,5 @@
 //! `exactly relay`, `exactly consume`, `exactly status`.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -16,8 +15,9 @@ use futures::future::BoxFuture;
 use tokio::sync::watch;
 
 use crate::backend::StoryHandler;
+use crate::settings::{ConsumeSettings, Keys, OutboxMode, RelayMode, RelaySettings, StreamSettings};
 use crate::story::StoryConsumer;
-use crate::telemetry::{outbox_gauges, serve_metrics, slot_gauges};
+use crate::telemetry::{outbox_gauges, slot_gauges};
 
 /// A database argument: a `postgres://` URL or a SQLite file path.
 #[derive(Debug, Clone)]
@@ -88,21 +88,16 @@ pub fn kill_at_points(points: Vec<(FaultPoint, Option<u64>)>) -> Faults {
     })
 }
 
-pub struct RelayArgs {
-    pub database: Database,
-    pub kafka: exactly_kafka::KafkaSettings,
-    pub sequence_keys: bool,
-    pub batch_size: usize,
-    pub lease_ms: i64,
-    pub poll_ms: u64,
-    pub max_retries: u32,
-    pub metrics: Option<SocketAddr>,
-    pub kill_after_publish: Option<u64>,
-    pub exit_when_idle: bool,
+/// What a component does about metrics: nothing, or the gauges of its database under its
+/// name (the listener is the process's, served once by the caller).
+#[derive(Debug, Clone)]
+pub enum Gauges {
+    Off,
+    On { name: String },
 }
 
 /// Fails a command at start when Kafka refuses its TLS or login settings.
-async fn check_kafka(kafka: &exactly_kafka::KafkaSettings) -> Result<()> {
+pub async fn check_kafka(kafka: &exactly_kafka::KafkaSettings) -> Result<()> {
     let kafka = kafka.clone();
     tokio::task::spawn_blocking(move || exactly_kafka::check_connection(&kafka, Duration::from_secs(5)))
         .await
@@ -110,30 +105,55 @@ async fn check_kafka(kafka: &exactly_kafka::KafkaSettings) -> Result<()> {
     Ok(())
 }
 
-pub async fn relay(args: RelayArgs) -> Result<()> {
-    if let Some(addr) = args.metrics {
-        serve_metrics(addr)?;
+/// One relay, polling or WAL by its settings, until `stop`.
+pub async fn relay(
+    settings: RelaySettings,
+    kafka: &exactly_kafka::KafkaSettings,
+    gauges: Gauges,
+    stop: watch::Receiver<bool>,
+) -> Result<()> {
+    match settings.mode {
+        RelayMode::Poll => poll_relay(settings, kafka, gauges, stop).await,
+        RelayMode::Wal => wal_relay(settings, kafka, gauges, stop).await,
     }
-    check_kafka(&args.kafka).await?;
-    let mut config = RelayConfig::new(&args.kafka);
-    config.batch_size = args.batch_size;
-    config.lease_ms = args.lease_ms;
-    config.poll_interval = Duration::from_millis(args.poll_ms);
-    config.retry.max_retries = args.max_retries;
-    let faults = kill_at(FaultPoint::RelayAfterPublishBeforeSettle, args.kill_after_publish);
-    match args.database {
+}
+
+async fn poll_relay(
+    settings: RelaySettings,
+    kafka: &exactly_kafka::KafkaSettings,
+    gauges: Gauges,
+    stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let mut config = RelayConfig::new(kafka);
+    config.batch_size = settings.batch_size;
+    config.lease_ms = settings.lease_ms;
+    config.poll_interval = Duration::from_millis(settings.poll_ms);
+    config.retry.max_retries = settings.max_retries;
+    let faults = kill_at(
+        FaultPoint::RelayAfterPublishBeforeSettle,
+        settings.kill_after_publish,
+    );
+    let sequence_keys = settings.keys == Keys::Sequence;
+    match settings.database()? {
         Database::Sqlite(path) => {
-            if args.sequence_keys {
+            if sequence_keys {
                 bail!("--keys sequence needs PostgreSQL: on SQLite use event-id keys");
             }
-            if args.metrics.is_some() {
-                let gauges = SqliteOutbox::open(&path)?;
-                tokio::spawn(async move { outbox_gauges(&gauges, Duration::from_secs(1)).await });
+            if let Gauges::On { name } = gauges {
+                let store = SqliteOutbox::open(&path)?;
+                tokio::spawn(async move { outbox_gauges(&store, &name, Duration::from_secs(1)).await });
             }
-            run_relay(SqliteOutbox::open(&path)?, config, faults, args.exit_when_idle).await
+            run_relay(
+                SqliteOutbox::open(&path)?,
+                config,
+                faults,
+                settings.exit_when_idle,
+                stop,
+            )
+            .await
         }
         Database::Postgres(url) => {
-            let store = if args.sequence_keys {
+            let store = if sequence_keys {
                 let store = PgOutbox::connect_as_sequence_leader(&url, Duration::from_millis(500)).await?;
                 config.keys = KeyMode::Sequence {
                     source: store.sequence_source().await?,
@@ -142,11 +162,11 @@ pub async fn relay(args: RelayArgs) -> Result<()> {
             } else {
                 PgOutbox::connect(&url).await?
             };
-            if args.metrics.is_some() {
-                let gauges = PgOutbox::connect(&url).await?;
-                tokio::spawn(async move { outbox_gauges(&gauges, Duration::from_secs(1)).await });
+            if let Gauges::On { name } = gauges {
+                let store = PgOutbox::connect(&url).await?;
+                tokio::spawn(async move { outbox_gauges(&store, &name, Duration::from_secs(1)).await });
             }
-            run_relay(store, config, faults, args.exit_when_idle).await
+            run_relay(store, config, faults, settings.exit_when_idle, stop).await
         }
     }
 }
@@ -156,6 +176,7 @@ async fn run_relay<S: OutboxStore + 'static>(
     config: RelayConfig,
     faults: Faults,
     exit_when_idle: bool,
+    stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let mut relay = Relay::new(store, config)?.with_faults(faults);
     if exit_when_idle {
@@ -164,31 +185,7 @@ async fn run_relay<S: OutboxStore + 'static>(
         relay.flush(Duration::from_secs(10));
         return Ok(());
     }
-    let stop = stop_on_signal();
     relay.run(stop).await.context("relay stopped")
-}
-
-pub struct WalRelayArgs {
-    pub url: String,
-    pub kafka: exactly_kafka::KafkaSettings,
-    pub slot: Option<String>,
-    pub publication: String,
-    pub heartbeat: Duration,
-    pub mark_sent: bool,
-    pub metrics: Option<SocketAddr>,
-    pub kill_after_publish: Option<u64>,
-    pub exactly_once: Option<EosArgs>,
-}
-
-pub struct EosArgs {
-    pub progress_topic: String,
-    pub replication: InternalTopicArgs,
-    pub commit_interval: Duration,
-    pub batch_events: u64,
-    pub kill_before_commit: Option<u64>,
-    pub kill_after_commit: Option<u64>,
-    pub kill_during_abort: Option<u64>,
-    pub abort_every: Option<u64>,
 }
 
 /// How a command reaches Kafka: the bootstrap servers and librdkafka properties passed
@@ -218,90 +215,94 @@ impl KafkaArgs {
     }
 }
 
-/// Layout of the internal topics a command creates (progress, changelog, dead letters).
-#[derive(Debug, Clone, Copy, clap::Args)]
-pub struct InternalTopicArgs {
-    /// Replication factor of internal topics this command creates (use 3 on a production cluster).
-    #[arg(long, default_value_t = 1)]
-    pub replication_factor: i32,
-    /// `min.insync.replicas` of those topics (with acks=all; use 2 with 3 replicas).
-    #[arg(long, default_value_t = 1)]
-    pub min_insync_replicas: i32,
-}
-
-pub async fn wal_relay(args: WalRelayArgs) -> Result<()> {
-    if let Some(addr) = args.metrics {
-        serve_metrics(addr)?;
+async fn wal_relay(
+    settings: RelaySettings,
+    kafka: &exactly_kafka::KafkaSettings,
+    gauges: Gauges,
+    stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let Database::Postgres(url) = settings.database()? else {
+        bail!("the wal mode follows PostgreSQL logical replication: the database must be postgres://…");
+    };
+    let mut feed_config = WalConfig::new(&url);
+    if let Some(slot) = &settings.slot {
+        feed_config.slot = slot.clone();
     }
-    check_kafka(&args.kafka).await?;
-    let mut feed_config = WalConfig::new(&args.url);
-    if let Some(slot) = args.slot {
-        feed_config.slot = slot;
-    }
-    feed_config.publication = args.publication;
-    feed_config.heartbeat_interval = args.heartbeat;
-    feed_config.mark_sent = args.mark_sent;
+    feed_config.publication = settings.publication.clone();
+    feed_config.heartbeat_interval = Duration::from_millis(settings.heartbeat_ms);
+    feed_config.mark_sent = settings.outbox == OutboxMode::Keep;
     let slot = feed_config.slot.clone();
     let feed = PgChangeFeed::connect(feed_config)
         .await
         .with_context(|| format!("starting replication from slot {slot}"))?;
-    if args.metrics.is_some() {
-        let client = exactly_postgres::connect(&args.url).await?;
-        let gauges = PgOutbox::connect(&args.url).await?;
-        tokio::spawn(async move { outbox_gauges(&gauges, Duration::from_secs(1)).await });
-        tokio::spawn(async move { slot_gauges(&client, &slot, Duration::from_secs(1)).await });
+    if let Gauges::On { name } = gauges {
+        let client = exactly_postgres::connect(&url).await?;
+        let store = PgOutbox::connect(&url).await?;
+        let source = name.clone();
+        tokio::spawn(async move { outbox_gauges(&store, &name, Duration::from_secs(1)).await });
+        tokio::spawn(async move { slot_gauges(&client, &source, &slot, Duration::from_secs(1)).await });
     }
-    let mut points = vec![(FaultPoint::RelayAfterPublishBeforeSettle, args.kill_after_publish)];
-    let mut relay = WalRelay::new(feed, WalRelayConfig::new(&args.kafka))?;
-    if let Some(eos) = args.exactly_once {
+    let mut points = vec![(
+        FaultPoint::RelayAfterPublishBeforeSettle,
+        settings.kill_after_publish,
+    )];
+    let mut relay = WalRelay::new(feed, WalRelayConfig::new(kafka))?;
+    if settings.exactly_once {
         points.extend([
-            (FaultPoint::EosBeforeCommit, eos.kill_before_commit),
-            (FaultPoint::EosAfterCommitBeforeConfirm, eos.kill_after_commit),
-            (FaultPoint::EosDuringAbort, eos.kill_during_abort),
+            (FaultPoint::EosBeforeCommit, settings.kill_before_commit),
+            (
+                FaultPoint::EosAfterCommitBeforeConfirm,
+                settings.kill_after_commit,
+            ),
+            (FaultPoint::EosDuringAbort, settings.kill_during_abort),
         ]);
-        let mut settings = ExactlyOnce::for_source(relay.source());
-        settings.progress_topic = eos.progress_topic;
-        settings.replication_factor = eos.replication.replication_factor;
-        settings.min_insync_replicas = eos.replication.min_insync_replicas;
-        settings.commit_interval = eos.commit_interval;
-        settings.max_batch_events = eos.batch_events;
-        settings.abort_every = eos.abort_every;
-        relay = relay.exactly_once(settings).await?;
+        let mut eos = ExactlyOnce::for_source(relay.source());
+        eos.progress_topic = settings.progress_topic.clone();
+        eos.replication_factor = settings.replication_factor;
+        eos.min_insync_replicas = settings.min_insync_replicas;
+        eos.commit_interval = Duration::from_millis(settings.commit_interval_ms);
+        eos.max_batch_events = settings.batch_events;
+        eos.abort_every = settings.abort_every;
+        relay = relay.exactly_once(eos).await?;
     }
     let mut relay = relay.with_faults(kill_at_points(points));
-    relay.run(stop_on_signal()).await.context("wal relay stopped")
+    relay.run(stop).await.context("wal relay stopped")
 }
 
 /// `exactly stream`: runs one processor until SIGINT/SIGTERM, and with `sink_database` the
 /// UPSERT sink of its results beside it.
 pub async fn stream(
-    config: exactly_stream::StreamConfig,
-    partitions: i32,
-    sink_database: Option<String>,
+    settings: StreamSettings,
+    kafka: &exactly_kafka::KafkaSettings,
+    stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    check_kafka(&config.kafka).await?;
+    let config = settings.config(kafka)?;
+    let partitions = settings.partitions;
     config
         .prepare_topics(partitions)
         .await
         .with_context(|| format!("preparing topics on {}", config.kafka.brokers))?;
-    let sink = sink_database.map(|url| {
+    let sink = settings.sink_database.map(|url| {
         let (kafka, topic) = (config.kafka.clone(), config.output.clone());
         let group = format!("{}-sink", config.application_id);
-        tokio::spawn(
-            async move { crate::sink::sink_counts(&url, &kafka, &topic, &group, stop_on_signal()).await },
-        )
+        let stop = stop.clone();
+        tokio::spawn(async move { crate::sink::sink_counts(&url, &kafka, &topic, &group, stop).await })
     });
     let counters = std::sync::Arc::new(exactly_stream::StreamCounters::default());
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut signal = stop_on_signal();
-    let flag = stop.clone();
+    let stop_flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(*stop.borrow()));
+    let flag = stop_flag.clone();
+    let mut signal = stop;
     tokio::spawn(async move {
-        let _ = signal.changed().await;
+        while !*signal.borrow() {
+            if signal.changed().await.is_err() {
+                break;
+            }
+        }
         flag.store(true, std::sync::atomic::Ordering::Relaxed);
     });
     tokio::task::spawn_blocking(move || {
         let mut processor = exactly_stream::Processor::new(config, counters)?;
-        processor.run(&stop)
+        processor.run(&stop_flag)
     })
     .await
     .context("stream processor task")?
@@ -400,34 +401,23 @@ impl PgHandler for RecordHandler {
     }
 }
 
-pub struct ConsumeArgs {
-    pub database: Database,
-    pub kafka: exactly_kafka::KafkaSettings,
-    pub group: String,
-    pub topics: Vec<String>,
-    pub handler: String,
-    pub event_types: Vec<String>,
-    pub metrics: Option<SocketAddr>,
-    pub kill_after_apply: Option<u64>,
-}
-
-pub async fn consume(args: ConsumeArgs) -> Result<()> {
-    if let Some(addr) = args.metrics {
-        serve_metrics(addr)?;
-    }
-    check_kafka(&args.kafka).await?;
+/// One idempotent consumer until `stop`.
+pub async fn consume(
+    args: ConsumeSettings,
+    kafka: &exactly_kafka::KafkaSettings,
+    stop: watch::Receiver<bool>,
+) -> Result<()> {
     let topics: Vec<&str> = args.topics.iter().map(String::as_str).collect();
-    let config = ConsumerConfig::new(&args.kafka, &args.group, &topics);
+    let config = ConsumerConfig::new(kafka, &args.group, &topics);
     let faults = kill_at(
         FaultPoint::ConsumerAfterApplyBeforeOffsetCommit,
         args.kill_after_apply,
     );
-    let stop = stop_on_signal();
     let consumer_name = args.group.clone();
     let record_handler = RecordHandler {
         event_types: args.event_types.clone(),
     };
-    match (&args.database, args.handler.as_str()) {
+    match (&args.database()?, args.handler.as_str()) {
         (Database::Sqlite(path), "record") => {
             exactly_sqlite::open(path)?.execute_batch(RECORD_SCHEMA_SQLITE)?;
             run_consumer(

@@ -19,8 +19,9 @@ pub fn serve_metrics(addr: SocketAddr) -> Result<()> {
         .with_context(|| format!("serving metrics on {addr}"))
 }
 
-/// Publishes outbox rows by status and the oldest NEW row's age, every `every`.
-pub async fn outbox_gauges<S: OutboxStore>(store: &S, every: Duration) {
+/// Publishes outbox rows by status and the oldest NEW row's age, every `every`, labelled with
+/// the source's name (one process may relay several databases).
+pub async fn outbox_gauges<S: OutboxStore>(store: &S, source: &str, every: Duration) {
     loop {
         if let Ok(stats) = store.stats(exactly_kafka::now()).await {
             for (status, count) in [
@@ -29,9 +30,10 @@ pub async fn outbox_gauges<S: OutboxStore>(store: &S, every: Duration) {
                 ("SENT", stats.sent),
                 ("DEAD", stats.dead),
             ] {
-                metrics::gauge!("exactly_outbox_rows", "status" => status).set(count as f64);
+                metrics::gauge!("exactly_outbox_rows", "source" => source.to_owned(), "status" => status)
+                    .set(count as f64);
             }
-            metrics::gauge!("exactly_outbox_oldest_new_age_seconds")
+            metrics::gauge!("exactly_outbox_oldest_new_age_seconds", "source" => source.to_owned())
                 .set(stats.oldest_new_age_ms as f64 / 1000.0);
         }
         tokio::time::sleep(every).await;
@@ -39,11 +41,13 @@ pub async fn outbox_gauges<S: OutboxStore>(store: &S, every: Duration) {
 }
 
 /// Publishes the replication slot's retained WAL and confirmed lag, every `every`.
-pub async fn slot_gauges(client: &tokio_postgres::Client, slot: &str, every: Duration) {
+pub async fn slot_gauges(client: &tokio_postgres::Client, source: &str, slot: &str, every: Duration) {
     loop {
         if let Ok(Some(stats)) = exactly_postgres::wal::slot_stats(client, slot).await {
-            metrics::gauge!("exactly_wal_retained_bytes").set(stats.retained_bytes as f64);
-            metrics::gauge!("exactly_relay_lag_bytes").set(stats.lag_bytes as f64);
+            metrics::gauge!("exactly_wal_retained_bytes", "source" => source.to_owned(), "slot" => slot.to_owned())
+                .set(stats.retained_bytes as f64);
+            metrics::gauge!("exactly_relay_lag_bytes", "source" => source.to_owned(), "slot" => slot.to_owned())
+                .set(stats.lag_bytes as f64);
         }
         tokio::time::sleep(every).await;
     }

@@ -11,6 +11,7 @@ mod consumer;
 mod demo;
 mod eos;
 mod relay;
+mod run;
 mod stream;
 mod tls;
 mod wal;

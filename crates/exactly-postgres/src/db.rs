@@ -341,7 +341,7 @@ pub fn redact_url(text: &str) -> String {
     match url::Url::parse(text) {
         Ok(mut url) => {
             if url.password().is_some() {
-                let _ = url.set_password(Some("…"));
+                let _ = url.set_password(Some("****"));
             }
             let pairs: Vec<(String, String)> = url
                 .query_pairs()
@@ -349,7 +349,7 @@ pub fn redact_url(text: &str) -> String {
                     let secret = k.contains("password") || k.contains("secret") || k.contains("token");
                     (
                         k.into_owned(),
-                        if secret { "…".to_owned() } else { v.into_owned() },
+                        if secret { "****".to_owned() } else { v.into_owned() },
                     )
                 })
                 .collect();
@@ -402,7 +402,7 @@ mod tests {
             redact_url("postgres://app:hunter2@h:5432/d?sslmode=require&password=hunter2&sslpassword=k3y");
         assert!(!shown.contains("hunter2") && !shown.contains("k3y"), "{shown}");
         assert!(
-            shown.contains("sslmode=require") && shown.contains("app"),
+            shown.contains("sslmode=require") && shown.contains("app:****@"),
             "{shown}"
         );
     }

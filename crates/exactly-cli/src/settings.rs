@@ -1,0 +1,545 @@
+//! One settings type per component the binary runs. The same fields are the flags of
+//! `exactly relay`, `exactly consume` and `exactly stream` (clap) and the keys of a
+//! `[source.NAME]`, `[consumer.NAME]` or `[stream.NAME]` table in `exactly.toml` (serde), so a
+//! setting is declared once: its flag, its key, its default (in [`defaults`]) and its help.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+
+use crate::commands::Database;
+
+/// Default values, each used by the flag and by the file key.
+pub mod defaults {
+    pub fn batch_size() -> usize {
+        500
+    }
+    pub fn lease_ms() -> i64 {
+        30_000
+    }
+    pub fn poll_ms() -> u64 {
+        500
+    }
+    pub fn max_retries() -> u32 {
+        10
+    }
+    pub fn publication() -> String {
+        "exactly_outbox".into()
+    }
+    pub fn heartbeat_ms() -> u64 {
+        10_000
+    }
+    pub fn progress_topic() -> String {
+        "exactly-progress".into()
+    }
+    pub fn one() -> i32 {
+        1
+    }
+    pub fn commit_interval_ms() -> u64 {
+        100
+    }
+    pub fn batch_events() -> u64 {
+        50_000
+    }
+    pub fn handler() -> String {
+        "record".into()
+    }
+    pub fn instance() -> String {
+        "0".into()
+    }
+    pub fn input() -> String {
+        "coupon-events".into()
+    }
+    pub fn output() -> String {
+        "agg-out".into()
+    }
+    pub fn group_by() -> String {
+        "product_id".into()
+    }
+    pub fn partitions() -> i32 {
+        3
+    }
+    pub fn window_ms() -> i64 {
+        300_000
+    }
+    pub fn grace_ms() -> i64 {
+        60_000
+    }
+    pub fn retention_ms() -> i64 {
+        86_400_000
+    }
+    pub fn max_event_time_skew_ms() -> i64 {
+        exactly_stream::DEFAULT_MAX_EVENT_TIME_SKEW_MS
+    }
+    pub fn salts() -> u32 {
+        1
+    }
+}
+
+/// How a relay reads the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RelayMode {
+    /// Claim rows from the outbox table (NOTIFY wakes it on PostgreSQL).
+    #[default]
+    Poll,
+    /// Follow PostgreSQL logical replication (pgoutput): commit order, 128-bit LSN keys.
+    Wal,
+}
+
+/// How writers use the outbox table (WAL relay).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutboxMode {
+    /// Rows stay in the table; a sweeper marks them SENT after the broker's ack.
+    #[default]
+    Keep,
+    /// Writers delete each row in the inserting transaction; nothing to mark.
+    Delete,
+    /// Writers use pg_logical_emit_message; no table.
+    Message,
+}
+
+/// The idempotency keys a polling relay gives records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Keys {
+    /// The event's UUID (v7 by default): consumers keep a key set.
+    #[default]
+    EventId,
+    /// A sequence assigned at claim time by one leader relay: consumers keep one watermark.
+    Sequence,
+}
+
+/// `exactly stream --processing-guarantee`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProcessingGuarantee {
+    /// Kafka transactions: input offsets, changelog and output commit together.
+    #[default]
+    ExactlyOnce,
+    /// The same job without transactions (a baseline).
+    AtLeastOnce,
+}
+
+/// One relay: `exactly relay`, or a `[source.NAME]` table.
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySettings {
+    /// poll: claim rows from the outbox table; wal: follow PostgreSQL logical replication.
+    #[arg(long, value_enum, default_value_t)]
+    #[serde(default)]
+    pub mode: RelayMode,
+    /// postgres://… or a SQLite file.
+    #[arg(long, env = "EXACTLY_DATABASE")]
+    pub database: String,
+    /// The environment variable that holds the PostgreSQL password (otherwise the URL's,
+    /// PGPASSWORD, or a passfile, as libpq looks).
+    #[arg(long, value_name = "VARIABLE")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// poll: event-id (consumers keep key sets) or sequence (one leader assigns a sequence:
+    /// consumers keep watermarks; PostgreSQL only).
+    #[arg(long, value_enum, default_value_t)]
+    #[serde(default)]
+    pub keys: Keys,
+    /// poll: rows claimed per round.
+    #[arg(long, default_value_t = defaults::batch_size())]
+    #[serde(default = "defaults::batch_size")]
+    pub batch_size: usize,
+    /// poll: how long a claim holds rows before another relay may take them.
+    #[arg(long, default_value_t = defaults::lease_ms())]
+    #[serde(default = "defaults::lease_ms")]
+    pub lease_ms: i64,
+    /// poll: poll interval when no NOTIFY arrives.
+    #[arg(long, default_value_t = defaults::poll_ms())]
+    #[serde(default = "defaults::poll_ms")]
+    pub poll_ms: u64,
+    /// poll: publish failures before a row is DEAD.
+    #[arg(long, default_value_t = defaults::max_retries())]
+    #[serde(default = "defaults::max_retries")]
+    pub max_retries: u32,
+    /// poll: drain what is claimable, then exit.
+    #[arg(long)]
+    #[serde(default)]
+    pub exit_when_idle: bool,
+    /// wal: the replication slot (default exactly_<database>).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    /// wal: the publication on the outbox table.
+    #[arg(long, default_value_t = defaults::publication())]
+    #[serde(default = "defaults::publication")]
+    pub publication: String,
+    /// wal: emit a heartbeat when none of the relay's own transactions arrived for this long.
+    #[arg(long, default_value_t = defaults::heartbeat_ms())]
+    #[serde(default = "defaults::heartbeat_ms")]
+    pub heartbeat_ms: u64,
+    /// wal: how writers use the outbox (keep: a sweeper marks rows SENT).
+    #[arg(long, value_enum, default_value_t)]
+    #[serde(default)]
+    pub outbox: OutboxMode,
+    /// wal: write records and the source position in one Kafka transaction.
+    #[arg(long)]
+    #[serde(default)]
+    pub exactly_once: bool,
+    /// wal, exactly once: compacted single-partition topic of source positions.
+    #[arg(long, default_value_t = defaults::progress_topic())]
+    #[serde(default = "defaults::progress_topic")]
+    pub progress_topic: String,
+    /// wal, exactly once: replication factor of the progress topic (use 3 on a production
+    /// cluster).
+    #[arg(long, default_value_t = defaults::one())]
+    #[serde(default = "defaults::one")]
+    pub replication_factor: i32,
+    /// wal, exactly once: `min.insync.replicas` of the progress topic (use 2 with 3 replicas).
+    #[arg(long, default_value_t = defaults::one())]
+    #[serde(default = "defaults::one")]
+    pub min_insync_replicas: i32,
+    /// wal, exactly once: commit a Kafka transaction this often (at a source-transaction
+    /// boundary).
+    #[arg(long, default_value_t = defaults::commit_interval_ms())]
+    #[serde(default = "defaults::commit_interval_ms")]
+    pub commit_interval_ms: u64,
+    /// wal, exactly once: …or once it holds this many events.
+    #[arg(long, default_value_t = defaults::batch_events())]
+    #[serde(default = "defaults::batch_events")]
+    pub batch_events: u64,
+    /// Test fault: SIGKILL this process after the N-th batch was acknowledged, before it is
+    /// marked SENT (wal: before the slot is confirmed).
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub kill_after_publish: Option<u64>,
+    /// Test fault: SIGKILL after the N-th progress record was sent, before the commit.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub kill_before_commit: Option<u64>,
+    /// Test fault: SIGKILL after the N-th Kafka commit, before the slot is confirmed.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub kill_after_commit: Option<u64>,
+    /// Test fault: SIGKILL when the N-th abort starts.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub kill_during_abort: Option<u64>,
+    /// Test fault: abort every N-th Kafka transaction on purpose.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub abort_every: Option<u64>,
+}
+
+/// Settings only the polling relay reads.
+const POLL_ONLY: &[&str] = &[
+    "keys",
+    "batch_size",
+    "lease_ms",
+    "poll_ms",
+    "max_retries",
+    "exit_when_idle",
+];
+/// Settings only the WAL relay reads.
+const WAL_ONLY: &[&str] = &["slot", "publication", "heartbeat_ms", "outbox", "exactly_once"];
+/// Settings only the exactly-once WAL relay reads.
+const EXACTLY_ONCE_ONLY: &[&str] = &[
+    "progress_topic",
+    "replication_factor",
+    "min_insync_replicas",
+    "commit_interval_ms",
+    "batch_events",
+    "kill_before_commit",
+    "kill_after_commit",
+    "kill_during_abort",
+    "abort_every",
+];
+
+impl RelaySettings {
+    /// The first setting given (by `given`, which knows whether a flag or key was set) that
+    /// this relay's mode would not read, and which mode reads it. Such a setting is refused,
+    /// not dropped, so `mode = poll` with `exactly_once = true` cannot look like it worked.
+    pub fn unused_setting(&self, given: impl Fn(&str) -> bool) -> Option<(&'static str, &'static str)> {
+        let first = |names: &[&'static str]| names.iter().copied().find(|name| given(name));
+        match self.mode {
+            RelayMode::Poll => first(WAL_ONLY)
+                .map(|name| (name, "only the wal mode reads it"))
+                .or_else(|| first(EXACTLY_ONCE_ONLY).map(|name| (name, "only the wal mode reads it"))),
+            RelayMode::Wal => first(POLL_ONLY)
+                .map(|name| (name, "only the poll mode reads it"))
+                .or_else(|| {
+                    (!self.exactly_once)
+                        .then(|| first(EXACTLY_ONCE_ONLY))
+                        .flatten()
+                        .map(|name| (name, "only the wal mode with exactly_once reads it"))
+                }),
+        }
+    }
+
+    /// The database, its password read from `password_env` when one is named.
+    pub fn database(&self) -> Result<Database> {
+        resolve_database(&self.database, self.password_env.as_deref())
+    }
+
+    /// Whether this relay's mode reads `key` (for showing only the settings in effect).
+    pub fn reads(&self, key: &str) -> bool {
+        let this: [&str; 1] = [key];
+        self.unused_setting(|k| this.contains(&k)).is_none()
+    }
+}
+
+/// One idempotent consumer: `exactly consume`, or a `[consumer.NAME]` table.
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumeSettings {
+    /// The effect database (postgres://… or a SQLite file), shared by every member of the
+    /// group.
+    #[arg(long, env = "EXACTLY_DATABASE")]
+    pub database: String,
+    /// The environment variable that holds the PostgreSQL password.
+    #[arg(long, value_name = "VARIABLE")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
+    /// Consumer group; also the name of this consumer's rows in the effect database (in a
+    /// file: the table's name unless set).
+    #[arg(long)]
+    #[serde(default)]
+    pub group: String,
+    /// A topic to consume (repeatable).
+    #[arg(long = "topic", required = true)]
+    pub topics: Vec<String>,
+    /// record (a row per event in exactly_consumed), story-coupons, story-likes, story-products.
+    #[arg(long, default_value_t = defaults::handler())]
+    #[serde(default = "defaults::handler")]
+    pub handler: String,
+    /// record: the event types it accepts (comma-separated; others are parked). Default: any.
+    #[arg(long, value_delimiter = ',')]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub event_types: Vec<String>,
+    /// Test fault: SIGKILL this process after the N-th effect committed, before its offset
+    /// commit.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub kill_after_apply: Option<u64>,
+}
+
+/// The handlers `exactly consume` has.
+pub const HANDLERS: &[&str] = &["record", "story-coupons", "story-likes", "story-products"];
+
+impl ConsumeSettings {
+    /// The database, its password read from `password_env` when one is named.
+    pub fn database(&self) -> Result<Database> {
+        resolve_database(&self.database, self.password_env.as_deref())
+    }
+}
+
+/// One stream job (the orders-agg windowed count): `exactly stream`, or a `[stream.NAME]`
+/// table.
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamSettings {
+    /// The application id: names the consumer group, the transactional ids and the internal
+    /// topics (in a file: the table's name unless set).
+    #[arg(long, default_value = "orders-agg")]
+    #[serde(default)]
+    pub application_id: String,
+    /// Distinguishes processors of one application id.
+    #[arg(long, default_value_t = defaults::instance())]
+    #[serde(default = "defaults::instance")]
+    pub instance: String,
+    /// The input topic.
+    #[arg(long, default_value_t = defaults::input())]
+    #[serde(default = "defaults::input")]
+    pub input: String,
+    /// The output topic of window results.
+    #[arg(long, default_value_t = defaults::output())]
+    #[serde(default = "defaults::output")]
+    pub output: String,
+    /// Payload field to count by (empty: the aggregate id).
+    #[arg(long, default_value_t = defaults::group_by())]
+    #[serde(default = "defaults::group_by")]
+    pub group_by: String,
+    /// Partitions of the internal topics (the input's count).
+    #[arg(long, default_value_t = defaults::partitions())]
+    #[serde(default = "defaults::partitions")]
+    pub partitions: i32,
+    /// Window length.
+    #[arg(long, default_value_t = defaults::window_ms())]
+    #[serde(default = "defaults::window_ms")]
+    pub window_ms: i64,
+    /// How late a record may arrive after its window ends.
+    #[arg(long, default_value_t = defaults::grace_ms())]
+    #[serde(default = "defaults::grace_ms")]
+    pub grace_ms: i64,
+    /// How long closed windows are kept in the store.
+    #[arg(long, default_value_t = defaults::retention_ms())]
+    #[serde(default = "defaults::retention_ms")]
+    pub retention_ms: i64,
+    /// Event times further ahead of the wall clock go to the dead-letter topic (they would
+    /// otherwise advance stream time and make every later record late).
+    #[arg(long, default_value_t = defaults::max_event_time_skew_ms())]
+    #[serde(default = "defaults::max_event_time_skew_ms")]
+    pub max_event_time_skew_ms: i64,
+    /// Partial counts per hot key.
+    #[arg(long, default_value_t = defaults::salts())]
+    #[serde(default = "defaults::salts")]
+    pub salts: u32,
+    /// Commit a Kafka transaction this often.
+    #[arg(long, default_value_t = defaults::commit_interval_ms())]
+    #[serde(default = "defaults::commit_interval_ms")]
+    pub commit_interval_ms: u64,
+    /// Where task stores live (default: a folder per application in the temp dir).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir: Option<PathBuf>,
+    /// exactly-once (Kafka transactions) or at-least-once (the same job without them).
+    #[arg(long, value_enum, default_value_t)]
+    #[serde(default)]
+    pub processing_guarantee: ProcessingGuarantee,
+    /// Replication factor of the internal topics (use 3 on a production cluster).
+    #[arg(long, default_value_t = defaults::one())]
+    #[serde(default = "defaults::one")]
+    pub replication_factor: i32,
+    /// `min.insync.replicas` of the internal topics (use 2 with 3 replicas).
+    #[arg(long, default_value_t = defaults::one())]
+    #[serde(default = "defaults::one")]
+    pub min_insync_replicas: i32,
+    /// Also upsert the window results into this PostgreSQL database's `order_counts` (what
+    /// `exactly sink-counts` does, in the same process).
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sink_database: Option<String>,
+}
+
+impl StreamSettings {
+    /// The processor's configuration.
+    pub fn config(&self, kafka: &exactly_kafka::KafkaSettings) -> Result<exactly_stream::StreamConfig> {
+        let windows =
+            exactly_core::window::TumblingWindows::new(self.window_ms, self.grace_ms, self.retention_ms)?;
+        Ok(exactly_stream::StreamConfig {
+            kafka: kafka.clone(),
+            application_id: self.application_id.clone(),
+            instance: self.instance.clone(),
+            input: self.input.clone(),
+            output: self.output.clone(),
+            group_by: if self.group_by.is_empty() {
+                exactly_stream::GroupBy::AggregateId
+            } else {
+                exactly_stream::GroupBy::PayloadField(self.group_by.clone())
+            },
+            windows,
+            salts: self.salts.max(1),
+            commit_interval: Duration::from_millis(self.commit_interval_ms),
+            guarantee: match self.processing_guarantee {
+                ProcessingGuarantee::ExactlyOnce => exactly_stream::Guarantee::ExactlyOnce,
+                ProcessingGuarantee::AtLeastOnce => exactly_stream::Guarantee::AtLeastOnce,
+            },
+            state_dir: self.state_dir.clone().unwrap_or_else(|| {
+                std::env::temp_dir().join(format!(
+                    "exactly-stream-{}-{}",
+                    self.application_id, self.instance
+                ))
+            }),
+            replication_factor: self.replication_factor,
+            min_insync_replicas: self.min_insync_replicas,
+            max_event_time_skew_ms: self.max_event_time_skew_ms,
+        })
+    }
+}
+
+/// A database URL or file, with the password read from `password_env` (PostgreSQL) put into
+/// the URL held in memory, never printed: errors and logs describe a target without it.
+pub fn resolve_database(text: &str, password_env: Option<&str>) -> Result<Database> {
+    if text.trim().is_empty() {
+        bail!("database is empty: give a postgres:// URL or a SQLite file");
+    }
+    let database = Database::parse(text);
+    let Some(variable) = password_env else {
+        return Ok(database);
+    };
+    match database {
+        Database::Sqlite(_) => bail!("password_env applies to PostgreSQL only"),
+        Database::Postgres(url) => {
+            let password = std::env::var(variable).map_err(|_| {
+                anyhow::anyhow!("password_env names the environment variable {variable}, which is not set")
+            })?;
+            let mut parsed = url::Url::parse(&url).context("database is not a postgres:// URL")?;
+            parsed
+                .set_password(Some(&password))
+                .map_err(|()| anyhow::anyhow!("database URL cannot hold a password"))?;
+            Ok(Database::Postgres(parsed.to_string()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct RelayCli {
+        #[command(flatten)]
+        relay: RelaySettings,
+    }
+
+    /// A file table with only the required key and the command line with only the required
+    /// flag give the same settings: the defaults are one.
+    #[test]
+    fn flag_and_file_defaults_agree() {
+        let from_flags = RelayCli::parse_from(["x", "--database", "d.db"]).relay;
+        let from_file: RelaySettings = toml::from_str("database = \"d.db\"").expect("parses");
+        assert_eq!(
+            toml::to_string(&from_flags).expect("serializes"),
+            toml::to_string(&from_file).expect("serializes")
+        );
+        #[derive(Parser)]
+        struct StreamCli {
+            #[command(flatten)]
+            stream: StreamSettings,
+        }
+        let mut from_flags = StreamCli::parse_from(["x"]).stream;
+        let from_file: StreamSettings = toml::from_str("").expect("parses");
+        // The one difference by design: in a file the table's name is the application id.
+        from_flags.application_id.clear();
+        assert_eq!(
+            toml::to_string(&from_flags).expect("serializes"),
+            toml::to_string(&from_file).expect("serializes")
+        );
+    }
+
+    #[test]
+    fn settings_a_mode_does_not_read_are_named() {
+        let relay: RelaySettings = toml::from_str("database = \"d.db\"\nslot = \"s\"").expect("parses");
+        assert_eq!(
+            relay.unused_setting(|k| k == "slot"),
+            Some(("slot", "only the wal mode reads it"))
+        );
+        let relay: RelaySettings =
+            toml::from_str("database = \"postgres://h/d\"\nmode = \"wal\"").expect("parses");
+        assert_eq!(
+            relay.unused_setting(|k| k == "commit_interval_ms"),
+            Some((
+                "commit_interval_ms",
+                "only the wal mode with exactly_once reads it"
+            ))
+        );
+        assert_eq!(relay.unused_setting(|k| k == "publication"), None);
+    }
+
+    #[test]
+    fn password_env_reaches_the_url_only_in_memory() {
+        std::env::set_var("EXACTLY_SETTINGS_TEST_PW", "s3cr:t@");
+        let Database::Postgres(url) =
+            resolve_database("postgres://app@h:5432/d", Some("EXACTLY_SETTINGS_TEST_PW")).expect("resolves")
+        else {
+            panic!("not postgres")
+        };
+        let parsed = url::Url::parse(&url).expect("url");
+        assert_eq!(parsed.password(), Some("s3cr%3At%40"));
+        let err = resolve_database("postgres://app@h/d", Some("EXACTLY_SETTINGS_TEST_UNSET"))
+            .expect_err("unset variable");
+        assert!(err.to_string().contains("EXACTLY_SETTINGS_TEST_UNSET"));
+        assert!(resolve_database("x.db", Some("EXACTLY_SETTINGS_TEST_PW")).is_err());
+    }
+}

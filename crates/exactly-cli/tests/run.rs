@@ -1,0 +1,249 @@
+//! `exactly run --config exactly.toml`: every component a file describes, in one process.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use exactly_testkit::{brokers, unique};
+
+use crate::support::*;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// The event ids in `exactly_consumed` (the record handler's table), one per application.
+fn consumed_ids(db: &Path) -> Vec<String> {
+    let Ok(conn) = rusqlite::Connection::open(db) else {
+        return vec![];
+    };
+    let Ok(mut stmt) = conn.prepare("SELECT event_id FROM exactly_consumed ORDER BY applied_seq") else {
+        return vec![];
+    };
+    stmt.query_map([], |r| r.get(0))
+        .map(|rows| rows.filter_map(Result::ok).collect())
+        .unwrap_or_default()
+}
+
+fn scrape(port: u16) -> String {
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    body
+}
+
+/// Two sources (a PostgreSQL database through the WAL relay, a SQLite file through the polling
+/// relay) and one consumer of both topics, all from one file in one process with one metrics
+/// listener: every event committed before and during the run is applied exactly once, and
+/// SIGTERM stops the process cleanly.
+#[tokio::test(flavor = "multi_thread")]
+async fn exactly_run_moves_two_sources_each_exactly_once() {
+    let brokers = brokers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pg_url, client) = crate::wal::prepared_database().await;
+    let sqlite = dir.path().join("shop.db");
+    let effects = dir.path().join("ledger.db");
+    let (pg_topic, sqlite_topic) = (unique("run-orders"), unique("run-shop"));
+    exactly_kafka::ensure_topics(brokers.as_str(), &[&pg_topic, &sqlite_topic], 2)
+        .await
+        .expect("topics");
+    let mut expected = Vec::new();
+    let write_pg = |from: usize| {
+        let (client, topic) = (&client, pg_topic.clone());
+        async move {
+            let mut written = Vec::new();
+            for i in from..from + 200 {
+                let e = event(&format!("O-{}", i % 5), i, b"");
+                exactly_postgres::enqueue(client, &topic, &e)
+                    .await
+                    .expect("enqueue");
+                written.push(e);
+            }
+            written
+        }
+    };
+    expected.extend(write_pg(0).await);
+    expected.extend(insert_sqlite(&sqlite, &sqlite_topic, 200));
+
+    let port = free_port();
+    let config = dir.path().join("exactly.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[kafka]
+brokers = "{brokers}"
+
+[metrics]
+addr = "127.0.0.1:{port}"
+
+[source.orders]
+database = "{pg_url}"
+mode = "wal"
+heartbeat_ms = 1000
+
+[source.shop]
+database = "{sqlite}"
+poll_ms = 100
+
+[consumer.ledger]
+database = "{effects}"
+topics = ["{pg_topic}", "{sqlite_topic}"]
+"#,
+            sqlite = sqlite.display(),
+            effects = effects.display(),
+        ),
+    )
+    .expect("write config");
+    let log = dir.path().join("run.log");
+    let mut run = Command::new(EXACTLY)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log"))
+        .spawn()
+        .expect("start exactly run");
+
+    // More events while it runs.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    expected.extend(write_pg(200).await);
+    expected.extend(insert_sqlite(&sqlite, &sqlite_topic, 200));
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut consumed = consumed_ids(&effects);
+    while consumed.len() < expected.len() && Instant::now() < deadline {
+        if let Ok(Some(status)) = run.try_wait() {
+            panic!(
+                "exactly run exited early ({status}): {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        consumed = consumed_ids(&effects);
+    }
+    let metrics = scrape(port);
+    // A little longer: anything applied twice would show up now.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status();
+    let stopped = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Ok(Some(status)) = run.try_wait() {
+            break Some(status);
+        }
+        if Instant::now() > stopped {
+            let _ = run.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    let consumed = consumed_ids(&effects);
+    assert_eq!(
+        consumed.len(),
+        expected.len(),
+        "applied {} of {} events; log:\n{log_text}",
+        consumed.len(),
+        expected.len()
+    );
+    assert_eq!(
+        sorted(consumed),
+        sorted(ids(&expected)),
+        "each event exactly once"
+    );
+    assert!(
+        metrics.contains("source=\"orders\"") && metrics.contains("source=\"shop\""),
+        "one listener serves both sources' gauges:\n{metrics}"
+    );
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIGTERM stops every component cleanly ({status:?}); log:\n{log_text}"
+    );
+    crate::wal::drop_slot(&pg_url).await;
+}
+
+/// A bad file exits 2 naming the key and its line; `exactly config check` prints the resolved
+/// settings with no secret in any output.
+#[test]
+fn a_bad_config_exits_2_with_the_key_and_line_and_check_shows_no_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("exactly.toml");
+    let good = r#"[kafka]
+brokers = "localhost:9092"
+
+[kafka.properties]
+"security.protocol" = "SASL_SSL"
+"sasl.mechanism" = "SCRAM-SHA-512"
+"sasl.username" = "app"
+"sasl.password" = "k4fka-s3cret"
+
+[source.orders]
+database = "postgres://app:pg-s3cret@db.internal:5432/orders?sslmode=verify-full"
+mode = "wal"
+
+[source.shop]
+database = "shop.db"
+"#;
+    let exactly = |args: &[&str]| {
+        Command::new(EXACTLY)
+            .args(args)
+            .arg(&config)
+            .env_remove("EXACTLY_BROKERS")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run exactly")
+    };
+
+    std::fs::write(&config, good).expect("write");
+    let checked = exactly(&["config", "check", "--config"]);
+    let shown = format!(
+        "{}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(checked.status.success(), "{shown}");
+    assert!(shown.contains("db.internal"), "{shown}");
+    assert!(shown.contains("[source.shop]"), "{shown}");
+    assert!(
+        !shown.contains("pg-s3cret") && !shown.contains("k4fka-s3cret"),
+        "{shown}"
+    );
+
+    std::fs::write(
+        &config,
+        good.replace("database = \"shop.db\"", "database = \"shop.db\"\nbatch_sise = 5"),
+    )
+    .expect("write");
+    for command in [&["run", "--config"][..], &["config", "check", "--config"][..]] {
+        let out = exactly(command);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command:?}: {stderr}");
+        assert!(
+            stderr.contains("line 16") && stderr.contains("batch_sise"),
+            "{stderr}"
+        );
+    }
+
+    std::fs::write(
+        &config,
+        format!("{good}\n[source.orders_again]\ndatabase = \"postgres://app@db.internal/orders\"\nmode = \"wal\"\n"),
+    )
+    .expect("write");
+    let out = exactly(&["config", "check", "--config"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("same replication slot exactly_orders"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("pg-s3cret"), "{stderr}");
+}
