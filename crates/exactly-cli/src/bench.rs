@@ -16,10 +16,23 @@ use crate::broker::given_or_local;
 use crate::demo::with_database;
 
 /// Settings of `exactly bench relay`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct RelayBench {
+    /// The PostgreSQL server (a fresh database is created on it).
+    #[arg(
+        long,
+        env = "EXACTLY_PG_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
     pub database: String,
+    /// Use this broker instead of starting one.
+    #[arg(long, env = "EXACTLY_BENCH_BROKERS")]
     pub brokers: Option<String>,
+    /// Events per measured run.
+    #[arg(long, default_value_t = 200_000)]
     pub events: u64,
+    /// Payload size of each event.
+    #[arg(long, default_value_t = 200)]
     pub payload_bytes: usize,
 }
 

@@ -1,5 +1,6 @@
 //! `exactly demo`: the story end to end, with faults, and a reconciliation at the end.
 
+use crate::settings::RelayMode;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,22 +29,56 @@ use crate::story::{StoryConsumer, Topics, CONSUMER_SCHEMA, SERVICE_SCHEMA};
 use exactly_postgres::{PgChangeFeed, WalConfig};
 
 /// Demo settings (see `exactly demo --help`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct DemoOptions {
+    /// Events to commit.
+    #[arg(long, default_value_t = 10_000)]
     pub events: u64,
+    /// Concurrent writers.
+    #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub writers: usize,
+    /// Concurrent relays.
+    #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub relays: usize,
+    /// postgres://… to run on PostgreSQL (a fresh database per run); default: SQLite files.
+    #[arg(long)]
     pub database: Option<String>,
+    /// Use this broker instead of starting one.
+    #[arg(long, env = "EXACTLY_DEMO_BROKERS")]
     pub brokers: Option<String>,
+    /// Where the SQLite files go (default: a new folder in the temp dir).
+    #[arg(long)]
     pub dir: Option<PathBuf>,
-    pub faults: bool,
+    /// Turn off the injected crashes.
+    #[arg(long)]
+    pub no_faults: bool,
+    /// Seed of the workload and the fault schedule.
+    #[arg(long, default_value_t = 2)]
     pub seed: u64,
-    pub timeout: Duration,
+    /// Give up waiting after this many seconds.
+    #[arg(long, default_value_t = 600)]
+    pub timeout_secs: u64,
+    /// No progress bar.
+    #[arg(long)]
     pub quiet: bool,
-    /// Follow PostgreSQL logical replication instead of polling the outbox.
-    pub wal: bool,
-    /// Topic name suffix (default: `-<run id>`, so runs on a shared broker stay apart).
+    /// Which relay moves the events (wal needs --database postgres://…).
+    #[arg(long, value_enum, default_value_t)]
+    pub relay: RelayMode,
+    /// Topic name suffix (default: -<run id>, so runs on a shared broker stay apart);
+    /// `--topic-suffix ""` writes coupon-events and product-events, the topics `exactly stream`
+    /// reads by default.
+    #[arg(long)]
     pub topic_suffix: Option<String>,
+}
+
+impl DemoOptions {
+    fn faults(&self) -> bool {
+        !self.no_faults
+    }
+
+    fn wal(&self) -> bool {
+        self.relay == RelayMode::Wal
+    }
 }
 
 /// Crash budgets, shared by the restarts of each role.
@@ -159,7 +194,7 @@ pub async fn run_demo(options: DemoOptions) -> Result<DemoReport> {
             format!("creating topics on {brokers} (is the broker running? scripts/setup starts one)")
         })?;
     let backend = prepare_backend(&options, run_id).await?;
-    let wal_slot = match (&backend, options.wal) {
+    let wal_slot = match (&backend, options.wal()) {
         (Backend::Postgres { url }, true) => {
             // The slot must exist before the first business commit, or it would miss it.
             let config = WalConfig::new(url);
@@ -186,8 +221,8 @@ pub async fn run_demo(options: DemoOptions) -> Result<DemoReport> {
         ..Live::default()
     });
     let budget = Arc::new(FaultBudget {
-        relay_crashes: AtomicU64::new(if options.faults { 3 } else { 0 }),
-        consumer_crashes: AtomicU64::new(if options.faults { 2 } else { 0 }),
+        relay_crashes: AtomicU64::new(if options.faults() { 3 } else { 0 }),
+        consumer_crashes: AtomicU64::new(if options.faults() { 2 } else { 0 }),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let started = Instant::now();
@@ -204,7 +239,7 @@ pub async fn run_demo(options: DemoOptions) -> Result<DemoReport> {
             wake.clone(),
         );
         let seed = options.seed ^ (index as u64 + 1);
-        if options.wal {
+        if options.wal() {
             // Every WAL relay tries the one slot: the first streams, the others wait as standbys.
             tasks.spawn(async move { supervise_wal_relay(backend, brokers, live, budget, stop, seed).await });
         } else {
@@ -241,7 +276,7 @@ pub async fn run_demo(options: DemoOptions) -> Result<DemoReport> {
         ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:40} {pos}/{len} applied  {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar()),
     );
-    let deadline = started + options.timeout;
+    let deadline = started + Duration::from_secs(options.timeout_secs);
     loop {
         let committed = live.committed.load(Ordering::Relaxed);
         let coupons = live.committed_coupons.load(Ordering::Relaxed);

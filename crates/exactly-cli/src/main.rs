@@ -18,9 +18,7 @@ mod telemetry;
 mod verify;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use anyhow::Result;
 use clap::parser::ValueSource;
@@ -55,79 +53,16 @@ enum ConfigCommand {
 #[derive(Subcommand)]
 enum BenchKind {
     /// WAL relay catch-up vs raw librdkafka produce of the same records, and the polling relay.
-    Relay {
-        /// The PostgreSQL server (a fresh database is created on it).
-        #[arg(
-            long,
-            env = "EXACTLY_PG_URL",
-            default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-        )]
-        database: String,
-        /// Use this broker instead of starting one.
-        #[arg(long, env = "EXACTLY_BENCH_BROKERS")]
-        brokers: Option<String>,
-        #[arg(long, default_value_t = 200_000)]
-        events: u64,
-        #[arg(long, default_value_t = 200)]
-        payload_bytes: usize,
-    },
+    Relay(bench::RelayBench),
     /// The orders-agg job exactly once vs at least once (no transactions) on the same input,
     /// and the restore of a changelog with --restore-keys store keys.
-    Stream {
-        /// Use this broker instead of starting one.
-        #[arg(long, env = "EXACTLY_BENCH_BROKERS")]
-        brokers: Option<String>,
-        #[arg(long, default_value_t = 200_000)]
-        events: u64,
-        #[arg(long, default_value_t = 1_000_000)]
-        restore_keys: u64,
-        #[arg(long, default_value_t = 100)]
-        commit_interval_ms: u64,
-    },
+    Stream(stream_bench::StreamBench),
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the order-service story end to end with faults, and reconcile.
-    Demo {
-        /// Events to commit.
-        #[arg(long, default_value_t = 10_000)]
-        events: u64,
-        /// Concurrent writers.
-        #[arg(long, default_value_t = 4)]
-        writers: usize,
-        /// Concurrent relays.
-        #[arg(long, default_value_t = 2)]
-        relays: usize,
-        /// postgres://… to run on PostgreSQL (a fresh database per run); default: SQLite files.
-        #[arg(long)]
-        database: Option<String>,
-        /// Use this broker instead of starting one.
-        #[arg(long, env = "EXACTLY_DEMO_BROKERS")]
-        brokers: Option<String>,
-        /// Where the SQLite files go (default: a new folder in the temp dir).
-        #[arg(long)]
-        dir: Option<PathBuf>,
-        /// Turn off the injected crashes.
-        #[arg(long)]
-        no_faults: bool,
-        /// Seed of the workload and the fault schedule.
-        #[arg(long, default_value_t = 2)]
-        seed: u64,
-        /// Give up waiting after this many seconds.
-        #[arg(long, default_value_t = 600)]
-        timeout_secs: u64,
-        /// No progress bar.
-        #[arg(long)]
-        quiet: bool,
-        /// Which relay moves the events (wal needs --database postgres://…).
-        #[arg(long, value_enum, default_value = "poll")]
-        relay: RelayMode,
-        /// Topic name suffix (default: -<run id>); `--topic-suffix ""` writes coupon-events and
-        /// product-events, the topics `exactly stream` reads by default.
-        #[arg(long)]
-        topic_suffix: Option<String>,
-    },
+    Demo(DemoOptions),
     /// Publish outbox rows to Kafka.
     Relay {
         #[command(flatten)]
@@ -198,50 +133,7 @@ enum Command {
     /// Prove exactly-once end to end: writers, relay and consumers as processes, killed and
     /// restarted (and the broker and PostgreSQL) while they run, bad input injected; then the
     /// checker's table (lost, duplicate, unseen, non-monotonic, aborted read) and a verdict.
-    Verify {
-        /// The PostgreSQL server (a fresh database per run).
-        #[arg(
-            long,
-            env = "EXACTLY_PG_URL",
-            default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-        )]
-        database: String,
-        #[arg(long, default_value_t = 100_000)]
-        events: u64,
-        #[arg(long, default_value_t = 4)]
-        writers: usize,
-        #[arg(long, default_value_t = 2)]
-        consumers: usize,
-        #[arg(long, value_enum, default_value = "poll")]
-        relay: verify::VerifyRelay,
-        /// poll relay keys: event-id (consumers keep key sets) or sequence (watermarks).
-        #[arg(long, default_value = "event-id")]
-        keys: String,
-        #[arg(long, default_value_t = 1)]
-        runs: u32,
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        #[arg(long)]
-        no_relay_kills: bool,
-        #[arg(long)]
-        no_consumer_kills: bool,
-        #[arg(long)]
-        no_broker_restarts: bool,
-        #[arg(long)]
-        no_pg_restart: bool,
-        #[arg(long)]
-        no_bad_input: bool,
-        /// Kills per process kind (broker restarts at most 2, PostgreSQL once).
-        #[arg(long, default_value_t = 3)]
-        fault_rounds: usize,
-        /// Write the runs' reports here as JSON.
-        #[arg(long)]
-        report: Option<PathBuf>,
-        #[arg(long)]
-        quiet: bool,
-        #[arg(long, default_value_t = 1800)]
-        timeout_secs: u64,
-    },
+    Verify(verify::VerifyOptions),
     /// Outbox rows by status, oldest unsent row, parked messages.
     Status {
         #[arg(long, env = "EXACTLY_DATABASE")]
@@ -312,35 +204,8 @@ fn refuse_ignored_relay_flags(matches: &ArgMatches) -> Result<(), clap::Error> {
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Command::Demo {
-            events,
-            writers,
-            relays,
-            database,
-            brokers,
-            dir,
-            no_faults,
-            seed,
-            timeout_secs,
-            quiet,
-            relay,
-            topic_suffix,
-        } => {
-            let report = run_demo(DemoOptions {
-                events,
-                writers: writers.max(1),
-                relays: relays.max(1),
-                database,
-                brokers,
-                dir,
-                faults: !no_faults,
-                seed,
-                timeout: Duration::from_secs(timeout_secs),
-                quiet,
-                wal: matches!(relay, RelayMode::Wal),
-                topic_suffix,
-            })
-            .await?;
+        Command::Demo(options) => {
+            let report = run_demo(options).await?;
             report.print();
             Ok(if report.ok() {
                 ExitCode::SUCCESS
@@ -392,39 +257,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
-            what:
-                BenchKind::Relay {
-                    database,
-                    brokers,
-                    events,
-                    payload_bytes,
-                },
+            what: BenchKind::Relay(options),
         } => {
-            bench::relay_bench(bench::RelayBench {
-                database,
-                brokers,
-                events,
-                payload_bytes,
-            })
-            .await?;
+            bench::relay_bench(options).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
-            what:
-                BenchKind::Stream {
-                    brokers,
-                    events,
-                    restore_keys,
-                    commit_interval_ms,
-                },
+            what: BenchKind::Stream(options),
         } => {
-            stream_bench::stream_bench(stream_bench::StreamBench {
-                brokers,
-                events,
-                restore_keys,
-                commit_interval: Duration::from_millis(commit_interval_ms),
-            })
-            .await?;
+            stream_bench::stream_bench(options).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Stream {
@@ -455,47 +296,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             .await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Verify {
-            database,
-            events,
-            writers,
-            consumers,
-            relay,
-            keys,
-            runs,
-            seed,
-            no_relay_kills,
-            no_consumer_kills,
-            no_broker_restarts,
-            no_pg_restart,
-            no_bad_input,
-            fault_rounds,
-            report,
-            quiet,
-            timeout_secs,
-        } => {
-            let ok = verify::verify(verify::VerifyOptions {
-                database,
-                events: events.max(1),
-                writers: writers.max(1),
-                consumers: consumers.max(1),
-                relay,
-                keys,
-                runs: runs.max(1),
-                seed,
-                faults: verify::FaultSwitches {
-                    relay_kills: !no_relay_kills,
-                    consumer_kills: !no_consumer_kills,
-                    broker_restarts: !no_broker_restarts,
-                    pg_restart: !no_pg_restart,
-                    bad_input: !no_bad_input,
-                    rounds: fault_rounds,
-                },
-                report,
-                quiet,
-                timeout: Duration::from_secs(timeout_secs),
-            })
-            .await?;
+        Command::Verify(options) => {
+            let ok = verify::verify(options).await?;
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Status { database } => {

@@ -18,11 +18,20 @@ use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use crate::broker::given_or_local;
 
 /// Settings of `exactly bench stream`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct StreamBench {
+    /// Use this broker instead of starting one.
+    #[arg(long, env = "EXACTLY_BENCH_BROKERS")]
     pub brokers: Option<String>,
+    /// Input events.
+    #[arg(long, default_value_t = 200_000)]
     pub events: u64,
+    /// Store keys of the restore measured.
+    #[arg(long, default_value_t = 1_000_000)]
     pub restore_keys: u64,
-    pub commit_interval: Duration,
+    /// Commit interval of the exactly-once run.
+    #[arg(long, default_value_t = 100)]
+    pub commit_interval_ms: u64,
 }
 
 const WINDOW_MS: i64 = 300_000;
@@ -248,7 +257,11 @@ pub async fn stream_bench(options: StreamBench) -> Result<()> {
     let (b, i, n) = (brokers.clone(), input.clone(), options.events);
     let sent = tokio::task::spawn_blocking(move || produce_orders(&b, &i, n)).await??;
 
-    let (b, i, interval) = (brokers.clone(), input.clone(), options.commit_interval);
+    let (b, i, interval) = (
+        brokers.clone(),
+        input.clone(),
+        Duration::from_millis(options.commit_interval_ms),
+    );
     let runs = tokio::task::spawn_blocking(move || -> Result<Vec<Run>> {
         let mut runs = Vec::new();
         // Alternated, so neither job always runs on the warmer broker.
@@ -288,7 +301,7 @@ pub async fn stream_bench(options: StreamBench) -> Result<()> {
     println!();
     println!(
         "  stream bench: orders-agg, {sent} input records, 3 partitions, commit interval {} ms, broker {brokers}",
-        options.commit_interval.as_millis()
+        options.commit_interval_ms
     );
     for r in &runs {
         println!(

@@ -25,33 +25,88 @@ pub enum VerifyRelay {
 }
 
 /// Faults that can be switched off one by one.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, clap::Args)]
 pub struct FaultSwitches {
-    pub relay_kills: bool,
-    pub consumer_kills: bool,
-    pub broker_restarts: bool,
-    pub pg_restart: bool,
-    pub bad_input: bool,
-    /// Kills per process kind (3 by default; broker restarts at most 2, PostgreSQL once).
-    pub rounds: usize,
+    /// No relay kills.
+    #[arg(long)]
+    pub no_relay_kills: bool,
+    /// No consumer kills.
+    #[arg(long)]
+    pub no_consumer_kills: bool,
+    /// No broker restarts.
+    #[arg(long)]
+    pub no_broker_restarts: bool,
+    /// No PostgreSQL restart.
+    #[arg(long)]
+    pub no_pg_restart: bool,
+    /// No malformed rows, payloads or foreign records.
+    #[arg(long)]
+    pub no_bad_input: bool,
+    /// Kills per process kind (broker restarts at most 2, PostgreSQL once).
+    #[arg(long, default_value_t = 3)]
+    pub fault_rounds: usize,
+}
+
+impl FaultSwitches {
+    fn relay_kills(&self) -> bool {
+        !self.no_relay_kills
+    }
+    fn consumer_kills(&self) -> bool {
+        !self.no_consumer_kills
+    }
+    fn broker_restarts(&self) -> bool {
+        !self.no_broker_restarts
+    }
+    fn pg_restart(&self) -> bool {
+        !self.no_pg_restart
+    }
+    fn bad_input(&self) -> bool {
+        !self.no_bad_input
+    }
 }
 
 /// Settings of `exactly verify`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct VerifyOptions {
+    /// The PostgreSQL server (a fresh database per run).
+    #[arg(
+        long,
+        env = "EXACTLY_PG_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
     pub database: String,
+    /// Events to commit per run.
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub events: u64,
+    /// Concurrent writers.
+    #[arg(long, default_value_t = 4, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub writers: usize,
+    /// Consumer processes.
+    #[arg(long, default_value_t = 2, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub consumers: usize,
+    /// Which relay moves the events.
+    #[arg(long, value_enum, default_value = "poll")]
     pub relay: VerifyRelay,
     /// Poll relay key kind: event-id (consumers keep key sets) or sequence (watermarks).
+    #[arg(long, default_value = "event-id")]
     pub keys: String,
+    /// Runs, each with the next seed.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub runs: u32,
+    /// Seed of the first run's workload and fault schedule.
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    #[command(flatten)]
     pub faults: FaultSwitches,
+    /// Write the runs' reports here as JSON.
+    #[arg(long)]
     pub report: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
     pub quiet: bool,
-    pub timeout: Duration,
+    /// Give up a run after this many seconds.
+    #[arg(long, default_value_t = 1800)]
+    pub timeout_secs: u64,
 }
 
 const EVENT_TYPE: &str = "VerifyEvent";
@@ -569,7 +624,7 @@ async fn run_once(
     // The durable broker lacks transactions (EndTxn): the exactly-once relay runs on the
     // in-memory one, which cannot be restarted without losing the topic. Runs without broker
     // restarts use the in-memory one too.
-    let broker_restarts = options.faults.broker_restarts && !exactly_once;
+    let broker_restarts = options.faults.broker_restarts() && !exactly_once;
     let mut broker = Broker::start(broker_restarts)?;
     let brokers = broker.address();
     let topic = format!("verify-{run_id}");
@@ -640,13 +695,13 @@ async fn run_once(
     // Fault schedule, in fractions of the slowest consumer's progress.
     let mut schedule: Vec<(f64, &'static str)> = Vec::new();
     let jitter = |rng: &mut rand::rngs::StdRng| rng.random_range(0.0..0.05);
-    let rounds = options.faults.rounds;
-    if options.faults.relay_kills {
+    let rounds = options.faults.fault_rounds;
+    if options.faults.relay_kills() {
         for at in [0.2, 0.4, 0.6].into_iter().take(rounds) {
             schedule.push((at + jitter(&mut rng), "relay kill"));
         }
     }
-    if options.faults.consumer_kills {
+    if options.faults.consumer_kills() {
         for at in [0.25, 0.5, 0.75].into_iter().take(rounds) {
             schedule.push((at + jitter(&mut rng), "consumer kills"));
         }
@@ -656,10 +711,10 @@ async fn run_once(
             schedule.push((at + jitter(&mut rng), "broker restart"));
         }
     }
-    if options.faults.pg_restart {
+    if options.faults.pg_restart() {
         schedule.push((0.45 + jitter(&mut rng), "postgres restart"));
     }
-    if options.faults.bad_input {
+    if options.faults.bad_input() {
         schedule.push((0.3, "bad input"));
     }
     schedule.sort_by(|a, b| a.0.total_cmp(&b.0));
@@ -690,7 +745,7 @@ async fn run_once(
     }
 
     let mut faults: BTreeMap<String, u64> = BTreeMap::new();
-    let deadline = Instant::now() + options.timeout;
+    let deadline = Instant::now() + Duration::from_secs(options.timeout_secs);
     let stalled = AtomicBool::new(false);
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -727,7 +782,7 @@ async fn run_once(
             *faults.entry(what.to_owned()).or_insert(0) += 1;
         }
         let writers_done = writer_tasks.iter().all(|t| t.is_finished());
-        let parked_done = !options.faults.bad_input
+        let parked_done = !options.faults.bad_input()
             || (0..options.consumers).all(|i| parked_count(dir.path(), i) >= BAD_AT_CONSUMER + FOREIGN);
         if writers_done && slowest >= total && schedule.is_empty() && parked_done {
             // A little longer, so a late repeat would still show up as a duplicate.
@@ -801,14 +856,14 @@ async fn run_once(
         consumers: consumers_history,
     };
     let findings = check(&history);
-    let bad_total = if options.faults.bad_input {
+    let bad_total = if options.faults.bad_input() {
         BAD_AT_RELAY + BAD_AT_CONSUMER + FOREIGN
     } else {
         0
     };
     // applied + parked = total: every good event applied once (the checker), and every bad
     // input refused by the relay or parked by each consumer, none more.
-    let reconciled = !options.faults.bad_input
+    let reconciled = !options.faults.bad_input()
         || (relay_dead as u64 == BAD_AT_RELAY
             && (0..options.consumers).all(|i| parked_count(dir.path(), i) == BAD_AT_CONSUMER + FOREIGN));
     let parked: BTreeMap<String, u64> = (0..options.consumers)
@@ -850,7 +905,7 @@ async fn run_once(
         if ok {
             "exactly once".into()
         } else if stalled.load(Ordering::Relaxed) {
-            format!("FAILED (not done within {:?})", options.timeout)
+            format!("FAILED (not done within {} s)", options.timeout_secs)
         } else {
             "FAILED".into()
         },
