@@ -31,8 +31,8 @@ pub async fn sink_counts(
 ) -> Result<()> {
     let mut client = exactly_postgres::connect(url).await?;
     ensure_counts_schema(&client).await?;
-    let consumer: StreamConsumer = exactly_kafka::consumer_config(kafka, group)
-        .create()
+    let consumer: StreamConsumer<exactly_kafka::TokenContext> = exactly_kafka::consumer_config(kafka, group)
+        .create_with_context(exactly_kafka::TokenContext)
         .context("creating the sink consumer")?;
     consumer.subscribe(&[topic]).context("subscribing")?;
     loop {

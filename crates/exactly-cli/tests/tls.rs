@@ -495,3 +495,71 @@ fn postgres_over_tls_with_scram_end_to_end_and_clear_failures() {
         assert!(!text.contains(&password), "the password appeared in an output");
     }
 }
+
+/// SASL/OAUTHBEARER with the token from a file: librdkafka asks exactly's clients for a token,
+/// they read the file named in `sasl.oauthbearer.config`, and the broker receives it. Tansu 0.6
+/// negotiates OAUTHBEARER but has no token validator (its authentication callback knows PLAIN
+/// and SCRAM only), so it refuses every token: the test shows the path up to the broker's
+/// verdict (a missing file stops the client with exactly's own reason; a token reaches the
+/// broker and is refused there), and no output contains the token.
+#[test]
+fn oauthbearer_tokens_come_from_the_file_named_in_the_settings() {
+    let (sasl, _) = exactly_testkit::sasl_kafka("EXACTLY_UNUSED_PASSWORD");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("token");
+    let mut settings = exactly_kafka::KafkaSettings::new(&sasl.brokers);
+    for (name, value) in &sasl.properties {
+        if !name.starts_with("sasl.") {
+            settings.properties.insert(name.clone(), value.clone());
+        }
+    }
+    let settings = settings
+        .with_property("sasl.mechanism", "OAUTHBEARER")
+        .and_then(|s| {
+            s.with_property(
+                "sasl.oauthbearer.config",
+                &format!("token_file={} principal=exactly-test", token_file.display()),
+            )
+        })
+        .expect("OAUTHBEARER properties are allowed");
+    let check = |settings: &exactly_kafka::KafkaSettings| {
+        let args = property_args(settings);
+        let out = Command::new(EXACTLY)
+            .args(["consume", "--database"])
+            .arg(dir.path().join("effects.db"))
+            .args([
+                "--group",
+                "g",
+                "--topic",
+                "t",
+                "--no-metrics",
+                "--brokers",
+                &settings.brokers,
+            ])
+            .args(&args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run exactly consume");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let (code, stderr) = check(&settings);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("OAUTHBEARER token from") && stderr.contains("No such file"),
+        "the missing token file is the reason given: {stderr}"
+    );
+
+    let token = "eyJhbGciOiJub25lIn0.eyJzdWIiOiJleGFjdGx5LXRlc3QifQ.c2lnbmF0dXJl";
+    std::fs::write(&token_file, token).expect("token");
+    let (code, stderr) = check(&settings);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.to_lowercase().contains("authentication") && !stderr.contains("OAUTHBEARER token from"),
+        "the token was read and the broker refused it: {stderr}"
+    );
+    assert!(!stderr.contains(token), "the token never shows: {stderr}");
+}

@@ -5,7 +5,6 @@ use std::time::Duration;
 use crate::config::Cluster;
 use crate::error::KafkaFlowError;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 
 /// Creates the topics that do not exist yet, with `partitions` each.
@@ -23,10 +22,10 @@ pub async fn ensure_topics(
 
 /// Sends CreateTopics; a topic that already exists is fine.
 async fn create_missing(kafka: &(impl Cluster + ?Sized), new: &[NewTopic<'_>]) -> Result<(), KafkaFlowError> {
-    let admin: AdminClient<DefaultClientContext> = kafka
+    let admin: AdminClient<crate::TokenContext> = kafka
         .settings()
         .client()
-        .create()
+        .create_with_context(crate::TokenContext)
         .map_err(KafkaFlowError::at("create admin client"))?;
     let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     let results = admin
@@ -100,10 +99,10 @@ pub async fn ensure_internal_topics(
 /// The number of partitions of `topic` (0 when it does not exist).
 pub fn partition_count(kafka: &(impl Cluster + ?Sized), topic: &str) -> Result<i32, KafkaFlowError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = kafka
+    let consumer: BaseConsumer<crate::TokenContext> = kafka
         .settings()
         .client()
-        .create()
+        .create_with_context(crate::TokenContext)
         .map_err(KafkaFlowError::at("create metadata client"))?;
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
@@ -121,10 +120,10 @@ pub async fn topic_configs(
     topic: &str,
 ) -> Result<std::collections::BTreeMap<String, String>, KafkaFlowError> {
     use rdkafka::admin::ResourceSpecifier;
-    let admin: AdminClient<DefaultClientContext> = kafka
+    let admin: AdminClient<crate::TokenContext> = kafka
         .settings()
         .client()
-        .create()
+        .create_with_context(crate::TokenContext)
         .map_err(KafkaFlowError::at("create admin client"))?;
     let options = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
     let results = admin
@@ -153,6 +152,8 @@ pub async fn topic_configs(
 struct LastError(std::sync::Mutex<Option<(rdkafka::error::KafkaError, String)>>);
 
 impl rdkafka::ClientContext for LastError {
+    crate::oauth::oauth_token_refresh!();
+
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         tracing::debug!("librdkafka: {error}: {reason}");
         if let Ok(mut last) = self.0.lock() {

@@ -124,6 +124,8 @@ fn commit_offsets<C: Consumer<AssignmentContext>>(
 }
 
 impl ClientContext for AssignmentContext {
+    crate::oauth::oauth_token_refresh!();
+
     fn stats(&self, statistics: rdkafka::Statistics) {
         crate::config::export_consumer_lag(&statistics, "exactly_consumer_lag_records");
     }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::{producer_config, reader_config, Cluster, KafkaSettings};
@@ -111,6 +111,8 @@ pub(crate) fn classify(error: &KafkaError) -> TxnFailure {
 pub struct QuietEof;
 
 impl rdkafka::ClientContext for QuietEof {
+    crate::oauth::oauth_token_refresh!();
+
     fn error(&self, error: KafkaError, reason: &str) {
         let end_of_partition = matches!(
             error,
@@ -174,9 +176,9 @@ pub fn broker_hides_aborted_records(
         std::process::id(),
         crate::relay::now().0
     );
-    let producer: ThreadedProducer<DefaultProducerContext> = producer_config(&*kafka, false)
+    let producer: ThreadedProducer<crate::TokenContext> = producer_config(&*kafka, false)
         .set("transactional.id", &nonce)
-        .create()
+        .create_with_context(crate::TokenContext)
         .map_err(KafkaFlowError::at("create probe producer"))?;
     let timeout = Duration::from_secs(30);
     producer

@@ -106,7 +106,7 @@ pub struct BatchReport {
 pub struct Relay<S> {
     store: S,
     config: RelayConfig,
-    producer: FutureProducer,
+    producer: FutureProducer<crate::TokenContext>,
     faults: Faults,
     counters: Arc<RelayCounters>,
 }
@@ -370,10 +370,10 @@ impl<S: OutboxStore> Relay<S> {
 /// How long a send waits for room in a full producer queue before the record counts as refused.
 const QUEUE_FULL_WAIT: Duration = Duration::from_secs(10);
 
-fn new_producer(config: &RelayConfig) -> Result<FutureProducer, KafkaFlowError> {
+fn new_producer(config: &RelayConfig) -> Result<FutureProducer<crate::TokenContext>, KafkaFlowError> {
     let gapless = matches!(config.keys, KeyMode::Sequence { .. });
     producer_config(&config.kafka, gapless)
-        .create()
+        .create_with_context(crate::TokenContext)
         .map_err(KafkaFlowError::at("create producer"))
 }
 

@@ -91,7 +91,9 @@ struct AckContext {
     acks: mpsc::UnboundedSender<Ack>,
 }
 
-impl ClientContext for AckContext {}
+impl ClientContext for AckContext {
+    crate::oauth::oauth_token_refresh!();
+}
 
 impl ProducerContext for AckContext {
     type DeliveryOpaque = Box<DeliveryTag>;

@@ -21,12 +21,13 @@ use std::time::{Duration, Instant};
 use exactly_core::changelog::{RestoreMode, TxnSeq};
 use exactly_core::window::{salted_key, unsalted_key, TumblingWindows};
 use exactly_core::UnixMillis;
+use exactly_kafka::TokenContext;
 use exactly_kafka::{consumer_config, decode_message, producer_config, QuietEof};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::Offset;
 
@@ -228,6 +229,15 @@ fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
 }
 
 impl ClientContext for RebalanceContext {
+    const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
+
+    fn generate_oauth_token(
+        &self,
+        oauthbearer_config: Option<&str>,
+    ) -> Result<rdkafka::client::OAuthToken, Box<dyn std::error::Error>> {
+        exactly_kafka::refresh_oauth_token(oauthbearer_config)
+    }
+
     fn stats(&self, statistics: rdkafka::Statistics) {
         exactly_kafka::export_consumer_lag(&statistics, "exactly_stream_lag_records");
     }
@@ -484,7 +494,7 @@ impl Repartitioned {
 pub struct Processor {
     config: StreamConfig,
     consumer: BaseConsumer<RebalanceContext>,
-    producer: ThreadedProducer<DefaultProducerContext>,
+    producer: ThreadedProducer<TokenContext>,
     shared: Arc<Mutex<Shared>>,
     counters: Arc<StreamCounters>,
     /// A new epoch on every start and after every abort, so that inside one epoch every
@@ -505,8 +515,9 @@ impl Processor {
                 .set("transactional.id", &transactional_id)
                 .set("transaction.timeout.ms", "60000");
         }
-        let producer: ThreadedProducer<DefaultProducerContext> =
-            producer_settings.create().map_err(fail("create producer"))?;
+        let producer: ThreadedProducer<TokenContext> = producer_settings
+            .create_with_context(TokenContext)
+            .map_err(fail("create producer"))?;
         if config.guarantee == Guarantee::ExactlyOnce {
             producer
                 .init_transactions(Duration::from_secs(30))
