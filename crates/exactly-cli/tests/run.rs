@@ -247,3 +247,33 @@ database = "shop.db"
     );
     assert!(!stderr.contains("pg-s3cret"), "{stderr}");
 }
+
+/// The README's complete `exactly.toml` is `docs/exactly.toml`, and it validates (with the
+/// environment variables it names set).
+#[test]
+fn the_readme_config_is_the_docs_file_and_it_validates() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let file = std::fs::read_to_string(root.join("docs/exactly.toml")).expect("docs/exactly.toml");
+    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    assert!(
+        readme.contains(&format!("```toml\n{file}```")),
+        "README.md must show docs/exactly.toml verbatim"
+    );
+    let out = Command::new(EXACTLY)
+        .args(["config", "check", "--config"])
+        .arg(root.join("docs/exactly.toml"))
+        .env_remove("EXACTLY_BROKERS")
+        .env("KAFKA_PASSWORD", "k")
+        .env("ORDERS_DB_PASSWORD", "o")
+        .env("BILLING_DB_PASSWORD", "b")
+        .env("LEDGER_DB_PASSWORD", "l")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run exactly config check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("2 source(s), 1 consumer(s), 1 stream job(s)"),
+        "{stderr}"
+    );
+}

@@ -343,18 +343,21 @@ pub fn redact_url(text: &str) -> String {
             if url.password().is_some() {
                 let _ = url.set_password(Some("****"));
             }
-            let pairs: Vec<(String, String)> = url
-                .query_pairs()
-                .map(|(k, v)| {
-                    let secret = k.contains("password") || k.contains("secret") || k.contains("token");
-                    (
-                        k.into_owned(),
-                        if secret { "****".to_owned() } else { v.into_owned() },
-                    )
-                })
-                .collect();
-            url.set_query(None);
-            if !pairs.is_empty() {
+            let is_secret = |k: &str| k.contains("password") || k.contains("secret") || k.contains("token");
+            // Rewritten only when something is hidden, so the URL otherwise reads as given.
+            if url.query_pairs().any(|(k, _)| is_secret(&k)) {
+                let pairs: Vec<(String, String)> = url
+                    .query_pairs()
+                    .map(|(k, v)| {
+                        let shown = if is_secret(&k) {
+                            "****".to_owned()
+                        } else {
+                            v.into_owned()
+                        };
+                        (k.into_owned(), shown)
+                    })
+                    .collect();
+                url.set_query(None);
                 url.query_pairs_mut().extend_pairs(pairs);
             }
             url.to_string()
