@@ -36,14 +36,15 @@ pub struct RelayBench {
     pub payload_bytes: usize,
 }
 
-struct Figure {
-    name: &'static str,
-    events: u64,
-    seconds: f64,
+/// One measured run.
+pub(crate) struct Figure {
+    pub(crate) name: &'static str,
+    pub(crate) events: u64,
+    pub(crate) seconds: f64,
 }
 
 impl Figure {
-    fn rate(&self) -> f64 {
+    pub(crate) fn rate(&self) -> f64 {
         self.events as f64 / self.seconds.max(1e-9)
     }
 }
@@ -243,9 +244,10 @@ async fn catch_up(
 }
 
 /// A record as the relay would send it: its headers and its event.
-type PreparedRecord = (Vec<(String, Vec<u8>)>, Envelope);
+pub(crate) type PreparedRecord = (Vec<(String, Vec<u8>)>, Envelope);
 
-fn produce_raw(brokers: &str, topic: &str, records: &[PreparedRecord]) -> Result<Figure> {
+/// Produces `records` as fast as librdkafka takes them and measures until all are acked.
+pub(crate) fn produce_raw(brokers: &str, topic: &str, records: &[PreparedRecord]) -> Result<Figure> {
     let producer: ThreadedProducer<_> = exactly_kafka::producer_config(brokers, true)
         .set("message.timeout.ms", "0")
         .create()

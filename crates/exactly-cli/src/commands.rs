@@ -399,6 +399,42 @@ impl PgHandler for RecordHandler {
             Ok(())
         })
     }
+
+    /// Every event of a batch with one multi-row INSERT, in order.
+    fn handle_batch<'a>(
+        &'a self,
+        tx: &'a tokio_postgres::Transaction<'a>,
+        deliveries: &'a [&'a Delivery],
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let n = deliveries.len();
+            let (mut event_ids, mut types, mut aggregates) = (
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+                Vec::with_capacity(n),
+            );
+            let (mut times, mut payloads) = (Vec::with_capacity(n), Vec::with_capacity(n));
+            for d in deliveries {
+                payloads.push(self.check(d)?);
+                let e = &d.envelope;
+                event_ids.push(e.event_id.hyphenated().to_string());
+                types.push(e.event_type.as_str());
+                aggregates.push(e.aggregate_id.as_str());
+                times.push(e.occurred_at.0);
+            }
+            tx.execute(
+                "INSERT INTO exactly_consumed (consumer, event_id, event_type, aggregate_id, occurred_at, payload)
+                 SELECT 'record', event_id, event_type, aggregate_id, occurred_at, payload
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[]) WITH ORDINALITY
+                      AS b(event_id, event_type, aggregate_id, occurred_at, payload, ordinal)
+                 ORDER BY ordinal",
+                &[&event_ids, &types, &aggregates, &times, &payloads],
+            )
+            .await
+            .map_err(|e| HandlerError::Retryable(e.to_string()))?;
+            Ok(())
+        })
+    }
 }
 
 /// One idempotent consumer until `stop`.
@@ -408,7 +444,8 @@ pub async fn consume(
     stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let topics: Vec<&str> = args.topics.iter().map(String::as_str).collect();
-    let config = ConsumerConfig::new(kafka, &args.group, &topics);
+    let mut config = ConsumerConfig::new(kafka, &args.group, &topics);
+    config.max_batch = args.max_batch.max(1);
     let faults = kill_at(
         FaultPoint::ConsumerAfterApplyBeforeOffsetCommit,
         args.kill_after_apply,

@@ -8,6 +8,7 @@ mod bench;
 mod broker;
 mod commands;
 mod config_file;
+mod consumer_bench;
 mod demo;
 mod run;
 mod settings;
@@ -57,6 +58,9 @@ enum BenchKind {
     /// The orders-agg job exactly once vs at least once (no transactions) on the same input,
     /// and the restore of a changelog with --restore-keys store keys.
     Stream(stream_bench::StreamBench),
+    /// The idempotent consumer (PostgreSQL, record handler, batched) vs the same handler without
+    /// dedupe, and vs one transaction per record.
+    Consumer(consumer_bench::ConsumerBench),
 }
 
 #[derive(Subcommand)]
@@ -260,6 +264,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             what: BenchKind::Relay(options),
         } => {
             bench::relay_bench(options).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            what: BenchKind::Consumer(options),
+        } => {
+            consumer_bench::consumer_bench(options).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

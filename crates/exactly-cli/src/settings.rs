@@ -44,6 +44,9 @@ pub mod defaults {
     pub fn batch_events() -> u64 {
         50_000
     }
+    pub fn max_batch() -> usize {
+        500
+    }
     pub fn handler() -> String {
         "record".into()
     }
@@ -316,6 +319,11 @@ pub struct ConsumeSettings {
     #[arg(long, value_delimiter = ',')]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub event_types: Vec<String>,
+    /// The most records applied in one database transaction (what one poll has ready; the
+    /// consumer never waits to fill a batch).
+    #[arg(long, default_value_t = defaults::max_batch())]
+    #[serde(default = "defaults::max_batch")]
+    pub max_batch: usize,
     /// Test fault: SIGKILL this process after the N-th effect committed, before its offset
     /// commit.
     #[arg(long, hide = true)]

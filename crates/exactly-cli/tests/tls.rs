@@ -490,6 +490,37 @@ fn postgres_over_tls_with_scram_end_to_end_and_clear_failures() {
     let wrong_host = url.replace("@localhost:", "@127.0.0.1:");
     outputs.push(refused(&wrong_host, &password, "certificate verify failed").into_bytes());
     outputs.push(refused(&url, "not-the-password", "password authentication failed").into_bytes());
+
+    // The password from a variable the settings name (`password_env`, `--password-env`), with
+    // no PGPASSWORD: the right one connects, a wrong one is refused with the reason.
+    let with_password_env = |value: &str| {
+        exactly(&[
+            "relay",
+            "--mode",
+            "poll",
+            "--database",
+            &url,
+            "--password-env",
+            "EXACTLY_TEST_DB_PASSWORD",
+            "--brokers",
+            &brokers,
+            "--no-metrics",
+            "--exit-when-idle",
+        ])
+        .env_remove("PGPASSWORD")
+        .env("EXACTLY_TEST_DB_PASSWORD", value)
+        .output()
+        .expect("relay")
+    };
+    let out = with_password_env(&password);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "--password-env: {stderr}");
+    outputs.push(stderr.into_bytes());
+    let out = with_password_env("not-the-password");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("password authentication failed"), "{stderr}");
+    outputs.push(stderr.into_bytes());
     for output in &outputs {
         let text = String::from_utf8_lossy(output);
         assert!(!text.contains(&password), "the password appeared in an output");

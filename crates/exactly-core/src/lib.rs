@@ -45,9 +45,9 @@ pub use envelope::{decode_record, header, source_header, Delivery, Envelope, Hea
 pub use key::{lsn_sequence, IdempotencyKey, KeyKind, KeyParseError};
 pub use outbox::{OutboxEvent, OutboxStatus, RetryPolicy, RowState};
 pub use ports::{
-    after_handler_error, AfterError, ApplyOutcome, ChangeFeed, ClaimRequest, Claimed, DeadEvent, EffectStore,
-    FeedItem, HandlerError, Inbound, OutboxStats, OutboxStore, ParkReason, ParkedMessage, Settlement,
-    StoreError, StoreErrorKind,
+    after_handler_error, AfterError, ApplyOutcome, BatchOutcome, ChangeFeed, ClaimRequest, Claimed,
+    DeadEvent, EffectStore, FeedItem, HandlerError, Inbound, OutboxStats, OutboxStore, ParkReason,
+    ParkedMessage, Settlement, StoreError, StoreErrorKind,
 };
 pub use record::{KeyMode, OutboxRecord, RawRow, RowDefect};
 pub use time::UnixMillis;

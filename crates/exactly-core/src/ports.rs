@@ -206,6 +206,19 @@ pub enum ApplyOutcome {
     Refused(ParkReason, String),
 }
 
+/// What [`EffectStore::apply_batch`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// Every record's outcome, in order (`Applied`, `Duplicate` or `Refused`), all committed.
+    Committed(Vec<ApplyOutcome>),
+    /// The handler failed on the record at `index`; nothing of the batch was committed by this
+    /// call.
+    HandlerFailed {
+        /// The failing record.
+        index: usize,
+    },
+}
+
 /// Why a message was parked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ParkReason {
@@ -264,6 +277,29 @@ pub trait EffectStore: Send + Sync {
     /// In one transaction: records the key (or finds it there: [`ApplyOutcome::Duplicate`]),
     /// runs the handler with that transaction, and commits. A handler error rolls back both.
     fn apply(&self, inbound: Inbound<'_>) -> impl Future<Output = Result<ApplyOutcome, StoreError>> + Send;
+
+    /// Applies `batch` in order in one transaction (one commit: one fsync for the lot), each
+    /// record as [`EffectStore::apply`] would: its key recorded or found, its handler run. When
+    /// a handler fails, the whole transaction rolls back and the answer is
+    /// [`BatchOutcome::HandlerFailed`]: the caller then applies the records one by one, so the
+    /// failing record is retried or parked in its place and no later record of its partition
+    /// overtakes it. The default applies one by one (each record committed alone); a repeat of
+    /// an already committed record is a dedupe hit, so the fallback stays exactly once.
+    fn apply_batch(
+        &self,
+        batch: &[Inbound<'_>],
+    ) -> impl Future<Output = Result<BatchOutcome, StoreError>> + Send {
+        async move {
+            let mut outcomes = Vec::with_capacity(batch.len());
+            for (index, inbound) in batch.iter().enumerate() {
+                match self.apply(*inbound).await? {
+                    ApplyOutcome::Failed(_) => return Ok(BatchOutcome::HandlerFailed { index }),
+                    outcome => outcomes.push(outcome),
+                }
+            }
+            Ok(BatchOutcome::Committed(outcomes))
+        }
+    }
 
     /// The Kafka offset to resume `topic`/`partition` at, as recorded in the same transactions
     /// as the effects (watermark rows), or None when this store keeps no position for it.

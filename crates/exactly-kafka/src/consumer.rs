@@ -6,9 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use exactly_core::{
-    after_handler_error, header, AfterError, ApplyOutcome, DedupePolicy, DedupeRoute, EffectStore, Inbound,
-    ParkReason, ParkedMessage, RetryPolicy,
+    after_handler_error, header, AfterError, ApplyOutcome, BatchOutcome, DedupePolicy, DedupeRoute,
+    EffectStore, Inbound, ParkReason, ParkedMessage, RetryPolicy,
 };
+use futures::FutureExt;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
@@ -39,6 +40,9 @@ pub struct ConsumerConfig {
     pub commit_interval: Duration,
     /// How often key-set entries older than the retention are deleted.
     pub prune_interval: Duration,
+    /// The most records applied in one database transaction: what one poll has ready, up to
+    /// this many (the consumer never waits to fill a batch, so a quiet topic keeps its latency).
+    pub max_batch: usize,
 }
 
 impl ConsumerConfig {
@@ -56,6 +60,7 @@ impl ConsumerConfig {
             },
             commit_interval: Duration::from_millis(200),
             prune_interval: Duration::from_secs(60),
+            max_batch: 500,
         }
     }
 }
@@ -288,7 +293,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                     continue;
                 }
             };
-            let message = match message {
+            let first = match message {
                 Ok(m) => m,
                 Err(e) => {
                     tracing::warn!("consumer error (retrying): {e}");
@@ -296,22 +301,21 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                     continue;
                 }
             };
-            if !self.resume_checked(&message, &mut stop).await? {
-                continue;
+            // What else is ready now joins the batch; nothing waits to fill it.
+            let mut batch = vec![first];
+            while batch.len() < self.config.max_batch.max(1) {
+                match self.consumer.recv().now_or_never() {
+                    Some(Ok(m)) => batch.push(m),
+                    Some(Err(e)) => {
+                        tracing::warn!("consumer error (retrying): {e}");
+                        break;
+                    }
+                    None => break,
+                }
             }
-            self.handle(&message, &mut stop).await?;
-            if self
-                .faults
-                .fires(FaultPoint::ConsumerAfterApplyBeforeOffsetCommit)
-            {
-                return Err(KafkaFlowError::InjectedCrash(
-                    FaultPoint::ConsumerAfterApplyBeforeOffsetCommit,
-                ));
-            }
-            self.consumer.context().pending().insert(
-                (message.topic().to_owned(), message.partition()),
-                message.offset() + 1,
-            );
+            metrics::histogram!("exactly_consumer_batch_records").record(batch.len() as f64);
+            tracing::trace!(records = batch.len(), "batch");
+            self.handle_batch(&batch, &mut stop).await?;
             if last_commit.elapsed() >= self.config.commit_interval {
                 self.commit();
                 last_commit = Instant::now();
@@ -517,53 +521,139 @@ impl<S: EffectStore> IdempotentConsumer<S> {
         commit_offsets(&self.consumer, offsets, CommitMode::Sync, "");
     }
 
-    async fn handle(
+    /// Handles what one poll returned, in order: records that cannot be applied are parked;
+    /// the rest are applied in one database transaction (one commit), and their offsets become
+    /// pending only after it. A handler failure falls back to one transaction per record, so
+    /// the failing record is retried or parked in its place; a database error retries the
+    /// whole batch, and nothing reaches Kafka's offsets meanwhile.
+    async fn handle_batch(
         &self,
-        message: &BorrowedMessage<'_>,
+        batch: &[BorrowedMessage<'_>],
         stop: &mut watch::Receiver<bool>,
     ) -> Result<(), KafkaFlowError> {
-        self.counters.delivered.fetch_add(1, Ordering::Relaxed);
-        metrics::counter!("exactly_consumer_delivered_total").increment(1);
-        let delivery = match decode_message(message) {
-            Ok(d) => d,
-            Err(e) => {
-                return self
-                    .park(message, ParkReason::BadHeaders, e.to_string(), stop)
-                    .await
-            }
-        };
+        // Partitions sought away from during this batch: their later records here are stale.
+        let mut sought: HashSet<(String, i32)> = HashSet::new();
+        let mut ready: Vec<(&BorrowedMessage<'_>, exactly_core::Delivery)> = Vec::with_capacity(batch.len());
+        let mut taken: Vec<&BorrowedMessage<'_>> = Vec::with_capacity(batch.len());
         let received_at = now();
-        if let DedupeRoute::TooOld { age_ms } = self.config.dedupe.route(&delivery.key, received_at) {
-            let detail = format!(
-                "key {} is {age_ms} ms old, beyond the dedupe horizon of {} ms",
-                delivery.key, self.config.dedupe.horizon_ms
-            );
-            return self.park(message, ParkReason::KeyTooOld, detail, stop).await;
+        for message in batch {
+            let tp = (message.topic().to_owned(), message.partition());
+            if sought.contains(&tp) {
+                continue;
+            }
+            if !self.resume_checked(message, stop).await? {
+                sought.insert(tp);
+                continue;
+            }
+            taken.push(message);
+            self.counters.delivered.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("exactly_consumer_delivered_total").increment(1);
+            let delivery = match decode_message(message) {
+                Ok(d) => d,
+                Err(e) => {
+                    self.park(message, ParkReason::BadHeaders, e.to_string(), stop)
+                        .await?;
+                    continue;
+                }
+            };
+            if let DedupeRoute::TooOld { age_ms } = self.config.dedupe.route(&delivery.key, received_at) {
+                let detail = format!(
+                    "key {} is {age_ms} ms old, beyond the dedupe horizon of {} ms",
+                    delivery.key, self.config.dedupe.horizon_ms
+                );
+                self.park(message, ParkReason::KeyTooOld, detail, stop).await?;
+                continue;
+            }
+            ready.push((message, delivery));
         }
-        let inbound = Inbound {
-            topic: message.topic(),
-            partition: message.partition(),
-            offset: message.offset(),
-            delivery: &delivery,
-            now: received_at,
-        };
+        let inbounds: Vec<Inbound<'_>> = ready
+            .iter()
+            .map(|(message, delivery)| Inbound {
+                topic: message.topic(),
+                partition: message.partition(),
+                offset: message.offset(),
+                delivery,
+                now: received_at,
+            })
+            .collect();
+        if !inbounds.is_empty() {
+            let outcome = self
+                .until_stored("apply batch", stop, || self.store.apply_batch(&inbounds))
+                .await?;
+            match outcome {
+                BatchOutcome::Committed(outcomes) => {
+                    for ((message, _), outcome) in ready.iter().zip(outcomes) {
+                        self.settled(message, outcome, stop).await?;
+                    }
+                }
+                BatchOutcome::HandlerFailed { index } => {
+                    tracing::debug!(
+                        "handler failed on record {index} of a batch of {}: applying one by one",
+                        inbounds.len()
+                    );
+                    for ((message, _), inbound) in ready.iter().zip(&inbounds) {
+                        self.apply_one(message, *inbound, stop).await?;
+                    }
+                }
+            }
+        }
+        for message in taken {
+            if self
+                .faults
+                .fires(FaultPoint::ConsumerAfterApplyBeforeOffsetCommit)
+            {
+                return Err(KafkaFlowError::InjectedCrash(
+                    FaultPoint::ConsumerAfterApplyBeforeOffsetCommit,
+                ));
+            }
+            self.consumer.context().pending().insert(
+                (message.topic().to_owned(), message.partition()),
+                message.offset() + 1,
+            );
+        }
+        Ok(())
+    }
+
+    /// Counts a committed outcome (or parks a refused record).
+    async fn settled(
+        &self,
+        message: &BorrowedMessage<'_>,
+        outcome: ApplyOutcome,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), KafkaFlowError> {
+        match outcome {
+            ApplyOutcome::Applied => {
+                self.counters.applied.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("exactly_consumer_applied_total").increment(1);
+            }
+            ApplyOutcome::Duplicate => {
+                self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("exactly_consumer_dedupe_hits_total").increment(1);
+            }
+            ApplyOutcome::Refused(reason, detail) => self.park(message, reason, detail, stop).await?,
+            // apply_batch reports handler failures as HandlerFailed, never here.
+            ApplyOutcome::Failed(error) => {
+                return Err(KafkaFlowError::Store(exactly_core::StoreError::stop(
+                    "apply batch",
+                    format!("a committed batch reported a handler failure: {error}"),
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// One record in its own transaction: a handler failure is retried with backoff, then
+    /// parked; a database error is retried for as long as it takes.
+    async fn apply_one(
+        &self,
+        message: &BorrowedMessage<'_>,
+        inbound: Inbound<'_>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), KafkaFlowError> {
         let mut attempt = 0u32;
         let mut store_failures = 0u32;
         loop {
             match self.store.apply(inbound).await {
-                Ok(ApplyOutcome::Applied) => {
-                    self.counters.applied.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("exactly_consumer_applied_total").increment(1);
-                    return Ok(());
-                }
-                Ok(ApplyOutcome::Duplicate) => {
-                    self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("exactly_consumer_dedupe_hits_total").increment(1);
-                    return Ok(());
-                }
-                Ok(ApplyOutcome::Refused(reason, detail)) => {
-                    return self.park(message, reason, detail, stop).await
-                }
                 Ok(ApplyOutcome::Failed(error)) => {
                     attempt += 1;
                     match after_handler_error(&error, attempt, &self.config.retry) {
@@ -573,6 +663,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                         }
                     }
                 }
+                Ok(outcome) => return self.settled(message, outcome, stop).await,
                 Err(e) if !e.is_retryable() => return Err(KafkaFlowError::Store(e)),
                 Err(e) => {
                     store_failures += 1;

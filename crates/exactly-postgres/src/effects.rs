@@ -1,12 +1,13 @@
 //! The consumer's side on PostgreSQL: dedupe record and effect in one transaction.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use exactly_core::dedupe::refusal_detail;
 use exactly_core::record::raw_headers_to_json;
 use exactly_core::{
-    ApplyOutcome, Delivery, EffectStore, EpochWatermark, HandlerError, IdempotencyKey, Inbound, ParkReason,
-    ParkedMessage, SequenceVerdict, StoreError, UnixMillis,
+    ApplyOutcome, BatchOutcome, Delivery, EffectStore, EpochWatermark, HandlerError, IdempotencyKey, Inbound,
+    ParkReason, ParkedMessage, SequenceVerdict, StoreError, UnixMillis,
 };
 use futures::future::BoxFuture;
 use tokio::sync::Mutex;
@@ -25,6 +26,23 @@ pub trait PgHandler: Send + Sync + 'static {
         tx: &'a Transaction<'a>,
         delivery: &'a Delivery,
     ) -> BoxFuture<'a, Result<(), HandlerError>>;
+
+    /// Applies several events, in order, in the batch's transaction. The default calls
+    /// [`PgHandler::handle`] for each; a handler that can write them with one multi-row
+    /// statement saves a round trip per event. An error rolls back the whole batch, and the
+    /// consumer then applies the events one by one through `handle`.
+    fn handle_batch<'a>(
+        &'a self,
+        tx: &'a Transaction<'a>,
+        deliveries: &'a [&'a Delivery],
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            for delivery in deliveries {
+                self.handle(tx, delivery).await?;
+            }
+            Ok(())
+        })
+    }
 }
 
 /// An idempotent consumer's database: key set or watermark, handler, parking lot.
@@ -37,6 +55,8 @@ pub struct PgEffects<H> {
     url: String,
     client: Mutex<Client>,
     handler: Arc<H>,
+    /// False only for the benchmark's baseline ([`PgEffects::connect_without_dedupe`]).
+    dedupe: bool,
 }
 
 impl<H: PgHandler> PgEffects<H> {
@@ -49,7 +69,17 @@ impl<H: PgHandler> PgEffects<H> {
             url: url.to_owned(),
             client: Mutex::new(client),
             handler: Arc::new(handler),
+            dedupe: true,
         })
+    }
+
+    /// The same store with no dedupe: every delivery runs the handler, repeats included. Not
+    /// exactly once; it exists as the benchmark's baseline, so the cost of dedupe is measured
+    /// against the same handler, batching and connection.
+    pub async fn connect_without_dedupe(url: &str, consumer: &str, handler: H) -> Result<Self, PgError> {
+        let mut store = PgEffects::connect(url, consumer, handler).await?;
+        store.dedupe = false;
+        Ok(store)
     }
 }
 
@@ -146,6 +176,149 @@ async fn record_key(
     }
 }
 
+/// A batch record's dedupe verdict: new (`Ok(true)`), a repeat (`Ok(false)`) or refused with
+/// the reason; `None` while not judged yet.
+type Verdicts = Vec<Option<Result<bool, String>>>;
+
+/// Records the key-set keys of a batch with one statement: `Ok(true)` for a record whose key is
+/// new (the first record of the batch with that key), `Ok(false)` for one recorded before (or
+/// earlier in the batch); sequence keys are left to [`record_sequence_keys`].
+async fn record_set_keys(
+    tx: &Transaction<'_>,
+    consumer: &str,
+    batch: &[Inbound<'_>],
+) -> Result<Verdicts, PgError> {
+    let mut ordinals = Vec::new();
+    let (mut keys, mut event_ids, mut topics, mut partitions, mut offsets, mut times) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
+    for (index, inbound) in batch.iter().enumerate() {
+        if matches!(inbound.delivery.key, IdempotencyKey::Sequence { .. }) {
+            continue;
+        }
+        ordinals.push(index as i32);
+        keys.push(inbound.delivery.key.to_string());
+        event_ids.push(inbound.delivery.envelope.event_id.hyphenated().to_string());
+        topics.push(inbound.topic.to_owned());
+        partitions.push(inbound.partition);
+        offsets.push(inbound.offset);
+        times.push(inbound.now.0 as f64);
+    }
+    let mut fresh = vec![None; batch.len()];
+    if keys.is_empty() {
+        return Ok(fresh);
+    }
+    // The first record of the batch with a key is the one that applies it.
+    let inserted = tx
+        .query(
+            "INSERT INTO exactly_processed (consumer, key, event_id, topic, partition, \"offset\", processed_at)
+             SELECT DISTINCT ON (key) $1::text, key, event_id::uuid, topic, partition, \"offset\",
+                    to_timestamp(at / 1000)
+             FROM unnest($2::text[], $3::text[], $4::text[], $5::int4[], $6::int8[], $7::float8[], $8::int4[])
+                  AS b(key, event_id, topic, partition, \"offset\", at, ordinal)
+             ORDER BY key, ordinal
+             ON CONFLICT DO NOTHING
+             RETURNING key",
+            &[
+                &consumer, &keys, &event_ids, &topics, &partitions, &offsets, &times, &ordinals,
+            ],
+        )
+        .await
+        .map_err(PgError::at("record keys"))?;
+    let mut new: HashSet<String> = inserted.iter().map(|row| row.get::<_, String>(0)).collect();
+    for (ordinal, key) in ordinals.iter().zip(&keys) {
+        fresh[*ordinal as usize] = Some(Ok(new.remove(key)));
+    }
+    Ok(fresh)
+}
+
+/// Judges the batch's sequence keys by their watermarks: one row-locked read and at most one
+/// write per source, topic and partition, each record judged in order as
+/// [`record_key`] would one by one (the watermark written is the one the last new record left).
+async fn record_sequence_keys(
+    tx: &Transaction<'_>,
+    consumer: &str,
+    batch: &[Inbound<'_>],
+    verdicts: &mut Verdicts,
+) -> Result<(), PgError> {
+    // (source, topic, partition) → the batch's records of it, in order.
+    type Group<'b> = ((&'b str, &'b str, i32), Vec<usize>);
+    let mut groups: Vec<Group<'_>> = Vec::new();
+    for (index, inbound) in batch.iter().enumerate() {
+        if let IdempotencyKey::Sequence { source, .. } = &inbound.delivery.key {
+            let id = (source.as_str(), inbound.topic, inbound.partition);
+            match groups.iter_mut().find(|(g, _)| *g == id) {
+                Some((_, members)) => members.push(index),
+                None => groups.push((id, vec![index])),
+            }
+        }
+    }
+    for ((source, topic, partition), members) in groups {
+        let row = tx
+            .query_opt(
+                "SELECT high_key, source_epoch FROM exactly_watermarks
+                 WHERE consumer = $1 AND source = $2 AND topic = $3 AND partition = $4 FOR UPDATE",
+                &[&consumer, &source, &topic, &partition],
+            )
+            .await
+            .map_err(PgError::at("read watermark"))?;
+        let mut watermark = match row {
+            None => EpochWatermark::default(),
+            Some(r) => {
+                let high: &str = r.get(0);
+                let high = u128::from_str_radix(high, 16)
+                    .map_err(|e| PgError::Corrupt(format!("watermark {high:?} is not hex: {e}")))?;
+                EpochWatermark::at(Some(high), r.get::<_, i64>(1).max(0) as u64)
+            }
+        };
+        let mut advanced: Option<(u128, i64)> = None;
+        for index in members {
+            let inbound = &batch[index];
+            let IdempotencyKey::Sequence { value, .. } = &inbound.delivery.key else {
+                continue;
+            };
+            verdicts[index] = Some(match watermark.observe(*value, inbound.delivery.source_epoch) {
+                SequenceVerdict::New => {
+                    advanced = Some((*value, inbound.offset + 1));
+                    Ok(true)
+                }
+                SequenceVerdict::Duplicate => Ok(false),
+                refused => Err(refusal_detail(
+                    &inbound.delivery.key,
+                    inbound.delivery.source_epoch,
+                    refused,
+                )),
+            });
+        }
+        if let Some((high, next_offset)) = advanced {
+            tx.execute(
+                "INSERT INTO exactly_watermarks (consumer, source, topic, partition, high_key, next_offset, source_epoch)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)
+                 ON CONFLICT (consumer, source, topic, partition)
+                 DO UPDATE SET high_key = excluded.high_key, next_offset = excluded.next_offset,
+                               source_epoch = excluded.source_epoch",
+                &[
+                    &consumer,
+                    &source,
+                    &topic,
+                    &partition,
+                    &format!("{high:032x}"),
+                    &next_offset,
+                    &(watermark.epoch() as i64),
+                ],
+            )
+            .await
+            .map_err(PgError::at("advance watermark"))?;
+        }
+    }
+    Ok(())
+}
+
 impl<H> PgEffects<H> {
     /// The connection, reopened first if it closed.
     async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Client>, PgError> {
@@ -159,7 +332,12 @@ impl<H: PgHandler> EffectStore for PgEffects<H> {
     async fn apply(&self, inbound: Inbound<'_>) -> Result<ApplyOutcome, StoreError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(PgError::at("begin apply"))?;
-        match record_key(&tx, &self.consumer, &inbound).await? {
+        let recorded = if self.dedupe {
+            record_key(&tx, &self.consumer, &inbound).await?
+        } else {
+            Recorded::New
+        };
+        match recorded {
             Recorded::New => {}
             Recorded::Duplicate => return Ok(ApplyOutcome::Duplicate),
             Recorded::Refused(detail) => {
@@ -174,6 +352,48 @@ impl<H: PgHandler> EffectStore for PgEffects<H> {
             // Dropping the transaction rolls back the key together with any partial effect.
             Err(e) => Ok(ApplyOutcome::Failed(e)),
         }
+    }
+
+    async fn apply_batch(&self, batch: &[Inbound<'_>]) -> Result<BatchOutcome, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(PgError::at("begin batch"))?;
+        let mut fresh = if self.dedupe {
+            let mut fresh = record_set_keys(&tx, &self.consumer, batch).await?;
+            record_sequence_keys(&tx, &self.consumer, batch, &mut fresh).await?;
+            fresh
+        } else {
+            vec![Some(Ok(true)); batch.len()]
+        };
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut new: Vec<&Delivery> = Vec::with_capacity(batch.len());
+        for (index, inbound) in batch.iter().enumerate() {
+            let recorded = match fresh.get_mut(index).and_then(Option::take) {
+                Some(Ok(true)) => Recorded::New,
+                Some(Ok(false)) => Recorded::Duplicate,
+                Some(Err(detail)) => Recorded::Refused(detail),
+                None => record_key(&tx, &self.consumer, inbound).await?,
+            };
+            outcomes.push(match recorded {
+                Recorded::New => {
+                    new.push(inbound.delivery);
+                    ApplyOutcome::Applied
+                }
+                Recorded::Duplicate => ApplyOutcome::Duplicate,
+                // Nothing was written for it: the batch goes on without it.
+                Recorded::Refused(detail) => ApplyOutcome::Refused(ParkReason::SourceRegressed, detail),
+            });
+        }
+        if self.handler.handle_batch(&tx, &new).await.is_err() {
+            // Dropping the transaction rolls back the whole batch; the caller applies the
+            // records one by one, and the failing one is retried or parked in its place.
+            let index = outcomes
+                .iter()
+                .position(|o| matches!(o, ApplyOutcome::Applied))
+                .unwrap_or(0);
+            return Ok(BatchOutcome::HandlerFailed { index });
+        }
+        tx.commit().await.map_err(PgError::at("commit batch"))?;
+        Ok(BatchOutcome::Committed(outcomes))
     }
 
     async fn forget_keys_before(&self, cutoff: UnixMillis) -> Result<u64, StoreError> {

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use exactly_core::dedupe::refusal_detail;
 use exactly_core::record::raw_headers_to_json;
 use exactly_core::{
-    ApplyOutcome, Delivery, EffectStore, EpochWatermark, HandlerError, IdempotencyKey, Inbound, ParkReason,
-    ParkedMessage, SequenceVerdict, StoreError, UnixMillis,
+    ApplyOutcome, BatchOutcome, Delivery, EffectStore, EpochWatermark, HandlerError, IdempotencyKey, Inbound,
+    ParkReason, ParkedMessage, SequenceVerdict, StoreError, UnixMillis,
 };
 use rusqlite::{params, OptionalExtension, Transaction};
 
@@ -183,6 +183,51 @@ impl<H: SqliteHandler> EffectStore for SqliteEffects<H> {
                     // Dropping the transaction rolls back the key with the partial effect.
                     Err(e) => Ok(ApplyOutcome::Failed(e)),
                 }
+            })
+            .await?;
+        Ok(outcome)
+    }
+
+    async fn apply_batch(&self, batch: &[Inbound<'_>]) -> Result<BatchOutcome, StoreError> {
+        let owned: Vec<InboundOwned> = batch
+            .iter()
+            .map(|inbound| InboundOwned {
+                topic: inbound.topic.to_owned(),
+                partition: inbound.partition,
+                offset: inbound.offset,
+                delivery: inbound.delivery.clone(),
+                now: inbound.now,
+            })
+            .collect();
+        let (consumer, handler) = (self.consumer.clone(), self.handler.clone());
+        let outcome = self
+            .db
+            .run(move |conn| {
+                let tx = conn
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(SqliteError::at("begin batch"))?;
+                let mut outcomes = Vec::with_capacity(owned.len());
+                for (index, inbound) in owned.iter().enumerate() {
+                    match record_key(&tx, &consumer, inbound)? {
+                        Recorded::New => {}
+                        Recorded::Duplicate => {
+                            outcomes.push(ApplyOutcome::Duplicate);
+                            continue;
+                        }
+                        // Nothing was written for it: the batch goes on without it.
+                        Recorded::Refused(detail) => {
+                            outcomes.push(ApplyOutcome::Refused(ParkReason::SourceRegressed, detail));
+                            continue;
+                        }
+                    }
+                    if handler.handle(&tx, &inbound.delivery).is_err() {
+                        // Dropping the transaction rolls back the whole batch.
+                        return Ok(BatchOutcome::HandlerFailed { index });
+                    }
+                    outcomes.push(ApplyOutcome::Applied);
+                }
+                tx.commit().map_err(SqliteError::at("commit batch"))?;
+                Ok(BatchOutcome::Committed(outcomes))
             })
             .await?;
         Ok(outcome)
