@@ -92,88 +92,21 @@ enum Recorded {
 
 /// Records the key. Sequence keys are judged by the watermark of their source, topic and
 /// partition, with the source's epoch (row-locked, so concurrent appliers of one partition
-/// serialize); other keys go into the key set.
+/// serialize); other keys go into the key set. The batch functions below with a batch of one.
 async fn record_key(
     tx: &Transaction<'_>,
     consumer: &str,
     inbound: &Inbound<'_>,
 ) -> Result<Recorded, PgError> {
-    let delivery = inbound.delivery;
-    match &delivery.key {
-        IdempotencyKey::Sequence { source, value } => {
-            let row = tx
-                .query_opt(
-                    "SELECT high_key, source_epoch FROM exactly_watermarks
-                     WHERE consumer = $1 AND source = $2 AND topic = $3 AND partition = $4 FOR UPDATE",
-                    &[&consumer, source, &inbound.topic, &inbound.partition],
-                )
-                .await
-                .map_err(PgError::at("read watermark"))?;
-            let mut watermark = match row {
-                None => EpochWatermark::default(),
-                Some(r) => {
-                    let high: &str = r.get(0);
-                    let high = u128::from_str_radix(high, 16)
-                        .map_err(|e| PgError::Corrupt(format!("watermark {high:?} is not hex: {e}")))?;
-                    EpochWatermark::at(Some(high), r.get::<_, i64>(1).max(0) as u64)
-                }
-            };
-            match watermark.observe(*value, delivery.source_epoch) {
-                SequenceVerdict::New => {}
-                SequenceVerdict::Duplicate => return Ok(Recorded::Duplicate),
-                refused => {
-                    return Ok(Recorded::Refused(refusal_detail(
-                        &delivery.key,
-                        delivery.source_epoch,
-                        refused,
-                    )))
-                }
-            }
-            tx.execute(
-                "INSERT INTO exactly_watermarks (consumer, source, topic, partition, high_key, next_offset, source_epoch)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
-                 ON CONFLICT (consumer, source, topic, partition)
-                 DO UPDATE SET high_key = excluded.high_key, next_offset = excluded.next_offset,
-                               source_epoch = excluded.source_epoch",
-                &[
-                    &consumer,
-                    source,
-                    &inbound.topic,
-                    &inbound.partition,
-                    &format!("{value:032x}"),
-                    &(inbound.offset + 1),
-                    &(watermark.epoch() as i64),
-                ],
-            )
-            .await
-            .map_err(PgError::at("advance watermark"))?;
-            Ok(Recorded::New)
-        }
-        key => {
-            let inserted = tx
-                .execute(
-                    "INSERT INTO exactly_processed (consumer, key, event_id, topic, partition, \"offset\", processed_at)
-                     VALUES ($1, $2, $3::text::uuid, $4, $5, $6, to_timestamp($7::float8 / 1000))
-                     ON CONFLICT DO NOTHING",
-                    &[
-                        &consumer,
-                        &key.to_string(),
-                        &delivery.envelope.event_id.hyphenated().to_string(),
-                        &inbound.topic,
-                        &inbound.partition,
-                        &inbound.offset,
-                        &(inbound.now.0 as f64),
-                    ],
-                )
-                .await
-                .map_err(PgError::at("record key"))?;
-            Ok(if inserted == 1 {
-                Recorded::New
-            } else {
-                Recorded::Duplicate
-            })
-        }
-    }
+    let batch = std::slice::from_ref(inbound);
+    let mut verdicts = record_set_keys(tx, consumer, batch).await?;
+    record_sequence_keys(tx, consumer, batch, &mut verdicts).await?;
+    Ok(match verdicts.pop().flatten() {
+        Some(Ok(true)) => Recorded::New,
+        Some(Ok(false)) => Recorded::Duplicate,
+        Some(Err(detail)) => Recorded::Refused(detail),
+        None => return Err(PgError::Corrupt("a record's key was not judged".into())),
+    })
 }
 
 /// A batch record's dedupe verdict: new (`Ok(true)`), a repeat (`Ok(false)`) or refused with

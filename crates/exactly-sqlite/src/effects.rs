@@ -152,15 +152,22 @@ pub(crate) struct InboundOwned {
     now: UnixMillis,
 }
 
-impl<H: SqliteHandler> EffectStore for SqliteEffects<H> {
-    async fn apply(&self, inbound: Inbound<'_>) -> Result<ApplyOutcome, StoreError> {
-        let owned = InboundOwned {
+impl From<&Inbound<'_>> for InboundOwned {
+    /// A copy that can move to the blocking pool.
+    fn from(inbound: &Inbound<'_>) -> Self {
+        InboundOwned {
             topic: inbound.topic.to_owned(),
             partition: inbound.partition,
             offset: inbound.offset,
             delivery: inbound.delivery.clone(),
             now: inbound.now,
-        };
+        }
+    }
+}
+
+impl<H: SqliteHandler> EffectStore for SqliteEffects<H> {
+    async fn apply(&self, inbound: Inbound<'_>) -> Result<ApplyOutcome, StoreError> {
+        let owned = InboundOwned::from(&inbound);
         let (consumer, handler) = (self.consumer.clone(), self.handler.clone());
         let outcome = self
             .db
@@ -189,16 +196,7 @@ impl<H: SqliteHandler> EffectStore for SqliteEffects<H> {
     }
 
     async fn apply_batch(&self, batch: &[Inbound<'_>]) -> Result<BatchOutcome, StoreError> {
-        let owned: Vec<InboundOwned> = batch
-            .iter()
-            .map(|inbound| InboundOwned {
-                topic: inbound.topic.to_owned(),
-                partition: inbound.partition,
-                offset: inbound.offset,
-                delivery: inbound.delivery.clone(),
-                now: inbound.now,
-            })
-            .collect();
+        let owned: Vec<InboundOwned> = batch.iter().map(InboundOwned::from).collect();
         let (consumer, handler) = (self.consumer.clone(), self.handler.clone());
         let outcome = self
             .db
