@@ -18,20 +18,6 @@ use crate::demo::with_database;
 /// Settings of `exactly bench relay`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RelayBench {
-    #[command(flatten)]
-    pub services: BenchServices,
-    /// Events per measured run.
-    #[arg(long, default_value_t = 200_000)]
-    pub events: u64,
-    /// Payload size of each event.
-    #[arg(long, default_value_t = 200)]
-    pub payload_bytes: usize,
-}
-
-/// Where a benchmark runs: a PostgreSQL server (each run makes a fresh database on it) and a
-/// broker (started for the run unless given).
-#[derive(Debug, Clone, clap::Args)]
-pub struct BenchServices {
     /// The PostgreSQL server (a fresh database is created on it).
     #[arg(
         long,
@@ -42,20 +28,12 @@ pub struct BenchServices {
     /// Use this broker instead of starting one.
     #[arg(long, env = "EXACTLY_BENCH_BROKERS")]
     pub brokers: Option<String>,
-}
-
-impl BenchServices {
-    /// A new database named `<prefix>_<run_id>` on the server: its name and URL.
-    pub(crate) async fn fresh_database(&self, prefix: &str, run_id: i64) -> Result<(String, String)> {
-        let name = format!("{prefix}_{run_id}");
-        exactly_postgres::connect(&self.database)
-            .await?
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .context("creating the bench database")?;
-        let url = with_database(&self.database, &name);
-        Ok((name, url))
-    }
+    /// Events per measured run.
+    #[arg(long, default_value_t = 200_000)]
+    pub events: u64,
+    /// Payload size of each event.
+    #[arg(long, default_value_t = 200)]
+    pub payload_bytes: usize,
 }
 
 /// One measured run.
@@ -73,8 +51,14 @@ impl Figure {
 
 pub async fn relay_bench(options: RelayBench) -> Result<()> {
     let run_id = exactly_kafka::now().0;
-    let (brokers, _local_broker) = given_or_local(options.services.brokers.as_deref()).await?;
-    let (name, url) = options.services.fresh_database("exactly_bench", run_id).await?;
+    let (brokers, _local_broker) = given_or_local(options.brokers.as_deref()).await?;
+    let admin = exactly_postgres::connect(&options.database).await?;
+    let name = format!("exactly_bench_{run_id}");
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .context("creating the bench database")?;
+    let url = with_database(&options.database, &name);
     let mut wal_config = WalConfig::new(&url);
     // Rows stay NEW after the WAL run, so the polling relay can publish the same rows next.
     wal_config.mark_sent = false;

@@ -214,11 +214,8 @@ pub enum BatchOutcome {
     /// The handler failed on the record at `index`; nothing of the batch was committed by this
     /// call.
     HandlerFailed {
-        /// The failing record (for a handler that writes the batch at once: the first record it
-        /// was given).
+        /// The failing record.
         index: usize,
-        /// What the handler said.
-        error: HandlerError,
     },
 }
 
@@ -296,7 +293,7 @@ pub trait EffectStore: Send + Sync {
             let mut outcomes = Vec::with_capacity(batch.len());
             for (index, inbound) in batch.iter().enumerate() {
                 match self.apply(*inbound).await? {
-                    ApplyOutcome::Failed(error) => return Ok(BatchOutcome::HandlerFailed { index, error }),
+                    ApplyOutcome::Failed(_) => return Ok(BatchOutcome::HandlerFailed { index }),
                     outcome => outcomes.push(outcome),
                 }
             }

@@ -586,9 +586,9 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                         self.settled(message, outcome, stop).await?;
                     }
                 }
-                BatchOutcome::HandlerFailed { index, error } => {
+                BatchOutcome::HandlerFailed { index } => {
                     tracing::debug!(
-                        "handler failed on record {index} of a batch of {} ({error}): applying one by one",
+                        "handler failed on record {index} of a batch of {}: applying one by one",
                         inbounds.len()
                     );
                     for ((message, _), inbound) in ready.iter().zip(&inbounds) {
