@@ -528,16 +528,29 @@ async fn run_consumer<S: EffectStore>(
 
 pub async fn status(database: Database) -> Result<()> {
     let now = exactly_kafka::now();
+    // Status only reads: it creates no file, table or migration (a mistyped path is an error).
     let (stats, parked) = match database {
         Database::Sqlite(path) => {
-            let conn = exactly_sqlite::open(&path)?;
-            let store = SqliteOutbox::open(&path)?;
+            let conn = exactly_sqlite::open_existing(&path)?;
             let parked: i64 = conn.query_row("SELECT COUNT(*) FROM exactly_parked", [], |r| r.get(0))?;
-            (store.stats(now).await?, parked)
+            (exactly_sqlite::outbox_stats(&conn, now)?, parked)
         }
         Database::Postgres(url) => {
-            let mut client = exactly_postgres::connect(&url).await?;
-            exactly_postgres::migrations::migrate(&mut client).await?;
+            let client = exactly_postgres::connect(&url).await?;
+            let tables: i64 = client
+                .query_one(
+                    "SELECT COUNT(*) FROM pg_catalog.pg_tables
+                     WHERE schemaname = current_schema() AND tablename IN ('outbox', 'exactly_parked')",
+                    &[],
+                )
+                .await?
+                .get(0);
+            if tables < 2 {
+                bail!(
+                    "{} has no exactly tables (a relay or consumer creates them on its first start)",
+                    exactly_postgres::redact_url(&url)
+                );
+            }
             let parked: i64 = client
                 .query_one("SELECT COUNT(*) FROM exactly_parked", &[])
                 .await?

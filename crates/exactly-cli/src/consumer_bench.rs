@@ -6,30 +6,21 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use exactly_core::{EffectStore, Envelope, IdempotencyKey, UnixMillis};
 use exactly_kafka::{ConsumerConfig, ConsumerCounters, IdempotentConsumer};
 use exactly_postgres::PgEffects;
 use tokio::sync::watch;
 
-use crate::bench::{produce_raw, Figure};
+use crate::bench::{produce_raw, BenchServices, Figure};
 use crate::broker::given_or_local;
 use crate::commands::{RecordHandler, RECORD_SCHEMA_PG};
-use crate::demo::with_database;
 
 /// Settings of `exactly bench consumer`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ConsumerBench {
-    /// The PostgreSQL server (a fresh database is created on it).
-    #[arg(
-        long,
-        env = "EXACTLY_PG_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
-    )]
-    pub database: String,
-    /// Use this broker instead of starting one.
-    #[arg(long, env = "EXACTLY_BENCH_BROKERS")]
-    pub brokers: Option<String>,
+    #[command(flatten)]
+    pub services: BenchServices,
     /// Records on the topic; the batched runs apply all of them.
     #[arg(long, default_value_t = 100_000)]
     pub events: u64,
@@ -46,14 +37,11 @@ pub struct ConsumerBench {
 
 pub async fn consumer_bench(options: ConsumerBench) -> Result<()> {
     let run_id = exactly_kafka::now().0;
-    let (brokers, _local_broker) = given_or_local(options.brokers.as_deref()).await?;
-    let admin = exactly_postgres::connect(&options.database).await?;
-    let name = format!("exactly_bench_consumer_{run_id}");
-    admin
-        .batch_execute(&format!("CREATE DATABASE {name}"))
-        .await
-        .context("creating the bench database")?;
-    let url = with_database(&options.database, &name);
+    let (brokers, _local_broker) = given_or_local(options.services.brokers.as_deref()).await?;
+    let (name, url) = options
+        .services
+        .fresh_database("exactly_bench_consumer", run_id)
+        .await?;
     exactly_postgres::connect(&url)
         .await?
         .batch_execute(RECORD_SCHEMA_PG)

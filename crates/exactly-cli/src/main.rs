@@ -10,6 +10,7 @@ mod commands;
 mod config_file;
 mod consumer_bench;
 mod demo;
+mod e2e_bench;
 mod run;
 mod settings;
 mod sink;
@@ -61,6 +62,9 @@ enum BenchKind {
     /// The idempotent consumer (PostgreSQL, record handler, batched) vs the same handler without
     /// dedupe, and vs one transaction per record.
     Consumer(consumer_bench::ConsumerBench),
+    /// Commit-to-effect latency through each relay and an idempotent consumer, at fixed commit
+    /// rates (HDR histograms; CSV and PNG).
+    E2e(e2e_bench::E2eBench),
 }
 
 #[derive(Subcommand)]
@@ -270,6 +274,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             what: BenchKind::Consumer(options),
         } => {
             consumer_bench::consumer_bench(options).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            what: BenchKind::E2e(options),
+        } => {
+            e2e_bench::e2e_bench(options).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

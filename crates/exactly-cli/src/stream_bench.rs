@@ -327,6 +327,15 @@ pub async fn stream_bench(options: StreamBench) -> Result<()> {
         restore.entries,
         restore.dropped
     );
+    let rate = restore.records as f64 / restore.elapsed.as_secs_f64().max(1e-9);
+    println!(
+        "  {:<34} {:>10.0} records/s  (read {:.2} s, store write {:.2} s; goal >= 300,000/s: {})",
+        "restore rate",
+        rate,
+        restore.read.as_secs_f64(),
+        restore.write.as_secs_f64(),
+        if rate >= 300_000.0 { "met" } else { "NOT met" }
+    );
     println!(
         "  {:<34} {:>10.1} MiB  ({:.0} B per key)",
         "store size after restore",

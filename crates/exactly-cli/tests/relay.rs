@@ -547,3 +547,150 @@ async fn sequence_keys_survive_a_killed_leader_with_watermark_dedupe() {
         "one watermark per partition used, no key set"
     );
 }
+
+/// The relay's rounds overlap (the next batch is claimed while one is in flight, and may carry
+/// later records of the aggregates in flight). Refused sends across batch boundaries hold their
+/// aggregates' later records, in the batch in flight and in the next one: on PostgreSQL, 600
+/// events of 4 aggregates in batches of 25, every record arrives once and each aggregate's
+/// records in commit order.
+#[tokio::test(flavor = "multi_thread")]
+async fn overlapped_rounds_keep_aggregate_order_through_refused_sends() {
+    let brokers = brokers();
+    let url = fresh_pg_database().await;
+    let topic = unique("overlap");
+    exactly_kafka::ensure_topics(&brokers, &[&topic], 2)
+        .await
+        .expect("topic");
+    let mut client = exactly_postgres::connect(&url).await.expect("connect");
+    exactly_postgres::migrations::migrate(&mut client)
+        .await
+        .expect("migrate");
+    let mut committed = Vec::new();
+    for i in 0..600 {
+        let tx = client.transaction().await.expect("begin");
+        let e = event(&format!("A-{}", i % 4), i, b"");
+        exactly_postgres::enqueue(&tx, &topic, &e).await.expect("enqueue");
+        tx.commit().await.expect("commit");
+        committed.push(e);
+    }
+    let mut config = exactly_kafka::RelayConfig::new(&brokers);
+    config.batch_size = 25;
+    config.retry.base_ms = 100;
+    config.retry.max_retries = 50;
+    let sends = std::sync::atomic::AtomicU64::new(0);
+    // Refusals at the end of a batch (24), at the start of one (25, 26), and mid-batch later.
+    let faults = exactly_kafka::Faults::new(move |point| {
+        point == exactly_kafka::FaultPoint::RelaySendRefused
+            && [24, 25, 26, 140, 141, 333].contains(&sends.fetch_add(1, std::sync::atomic::Ordering::SeqCst))
+    });
+    let store = exactly_postgres::PgOutbox::connect(&url).await.expect("outbox");
+    let counters = std::sync::Arc::new(exactly_kafka::RelayCounters::default());
+    let mut relay = exactly_kafka::Relay::new(store, config)
+        .expect("relay")
+        .with_faults(faults)
+        .with_counters(counters.clone());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(async move { relay.run(stop_rx).await });
+    let all_sent = exactly_testkit::eventually(Duration::from_secs(60), || async {
+        client
+            .query_one("SELECT COUNT(*) FROM outbox WHERE status = 'SENT'", &[])
+            .await
+            .expect("count")
+            .get::<_, i64>(0)
+            == 600
+    })
+    .await;
+    stop_tx.send(true).expect("stop");
+    running.await.expect("join").expect("relay run");
+    assert!(all_sent, "not all 600 rows SENT within 60 s");
+    let records = read_topic(&brokers, &topic, 2, "read_committed");
+    assert_eq!(
+        records.len(),
+        600,
+        "each record once (a refused send is not delivered)"
+    );
+    let mut per_aggregate: HashMap<String, Vec<String>> = HashMap::new();
+    let mut by_position = records;
+    by_position.sort_by_key(|r| (r.partition, r.offset));
+    for r in &by_position {
+        per_aggregate
+            .entry(r.headers["exactly-aggregate-id"].clone())
+            .or_default()
+            .push(r.headers["exactly-event-id"].clone());
+    }
+    for aggregate in ["A-0", "A-1", "A-2", "A-3"] {
+        let expected: Vec<String> = ids(&committed)
+            .into_iter()
+            .zip(&committed)
+            .filter(|(_, e)| e.aggregate_id == aggregate)
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(
+            per_aggregate[aggregate], expected,
+            "aggregate {aggregate} out of commit order"
+        );
+    }
+    assert!(
+        counters.published.load(std::sync::atomic::Ordering::Relaxed) >= 600,
+        "published counter"
+    );
+}
+
+/// `exactly status` reads and creates nothing: a mistyped SQLite path is an error (no file
+/// appears), a PostgreSQL database without exactly's tables is an error (no table appears), and
+/// on real outboxes it counts rows by status.
+#[tokio::test(flavor = "multi_thread")]
+async fn status_reads_and_creates_nothing() {
+    let status = |database: &str| {
+        Command::new(EXACTLY)
+            .args(["status", "--database", database])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run exactly status")
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("mistyped.db");
+    let out = status(missing.to_str().expect("utf-8 path"));
+    assert!(!out.status.success(), "a missing file must fail: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("does not exist"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!missing.exists(), "status created {}", missing.display());
+
+    let service = dir.path().join("service.db");
+    insert_sqlite(&service, "status-topic", 3);
+    let out = status(service.to_str().expect("utf-8 path"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("NEW 3  SENDING 0  SENT 0  DEAD 0"), "{stdout}");
+
+    let url = fresh_pg_database().await;
+    let out = status(&url);
+    assert!(!out.status.success(), "no tables must fail: {out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("has no exactly tables"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut client = exactly_postgres::connect(&url).await.expect("connect");
+    let created: Option<String> = client
+        .query_one("SELECT to_regclass('outbox')::text", &[])
+        .await
+        .expect("regclass")
+        .get(0);
+    assert_eq!(created, None, "status created the outbox table");
+    exactly_postgres::migrations::migrate(&mut client)
+        .await
+        .expect("migrate");
+    for i in 0..2 {
+        exactly_postgres::enqueue(&client, "status-topic", &event("A", i, b""))
+            .await
+            .expect("enqueue");
+    }
+    let out = status(&url);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("NEW 2  SENDING 0  SENT 0  DEAD 0"), "{stdout}");
+}

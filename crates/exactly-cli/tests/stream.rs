@@ -541,6 +541,7 @@ fn config_for(
 struct Running {
     counters: Arc<exactly_stream::StreamCounters>,
     stop: Arc<AtomicBool>,
+    failed: Arc<std::sync::Mutex<Option<String>>>,
     thread: Option<std::thread::JoinHandle<Result<(), exactly_stream::ProcessorError>>>,
 }
 
@@ -548,16 +549,29 @@ impl Running {
     fn start(config: exactly_stream::StreamConfig) -> Running {
         let counters = Arc::new(exactly_stream::StreamCounters::default());
         let stop = Arc::new(AtomicBool::new(false));
-        let (c, s) = (counters.clone(), stop.clone());
-        let thread = std::thread::spawn(move || exactly_stream::Processor::new(config, c)?.run(&s));
+        let failed = Arc::new(std::sync::Mutex::new(None));
+        let (c, s, f) = (counters.clone(), stop.clone(), failed.clone());
+        let thread = std::thread::spawn(move || {
+            let ran = exactly_stream::Processor::new(config, c).and_then(|mut p| p.run(&s));
+            if let Err(e) = &ran {
+                *f.lock().expect("lock") = Some(e.to_string());
+            }
+            ran
+        });
         Running {
             counters,
             stop,
+            failed,
             thread: Some(thread),
         }
     }
 
+    /// Its task count; a processor that stopped on its own fails the test with its error
+    /// (a wait on its tasks would otherwise only time out).
     fn tasks(&self) -> u64 {
+        if let Some(error) = self.failed.lock().expect("lock").as_ref() {
+            panic!("a processor stopped by itself: {error}");
+        }
         self.counters.tasks.load(Ordering::Relaxed)
     }
 
@@ -651,9 +665,16 @@ fn two_processors_split_partitions_and_survive_a_rebalance() {
         .collect();
     let a = Running::start(config_a);
     let b = Running::start(config_b);
-    wait_for("both processors to hold tasks", Duration::from_secs(60), || {
-        a.tasks() > 0 && b.tasks() > 0 && a.tasks() + b.tasks() == 3
-    });
+    let split = Instant::now() + Duration::from_secs(60);
+    while !(a.tasks() > 0 && b.tasks() > 0 && a.tasks() + b.tasks() == 3) {
+        assert!(
+            Instant::now() < split,
+            "after 60 s the processors do not split the 3 tasks: a holds {}, b holds {}",
+            a.tasks(),
+            b.tasks()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     produce(&brokers, &input, &events[..HALF]);
     // Unreadable inputs: no exactly headers at all, and an event without the grouping field.
     let producer: ThreadedProducer<DefaultProducerContext> = exactly_kafka::producer_config(&brokers, false)

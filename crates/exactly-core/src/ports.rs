@@ -214,8 +214,11 @@ pub enum BatchOutcome {
     /// The handler failed on the record at `index`; nothing of the batch was committed by this
     /// call.
     HandlerFailed {
-        /// The failing record.
+        /// The failing record (for a handler that writes the batch at once: the first record it
+        /// was given).
         index: usize,
+        /// What the handler said.
+        error: HandlerError,
     },
 }
 
@@ -293,7 +296,7 @@ pub trait EffectStore: Send + Sync {
             let mut outcomes = Vec::with_capacity(batch.len());
             for (index, inbound) in batch.iter().enumerate() {
                 match self.apply(*inbound).await? {
-                    ApplyOutcome::Failed(_) => return Ok(BatchOutcome::HandlerFailed { index }),
+                    ApplyOutcome::Failed(error) => return Ok(BatchOutcome::HandlerFailed { index, error }),
                     outcome => outcomes.push(outcome),
                 }
             }

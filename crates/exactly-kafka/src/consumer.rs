@@ -331,8 +331,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
     /// assignment and nothing triggered another, so the group read nothing forever. Kafka should
     /// not get there; Tansu's group descriptions list no members, hence offsets, not members.
     fn rejoin_if_group_is_stuck(&self, idle: &mut IdleWatch) {
-        // Short timeouts: these calls block this loop, and a loop that stops polling for
-        // max.poll.interval.ms (10 s) is put out of the group.
+        // Short timeouts: these calls block this loop, and a rebalance waits for it to poll.
         const LOOK: Duration = Duration::from_millis(500);
         let group = &self.config.group_id;
         let mut list = TopicPartitionList::new();
@@ -518,7 +517,11 @@ impl<S: EffectStore> IdempotentConsumer<S> {
             }
             mine
         };
-        commit_offsets(&self.consumer, offsets, CommitMode::Sync, "");
+        // Async: a synchronous commit waits for the group coordinator, and while the broker
+        // restarts that wait outlasted max.poll.interval.ms, put this member out of its group
+        // and stalled its partitions. A lost or late commit only means a redelivery, which
+        // dedupe absorbs; librdkafka sends commits in order and closing waits for them.
+        commit_offsets(&self.consumer, offsets, CommitMode::Async, "");
     }
 
     /// Handles what one poll returned, in order: records that cannot be applied are parked;
@@ -586,9 +589,9 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                         self.settled(message, outcome, stop).await?;
                     }
                 }
-                BatchOutcome::HandlerFailed { index } => {
+                BatchOutcome::HandlerFailed { index, error } => {
                     tracing::debug!(
-                        "handler failed on record {index} of a batch of {}: applying one by one",
+                        "handler failed on record {index} of a batch of {} ({error}): applying one by one",
                         inbounds.len()
                     );
                     for ((message, _), inbound) in ready.iter().zip(&inbounds) {

@@ -174,7 +174,7 @@ pub fn broker_hides_aborted_records(
     let nonce = format!(
         "exactly-abort-probe-{}-{}",
         std::process::id(),
-        crate::relay::now().0
+        crate::relay::unique_suffix()
     );
     let producer: ThreadedProducer<crate::TokenContext> = producer_config(&*kafka, false)
         .set("transactional.id", &nonce)

@@ -45,7 +45,7 @@ impl RelayConfig {
     pub fn new(kafka: &(impl Cluster + ?Sized)) -> Self {
         RelayConfig {
             kafka: kafka.settings().into_owned(),
-            owner: format!("relay-{}-{}", std::process::id(), uuid_suffix()),
+            owner: format!("relay-{}-{}", std::process::id(), unique_suffix()),
             batch_size: 500,
             lease_ms: 30_000,
             poll_interval: Duration::from_millis(500),
@@ -56,12 +56,10 @@ impl RelayConfig {
     }
 }
 
-fn uuid_suffix() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    format!("{nanos:08x}")
+/// A name part no other client of this or any process shares: two clients started in the same
+/// millisecond of one process (two stream processors, two relays) must not fence each other.
+pub(crate) fn unique_suffix() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
 }
 
 /// The wall clock as the core's time type; only runtimes read clocks.
@@ -96,6 +94,42 @@ pub struct BatchReport {
     pub retrying: usize,
     /// Marked DEAD.
     pub dead: usize,
+}
+
+/// A claimed batch and when it was claimed.
+struct Claim {
+    rows: Vec<Claimed>,
+    started: UnixMillis,
+}
+
+/// A published batch whose acks are awaited.
+struct InFlight {
+    claimed: usize,
+    started: UnixMillis,
+    lease_until: UnixMillis,
+    settlements: Vec<Settlement>,
+    deliveries: Vec<(OutboxRecord, rdkafka::producer::DeliveryFuture, Instant)>,
+    /// Aggregates with a record the producer refused: their later records are held back.
+    held: HashSet<(String, String)>,
+}
+
+/// Aggregates with a record whose delivery failed in a settled batch.
+#[derive(Default)]
+struct Failed {
+    aggregates: HashSet<(String, String)>,
+}
+
+impl Failed {
+    fn insert(&mut self, record: &OutboxRecord) {
+        self.aggregates.insert((
+            record.envelope.aggregate_type.clone(),
+            record.envelope.aggregate_id.clone(),
+        ));
+    }
+
+    fn any(&self) -> bool {
+        !self.aggregates.is_empty()
+    }
 }
 
 /// Moves outbox rows to Kafka. Every record is keyed by its aggregate id, so one aggregate's
@@ -143,6 +177,16 @@ impl<S: OutboxStore> Relay<S> {
 
     /// One round: claim a batch, publish it in order, wait for every ack, settle.
     pub async fn run_once(&mut self) -> Result<BatchReport, KafkaFlowError> {
+        let claimed = self.claim().await?;
+        let batch = self.publish(claimed, &HashSet::new()).await;
+        let (report, failed) = self.settle(batch).await?;
+        if failed.any() {
+            self.renew_producer()?;
+        }
+        Ok(report)
+    }
+
+    async fn claim(&self) -> Result<Claim, KafkaFlowError> {
         let started = now();
         let request = ClaimRequest {
             owner: self.config.owner.clone(),
@@ -152,23 +196,33 @@ impl<S: OutboxStore> Relay<S> {
             keys: self.config.keys.clone(),
             max_payload_bytes: self.config.max_payload_bytes,
         };
-        let claimed = self.store.claim(&request).await?;
-        let mut report = BatchReport {
-            claimed: claimed.len(),
-            ..BatchReport::default()
-        };
-        if claimed.is_empty() {
-            return Ok(report);
-        }
+        let timer = Instant::now();
+        let rows = self.store.claim(&request).await?;
+        tracing::debug!(
+            rows = rows.len(),
+            ms = timer.elapsed().as_millis() as u64,
+            "claimed"
+        );
+        Ok(Claim { rows, started })
+    }
+
+    /// Queues a claimed batch in order. `held` are aggregates with a record that failed in the
+    /// batch settled just before: their records here are released unsent, to go out after it.
+    async fn publish(&self, claim: Claim, held: &HashSet<(String, String)>) -> InFlight {
+        let Claim { rows, started } = claim;
+        let timer = Instant::now();
         let lease_until = started.plus_ms(self.config.lease_ms);
         let sequence_mode = matches!(self.config.keys, KeyMode::Sequence { .. });
-        let mut settlements = Vec::with_capacity(claimed.len());
-        let mut in_flight = Vec::with_capacity(claimed.len());
+        let mut batch = InFlight {
+            claimed: rows.len(),
+            started,
+            lease_until,
+            settlements: Vec::with_capacity(rows.len()),
+            deliveries: Vec::with_capacity(rows.len()),
+            held: held.clone(),
+        };
         let mut stopped = false;
-        // Aggregates with a record the producer refused in this batch: their later records are
-        // released unsent, so the retry of the refused one still goes out before them.
-        let mut held: HashSet<(String, String)> = HashSet::new();
-        for row in claimed {
+        for row in rows {
             match row {
                 Claimed::Malformed {
                     id,
@@ -179,7 +233,7 @@ impl<S: OutboxStore> Relay<S> {
                     let dead = state
                         .apply(OutboxEvent::Reject, &self.config.retry)
                         .unwrap_or(state);
-                    settlements.push(Settlement {
+                    batch.settlements.push(Settlement {
                         id,
                         state: dead,
                         last_error: Some(defect.to_string()),
@@ -187,7 +241,7 @@ impl<S: OutboxStore> Relay<S> {
                 }
                 Claimed::Ready(record)
                     if stopped
-                        || held.contains(&(
+                        || batch.held.contains(&(
                             record.envelope.aggregate_type.clone(),
                             record.envelope.aggregate_id.clone(),
                         )) =>
@@ -200,14 +254,14 @@ impl<S: OutboxStore> Relay<S> {
                     let released = state
                         .apply(OutboxEvent::Release { now: started }, &self.config.retry)
                         .unwrap_or(state);
-                    settlements.push(Settlement {
+                    batch.settlements.push(Settlement {
                         id: record.id,
                         state: released,
                         last_error: None,
                     });
                 }
                 Claimed::Ready(record) => match self.send(&record).await {
-                    Ok(delivery) => in_flight.push((record, delivery, Instant::now())),
+                    Ok(delivery) => batch.deliveries.push((record, delivery, Instant::now())),
                     Err(error) => {
                         tracing::warn!(
                             "the producer refused outbox row {} ({}/{}): {error}; holding the aggregate's later rows",
@@ -215,18 +269,48 @@ impl<S: OutboxStore> Relay<S> {
                             record.envelope.aggregate_type,
                             record.envelope.aggregate_id
                         );
-                        held.insert((
+                        batch.held.insert((
                             record.envelope.aggregate_type.clone(),
                             record.envelope.aggregate_id.clone(),
                         ));
-                        settlements.push(fail(&record, lease_until, &error, &self.config.retry, started));
+                        batch.settlements.push(fail(
+                            &record,
+                            lease_until,
+                            &error,
+                            &self.config.retry,
+                            started,
+                        ));
                         stopped = sequence_mode;
                     }
                 },
             }
         }
-        let mut any_failed = false;
-        for (record, delivery, sent_at) in in_flight {
+        tracing::debug!(ms = timer.elapsed().as_millis() as u64, "queued");
+        batch
+    }
+
+    /// Waits for every ack of a published batch and settles it: SENT, back to NEW with a
+    /// backoff, or DEAD. Also says whether a delivery failed (the producer is then renewed, once
+    /// nothing else is in flight on it).
+    async fn settle(&self, batch: InFlight) -> Result<(BatchReport, Failed), KafkaFlowError> {
+        let InFlight {
+            claimed,
+            started,
+            lease_until,
+            mut settlements,
+            deliveries,
+            held: _,
+        } = batch;
+        let mut report = BatchReport {
+            claimed,
+            ..BatchReport::default()
+        };
+        if claimed == 0 {
+            return Ok((report, Failed::default()));
+        }
+        let mut failed = Failed::default();
+        let timer = Instant::now();
+        for (record, delivery, sent_at) in deliveries {
             match delivery.await {
                 Ok(Ok(_)) => {
                     metrics::histogram!("exactly_relay_publish_seconds")
@@ -244,7 +328,7 @@ impl<S: OutboxStore> Relay<S> {
                     });
                 }
                 Ok(Err((error, _))) => {
-                    any_failed = true;
+                    failed.insert(&record);
                     settlements.push(fail(
                         &record,
                         lease_until,
@@ -254,7 +338,7 @@ impl<S: OutboxStore> Relay<S> {
                     ));
                 }
                 Err(_) => {
-                    any_failed = true;
+                    failed.insert(&record);
                     settlements.push(fail(
                         &record,
                         lease_until,
@@ -265,15 +349,22 @@ impl<S: OutboxStore> Relay<S> {
                 }
             }
         }
+        tracing::debug!(ms = timer.elapsed().as_millis() as u64, "acks awaited");
         if self.faults.fires(FaultPoint::RelayAfterPublishBeforeSettle) {
             return Err(KafkaFlowError::InjectedCrash(
                 FaultPoint::RelayAfterPublishBeforeSettle,
             ));
         }
         let settled_at = now();
+        let timer = Instant::now();
         self.store
             .settle(&self.config.owner, &settlements, settled_at)
             .await?;
+        tracing::debug!(
+            rows = settlements.len(),
+            ms = timer.elapsed().as_millis() as u64,
+            "settled"
+        );
         for s in &settlements {
             match s.state.status {
                 OutboxStatus::Sent => report.sent += 1,
@@ -290,25 +381,37 @@ impl<S: OutboxStore> Relay<S> {
         self.counters
             .dead
             .fetch_add(report.dead as u64, Ordering::Relaxed);
-        if any_failed {
-            // A failed delivery may leave an idempotent producer in a state that refuses the
-            // resend (or, without gapless, has skipped a sequence): start over with a fresh one.
-            self.producer = new_producer(&self.config)?;
-        }
-        Ok(report)
+        Ok((report, failed))
     }
 
-    /// Runs rounds until `stop` turns true: a full batch goes again at once, otherwise the relay
-    /// waits for a NOTIFY or the poll interval. A retryable database error (PostgreSQL
+    /// A failed delivery may leave an idempotent producer in a state that refuses the resend
+    /// (or, without gapless, has skipped a sequence): start over with a fresh one.
+    fn renew_producer(&mut self) -> Result<(), KafkaFlowError> {
+        self.producer = new_producer(&self.config)?;
+        Ok(())
+    }
+
+    /// Runs rounds until `stop` turns true. In event-id mode the rounds overlap: while a full
+    /// batch is in flight, the next one is claimed (on one database connection) as the first's
+    /// acks are awaited and it is settled (on another); then the next one is queued. The claim
+    /// query does not let this relay's own leased rows hold their aggregates, so the next batch
+    /// may carry later records of an aggregate in flight; if one of its records failed or was
+    /// refused, those later records are released unsent, and go out after its retry.
+    /// Sequence mode runs one round at a time: its claim resumes at the lowest unsent sequence,
+    /// which includes the rows in flight. A batch that is not full is settled at once, and the
+    /// relay waits for a NOTIFY or the poll interval. A retryable database error (PostgreSQL
     /// restarting) backs off and tries again: rows claimed before it stay leased, and are
     /// published again once the lease expires, never skipped.
     pub async fn run(&mut self, mut stop: watch::Receiver<bool>) -> Result<(), KafkaFlowError> {
+        let overlap = matches!(self.config.keys, KeyMode::EventId);
         let mut store_failures = 0u32;
+        let mut in_flight: Option<InFlight> = None;
         while !*stop.borrow() {
-            let report = match self.run_once().await {
-                Ok(report) => {
+            let round = self.overlapped_round(&mut in_flight, overlap).await;
+            let wait = match round {
+                Ok(wait) => {
                     store_failures = 0;
-                    report
+                    wait
                 }
                 Err(KafkaFlowError::Store(e)) if e.is_retryable() => {
                     store_failures += 1;
@@ -323,14 +426,54 @@ impl<S: OutboxStore> Relay<S> {
                 }
                 Err(e) => return Err(e),
             };
-            if report.claimed < self.config.batch_size || report.retrying > 0 {
+            if wait {
                 tokio::select! {
                     _ = self.store.wait_for_rows(self.config.poll_interval) => {}
                     _ = stop.changed() => {}
                 }
             }
         }
+        if let Some(batch) = in_flight.take() {
+            self.settle(batch).await?;
+        }
         Ok(())
+    }
+
+    /// Claims a batch while settling the one in flight, then queues it. Keeps it in flight when
+    /// it is full and nothing is held; returns whether the relay should wait for new rows. On
+    /// an error, what was claimed or in flight stays leased and goes out again after its lease.
+    async fn overlapped_round(
+        &mut self,
+        in_flight: &mut Option<InFlight>,
+        overlap: bool,
+    ) -> Result<bool, KafkaFlowError> {
+        // A batch stays in flight only when nothing in it was refused (see below), so what holds
+        // aggregates in the next batch is only what failed in it.
+        let previous = in_flight.take();
+        let settle_previous = async {
+            match previous {
+                Some(batch) => self.settle(batch).await.map(|(_, failed)| failed),
+                None => Ok(Failed::default()),
+            }
+        };
+        let (claimed, failed) = tokio::join!(self.claim(), settle_previous);
+        let failed = failed?;
+        let claimed = claimed?;
+        if failed.any() {
+            // Nothing is in flight on the producer now, so it can be replaced.
+            self.renew_producer()?;
+        }
+        let current = self.publish(claimed, &failed.aggregates).await;
+        let full = current.claimed >= self.config.batch_size;
+        if overlap && full && current.held.is_empty() {
+            *in_flight = Some(current);
+            return Ok(false);
+        }
+        let (report, failed) = self.settle(current).await?;
+        if failed.any() {
+            self.renew_producer()?;
+        }
+        Ok(report.claimed < self.config.batch_size || report.retrying > 0)
     }
 
     /// Queues one record. A full queue is waited out (up to [`QUEUE_FULL_WAIT`]): the records

@@ -83,7 +83,11 @@ where
     F: FnMut(&BorrowedMessage<'_>),
 {
     // Assigned, not subscribed: the group only has to be unused.
-    let group = format!("exactly-scan-{}-{}", std::process::id(), crate::now().0);
+    let group = format!(
+        "exactly-scan-{}-{}",
+        std::process::id(),
+        crate::relay::unique_suffix()
+    );
     // Reaching a partition's end is the goal here, not an error worth a log line.
     let consumer: BaseConsumer<crate::QuietEof> = reader_config(kafka, &group, isolation)
         .create_with_context(crate::QuietEof)

@@ -83,39 +83,14 @@ impl<H: PgHandler> PgEffects<H> {
     }
 }
 
-/// What recording a key found.
-enum Recorded {
-    New,
-    Duplicate,
-    Refused(String),
-}
-
-/// Records the key. Sequence keys are judged by the watermark of their source, topic and
-/// partition, with the source's epoch (row-locked, so concurrent appliers of one partition
-/// serialize); other keys go into the key set. The batch functions below with a batch of one.
-async fn record_key(
-    tx: &Transaction<'_>,
-    consumer: &str,
-    inbound: &Inbound<'_>,
-) -> Result<Recorded, PgError> {
-    let batch = std::slice::from_ref(inbound);
-    let mut verdicts = record_set_keys(tx, consumer, batch).await?;
-    record_sequence_keys(tx, consumer, batch, &mut verdicts).await?;
-    Ok(match verdicts.pop().flatten() {
-        Some(Ok(true)) => Recorded::New,
-        Some(Ok(false)) => Recorded::Duplicate,
-        Some(Err(detail)) => Recorded::Refused(detail),
-        None => return Err(PgError::Corrupt("a record's key was not judged".into())),
-    })
-}
-
 /// A batch record's dedupe verdict: new (`Ok(true)`), a repeat (`Ok(false)`) or refused with
 /// the reason; `None` while not judged yet.
 type Verdicts = Vec<Option<Result<bool, String>>>;
 
 /// Records the key-set keys of a batch with one statement: `Ok(true)` for a record whose key is
 /// new (the first record of the batch with that key), `Ok(false)` for one recorded before (or
-/// earlier in the batch); sequence keys are left to [`record_sequence_keys`].
+/// earlier in the batch); sequence keys are left to [`record_sequence_keys`]. Key-set keys go
+/// into `exactly_processed`.
 async fn record_set_keys(
     tx: &Transaction<'_>,
     consumer: &str,
@@ -172,7 +147,8 @@ async fn record_set_keys(
 
 /// Judges the batch's sequence keys by their watermarks: one row-locked read and at most one
 /// write per source, topic and partition, each record judged in order as
-/// [`record_key`] would one by one (the watermark written is the one the last new record left).
+/// if they came one by one (the watermark written is the one the last new record left). The row
+/// lock makes concurrent appliers of one partition serialize.
 async fn record_sequence_keys(
     tx: &Transaction<'_>,
     consumer: &str,
@@ -262,70 +238,52 @@ impl<H> PgEffects<H> {
 }
 
 impl<H: PgHandler> EffectStore for PgEffects<H> {
+    /// A batch of one: the same transaction as [`EffectStore::apply_batch`], with the
+    /// handler's error returned for the consumer's retry-or-park decision.
     async fn apply(&self, inbound: Inbound<'_>) -> Result<ApplyOutcome, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(PgError::at("begin apply"))?;
-        let recorded = if self.dedupe {
-            record_key(&tx, &self.consumer, &inbound).await?
-        } else {
-            Recorded::New
-        };
-        match recorded {
-            Recorded::New => {}
-            Recorded::Duplicate => return Ok(ApplyOutcome::Duplicate),
-            Recorded::Refused(detail) => {
-                return Ok(ApplyOutcome::Refused(ParkReason::SourceRegressed, detail))
-            }
-        }
-        match self.handler.handle(&tx, inbound.delivery).await {
-            Ok(()) => {
-                tx.commit().await.map_err(PgError::at("commit apply"))?;
-                Ok(ApplyOutcome::Applied)
-            }
-            // Dropping the transaction rolls back the key together with any partial effect.
-            Err(e) => Ok(ApplyOutcome::Failed(e)),
+        match self.apply_batch(std::slice::from_ref(&inbound)).await? {
+            BatchOutcome::Committed(mut outcomes) => outcomes
+                .pop()
+                .ok_or_else(|| PgError::Corrupt("a batch of one gave no outcome".into()).into()),
+            BatchOutcome::HandlerFailed { error, .. } => Ok(ApplyOutcome::Failed(error)),
         }
     }
 
     async fn apply_batch(&self, batch: &[Inbound<'_>]) -> Result<BatchOutcome, StoreError> {
         let mut client = self.client().await?;
-        let tx = client.transaction().await.map_err(PgError::at("begin batch"))?;
-        let mut fresh = if self.dedupe {
-            let mut fresh = record_set_keys(&tx, &self.consumer, batch).await?;
-            record_sequence_keys(&tx, &self.consumer, batch, &mut fresh).await?;
-            fresh
+        let tx = client.transaction().await.map_err(PgError::at("begin apply"))?;
+        let verdicts = if self.dedupe {
+            let mut verdicts = record_set_keys(&tx, &self.consumer, batch).await?;
+            record_sequence_keys(&tx, &self.consumer, batch, &mut verdicts).await?;
+            verdicts
         } else {
             vec![Some(Ok(true)); batch.len()]
         };
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut new: Vec<&Delivery> = Vec::with_capacity(batch.len());
-        for (index, inbound) in batch.iter().enumerate() {
-            let recorded = match fresh.get_mut(index).and_then(Option::take) {
-                Some(Ok(true)) => Recorded::New,
-                Some(Ok(false)) => Recorded::Duplicate,
-                Some(Err(detail)) => Recorded::Refused(detail),
-                None => record_key(&tx, &self.consumer, inbound).await?,
-            };
-            outcomes.push(match recorded {
-                Recorded::New => {
+        for (inbound, verdict) in batch.iter().zip(verdicts) {
+            outcomes.push(match verdict {
+                Some(Ok(true)) => {
                     new.push(inbound.delivery);
                     ApplyOutcome::Applied
                 }
-                Recorded::Duplicate => ApplyOutcome::Duplicate,
+                Some(Ok(false)) => ApplyOutcome::Duplicate,
                 // Nothing was written for it: the batch goes on without it.
-                Recorded::Refused(detail) => ApplyOutcome::Refused(ParkReason::SourceRegressed, detail),
+                Some(Err(detail)) => ApplyOutcome::Refused(ParkReason::SourceRegressed, detail),
+                None => return Err(PgError::Corrupt("a record's key was not judged".into()).into()),
             });
         }
-        if self.handler.handle_batch(&tx, &new).await.is_err() {
-            // Dropping the transaction rolls back the whole batch; the caller applies the
-            // records one by one, and the failing one is retried or parked in its place.
+        if let Err(error) = self.handler.handle_batch(&tx, &new).await {
+            // Dropping the transaction rolls back the whole batch, keys and partial effects; the
+            // consumer applies the records one by one, the failing one retried or parked in its
+            // place.
             let index = outcomes
                 .iter()
                 .position(|o| matches!(o, ApplyOutcome::Applied))
                 .unwrap_or(0);
-            return Ok(BatchOutcome::HandlerFailed { index });
+            return Ok(BatchOutcome::HandlerFailed { index, error });
         }
-        tx.commit().await.map_err(PgError::at("commit batch"))?;
+        tx.commit().await.map_err(PgError::at("commit apply"))?;
         Ok(BatchOutcome::Committed(outcomes))
     }
 

@@ -24,6 +24,35 @@ pub fn open(path: &Path) -> Result<Connection, SqliteError> {
     Ok(conn)
 }
 
+/// Opens an existing database read-only, creating and migrating nothing (status, inspection).
+/// A missing file or one without exactly's tables is an error that says so.
+pub fn open_existing(path: &Path) -> Result<Connection, SqliteError> {
+    if !path.is_file() {
+        return Err(SqliteError::Runtime(format!(
+            "{} does not exist (status creates nothing; check the path)",
+            path.display()
+        )));
+    }
+    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .map_err(SqliteError::at("open database read-only"))?;
+    conn.busy_timeout(std::time::Duration::from_secs(30))
+        .map_err(SqliteError::at("set busy timeout"))?;
+    let tables: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE type = 'table' AND name IN ('outbox', 'exactly_parked')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(SqliteError::at("look for exactly's tables"))?;
+    if tables < 2 {
+        return Err(SqliteError::Runtime(format!(
+            "{} has no exactly tables (a relay or consumer creates them on its first start)",
+            path.display()
+        )));
+    }
+    Ok(conn)
+}
+
 impl Shared {
     pub(crate) fn new(conn: Connection) -> Self {
         Shared(Arc::new(Mutex::new(conn)))

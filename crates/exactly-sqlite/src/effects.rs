@@ -166,33 +166,15 @@ impl From<&Inbound<'_>> for InboundOwned {
 }
 
 impl<H: SqliteHandler> EffectStore for SqliteEffects<H> {
+    /// A batch of one: the same transaction as [`EffectStore::apply_batch`], with the
+    /// handler's error returned for the consumer's retry-or-park decision.
     async fn apply(&self, inbound: Inbound<'_>) -> Result<ApplyOutcome, StoreError> {
-        let owned = InboundOwned::from(&inbound);
-        let (consumer, handler) = (self.consumer.clone(), self.handler.clone());
-        let outcome = self
-            .db
-            .run(move |conn| {
-                let tx = conn
-                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                    .map_err(SqliteError::at("begin apply"))?;
-                match record_key(&tx, &consumer, &owned)? {
-                    Recorded::New => {}
-                    Recorded::Duplicate => return Ok(ApplyOutcome::Duplicate),
-                    Recorded::Refused(detail) => {
-                        return Ok(ApplyOutcome::Refused(ParkReason::SourceRegressed, detail))
-                    }
-                }
-                match handler.handle(&tx, &owned.delivery) {
-                    Ok(()) => {
-                        tx.commit().map_err(SqliteError::at("commit apply"))?;
-                        Ok(ApplyOutcome::Applied)
-                    }
-                    // Dropping the transaction rolls back the key with the partial effect.
-                    Err(e) => Ok(ApplyOutcome::Failed(e)),
-                }
-            })
-            .await?;
-        Ok(outcome)
+        match self.apply_batch(std::slice::from_ref(&inbound)).await? {
+            BatchOutcome::Committed(mut outcomes) => outcomes
+                .pop()
+                .ok_or_else(|| StoreError::stop("apply", "a batch of one gave no outcome")),
+            BatchOutcome::HandlerFailed { error, .. } => Ok(ApplyOutcome::Failed(error)),
+        }
     }
 
     async fn apply_batch(&self, batch: &[Inbound<'_>]) -> Result<BatchOutcome, StoreError> {
@@ -203,28 +185,24 @@ impl<H: SqliteHandler> EffectStore for SqliteEffects<H> {
             .run(move |conn| {
                 let tx = conn
                     .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                    .map_err(SqliteError::at("begin batch"))?;
+                    .map_err(SqliteError::at("begin apply"))?;
                 let mut outcomes = Vec::with_capacity(owned.len());
                 for (index, inbound) in owned.iter().enumerate() {
-                    match record_key(&tx, &consumer, inbound)? {
-                        Recorded::New => {}
-                        Recorded::Duplicate => {
-                            outcomes.push(ApplyOutcome::Duplicate);
-                            continue;
-                        }
+                    outcomes.push(match record_key(&tx, &consumer, inbound)? {
+                        Recorded::New => match handler.handle(&tx, &inbound.delivery) {
+                            Ok(()) => ApplyOutcome::Applied,
+                            // Dropping the transaction rolls back the whole batch, keys and
+                            // partial effects.
+                            Err(error) => return Ok(BatchOutcome::HandlerFailed { index, error }),
+                        },
+                        Recorded::Duplicate => ApplyOutcome::Duplicate,
                         // Nothing was written for it: the batch goes on without it.
                         Recorded::Refused(detail) => {
-                            outcomes.push(ApplyOutcome::Refused(ParkReason::SourceRegressed, detail));
-                            continue;
+                            ApplyOutcome::Refused(ParkReason::SourceRegressed, detail)
                         }
-                    }
-                    if handler.handle(&tx, &inbound.delivery).is_err() {
-                        // Dropping the transaction rolls back the whole batch.
-                        return Ok(BatchOutcome::HandlerFailed { index });
-                    }
-                    outcomes.push(ApplyOutcome::Applied);
+                    });
                 }
-                tx.commit().map_err(SqliteError::at("commit batch"))?;
+                tx.commit().map_err(SqliteError::at("commit apply"))?;
                 Ok(BatchOutcome::Committed(outcomes))
             })
             .await?;

@@ -15,7 +15,7 @@ mod error;
 pub mod migrations;
 mod outbox;
 
-pub use db::open;
+pub use db::{open, open_existing};
 pub use effects::{SqliteEffects, SqliteHandler};
 pub use error::SqliteError;
-pub use outbox::{enqueue, SqliteOutbox};
+pub use outbox::{enqueue, outbox_stats, SqliteOutbox};

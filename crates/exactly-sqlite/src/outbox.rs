@@ -85,10 +85,10 @@ SELECT id, event_id, event_type, aggregate_type, aggregate_id, topic, payload, h
        COALESCE(occurred_at, created_at), retry_count, sequence
 FROM outbox o
 WHERE o.status IN ('NEW', 'SENDING') AND o.next_retry_at <= ?1
-  AND NOT EXISTS (
-      SELECT 1 FROM outbox p
-      WHERE p.aggregate_type = o.aggregate_type AND p.aggregate_id = o.aggregate_id AND p.id < o.id
-        AND p.status IN ('NEW', 'SENDING') AND p.next_retry_at > ?1)
+  AND (coalesce(o.aggregate_type, ''), coalesce(o.aggregate_id, '')) NOT IN (
+      SELECT coalesce(aggregate_type, ''), coalesce(aggregate_id, '') FROM outbox
+      WHERE status IN ('NEW', 'SENDING') AND next_retry_at > ?1
+        AND NOT (status = 'SENDING' AND lease_owner IS ?3))
 ORDER BY o.id
 LIMIT ?2";
 
@@ -179,7 +179,10 @@ fn claim_rows(conn: &mut Connection, request: &ClaimRequest) -> Result<Vec<Claim
             .prepare_cached(CLAIM_SQL)
             .map_err(SqliteError::at("prepare claim"))?;
         let rows = stmt
-            .query_map(params![request.now.0, request.max_rows as i64], lenient_row)
+            .query_map(
+                params![request.now.0, request.max_rows as i64, request.owner],
+                lenient_row,
+            )
             .map_err(SqliteError::at("claim"))?;
         rows.collect::<Result<_, _>>()
             .map_err(SqliteError::at("read claimed row"))?
@@ -247,7 +250,8 @@ fn settle_rows(
     tx.commit().map_err(SqliteError::at("commit settle"))
 }
 
-pub(crate) fn outbox_stats(conn: &Connection, now: UnixMillis) -> Result<OutboxStats, SqliteError> {
+/// Rows by status and the age of the oldest NEW row.
+pub fn outbox_stats(conn: &Connection, now: UnixMillis) -> Result<OutboxStats, SqliteError> {
     let mut stats = OutboxStats::default();
     let mut stmt = conn
         .prepare_cached("SELECT status, COUNT(*) FROM outbox GROUP BY status")

@@ -17,8 +17,8 @@ mod store;
 mod task;
 
 pub use processor::{
-    probe_restore_mode, rebuild_store, GroupBy, Guarantee, Processor, ProcessorError, RestoreStats,
-    StreamConfig, StreamCounters, DEAD_ORIGIN_HEADER, DEAD_REASON_HEADER,
+    probe_restore_mode, rebuild_store, rebuild_stores, GroupBy, Guarantee, Processor, ProcessorError,
+    RestoreStats, StreamConfig, StreamCounters, DEAD_ORIGIN_HEADER, DEAD_REASON_HEADER,
 };
 pub use store::{Batch, Change, StateStore, StoreError};
 pub use task::{Counted, Input, WindowedCount, DEFAULT_MAX_EVENT_TIME_SKEW_MS};

@@ -12,7 +12,7 @@
 //! (`key#n`), inside the same transaction as the input offsets; stage two counts the
 //! repartition partitions, so one key's salts land on different partitions and processors.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -187,6 +187,9 @@ pub struct StreamCounters {
     pub tasks: AtomicU64,
 }
 
+/// How often tasks whose restore failed are tried again.
+const RESTORE_RETRY: Duration = Duration::from_secs(1);
+
 /// The processor failed for good.
 #[derive(Debug, thiserror::Error)]
 #[error("stream processor: {0}")]
@@ -205,6 +208,8 @@ struct Shared {
     /// seeks back to).
     forwarded: BTreeMap<i32, i64>,
     forward_committed: BTreeMap<i32, i64>,
+    /// Counted partitions assigned here whose restore failed: paused until a retry succeeds.
+    unrestored: BTreeSet<i32>,
     /// A rebalance happened: the open transaction must be aborted and overlays discarded.
     rebalanced: bool,
     config: StreamConfig,
@@ -252,6 +257,7 @@ impl ConsumerContext for RebalanceContext {
             for e in list.elements() {
                 if e.topic() == counted {
                     shared.tasks.remove(&e.partition());
+                    shared.unrestored.remove(&e.partition());
                 } else {
                     shared.forwarded.remove(&e.partition());
                     shared.forward_committed.remove(&e.partition());
@@ -273,23 +279,30 @@ impl ConsumerContext for RebalanceContext {
             // offset; a salted input partition (stateless forwarding) at the group's offset.
             let mut shared = lock(&self.shared);
             let counted = shared.config.counted_topic();
+            let counted_partitions: Vec<i32> = tpl
+                .elements()
+                .iter()
+                .filter(|e| e.topic() == counted)
+                .map(|e| e.partition())
+                .collect();
+            if let Err(error) = shared.restore_tasks(&counted_partitions) {
+                tracing::error!(
+                    "restoring partitions {counted_partitions:?} failed; they wait, paused, for a retry: {error}"
+                );
+            }
             let mut positioned = TopicPartitionList::new();
+            let mut waiting = TopicPartitionList::new();
             for e in tpl.elements() {
                 let partition = e.partition();
-                if e.topic() != counted {
-                    if let Err(e) = positioned.add_partition_offset(e.topic(), partition, Offset::Stored) {
-                        tracing::error!("cannot position input partition {partition}: {e}");
-                    }
-                    continue;
-                }
-                let offset = match shared.restore_task(partition) {
-                    Ok(offset) => offset,
-                    Err(error) => {
-                        tracing::error!("restoring partition {partition} failed: {error}");
-                        None
-                    }
+                let at = if e.topic() != counted {
+                    Offset::Stored
+                } else if shared.tasks.contains_key(&partition) {
+                    shared.resume_offset(partition)
+                } else {
+                    shared.unrestored.insert(partition);
+                    waiting.add_partition(e.topic(), partition);
+                    Offset::Beginning
                 };
-                let at = offset.map_or(Offset::Beginning, Offset::Offset);
                 if let Err(e) = positioned.add_partition_offset(e.topic(), partition, at) {
                     tracing::error!("cannot position partition {partition}: {e}");
                 }
@@ -298,6 +311,11 @@ impl ConsumerContext for RebalanceContext {
             drop(shared);
             if let Err(e) = base_consumer.assign(&positioned) {
                 tracing::error!("assign failed: {e}");
+            }
+            if waiting.count() > 0 {
+                if let Err(e) = base_consumer.pause(&waiting) {
+                    tracing::error!("pausing partitions that wait for their restore failed: {e}");
+                }
             }
         } else {
             let revoke = Rebalance::Revoke(tpl);
@@ -316,11 +334,19 @@ impl Shared {
         metrics::gauge!("exactly_stream_tasks").set(n as f64);
     }
 
-    /// Makes sure a task exists for `partition`, rebuilding its store from the changelog when
-    /// it is new to this processor; returns the input offset its state reflects.
-    fn restore_task(&mut self, partition: i32) -> Result<Option<i64>, ProcessorError> {
-        if !self.tasks.contains_key(&partition) {
-            let (store, stats) = rebuild_store(&self.config, partition, self.restore_mode)?;
+    /// Makes sure a task exists for each of `partitions`, rebuilding the stores of those new to
+    /// this processor from the changelog together. On an error none of them is added; the
+    /// caller keeps them paused and tries again.
+    fn restore_tasks(&mut self, partitions: &[i32]) -> Result<(), ProcessorError> {
+        let missing: Vec<i32> = partitions
+            .iter()
+            .copied()
+            .filter(|p| !self.tasks.contains_key(p))
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        for (partition, store, stats) in rebuild_stores(&self.config, &missing, self.restore_mode)? {
             // Salting happens before the repartition topic; the count sees salted keys as they are.
             let count = WindowedCount::new(store, self.config.windows, 1)
                 .map_err(|e| ProcessorError(e.to_string()))?
@@ -347,17 +373,25 @@ impl Shared {
                 },
             );
         }
+        Ok(())
+    }
+
+    /// Where task `partition` resumes reading its input: the offset its restored state
+    /// reflects, or the beginning when it has none.
+    fn resume_offset(&self, partition: i32) -> Offset {
         let counted = self.config.counted_topic();
-        let offset = self.tasks.get(&partition).and_then(|t| {
-            t.count
-                .store()
-                .offsets()
-                .ok()?
-                .into_iter()
-                .find(|(topic, p, _)| *topic == counted && *p == partition)
-                .map(|(_, _, o)| o)
-        });
-        Ok(offset)
+        self.tasks
+            .get(&partition)
+            .and_then(|t| {
+                t.count
+                    .store()
+                    .offsets()
+                    .ok()?
+                    .into_iter()
+                    .find(|(topic, p, _)| *topic == counted && *p == partition)
+                    .map(|(_, _, o)| o)
+            })
+            .map_or(Offset::Beginning, Offset::Offset)
     }
 }
 
@@ -372,6 +406,10 @@ pub struct RestoreStats {
     pub dropped: usize,
     /// Reading and applying, end to end.
     pub elapsed: Duration,
+    /// Of which reading the changelog from the broker.
+    pub read: Duration,
+    /// Of which writing the store.
+    pub write: Duration,
 }
 
 /// Rebuilds the store of task `partition` from its changelog partition, read to its end: the
@@ -383,24 +421,48 @@ pub fn rebuild_store(
     partition: i32,
     mode: RestoreMode,
 ) -> Result<(StateStore, RestoreStats), ProcessorError> {
+    let (_, store, stats) = rebuild_stores(config, &[partition], mode)?
+        .pop()
+        .ok_or_else(|| ProcessorError(format!("partition {partition}: nothing restored")))?;
+    Ok((store, stats))
+}
+
+/// [`rebuild_store`] for several tasks at once: their changelog partitions are read together,
+/// so an assignment waits for one end-of-changelog check, not one per task.
+pub fn rebuild_stores(
+    config: &StreamConfig,
+    partitions: &[i32],
+    mode: RestoreMode,
+) -> Result<Vec<(i32, StateStore, RestoreStats)>, ProcessorError> {
     let started = Instant::now();
-    let records = read_changelog(config, partition)?;
-    let read = records.len();
-    let (batch, _last, dropped) = restore(mode, records);
-    let path = config.state_dir.join(format!("partition-{partition}.redb"));
-    let _ = std::fs::remove_file(&path);
+    let mut changelogs = read_changelogs(config, partitions)?;
+    let read_elapsed = started.elapsed();
     std::fs::create_dir_all(&config.state_dir).map_err(|e| ProcessorError(format!("state dir: {e}")))?;
-    let store = StateStore::open(&path).map_err(|e| ProcessorError(e.to_string()))?;
-    store.commit(&batch).map_err(|e| ProcessorError(e.to_string()))?;
-    Ok((
-        store,
-        RestoreStats {
-            records: read,
-            entries: batch.changes.len(),
-            dropped,
-            elapsed: started.elapsed(),
-        },
-    ))
+    let mut stores = Vec::with_capacity(partitions.len());
+    for &partition in partitions {
+        let records = changelogs.remove(&partition).unwrap_or_default();
+        let read = records.len();
+        let writing = Instant::now();
+        let (batch, _last, dropped) = restore(mode, records);
+        let path = config.state_dir.join(format!("partition-{partition}.redb"));
+        let _ = std::fs::remove_file(&path);
+        let store = StateStore::open(&path).map_err(|e| ProcessorError(e.to_string()))?;
+        store.commit(&batch).map_err(|e| ProcessorError(e.to_string()))?;
+        let write = writing.elapsed();
+        stores.push((
+            partition,
+            store,
+            RestoreStats {
+                records: read,
+                entries: batch.changes.len(),
+                dropped,
+                elapsed: read_elapsed + write,
+                read: read_elapsed,
+                write,
+            },
+        ));
+    }
+    Ok(stores)
 }
 
 /// How to restore on `config`'s broker: without transactions nothing is ever aborted; with
@@ -421,8 +483,11 @@ pub fn probe_restore_mode(config: &StreamConfig) -> Result<RestoreMode, Processo
     Ok(RestoreMode::for_broker(hides))
 }
 
-/// Reads changelog partition `partition` from the beginning to its end (read_committed).
-fn read_changelog(config: &StreamConfig, partition: i32) -> Result<Vec<ChangelogRecord>, ProcessorError> {
+/// Reads changelog partitions `partitions` from the beginning to their end (read_committed).
+fn read_changelogs(
+    config: &StreamConfig,
+    partitions: &[i32],
+) -> Result<BTreeMap<i32, Vec<ChangelogRecord>>, ProcessorError> {
     let consumer: BaseConsumer<QuietEof> = exactly_kafka::reader_config(
         &config.kafka,
         &format!("{}-restore", config.application_id),
@@ -432,24 +497,27 @@ fn read_changelog(config: &StreamConfig, partition: i32) -> Result<Vec<Changelog
     .map_err(fail("create restore consumer"))?;
     let topic = config.changelog_topic();
     let mut list = TopicPartitionList::new();
-    list.add_partition_offset(&topic, partition, Offset::Beginning)
-        .map_err(fail("restore assignment"))?;
+    for &partition in partitions {
+        list.add_partition_offset(&topic, partition, Offset::Beginning)
+            .map_err(fail("restore assignment"))?;
+    }
     consumer.assign(&list).map_err(fail("restore assignment"))?;
-    let mut records = Vec::new();
-    exactly_kafka::read_assigned(&consumer, &topic, 1, Duration::from_secs(120), |m| {
+    let mut records: BTreeMap<i32, Vec<ChangelogRecord>> = BTreeMap::new();
+    let count = partitions.len() as i32;
+    exactly_kafka::read_assigned(&consumer, &topic, count, Duration::from_secs(120), |m| {
         let txn = m
             .headers()
             .and_then(|h| h.iter().find(|h| h.key == TXN_HEADER).and_then(|h| h.value))
             .map(|v| String::from_utf8_lossy(v).into_owned())
             .unwrap_or_default();
-        records.push(ChangelogRecord {
+        records.entry(m.partition()).or_default().push(ChangelogRecord {
             key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
             value: m.payload().map(|v| String::from_utf8_lossy(v).into_owned()),
             txn,
         });
         Ok(())
     })
-    .map_err(|e| ProcessorError(format!("changelog partition {partition}: {e}")))?;
+    .map_err(|e| ProcessorError(format!("changelog partitions {partitions:?}: {e}")))?;
     Ok(records)
 }
 
@@ -528,6 +596,7 @@ impl Processor {
             tasks: BTreeMap::new(),
             forwarded: BTreeMap::new(),
             forward_committed: BTreeMap::new(),
+            unrestored: BTreeSet::new(),
             rebalanced: false,
             config: config.clone(),
             counters: counters.clone(),
@@ -561,7 +630,12 @@ impl Processor {
     /// Processes until `stop` turns true, then commits what is open.
     pub fn run(&mut self, stop: &AtomicBool) -> Result<(), ProcessorError> {
         let mut open_since: Option<Instant> = None;
+        let mut restore_tried = Instant::now();
         while !stop.load(Ordering::Relaxed) {
+            if restore_tried.elapsed() >= RESTORE_RETRY {
+                restore_tried = Instant::now();
+                self.retry_restores();
+            }
             let message = self.consumer.poll(Duration::from_millis(20));
             if std::mem::take(&mut lock(&self.shared).rebalanced) {
                 if open_since.take().is_some() {
@@ -594,6 +668,50 @@ impl Processor {
             self.commit()?;
         }
         Ok(())
+    }
+
+    /// Restores the tasks whose restore failed at their assignment, then starts them where
+    /// their state says. Until then they stay paused: counting them without their state would
+    /// count again what the changelog already holds.
+    fn retry_restores(&self) {
+        let mut shared = lock(&self.shared);
+        if shared.unrestored.is_empty() {
+            return;
+        }
+        let waiting: Vec<i32> = shared.unrestored.iter().copied().collect();
+        if let Err(error) = shared.restore_tasks(&waiting) {
+            tracing::warn!("restoring partitions {waiting:?} failed again; they stay paused: {error}");
+            return;
+        }
+        shared.count_tasks();
+        let counted = shared.config.counted_topic();
+        let starts: Vec<(i32, Offset)> = waiting.iter().map(|&p| (p, shared.resume_offset(p))).collect();
+        drop(shared);
+        let mut started = TopicPartitionList::new();
+        for (partition, at) in starts {
+            match self
+                .consumer
+                .seek(&counted, partition, at, Duration::from_secs(10))
+            {
+                Ok(()) => {
+                    started.add_partition(&counted, partition);
+                    lock(&self.shared).unrestored.remove(&partition);
+                    tracing::info!("partition {partition}: restored on retry, starting at {at:?}");
+                }
+                Err(e) => {
+                    tracing::warn!("partition {partition}: cannot position after its restore, retrying: {e}")
+                }
+            }
+        }
+        if started.count() > 0 {
+            if let Err(e) = self.consumer.resume(&started) {
+                tracing::warn!("resuming restored partitions failed, retrying: {e}");
+                let mut shared = lock(&self.shared);
+                for e in started.elements() {
+                    shared.unrestored.insert(e.partition());
+                }
+            }
+        }
     }
 
     fn transactional(&self) -> bool {
