@@ -11,6 +11,7 @@ mod config_file;
 mod consumer_bench;
 mod demo;
 mod e2e_bench;
+mod operate;
 mod run;
 mod settings;
 mod sink;
@@ -38,8 +39,18 @@ use crate::settings::{ConsumeSettings, RelayMode, RelaySettings, StreamSettings}
     about = "Exactly-once event delivery from a database outbox through Kafka"
 )]
 struct Cli {
+    /// Log lines as text for people or as JSON objects, one event a line, for collectors.
+    /// Levels come from EXACTLY_LOG (tracing's filter syntax).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "EXACTLY_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -142,6 +153,10 @@ enum Command {
     /// restarted (and the broker and PostgreSQL) while they run, bad input injected; then the
     /// checker's table (lost, duplicate, unseen, non-monotonic, aborted read) and a verdict.
     Verify(verify::VerifyOptions),
+    /// Dead outbox events (both relays): list, show, requeue after a fix, discard.
+    Dead(operate::DeadArgs),
+    /// A consumer's parked messages: list, show, replay through the handler, discard.
+    Parked(operate::ParkedArgs),
     /// Outbox rows by status, oldest unsent row, parked messages.
     Status {
         #[arg(long, env = "EXACTLY_DATABASE")]
@@ -150,13 +165,6 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("EXACTLY_LOG")
-                .unwrap_or_else(|_| "warn,rdkafka=error,librdkafka=error,pg_walstream=error".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let matches = Cli::command().get_matches();
     if let Err(e) = refuse_ignored_relay_flags(&matches) {
         e.exit();
@@ -165,6 +173,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
+    init_logs(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -178,6 +187,19 @@ fn main() -> ExitCode {
             eprintln!("exactly: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Logs go to stderr (stdout carries command output: tables, JSON, reports).
+fn init_logs(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EXACTLY_LOG")
+        .unwrap_or_else(|_| "warn,rdkafka=error,librdkafka=error,pg_walstream=error".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).init(),
     }
 }
 
@@ -319,6 +341,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Verify(options) => {
             let ok = verify::verify(options).await?;
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Dead(args) => {
+            operate::dead(args).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Parked(args) => {
+            operate::parked(args).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Status { database } => {
             commands::status(Database::parse(&database)).await?;

@@ -10,6 +10,7 @@ mod cli;
 mod consumer;
 mod demo;
 mod eos;
+mod operate;
 mod relay;
 mod run;
 mod stream;

@@ -104,8 +104,9 @@ topics = ["{pg_topic}", "{sqlite_topic}"]
     .expect("write config");
     let log = dir.path().join("run.log");
     let mut run = Command::new(EXACTLY)
-        .args(["run", "--config"])
+        .args(["--log-format", "json", "run", "--config"])
         .arg(&config)
+        .env("EXACTLY_LOG", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).expect("log"))
@@ -168,6 +169,18 @@ topics = ["{pg_topic}", "{sqlite_topic}"]
         status.is_some_and(|s| s.success()),
         "SIGTERM stops every component cleanly ({status:?}); log:\n{log_text}"
     );
+    // --log-format json: every line is one JSON event with its level and message.
+    let events: Vec<serde_json::Value> = log_text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON event ({e}): {line}")))
+        .collect();
+    assert!(!events.is_empty(), "exactly run logged nothing at info");
+    for event in &events {
+        assert!(
+            event.get("level").is_some_and(|l| l.is_string()) && event.get("message").is_some(),
+            "an event without level or message: {event}"
+        );
+    }
     crate::wal::drop_slot(&pg_url).await;
 }
 

@@ -238,6 +238,39 @@ async fn wal_relay_keys_modes_rollbacks_and_dead_rows() {
         .collect();
     assert!(reasons[0].contains("aggregate_id is NULL"), "{reasons:?}");
     assert!(reasons[1].contains("not valid"), "{reasons:?}");
+
+    // `exactly dead`: both listed; the row, fixed in place, is sent again after everything
+    // published so far; the message, which has no row, is left and then discarded.
+    let dead = crate::operate::exactly_json(&["dead", "--database", &url, "list", "--json"]);
+    let dead = dead.as_array().expect("a list");
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    assert!(dead.iter().all(|d| d["kind"] == "wal"), "{dead:?}");
+    client
+        .execute(
+            "UPDATE outbox SET aggregate_id = 'A-9' WHERE event_id = '01900000-0000-7000-8000-0000000000aa'",
+            &[],
+        )
+        .await
+        .expect("fix the row");
+    let requeued = crate::operate::exactly_json(&["dead", "--database", &url, "requeue", "--yes", "--json"]);
+    assert_eq!(requeued, serde_json::json!({ "requeued": 1, "left": 1 }));
+    let records = wait_for_records(&brokers, &topic, 1, 7).await;
+    assert_eq!(records.len(), 7, "the requeued event went out once");
+    assert_eq!(
+        records[6].headers["exactly-event-id"],
+        "01900000-0000-7000-8000-0000000000aa"
+    );
+    assert_eq!(records[6].headers["exactly-aggregate-id"], "A-9");
+    assert!(
+        sequence_value(&records[6]) > sequence_value(&records[5]),
+        "a requeued event gets a later key"
+    );
+    let discarded = crate::operate::exactly_json(&["dead", "--database", &url, "discard", "--json"]);
+    assert_eq!(discarded["discarded"], 1);
+    assert_eq!(
+        crate::operate::exactly_json(&["dead", "--database", &url, "list", "--json"]),
+        serde_json::json!([])
+    );
     kill9(&mut relay);
     drop_slot(&url).await;
 }

@@ -33,6 +33,7 @@ pub mod check;
 pub mod dedupe;
 pub mod envelope;
 pub mod key;
+pub mod operate;
 pub mod outbox;
 pub mod ports;
 pub mod record;

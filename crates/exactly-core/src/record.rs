@@ -208,9 +208,59 @@ pub fn raw_headers_to_json(headers: &[(String, Option<Vec<u8>>)]) -> String {
     .to_string()
 }
 
+/// Headers as a record carries them: a name and perhaps a value, in order.
+pub type RawHeaders = Vec<(String, Option<Vec<u8>>)>;
+
+/// Reads headers back from the parking lot's form ([`raw_headers_to_json`]).
+pub fn raw_headers_from_json(text: &str) -> Result<RawHeaders, String> {
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("parked headers are not JSON: {e}"))?;
+    let entries = value
+        .as_array()
+        .ok_or_else(|| "parked headers are not a list".to_owned())?;
+    entries
+        .iter()
+        .map(|entry| {
+            let pair = entry.as_array().filter(|p| p.len() == 2);
+            let (name, bytes) = match pair {
+                Some(p) => (p[0].as_str(), &p[1]),
+                None => return Err(format!("parked header {entry} is not [name, bytes]")),
+            };
+            let name = name.ok_or_else(|| format!("parked header {entry} has no name"))?;
+            let value = match bytes {
+                serde_json::Value::Null => None,
+                serde_json::Value::Array(items) => Some(
+                    items
+                        .iter()
+                        .map(|b| {
+                            b.as_u64().and_then(|b| u8::try_from(b).ok()).ok_or_else(|| {
+                                format!("parked header {name:?} has a value that is not a byte")
+                            })
+                        })
+                        .collect::<Result<Vec<u8>, String>>()?,
+                ),
+                _ => return Err(format!("parked header {name:?} is not bytes")),
+            };
+            Ok((name.to_owned(), value))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parked_headers_round_trip_every_byte() {
+        let headers = vec![
+            ("exactly-key".to_owned(), Some(b"k".to_vec())),
+            ("empty".to_owned(), None),
+            ("binary".to_owned(), Some(vec![0, 255, 10])),
+        ];
+        assert_eq!(raw_headers_from_json(&raw_headers_to_json(&headers)), Ok(headers));
+        assert!(raw_headers_from_json("{}").is_err());
+        assert!(raw_headers_from_json("[[\"a\", [256]]]").is_err());
+    }
 
     fn good() -> RawRow {
         RawRow {

@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use exactly_core::dedupe::refusal_detail;
+use exactly_core::operate::ReplayOutcome;
 use exactly_core::record::raw_headers_to_json;
 use exactly_core::{
     ApplyOutcome, BatchOutcome, Delivery, EffectStore, EpochWatermark, HandlerError, IdempotencyKey, Inbound,
@@ -228,6 +229,60 @@ async fn record_sequence_keys(
     Ok(())
 }
 
+impl<H: PgHandler> PgEffects<H> {
+    /// Applies parked message `id` of this consumer through the handler, in one transaction
+    /// with its key recorded in the key set and its parked row removed. A key found recorded
+    /// means it was applied already: only the parked row goes. A handler error changes nothing.
+    pub async fn replay_parked(&self, id: i64) -> Result<ReplayOutcome, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(PgError::at("begin replay"))?;
+        let row = tx
+            .query_opt(
+                &format!(
+                    "DELETE FROM exactly_parked p WHERE p.consumer = $1 AND p.id = $2 RETURNING {}",
+                    crate::operate::PARKED_COLUMNS
+                ),
+                &[&self.consumer, &id],
+            )
+            .await
+            .map_err(PgError::at("take parked message"))?;
+        let Some(row) = row else {
+            return Ok(ReplayOutcome::NotFound);
+        };
+        let parked = crate::operate::parked_row(&row);
+        let delivery = match parked.delivery() {
+            Ok(delivery) => delivery,
+            // Dropping the transaction keeps the row.
+            Err(why) => return Ok(ReplayOutcome::Unreplayable(why)),
+        };
+        let recorded = tx
+            .query_opt(
+                "INSERT INTO exactly_processed (consumer, key, event_id, topic, partition, \"offset\", processed_at)
+                 VALUES ($1, $2, $3::text::uuid, $4, $5, $6, clock_timestamp())
+                 ON CONFLICT DO NOTHING RETURNING 1",
+                &[
+                    &self.consumer,
+                    &delivery.key.to_string(),
+                    &delivery.envelope.event_id.hyphenated().to_string(),
+                    &parked.topic,
+                    &parked.partition,
+                    &parked.offset,
+                ],
+            )
+            .await
+            .map_err(PgError::at("record replayed key"))?;
+        if recorded.is_none() {
+            tx.commit().await.map_err(PgError::at("commit replay"))?;
+            return Ok(ReplayOutcome::AlreadyApplied);
+        }
+        if let Err(error) = self.handler.handle(&tx, &delivery).await {
+            return Ok(ReplayOutcome::HandlerFailed(error.to_string()));
+        }
+        tx.commit().await.map_err(PgError::at("commit replay"))?;
+        Ok(ReplayOutcome::Applied)
+    }
+}
+
 impl<H> PgEffects<H> {
     /// The connection, reopened first if it closed.
     async fn client(&self) -> Result<tokio::sync::MutexGuard<'_, Client>, PgError> {
@@ -273,6 +328,7 @@ impl<H: PgHandler> EffectStore for PgEffects<H> {
                 None => return Err(PgError::Corrupt("a record's key was not judged".into()).into()),
             });
         }
+        let applied_keys: Vec<String> = new.iter().map(|d| d.key.to_string()).collect();
         if let Err(error) = self.handler.handle_batch(&tx, &new).await {
             // Dropping the transaction rolls back the whole batch, keys and partial effects; the
             // consumer applies the records one by one, the failing one retried or parked in its
@@ -282,6 +338,16 @@ impl<H: PgHandler> EffectStore for PgEffects<H> {
                 .position(|o| matches!(o, ApplyOutcome::Applied))
                 .unwrap_or(0);
             return Ok(BatchOutcome::HandlerFailed { index, error });
+        }
+        if !applied_keys.is_empty() {
+            // A message parked earlier (retries exhausted, then redelivered and applied) is
+            // applied now: it must not stay parked, or a replay would apply it twice.
+            tx.execute(
+                "DELETE FROM exactly_parked WHERE consumer = $1 AND key_text = ANY($2)",
+                &[&self.consumer, &applied_keys],
+            )
+            .await
+            .map_err(PgError::at("unpark applied messages"))?;
         }
         tx.commit().await.map_err(PgError::at("commit apply"))?;
         Ok(BatchOutcome::Committed(outcomes))

@@ -34,6 +34,9 @@ pub enum PgError {
     /// The connection settings are not usable (a bad URL, sslmode or certificate file).
     #[error("postgres: {0}")]
     Config(String),
+    /// An operator's selection cannot be run (an id that is not a number, for one).
+    #[error("{0}")]
+    Selection(String),
     /// Stored data is not what this version wrote.
     #[error("postgres: {0}")]
     Corrupt(String),

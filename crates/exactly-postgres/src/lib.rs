@@ -15,6 +15,7 @@ mod db;
 mod effects;
 mod error;
 pub mod migrations;
+pub mod operate;
 mod outbox;
 pub mod wal;
 

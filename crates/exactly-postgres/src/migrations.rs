@@ -113,6 +113,14 @@ CREATE TABLE exactly_relay_dead (
 );
 "#,
     ),
+    (
+        3,
+        r#"
+-- Applying a message removes a parked copy of it (a parked message is one not applied), and
+-- `exactly parked` finds messages by key.
+CREATE INDEX exactly_parked_by_key ON exactly_parked (consumer, key_text);
+"#,
+    ),
 ];
 
 /// Brings the schema up to date; safe to call from several processes at once.

@@ -27,14 +27,23 @@ pub fn open(path: &Path) -> Result<Connection, SqliteError> {
 /// Opens an existing database read-only, creating and migrating nothing (status, inspection).
 /// A missing file or one without exactly's tables is an error that says so.
 pub fn open_existing(path: &Path) -> Result<Connection, SqliteError> {
+    open_present(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+}
+
+/// Opens an existing database to change rows in it (the operator commands), creating and
+/// migrating nothing: the same checks as [`open_existing`].
+pub fn open_existing_writable(path: &Path) -> Result<Connection, SqliteError> {
+    open_present(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
+}
+
+fn open_present(path: &Path, flags: rusqlite::OpenFlags) -> Result<Connection, SqliteError> {
     if !path.is_file() {
         return Err(SqliteError::Runtime(format!(
-            "{} does not exist (status creates nothing; check the path)",
+            "{} does not exist (this command creates nothing; check the path)",
             path.display()
         )));
     }
-    let conn = Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-        .map_err(SqliteError::at("open database read-only"))?;
+    let conn = Connection::open_with_flags(path, flags).map_err(SqliteError::at("open database"))?;
     conn.busy_timeout(std::time::Duration::from_secs(30))
         .map_err(SqliteError::at("set busy timeout"))?;
     let tables: i64 = conn

@@ -4,6 +4,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use exactly_core::dedupe::refusal_detail;
+use exactly_core::operate::ReplayOutcome;
 use exactly_core::record::raw_headers_to_json;
 use exactly_core::{
     ApplyOutcome, BatchOutcome, Delivery, EffectStore, EpochWatermark, HandlerError, IdempotencyKey, Inbound,
@@ -144,6 +145,82 @@ pub(crate) fn record_key(
     }
 }
 
+/// A message parked earlier (retries exhausted, then redelivered and applied) is applied now:
+/// it must not stay parked, or a replay would apply it twice.
+fn unpark(tx: &Transaction<'_>, consumer: &str, delivery: &Delivery) -> Result<(), SqliteError> {
+    tx.execute(
+        "DELETE FROM exactly_parked WHERE consumer = ?1 AND key_text = ?2",
+        params![consumer, delivery.key.to_string()],
+    )
+    .map_err(SqliteError::at("unpark applied message"))?;
+    Ok(())
+}
+
+impl<H: SqliteHandler> SqliteEffects<H> {
+    /// Applies parked message `id` of this consumer through the handler, in one transaction
+    /// with its key recorded in the key set and its parked row removed. A key found recorded
+    /// means it was applied already: only the parked row goes. A handler error changes nothing.
+    pub async fn replay_parked(&self, id: i64) -> Result<ReplayOutcome, StoreError> {
+        let (consumer, handler) = (self.consumer.clone(), self.handler.clone());
+        let outcome = self
+            .db
+            .run(move |conn| {
+                let tx = conn
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(SqliteError::at("begin replay"))?;
+                let parked = tx
+                    .query_row(
+                        &format!(
+                            "SELECT {} FROM exactly_parked p WHERE p.consumer = ?1 AND p.id = ?2",
+                            crate::operate::PARKED_COLUMNS
+                        ),
+                        params![&*consumer, id],
+                        crate::operate::parked_row,
+                    )
+                    .optional()
+                    .map_err(SqliteError::at("read parked message"))?;
+                let Some(parked) = parked else {
+                    return Ok(ReplayOutcome::NotFound);
+                };
+                let delivery = match parked.delivery() {
+                    Ok(delivery) => delivery,
+                    Err(why) => return Ok(ReplayOutcome::Unreplayable(why)),
+                };
+                tx.execute(
+                    "DELETE FROM exactly_parked WHERE consumer = ?1 AND id = ?2",
+                    params![&*consumer, id],
+                )
+                .map_err(SqliteError::at("remove parked message"))?;
+                let recorded = tx
+                    .execute(
+                        "INSERT INTO exactly_processed (consumer, key, event_id, topic, partition, \"offset\", processed_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER))
+                         ON CONFLICT DO NOTHING",
+                        params![
+                            &*consumer,
+                            delivery.key.to_string(),
+                            delivery.envelope.event_id.hyphenated().to_string(),
+                            parked.topic,
+                            parked.partition,
+                            parked.offset
+                        ],
+                    )
+                    .map_err(SqliteError::at("record replayed key"))?;
+                if recorded == 0 {
+                    tx.commit().map_err(SqliteError::at("commit replay"))?;
+                    return Ok(ReplayOutcome::AlreadyApplied);
+                }
+                if let Err(error) = handler.handle(&tx, &delivery) {
+                    return Ok(ReplayOutcome::HandlerFailed(error.to_string()));
+                }
+                tx.commit().map_err(SqliteError::at("commit replay"))?;
+                Ok(ReplayOutcome::Applied)
+            })
+            .await?;
+        Ok(outcome)
+    }
+}
+
 pub(crate) struct InboundOwned {
     topic: String,
     partition: i32,
@@ -190,7 +267,10 @@ impl<H: SqliteHandler> EffectStore for SqliteEffects<H> {
                 for (index, inbound) in owned.iter().enumerate() {
                     outcomes.push(match record_key(&tx, &consumer, inbound)? {
                         Recorded::New => match handler.handle(&tx, &inbound.delivery) {
-                            Ok(()) => ApplyOutcome::Applied,
+                            Ok(()) => {
+                                unpark(&tx, &consumer, &inbound.delivery)?;
+                                ApplyOutcome::Applied
+                            }
                             // Dropping the transaction rolls back the whole batch, keys and
                             // partial effects.
                             Err(error) => return Ok(BatchOutcome::HandlerFailed { index, error }),

@@ -13,9 +13,10 @@ mod db;
 mod effects;
 mod error;
 pub mod migrations;
+pub mod operate;
 mod outbox;
 
-pub use db::{open, open_existing};
+pub use db::{open, open_existing, open_existing_writable};
 pub use effects::{SqliteEffects, SqliteHandler};
 pub use error::SqliteError;
 pub use outbox::{enqueue, outbox_stats, SqliteOutbox};

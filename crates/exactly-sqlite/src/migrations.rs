@@ -88,6 +88,11 @@ CREATE TABLE exactly_parked (
         2,
         "ALTER TABLE exactly_watermarks ADD COLUMN source_epoch INTEGER NOT NULL DEFAULT 0;",
     ),
+    (
+        3,
+        // Applying a message removes a parked copy of it; `exactly parked` finds messages by key.
+        "CREATE INDEX exactly_parked_by_key ON exactly_parked (consumer, key_text);",
+    ),
 ];
 
 /// Brings the schema up to date; safe to call from several processes at once.
