@@ -20,6 +20,9 @@ pub enum FaultPoint {
     /// Relay: the producer refuses one record at send time (as a full queue past its wait, or a
     /// record too large for the client, would). Not a crash: the relay goes on.
     RelaySendRefused,
+    /// Relay: the database fails a settle with a retryable error (as while PostgreSQL
+    /// restarts). Not a crash: the relay backs off and goes on.
+    RelaySettleFails,
 }
 
 /// Decides at each fault point whether to crash there.

@@ -45,7 +45,7 @@ impl RelayConfig {
     pub fn new(kafka: &(impl Cluster + ?Sized)) -> Self {
         RelayConfig {
             kafka: kafka.settings().into_owned(),
-            owner: format!("relay-{}-{}", std::process::id(), unique_suffix()),
+            owner: new_owner(),
             batch_size: 500,
             lease_ms: 30_000,
             poll_interval: Duration::from_millis(500),
@@ -54,6 +54,11 @@ impl RelayConfig {
             retry: RetryPolicy::default(),
         }
     }
+}
+
+/// A lease owner name no other relay, in this or any process, uses.
+fn new_owner() -> String {
+    format!("relay-{}-{}", std::process::id(), unique_suffix())
 }
 
 /// A name part no other client of this or any process shares: two clients started in the same
@@ -355,6 +360,12 @@ impl<S: OutboxStore> Relay<S> {
                 FaultPoint::RelayAfterPublishBeforeSettle,
             ));
         }
+        if self.faults.fires(FaultPoint::RelaySettleFails) {
+            return Err(KafkaFlowError::Store(exactly_core::StoreError::new(
+                "settle",
+                "injected: the database failed the settle",
+            )));
+        }
         let settled_at = now();
         let timer = Instant::now();
         self.store
@@ -416,6 +427,12 @@ impl<S: OutboxStore> Relay<S> {
                 Err(KafkaFlowError::Store(e)) if e.is_retryable() => {
                     store_failures += 1;
                     tracing::warn!("database error (retrying): {e}");
+                    // Rows this relay claimed and did not settle stay leased and will go out
+                    // again when the lease expires. Under its own name they would not hold their
+                    // aggregates (a relay's own leases are rows in flight), so the next claim could
+                    // send their aggregates' later rows first. A new name makes them another
+                    // owner's leases: their aggregates wait for them.
+                    self.config.owner = new_owner();
                     metrics::counter!("exactly_relay_store_errors_total").increment(1);
                     let delay = self.config.retry.backoff_ms(store_failures.min(10)).max(50) as u64;
                     tokio::select! {
