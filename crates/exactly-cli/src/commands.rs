@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use crate::backend::StoryHandler;
 use crate::settings::{ConsumeSettings, Keys, OutboxMode, RelayMode, RelaySettings, StreamSettings};
 use crate::story::StoryConsumer;
-use crate::telemetry::{outbox_gauges, slot_gauges};
+use crate::telemetry::{broker_probe, database_probe, outbox_gauges, slot_gauges, SlotLimits};
 
 /// A database argument: a `postgres://` URL or a SQLite file path.
 #[derive(Debug, Clone)]
@@ -93,7 +93,22 @@ pub fn kill_at_points(points: Vec<(FaultPoint, Option<u64>)>) -> Faults {
 #[derive(Debug, Clone)]
 pub enum Gauges {
     Off,
-    On { name: String },
+    /// `name` labels the gauges; `component` names it in /readyz and /healthz.
+    On {
+        name: String,
+        component: String,
+    },
+}
+
+impl Gauges {
+    /// Declares the component's readiness aspects and starts the broker probe (every
+    /// component talks to the broker); the other aspects' probes are the caller's.
+    fn start_probes(&self, kafka: &exactly_kafka::KafkaSettings, aspects: &[&str]) {
+        if let Gauges::On { component, .. } = self {
+            crate::health::global().register(component, aspects);
+            tokio::spawn(broker_probe(kafka.clone(), component.clone()));
+        }
+    }
 }
 
 /// Fails a command at start when Kafka refuses its TLS or login settings.
@@ -139,9 +154,12 @@ async fn poll_relay(
             if sequence_keys {
                 bail!("--keys sequence needs PostgreSQL: on SQLite use event-id keys");
             }
-            if let Gauges::On { name } = gauges {
+            gauges.start_probes(kafka, &["database", "broker"]);
+            if let Gauges::On { name, component } = gauges {
                 let store = SqliteOutbox::open(&path)?;
-                tokio::spawn(async move { outbox_gauges(&store, &name, Duration::from_secs(1)).await });
+                tokio::spawn(async move {
+                    outbox_gauges(&store, &name, &component, Duration::from_secs(1)).await
+                });
             }
             run_relay(
                 SqliteOutbox::open(&path)?,
@@ -162,9 +180,12 @@ async fn poll_relay(
             } else {
                 PgOutbox::connect(&url).await?
             };
-            if let Gauges::On { name } = gauges {
+            gauges.start_probes(kafka, &["database", "broker"]);
+            if let Gauges::On { name, component } = gauges {
                 let store = PgOutbox::connect(&url).await?;
-                tokio::spawn(async move { outbox_gauges(&store, &name, Duration::from_secs(1)).await });
+                tokio::spawn(async move {
+                    outbox_gauges(&store, &name, &component, Duration::from_secs(1)).await
+                });
             }
             run_relay(store, config, faults, settings.exit_when_idle, stop).await
         }
@@ -235,12 +256,27 @@ async fn wal_relay(
     let feed = PgChangeFeed::connect(feed_config)
         .await
         .with_context(|| format!("starting replication from slot {slot}"))?;
-    if let Gauges::On { name } = gauges {
+    gauges.start_probes(kafka, &["database", "broker", "slot"]);
+    if let Gauges::On { name, component } = gauges {
         let client = exactly_postgres::connect(&url).await?;
         let store = PgOutbox::connect(&url).await?;
-        let source = name.clone();
-        tokio::spawn(async move { outbox_gauges(&store, &name, Duration::from_secs(1)).await });
-        tokio::spawn(async move { slot_gauges(&client, &source, &slot, Duration::from_secs(1)).await });
+        let (source, slot_component) = (name.clone(), component.clone());
+        let limits = SlotLimits {
+            max_retained_bytes: settings.max_retained_wal.as_u64(),
+            max_lag_bytes: settings.max_lag.as_u64(),
+        };
+        tokio::spawn(async move { outbox_gauges(&store, &name, &component, Duration::from_secs(1)).await });
+        tokio::spawn(async move {
+            slot_gauges(
+                &client,
+                &source,
+                &slot,
+                &slot_component,
+                limits,
+                Duration::from_secs(1),
+            )
+            .await
+        });
     }
     let mut points = vec![(
         FaultPoint::RelayAfterPublishBeforeSettle,
@@ -274,8 +310,10 @@ async fn wal_relay(
 pub async fn stream(
     settings: StreamSettings,
     kafka: &exactly_kafka::KafkaSettings,
+    gauges: Gauges,
     stop: watch::Receiver<bool>,
 ) -> Result<()> {
+    gauges.start_probes(kafka, &["broker"]);
     let config = settings.config(kafka)?;
     let partitions = settings.partitions;
     config
@@ -441,8 +479,13 @@ impl PgHandler for RecordHandler {
 pub async fn consume(
     args: ConsumeSettings,
     kafka: &exactly_kafka::KafkaSettings,
+    gauges: Gauges,
     stop: watch::Receiver<bool>,
 ) -> Result<()> {
+    gauges.start_probes(kafka, &["database", "broker"]);
+    if let Gauges::On { component, .. } = &gauges {
+        tokio::spawn(database_probe(args.database()?, component.clone()));
+    }
     let topics: Vec<&str> = args.topics.iter().map(String::as_str).collect();
     let mut config = ConsumerConfig::new(kafka, &args.group, &topics);
     config.max_batch = args.max_batch.max(1);

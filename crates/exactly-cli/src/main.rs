@@ -11,6 +11,7 @@ mod config_file;
 mod consumer_bench;
 mod demo;
 mod e2e_bench;
+mod health;
 mod operate;
 mod run;
 mod settings;
@@ -262,9 +263,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             no_metrics,
         } => {
             let kafka = kafka.settings()?;
-            serve_metrics_unless(no_metrics, metrics_addr, "consumer")?;
+            let gauges = serve_metrics_unless(no_metrics, metrics_addr, "consumer")?;
             commands::check_kafka(&kafka).await?;
-            commands::consume(consumer, &kafka, commands::stop_on_signal()).await?;
+            commands::consume(consumer, &kafka, gauges, commands::stop_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { args } => {
@@ -317,9 +318,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             no_metrics,
         } => {
             let kafka = kafka.settings()?;
-            serve_metrics_unless(no_metrics, metrics_addr, "stream")?;
+            let gauges = serve_metrics_unless(no_metrics, metrics_addr, "stream")?;
             commands::check_kafka(&kafka).await?;
-            commands::stream(stream, &kafka, commands::stop_on_signal()).await?;
+            commands::stream(stream, &kafka, gauges, commands::stop_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::SinkCounts {
@@ -365,5 +366,6 @@ fn serve_metrics_unless(no_metrics: bool, addr: SocketAddr, name: &str) -> Resul
     telemetry::serve_metrics(addr)?;
     Ok(Gauges::On {
         name: name.to_owned(),
+        component: name.to_owned(),
     })
 }

@@ -13,10 +13,11 @@ use crate::telemetry::serve_metrics;
 
 /// Runs until SIGINT/SIGTERM or the first component's failure.
 pub async fn run(config: ConfigFile) -> Result<()> {
-    let gauges = |name: &str| {
+    let gauges = |kind: &str, name: &str| {
         if config.metrics.enabled {
             Gauges::On {
                 name: name.to_owned(),
+                component: format!("{kind} {name}"),
             }
         } else {
             Gauges::Off
@@ -36,23 +37,23 @@ pub async fn run(config: ConfigFile) -> Result<()> {
     });
     let mut components: JoinSet<(String, Result<()>)> = JoinSet::new();
     for (name, settings) in config.source.clone() {
-        let (kafka, stop, gauges) = (config.kafka.clone(), stop.clone(), gauges(&name));
+        let (kafka, stop, gauges) = (config.kafka.clone(), stop.clone(), gauges("source", &name));
         components.spawn(async move {
             let result = commands::relay(settings, &kafka, gauges, stop).await;
             (format!("source {name}"), result)
         });
     }
     for (name, settings) in config.consumer.clone() {
-        let (kafka, stop) = (config.kafka.clone(), stop.clone());
+        let (kafka, stop, gauges) = (config.kafka.clone(), stop.clone(), gauges("consumer", &name));
         components.spawn(async move {
-            let result = commands::consume(settings, &kafka, stop).await;
+            let result = commands::consume(settings, &kafka, gauges, stop).await;
             (format!("consumer {name}"), result)
         });
     }
     for (name, settings) in config.stream.clone() {
-        let (kafka, stop) = (config.kafka.clone(), stop.clone());
+        let (kafka, stop, gauges) = (config.kafka.clone(), stop.clone(), gauges("stream", &name));
         components.spawn(async move {
-            let result = commands::stream(settings, &kafka, stop).await;
+            let result = commands::stream(settings, &kafka, gauges, stop).await;
             (format!("stream {name}"), result)
         });
     }

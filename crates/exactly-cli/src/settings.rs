@@ -14,6 +14,12 @@ use crate::commands::Database;
 
 /// Default values, each used by the flag and by the file key.
 pub mod defaults {
+    pub fn max_retained_wal() -> bytesize::ByteSize {
+        bytesize::ByteSize::gib(1)
+    }
+    pub fn max_lag() -> bytesize::ByteSize {
+        bytesize::ByteSize::mib(256)
+    }
     pub fn batch_size() -> usize {
         500
     }
@@ -181,6 +187,16 @@ pub struct RelaySettings {
     #[arg(long, default_value_t = defaults::heartbeat_ms())]
     #[serde(default = "defaults::heartbeat_ms")]
     pub heartbeat_ms: u64,
+    /// wal: above this much WAL held back by the slot the relay reports not ready and logs an
+    /// error naming the slot (PostgreSQL keeps every segment a slot still needs; see the README
+    /// on max_slot_wal_keep_size).
+    #[arg(long, default_value_t = defaults::max_retained_wal())]
+    #[serde(default = "defaults::max_retained_wal")]
+    pub max_retained_wal: bytesize::ByteSize,
+    /// wal: above this much WAL not yet confirmed by the relay it reports not ready.
+    #[arg(long, default_value_t = defaults::max_lag())]
+    #[serde(default = "defaults::max_lag")]
+    pub max_lag: bytesize::ByteSize,
     /// wal: how writers use the outbox (keep: a sweeper marks rows SENT).
     #[arg(long, value_enum, default_value_t)]
     #[serde(default)]
@@ -244,7 +260,15 @@ const POLL_ONLY: &[&str] = &[
     "exit_when_idle",
 ];
 /// Settings only the WAL relay reads.
-const WAL_ONLY: &[&str] = &["slot", "publication", "heartbeat_ms", "outbox", "exactly_once"];
+const WAL_ONLY: &[&str] = &[
+    "slot",
+    "publication",
+    "heartbeat_ms",
+    "outbox",
+    "exactly_once",
+    "max_retained_wal",
+    "max_lag",
+];
 /// Settings only the exactly-once WAL relay reads.
 const EXACTLY_ONCE_ONLY: &[&str] = &[
     "progress_topic",

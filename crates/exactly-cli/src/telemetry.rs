@@ -4,51 +4,227 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use bytes::Bytes;
 use exactly_core::OutboxStore;
-use metrics_exporter_prometheus::PrometheusBuilder;
+use http_body_util::Full;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
-/// Serves /metrics on `addr` (127.0.0.1 by default: metrics can reveal topic names and volumes).
+use crate::health;
+
+/// Serves /metrics, /healthz and /readyz on `addr` (127.0.0.1 by default: metrics can reveal
+/// topic names and volumes). Binds before returning, so a port in use is an error at start.
 pub fn serve_metrics(addr: SocketAddr) -> Result<()> {
-    PrometheusBuilder::new()
-        .with_http_listener(addr)
+    let handle = PrometheusBuilder::new()
         .set_buckets(&[
             0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
         ])
         .context("metrics buckets")?
-        .install()
-        .with_context(|| format!("serving metrics on {addr}"))
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let listener = std::net::TcpListener::bind(addr).with_context(|| format!("serving metrics on {addr}"))?;
+    listener.set_nonblocking(true)?;
+    let listener = tokio::net::TcpListener::from_std(listener)?;
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |request: hyper::Request<hyper::body::Incoming>| {
+                        let handle = handle.clone();
+                        async move { Ok::<_, std::convert::Infallible>(respond(request.uri().path(), &handle)) }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Ok(())
+}
+
+fn respond(path: &str, metrics: &PrometheusHandle) -> hyper::Response<Full<Bytes>> {
+    let (status, content_type, body) = match path {
+        "/metrics" => (200, "text/plain; version=0.0.4", metrics.render()),
+        "/healthz" | "/readyz" => {
+            let answer = if path == "/healthz" {
+                health::global().liveness(std::time::Instant::now())
+            } else {
+                health::global().readiness()
+            };
+            (
+                if answer.ok { 200 } else { 503 },
+                "application/json",
+                answer.body.to_string(),
+            )
+        }
+        _ => (
+            404,
+            "text/plain",
+            "not found: /metrics, /healthz, /readyz\n".to_owned(),
+        ),
+    };
+    let mut response = hyper::Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+    if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
+        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+    }
+    response
 }
 
 /// Publishes outbox rows by status and the oldest NEW row's age, every `every`, labelled with
-/// the source's name (one process may relay several databases).
-pub async fn outbox_gauges<S: OutboxStore>(store: &S, source: &str, every: Duration) {
+/// the source's name (one process may relay several databases); reports the database aspect of
+/// `component`'s readiness from the same query.
+pub async fn outbox_gauges<S: OutboxStore>(store: &S, source: &str, component: &str, every: Duration) {
     loop {
-        if let Ok(stats) = store.stats(exactly_kafka::now()).await {
-            for (status, count) in [
-                ("NEW", stats.new),
-                ("SENDING", stats.sending),
-                ("SENT", stats.sent),
-                ("DEAD", stats.dead),
-            ] {
-                metrics::gauge!("exactly_outbox_rows", "source" => source.to_owned(), "status" => status)
-                    .set(count as f64);
+        match store.stats(exactly_kafka::now()).await {
+            Ok(stats) => {
+                health::global().report(component, "database", None);
+                for (status, count) in [
+                    ("NEW", stats.new),
+                    ("SENDING", stats.sending),
+                    ("SENT", stats.sent),
+                    ("DEAD", stats.dead),
+                ] {
+                    metrics::gauge!("exactly_outbox_rows", "source" => source.to_owned(), "status" => status)
+                        .set(count as f64);
+                }
+                metrics::gauge!("exactly_outbox_oldest_new_age_seconds", "source" => source.to_owned())
+                    .set(stats.oldest_new_age_ms as f64 / 1000.0);
             }
-            metrics::gauge!("exactly_outbox_oldest_new_age_seconds", "source" => source.to_owned())
-                .set(stats.oldest_new_age_ms as f64 / 1000.0);
+            Err(e) => health::global().report(component, "database", Some(format!("database: {e}"))),
         }
         tokio::time::sleep(every).await;
     }
 }
 
-/// Publishes the replication slot's retained WAL and confirmed lag, every `every`.
-pub async fn slot_gauges(client: &tokio_postgres::Client, source: &str, slot: &str, every: Duration) {
+/// Above these the WAL relay reports not ready.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotLimits {
+    /// WAL the slot holds back (from its restart position).
+    pub max_retained_bytes: u64,
+    /// WAL not yet confirmed by the relay.
+    pub max_lag_bytes: u64,
+}
+
+/// Publishes the replication slot's retained WAL and confirmed lag, every `every`, and reports
+/// the slot aspect of `component`'s readiness: the slot exists, a relay streams from it, and it
+/// is within `limits`. Retained WAL above its limit is also an error in the log, naming the
+/// slot: left alone it fills the disk, or PostgreSQL invalidates the slot.
+pub async fn slot_gauges(
+    client: &tokio_postgres::Client,
+    source: &str,
+    slot: &str,
+    component: &str,
+    limits: SlotLimits,
+    every: Duration,
+) {
+    let mut warned = false;
     loop {
-        if let Ok(Some(stats)) = exactly_postgres::wal::slot_stats(client, slot).await {
-            metrics::gauge!("exactly_wal_retained_bytes", "source" => source.to_owned(), "slot" => slot.to_owned())
-                .set(stats.retained_bytes as f64);
-            metrics::gauge!("exactly_relay_lag_bytes", "source" => source.to_owned(), "slot" => slot.to_owned())
-                .set(stats.lag_bytes as f64);
-        }
+        let problem = match exactly_postgres::wal::slot_stats(client, slot).await {
+            Ok(Some(stats)) => {
+                metrics::gauge!("exactly_wal_retained_bytes", "source" => source.to_owned(), "slot" => slot.to_owned())
+                    .set(stats.retained_bytes as f64);
+                metrics::gauge!("exactly_relay_lag_bytes", "source" => source.to_owned(), "slot" => slot.to_owned())
+                    .set(stats.lag_bytes as f64);
+                let retained = stats.retained_bytes.max(0) as u64;
+                if retained > limits.max_retained_bytes {
+                    if !warned {
+                        tracing::error!(
+                            slot,
+                            retained_bytes = retained,
+                            limit_bytes = limits.max_retained_bytes,
+                            "replication slot {slot} holds back {} of WAL, above max_retained_wal {}",
+                            bytesize::ByteSize::b(retained),
+                            bytesize::ByteSize::b(limits.max_retained_bytes)
+                        );
+                        warned = true;
+                    }
+                    Some(format!(
+                        "slot {slot} retains {} of WAL, above max_retained_wal {}",
+                        bytesize::ByteSize::b(retained),
+                        bytesize::ByteSize::b(limits.max_retained_bytes)
+                    ))
+                } else {
+                    warned = false;
+                    if !stats.active {
+                        Some(format!("slot {slot} is not active: no relay streams from it"))
+                    } else if stats.lag_bytes.max(0) as u64 > limits.max_lag_bytes {
+                        Some(format!(
+                            "slot {slot} lags {} behind, above max_lag {}",
+                            bytesize::ByteSize::b(stats.lag_bytes.max(0) as u64),
+                            bytesize::ByteSize::b(limits.max_lag_bytes)
+                        ))
+                    } else {
+                        None
+                    }
+                }
+            }
+            Ok(None) => Some(format!("slot {slot} does not exist")),
+            Err(e) => Some(format!("slot {slot}: {e}")),
+        };
+        health::global().report(component, "slot", problem);
         tokio::time::sleep(every).await;
+    }
+}
+
+/// Reports the broker aspect of `component`'s readiness: whether the cluster answers a metadata
+/// request (with exactly's connection settings: TLS, SASL), every [`health::PROBE_EVERY`].
+pub async fn broker_probe(kafka: exactly_kafka::KafkaSettings, component: String) {
+    loop {
+        let settings = kafka.clone();
+        let checked = tokio::task::spawn_blocking(move || {
+            exactly_kafka::broker_answers(&settings, Duration::from_secs(2))
+        })
+        .await;
+        let problem = match checked {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("broker: {e}")),
+            Err(e) => Some(format!("broker check did not finish: {e}")),
+        };
+        health::global().report(&component, "broker", problem);
+        tokio::time::sleep(health::PROBE_EVERY).await;
+    }
+}
+
+/// Reports the database aspect of `component`'s readiness (a consumer's effect database):
+/// whether a trivial query answers, every [`health::PROBE_EVERY`].
+pub async fn database_probe(database: crate::commands::Database, component: String) {
+    let mut client: Option<tokio_postgres::Client> = None;
+    loop {
+        let problem = match &database {
+            crate::commands::Database::Sqlite(path) => exactly_sqlite::open_existing(path)
+                .err()
+                .map(|e| format!("database: {e}")),
+            crate::commands::Database::Postgres(url) => {
+                if client.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+                    client = exactly_postgres::connect(url).await.ok();
+                }
+                match &client {
+                    None => Some(format!(
+                        "database: cannot connect to {}",
+                        exactly_postgres::redact_url(url)
+                    )),
+                    Some(c) => c
+                        .simple_query("SELECT 1")
+                        .await
+                        .err()
+                        .map(|e| format!("database: {e}")),
+                }
+            }
+        };
+        health::global().report(&component, "database", problem);
+        tokio::time::sleep(health::PROBE_EVERY).await;
     }
 }

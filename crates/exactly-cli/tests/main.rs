@@ -10,6 +10,7 @@ mod cli;
 mod consumer;
 mod demo;
 mod eos;
+mod health;
 mod operate;
 mod relay;
 mod run;

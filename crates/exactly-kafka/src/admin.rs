@@ -187,6 +187,49 @@ fn is_misconfiguration(error: &rdkafka::error::KafkaError) -> bool {
 /// librdkafka's reason: retrying would never fix it. A broker that does not answer is only
 /// logged, since it may be restarting; the clients retry on their own.
 pub fn check_connection(kafka: &(impl Cluster + ?Sized), timeout: Duration) -> Result<(), KafkaFlowError> {
+    let settings = kafka.settings();
+    match ask_metadata(kafka, timeout)? {
+        None => Ok(()),
+        Some(Unanswered {
+            misconfigured: true,
+            reason,
+        }) => Err(KafkaFlowError::Unreachable {
+            brokers: settings.brokers.clone(),
+            reason,
+        }),
+        Some(Unanswered { reason, .. }) => {
+            tracing::warn!(
+                "Kafka at {} does not answer yet ({reason}); going on, the clients retry",
+                settings.brokers
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Whether the cluster answers a metadata request within `timeout`, for readiness probes: any
+/// failure, a broker that is down included, is an error with librdkafka's reason.
+pub fn broker_answers(kafka: &(impl Cluster + ?Sized), timeout: Duration) -> Result<(), KafkaFlowError> {
+    match ask_metadata(kafka, timeout)? {
+        None => Ok(()),
+        Some(Unanswered { reason, .. }) => Err(KafkaFlowError::Unreachable {
+            brokers: kafka.settings().brokers.clone(),
+            reason,
+        }),
+    }
+}
+
+/// Why a metadata request got no answer.
+struct Unanswered {
+    /// Settings that retrying will not fix (TLS, authentication).
+    misconfigured: bool,
+    reason: String,
+}
+
+fn ask_metadata(
+    kafka: &(impl Cluster + ?Sized),
+    timeout: Duration,
+) -> Result<Option<Unanswered>, KafkaFlowError> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let settings = kafka.settings();
     let consumer: BaseConsumer<LastError> = settings
@@ -201,19 +244,11 @@ pub fn check_connection(kafka: &(impl Cluster + ?Sized), timeout: Duration) -> R
         }
     }
     let last = consumer.context().0.lock().ok().and_then(|last| last.clone());
-    match (answered, last) {
-        (Ok(_), _) => Ok(()),
-        (Err(_), Some((error, reason))) if is_misconfiguration(&error) => Err(KafkaFlowError::Unreachable {
-            brokers: settings.brokers.clone(),
-            reason: format!("{error}: {reason}"),
+    Ok(match (answered, last) {
+        (Ok(_), _) => None,
+        (Err(e), last) => Some(Unanswered {
+            misconfigured: last.as_ref().is_some_and(|(error, _)| is_misconfiguration(error)),
+            reason: last.map_or_else(|| e.to_string(), |(error, reason)| format!("{error}: {reason}")),
         }),
-        (Err(e), last) => {
-            let reason = last.map_or_else(|| e.to_string(), |(error, reason)| format!("{error}: {reason}"));
-            tracing::warn!(
-                "Kafka at {} does not answer yet ({reason}); going on, the clients retry",
-                settings.brokers
-            );
-            Ok(())
-        }
-    }
+    })
 }

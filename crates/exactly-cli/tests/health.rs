@@ -1,0 +1,149 @@
+//! /healthz and /readyz on the metrics listener: a relay is ready while its database and broker
+//! answer, not ready (with the reason) while its broker is down, and ready again when it returns.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use exactly_testkit::{tansu_env, unique};
+
+use crate::support::*;
+
+/// GET `path`: the status code and body (0 and empty when nothing answers).
+pub fn get(port: u16, path: &str) -> (u16, String) {
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes());
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address")
+        .port()
+}
+
+/// A memory Tansu of this test's own, on `port`, so stopping it stops no other test.
+fn start_broker(port: u16) -> Child {
+    let tansu = tansu_env()
+        .into_iter()
+        .find(|(name, _)| name == "EXACTLY_TANSU")
+        .map(|(_, path)| path)
+        .expect("EXACTLY_TANSU");
+    let url = format!("tcp://127.0.0.1:{port}");
+    let child = Command::new(tansu)
+        .args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tansu");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "tansu did not open {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child
+}
+
+fn wait_for(port: u16, path: &str, status: u16, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let (got, body) = get(port, path);
+        if got == status {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} did not answer {status} within {within:?}; last: {got} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readyz_follows_the_broker_and_healthz_stays_alive() {
+    let broker_port = free_port();
+    let mut broker = start_broker(broker_port);
+    let brokers = format!("127.0.0.1:{broker_port}");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let service = dir.path().join("service.db");
+    let topic = unique("health");
+    exactly_kafka::ensure_topics(&brokers, &[&topic], 1)
+        .await
+        .expect("topic");
+    insert_sqlite(&service, &topic, 3);
+    let metrics_port = free_port();
+    let mut relay = Command::new(EXACTLY)
+        .args(["relay", "--mode", "poll", "--database"])
+        .arg(&service)
+        .args([
+            "--brokers",
+            &brokers,
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start relay");
+
+    let ready = wait_for(metrics_port, "/readyz", 200, Duration::from_secs(30));
+    let ready: serde_json::Value = serde_json::from_str(&ready).expect("JSON");
+    assert_eq!(ready["ready"], true, "{ready}");
+    assert_eq!(ready["components"]["relay"]["ready"], true, "{ready}");
+    assert_eq!(get(metrics_port, "/healthz").0, 200);
+    assert!(get(metrics_port, "/metrics").1.contains("exactly_outbox_rows"));
+    assert_eq!(get(metrics_port, "/nothing").0, 404);
+
+    // The broker stops: not ready, saying why; still alive (a restart would not help).
+    broker.kill().expect("stop broker");
+    broker.wait().expect("broker stopped");
+    let not_ready = wait_for(metrics_port, "/readyz", 503, Duration::from_secs(30));
+    let not_ready: serde_json::Value = serde_json::from_str(&not_ready).expect("JSON");
+    assert_eq!(not_ready["ready"], false, "{not_ready}");
+    let reason = not_ready["components"]["relay"]["not_ready"]["broker"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.starts_with("broker:"), "{not_ready}");
+    assert!(
+        not_ready["components"]["relay"]["not_ready"]
+            .get("database")
+            .is_none(),
+        "the database is fine: {not_ready}"
+    );
+    assert_eq!(get(metrics_port, "/healthz").0, 200);
+
+    // It returns: ready again.
+    let mut broker = start_broker(broker_port);
+    wait_for(metrics_port, "/readyz", 200, Duration::from_secs(60));
+    let _ = Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status();
+    assert!(relay.wait().expect("relay exits").success());
+    let _ = broker.kill();
+    let _ = broker.wait();
+}
