@@ -17,7 +17,9 @@ use tokio::sync::watch;
 use crate::backend::StoryHandler;
 use crate::settings::{ConsumeSettings, Keys, OutboxMode, RelayMode, RelaySettings, StreamSettings};
 use crate::story::StoryConsumer;
-use crate::telemetry::{broker_probe, database_probe, outbox_gauges, slot_gauges, SlotLimits};
+use crate::telemetry::{
+    broker_probe, database_probe, outbox_gauges, register_metrics, slot_gauges, ComponentKind, SlotLimits,
+};
 
 /// A database argument: a `postgres://` URL or a SQLite file path.
 #[derive(Debug, Clone)]
@@ -102,9 +104,11 @@ pub enum Gauges {
 
 impl Gauges {
     /// Declares the component's readiness aspects and starts the broker probe (every
-    /// component talks to the broker); the other aspects' probes are the caller's.
-    fn start_probes(&self, kafka: &exactly_kafka::KafkaSettings, aspects: &[&str]) {
+    /// component talks to the broker), and exports its counters from zero; the other aspects'
+    /// probes are the caller's.
+    fn start_probes(&self, kafka: &exactly_kafka::KafkaSettings, aspects: &[&str], kind: ComponentKind) {
         if let Gauges::On { component, .. } = self {
+            register_metrics(kind);
             crate::health::global().register(component, aspects);
             tokio::spawn(broker_probe(kafka.clone(), component.clone()));
         }
@@ -154,7 +158,7 @@ async fn poll_relay(
             if sequence_keys {
                 bail!("--keys sequence needs PostgreSQL: on SQLite use event-id keys");
             }
-            gauges.start_probes(kafka, &["database", "broker"]);
+            gauges.start_probes(kafka, &["database", "broker"], ComponentKind::PollRelay);
             if let Gauges::On { name, component } = gauges {
                 let store = SqliteOutbox::open(&path)?;
                 tokio::spawn(async move {
@@ -180,7 +184,7 @@ async fn poll_relay(
             } else {
                 PgOutbox::connect(&url).await?
             };
-            gauges.start_probes(kafka, &["database", "broker"]);
+            gauges.start_probes(kafka, &["database", "broker"], ComponentKind::PollRelay);
             if let Gauges::On { name, component } = gauges {
                 let store = PgOutbox::connect(&url).await?;
                 tokio::spawn(async move {
@@ -256,7 +260,12 @@ async fn wal_relay(
     let feed = PgChangeFeed::connect(feed_config)
         .await
         .with_context(|| format!("starting replication from slot {slot}"))?;
-    gauges.start_probes(kafka, &["database", "broker", "slot"]);
+    let kind = if settings.exactly_once {
+        ComponentKind::ExactlyOnceRelay
+    } else {
+        ComponentKind::WalRelay
+    };
+    gauges.start_probes(kafka, &["database", "broker", "slot"], kind);
     if let Gauges::On { name, component } = gauges {
         let client = exactly_postgres::connect(&url).await?;
         let store = PgOutbox::connect(&url).await?;
@@ -313,7 +322,7 @@ pub async fn stream(
     gauges: Gauges,
     stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    gauges.start_probes(kafka, &["broker"]);
+    gauges.start_probes(kafka, &["broker"], ComponentKind::Stream);
     let config = settings.config(kafka)?;
     let partitions = settings.partitions;
     config
@@ -482,7 +491,7 @@ pub async fn consume(
     gauges: Gauges,
     stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    gauges.start_probes(kafka, &["database", "broker"]);
+    gauges.start_probes(kafka, &["database", "broker"], ComponentKind::Consumer);
     if let Gauges::On { component, .. } = &gauges {
         tokio::spawn(database_probe(args.database()?, component.clone()));
     }

@@ -76,6 +76,12 @@ impl Health {
             });
         entry.aspects.insert(aspect.to_owned(), problem);
         entry.reported = Instant::now();
+        let ready = entry.aspects.values().all(Option::is_none);
+        metrics::gauge!("exactly_component_ready", "component" => component.to_owned()).set(if ready {
+            1.0
+        } else {
+            0.0
+        });
     }
 
     /// `/readyz`.

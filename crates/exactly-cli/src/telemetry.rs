@@ -228,3 +228,62 @@ pub async fn database_probe(database: crate::commands::Database, component: Stri
         tokio::time::sleep(health::PROBE_EVERY).await;
     }
 }
+
+/// What a component is, for the metrics it always exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ComponentKind {
+    PollRelay,
+    WalRelay,
+    ExactlyOnceRelay,
+    Consumer,
+    Stream,
+}
+
+/// Exports a component's counters at zero from its start, so a dashboard shows them and an
+/// alert on their increase has a series before the first event (Prometheus sees no change in a
+/// series that does not exist yet).
+pub fn register_metrics(kind: ComponentKind) {
+    let counters: &[&'static str] = match kind {
+        ComponentKind::PollRelay => &[
+            "exactly_relay_published_total",
+            "exactly_relay_failures_total",
+            "exactly_outbox_dead_total",
+            "exactly_relay_store_errors_total",
+        ],
+        ComponentKind::WalRelay => &["exactly_wal_events_total", "exactly_wal_transactions_total"],
+        ComponentKind::ExactlyOnceRelay => &[
+            "exactly_wal_events_total",
+            "exactly_wal_transactions_total",
+            "exactly_eos_transactions_committed_total",
+            "exactly_eos_transactions_aborted_total",
+        ],
+        ComponentKind::Consumer => &[
+            "exactly_consumer_delivered_total",
+            "exactly_consumer_applied_total",
+            "exactly_consumer_dedupe_hits_total",
+        ],
+        ComponentKind::Stream => &[
+            "exactly_stream_records_total",
+            "exactly_stream_commits_total",
+            "exactly_stream_aborts_total",
+            "exactly_stream_dead_letters_total",
+        ],
+    };
+    for name in counters {
+        metrics::counter!(*name).increment(0);
+    }
+    if kind == ComponentKind::Stream {
+        metrics::gauge!("exactly_stream_tasks").set(0.0);
+    }
+    if kind == ComponentKind::Consumer {
+        for reason in [
+            exactly_core::ParkReason::BadHeaders,
+            exactly_core::ParkReason::KeyTooOld,
+            exactly_core::ParkReason::Rejected,
+            exactly_core::ParkReason::RetriesExhausted,
+            exactly_core::ParkReason::SourceRegressed,
+        ] {
+            metrics::counter!("exactly_consumer_parked_total", "reason" => reason.as_str()).increment(0);
+        }
+    }
+}

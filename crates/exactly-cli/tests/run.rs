@@ -88,6 +88,7 @@ addr = "127.0.0.1:{port}"
 database = "{pg_url}"
 mode = "wal"
 heartbeat_ms = 1000
+exactly_once = true
 
 [source.shop]
 database = "{sqlite}"
@@ -96,9 +97,19 @@ poll_ms = 100
 [consumer.ledger]
 database = "{effects}"
 topics = ["{pg_topic}", "{sqlite_topic}"]
+
+# Here so one scrape holds a relay's, a consumer's and a stream job's metrics (its input has no
+# product_id: every record goes to its dead-letter topic).
+[stream.agg]
+application_id = "{stream_app}"
+input = "{sqlite_topic}"
+output = "{stream_app}-out"
+state_dir = "{stream_state}"
 "#,
             sqlite = sqlite.display(),
             effects = effects.display(),
+            stream_app = unique("run-agg"),
+            stream_state = dir.path().join("agg-state").display(),
         ),
     )
     .expect("write config");
@@ -130,7 +141,22 @@ topics = ["{pg_topic}", "{sqlite_topic}"]
         tokio::time::sleep(Duration::from_millis(500)).await;
         consumed = consumed_ids(&effects);
     }
-    let metrics = scrape(port);
+    // Every metric the shipped dashboard and alerts query is one the binary exports (the
+    // stream's lag comes with its first statistics after its assignment: wait for it).
+    let shipped = shipped_metric_names();
+    let missing_from = |metrics: &str| -> Vec<String> {
+        shipped
+            .iter()
+            .filter(|name| !metrics.contains(name.as_str()))
+            .cloned()
+            .collect()
+    };
+    let scraped_until = Instant::now() + Duration::from_secs(60);
+    let mut metrics = scrape(port);
+    while !missing_from(&metrics).is_empty() && Instant::now() < scraped_until {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        metrics = scrape(port);
+    }
     // A little longer: anything applied twice would show up now.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let _ = Command::new("kill")
@@ -168,6 +194,11 @@ topics = ["{pg_topic}", "{sqlite_topic}"]
     assert!(
         status.is_some_and(|s| s.success()),
         "SIGTERM stops every component cleanly ({status:?}); log:\n{log_text}"
+    );
+    let missing = missing_from(&metrics);
+    assert!(
+        missing.is_empty(),
+        "deploy/ queries metrics this scrape does not have: {missing:?}\n{metrics}"
     );
     // --log-format json: every line is one JSON event with its level and message.
     let events: Vec<serde_json::Value> = log_text
@@ -289,4 +320,47 @@ fn the_readme_config_is_the_docs_file_and_it_validates() {
         stderr.contains("2 source(s), 1 consumer(s), 1 stream job(s)"),
         "{stderr}"
     );
+}
+
+/// The `exactly_*` names deploy/grafana/exactly.json and deploy/prometheus/alerts.yml query.
+fn shipped_metric_names() -> std::collections::BTreeSet<String> {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy");
+    let mut names = std::collections::BTreeSet::new();
+    for file in ["grafana/exactly.json", "prometheus/alerts.yml"] {
+        let text = std::fs::read_to_string(deploy.join(file)).expect("read deploy file");
+        let mut rest = text.as_str();
+        while let Some(at) = rest.find("exactly_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            names.insert(name);
+        }
+    }
+    assert!(names.len() > 15, "found only {names:?}");
+    names
+}
+
+/// The shipped alert rules are valid and their unit tests pass (promtool, from Debian's
+/// prometheus package: scripts/setup --promtool).
+#[test]
+fn shipped_alert_rules_check_and_pass_their_tests() {
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/prometheus");
+    for args in [
+        ["check", "rules", "alerts.yml"],
+        ["test", "rules", "alerts_test.yml"],
+    ] {
+        let out = Command::new("promtool")
+            .args(args)
+            .current_dir(&deploy)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run promtool ({e}): run scripts/setup --promtool"));
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

@@ -308,20 +308,73 @@ pub(crate) const STATISTICS_INTERVAL_MS: &str = "5000";
 pub fn export_consumer_lag(statistics: &rdkafka::Statistics, metric: &'static str) {
     for (topic, t) in &statistics.topics {
         for (partition, p) in &t.partitions {
-            // -1: unknown (not assigned here, or no position yet); partition -1 is librdkafka's
-            // internal unassigned-messages queue.
-            if *partition < 0 || p.consumer_lag < 0 {
+            // Partition -1 is librdkafka's internal unassigned-messages queue.
+            if *partition < 0 {
                 continue;
             }
-            metrics::gauge!(metric, "topic" => topic.clone(), "partition" => partition.to_string())
-                .set(p.consumer_lag as f64);
+            if let Some(lag) = partition_lag(p) {
+                metrics::gauge!(metric, "topic" => topic.clone(), "partition" => partition.to_string())
+                    .set(lag as f64);
+            }
         }
+    }
+}
+
+/// Records between what this consumer has read and the end a read_committed reader can reach
+/// (the last stable offset; the high watermark where librdkafka has none). From the position
+/// handed to the application: a stream job commits its offsets inside its transactions, so
+/// librdkafka's own `consumer_lag` (from offsets this client committed) stays unknown there.
+/// None while unknown (not assigned here, or nothing read yet).
+fn partition_lag(p: &rdkafka::statistics::Partition) -> Option<i64> {
+    let end = if p.ls_offset >= 0 {
+        p.ls_offset
+    } else {
+        p.hi_offset
+    };
+    if p.app_offset >= 0 && end >= 0 {
+        Some((end - p.app_offset).max(0))
+    } else if p.consumer_lag >= 0 {
+        Some(p.consumer_lag)
+    } else {
+        None
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lag_counts_from_the_position_read_to_the_stable_end() {
+        let partition = |app_offset, ls_offset, hi_offset, consumer_lag| rdkafka::statistics::Partition {
+            app_offset,
+            ls_offset,
+            hi_offset,
+            consumer_lag,
+            ..Default::default()
+        };
+        assert_eq!(
+            partition_lag(&partition(40, 100, 120, -1)),
+            Some(60),
+            "a stream job's position"
+        );
+        assert_eq!(
+            partition_lag(&partition(40, -1, 120, -1)),
+            Some(80),
+            "no stable offset yet"
+        );
+        assert_eq!(
+            partition_lag(&partition(-1, 100, 120, 7)),
+            Some(7),
+            "committed offsets only"
+        );
+        assert_eq!(partition_lag(&partition(-1, -1, -1, -1)), None, "not assigned");
+        assert_eq!(
+            partition_lag(&partition(130, 100, 120, -1)),
+            Some(0),
+            "never below zero"
+        );
+    }
 
     #[test]
     fn protected_properties_are_refused_with_the_reason() {
