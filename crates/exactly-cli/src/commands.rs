@@ -498,6 +498,11 @@ pub async fn consume(
     let topics: Vec<&str> = args.topics.iter().map(String::as_str).collect();
     let mut config = ConsumerConfig::new(kafka, &args.group, &topics);
     config.max_batch = args.max_batch.max(1);
+    config.dedupe = exactly_core::DedupePolicy {
+        retention_ms: args.key_retention_ms,
+        horizon_ms: args.key_horizon_ms,
+    };
+    config.dedupe.validate()?;
     let faults = kill_at(
         FaultPoint::ConsumerAfterApplyBeforeOffsetCommit,
         args.kill_after_apply,

@@ -14,6 +14,12 @@ use crate::commands::Database;
 
 /// Default values, each used by the flag and by the file key.
 pub mod defaults {
+    pub fn key_retention_ms() -> i64 {
+        exactly_core::DedupePolicy::default().retention_ms
+    }
+    pub fn key_horizon_ms() -> i64 {
+        exactly_core::DedupePolicy::default().horizon_ms
+    }
     pub fn max_retained_wal() -> bytesize::ByteSize {
         bytesize::ByteSize::gib(1)
     }
@@ -343,6 +349,16 @@ pub struct ConsumeSettings {
     #[arg(long, value_delimiter = ',')]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub event_types: Vec<String>,
+    /// How long key-set entries (UUIDv4/v7, ULID keys) are kept before they are pruned, in
+    /// bounded batches.
+    #[arg(long, default_value_t = defaults::key_retention_ms())]
+    #[serde(default = "defaults::key_retention_ms")]
+    pub key_retention_ms: i64,
+    /// Time-ordered keys (UUIDv7, ULID) older than this are parked as key_too_old instead of
+    /// looked up (their entry may be pruned). At most the retention.
+    #[arg(long, default_value_t = defaults::key_horizon_ms())]
+    #[serde(default = "defaults::key_horizon_ms")]
+    pub key_horizon_ms: i64,
     /// The most records applied in one database transaction (what one poll has ready; the
     /// consumer never waits to fill a batch).
     #[arg(long, default_value_t = defaults::max_batch())]

@@ -314,9 +314,15 @@ pub trait EffectStore: Send + Sync {
         partition: i32,
     ) -> impl Future<Output = Result<Option<i64>, StoreError>> + Send;
 
-    /// Forgets key-set entries recorded before `cutoff` (the retention window); returns how many.
-    /// Watermarks are never forgotten: they are constant space.
-    fn forget_keys_before(&self, cutoff: UnixMillis) -> impl Future<Output = Result<u64, StoreError>> + Send;
+    /// Forgets at most `limit` key-set entries recorded before `cutoff` (the retention window),
+    /// in one short statement; returns how many. The caller repeats while a call forgets
+    /// `limit`, so a large backlog never becomes one long delete that holds locks and bloats the
+    /// write-ahead log. Watermarks are never forgotten: they are constant space.
+    fn forget_keys_before(
+        &self,
+        cutoff: UnixMillis,
+        limit: u64,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send;
 
     /// Stores a parked message. Parking the same (topic, partition, offset) twice, or a record
     /// whose readable idempotency key is parked already (a relay resend), keeps one row.

@@ -40,6 +40,8 @@ pub struct ConsumerConfig {
     pub commit_interval: Duration,
     /// How often key-set entries older than the retention are deleted.
     pub prune_interval: Duration,
+    /// The most key-set entries one delete statement removes.
+    pub prune_batch: u64,
     /// The most records applied in one database transaction: what one poll has ready, up to
     /// this many (the consumer never waits to fill a batch, so a quiet topic keeps its latency).
     pub max_batch: usize,
@@ -60,10 +62,14 @@ impl ConsumerConfig {
             },
             commit_interval: Duration::from_millis(200),
             prune_interval: Duration::from_secs(60),
+            prune_batch: 5_000,
             max_batch: 500,
         }
     }
 }
+
+/// Delete statements one prune step runs at most before the loop polls again.
+const PRUNE_ROUNDS: usize = 10;
 
 /// Counters a caller can read while the consumer runs.
 #[derive(Debug, Default)]
@@ -281,8 +287,9 @@ impl<S: EffectStore> IdempotentConsumer<S> {
             }
             self.seek_unchecked(&mut stop).await?;
             if last_prune.is_none_or(|at| at.elapsed() >= self.config.prune_interval) {
-                last_prune = Some(Instant::now());
-                self.prune().await;
+                // A backlog left over is taken up again after the next record, a bounded step
+                // at a time between polls, until it is gone.
+                last_prune = (!self.prune().await).then(Instant::now);
             }
             let message = tokio::select! {
                 m = self.consumer.recv() => m,
@@ -387,16 +394,30 @@ impl<S: EffectStore> IdempotentConsumer<S> {
 
     /// Deletes key-set entries past the retention window. A failure is only logged: the entries
     /// are deleted on a later round, and keeping a key longer never applies anything twice.
-    async fn prune(&self) {
+    /// Returns whether entries past the retention are left (the call's bound was reached).
+    async fn prune(&self) -> bool {
         let cutoff = now().plus_ms(-self.config.dedupe.retention_ms);
-        match self.store.forget_keys_before(cutoff).await {
-            Ok(0) => {}
-            Ok(n) => {
-                tracing::debug!("forgot {n} keys older than the retention");
-                metrics::counter!("exactly_consumer_keys_pruned_total").increment(n);
+        let batch = self.config.prune_batch.max(1);
+        // Bounded: at most `prune_batch` rows a statement and `PRUNE_ROUNDS` statements a call,
+        // so the loop is back to polling soon.
+        for _ in 0..PRUNE_ROUNDS {
+            match self.store.forget_keys_before(cutoff, batch).await {
+                Ok(n) => {
+                    if n > 0 {
+                        tracing::debug!("forgot {n} keys older than the retention");
+                        metrics::counter!("exactly_consumer_keys_pruned_total").increment(n);
+                    }
+                    if n < batch {
+                        return false;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!("pruning the key set failed (will retry): {e}");
+                    return false;
+                }
             }
-            Err(e) => tracing::warn!("pruning the key set failed (will retry): {e}"),
         }
+        true
     }
 
     /// Newly assigned partitions with no record yet (for example a group offset at the end of
@@ -560,6 +581,8 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                 }
             };
             if let DedupeRoute::TooOld { age_ms } = self.config.dedupe.route(&delivery.key, received_at) {
+                metrics::counter!("exactly_consumer_keys_too_old_total", "topic" => message.topic().to_owned())
+                    .increment(1);
                 let detail = format!(
                     "key {} is {age_ms} ms old, beyond the dedupe horizon of {} ms",
                     delivery.key, self.config.dedupe.horizon_ms

@@ -353,12 +353,15 @@ impl<H: PgHandler> EffectStore for PgEffects<H> {
         Ok(BatchOutcome::Committed(outcomes))
     }
 
-    async fn forget_keys_before(&self, cutoff: UnixMillis) -> Result<u64, StoreError> {
+    async fn forget_keys_before(&self, cutoff: UnixMillis, limit: u64) -> Result<u64, StoreError> {
         let client = self.client().await?;
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let forgotten = client
             .execute(
-                "DELETE FROM exactly_processed WHERE consumer = $1 AND processed_at < to_timestamp($2::float8 / 1000)",
-                &[&self.consumer, &(cutoff.0 as f64)],
+                "DELETE FROM exactly_processed WHERE ctid = ANY (ARRAY(
+                     SELECT ctid FROM exactly_processed
+                     WHERE consumer = $1 AND processed_at < to_timestamp($2::float8 / 1000) LIMIT $3))",
+                &[&self.consumer, &(cutoff.0 as f64), &limit],
             )
             .await
             .map_err(PgError::at("prune processed keys"))?;

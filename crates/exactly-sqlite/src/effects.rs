@@ -289,14 +289,16 @@ impl<H: SqliteHandler> EffectStore for SqliteEffects<H> {
         Ok(outcome)
     }
 
-    async fn forget_keys_before(&self, cutoff: UnixMillis) -> Result<u64, StoreError> {
+    async fn forget_keys_before(&self, cutoff: UnixMillis, limit: u64) -> Result<u64, StoreError> {
         let consumer = self.consumer.clone();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let forgotten = self
             .db
             .run(move |conn| {
                 conn.execute(
-                    "DELETE FROM exactly_processed WHERE consumer = ?1 AND processed_at < ?2",
-                    params![&*consumer, cutoff.0],
+                    "DELETE FROM exactly_processed WHERE rowid IN (
+                         SELECT rowid FROM exactly_processed WHERE consumer = ?1 AND processed_at < ?2 LIMIT ?3)",
+                    params![&*consumer, cutoff.0, limit],
                 )
                 .map_err(SqliteError::at("prune processed keys"))
             })
@@ -391,7 +393,10 @@ mod tests {
             assert_eq!(store.apply(inbound).await.expect("apply"), ApplyOutcome::Applied);
         }
         assert_eq!(
-            store.forget_keys_before(UnixMillis(2_000)).await.expect("prune"),
+            store
+                .forget_keys_before(UnixMillis(2_000), 100)
+                .await
+                .expect("prune"),
             1
         );
         let again = |d| Inbound {
@@ -408,6 +413,45 @@ mod tests {
         assert_eq!(
             store.apply(again(&old)).await.expect("apply"),
             ApplyOutcome::Applied
+        );
+    }
+
+    #[tokio::test]
+    async fn a_prune_deletes_at_most_its_limit_and_only_past_the_cutoff() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let noop = |_: &Transaction<'_>, _: &Delivery| Ok(());
+        let store = SqliteEffects::open(&dir.path().join("c.db"), "c", noop).expect("open");
+        for n in 0..27i64 {
+            let d = delivery(100 + n as u128);
+            let inbound = Inbound {
+                topic: "t",
+                partition: 0,
+                offset: n,
+                delivery: &d,
+                // 25 old, 2 young.
+                now: UnixMillis(if n < 25 { 1_000 } else { 9_000 }),
+            };
+            assert_eq!(store.apply(inbound).await.expect("apply"), ApplyOutcome::Applied);
+        }
+        let mut rounds = Vec::new();
+        loop {
+            let n = store
+                .forget_keys_before(UnixMillis(5_000), 10)
+                .await
+                .expect("prune");
+            rounds.push(n);
+            if n < 10 {
+                break;
+            }
+        }
+        assert_eq!(rounds, [10, 10, 5]);
+        assert_eq!(
+            store
+                .forget_keys_before(UnixMillis(5_000), 10)
+                .await
+                .expect("prune"),
+            0,
+            "the young keys stay"
         );
     }
 }
