@@ -16,6 +16,7 @@ mod operate;
 mod run;
 mod settings;
 mod sink;
+mod status;
 mod story;
 mod stream_bench;
 mod telemetry;
@@ -28,7 +29,7 @@ use anyhow::Result;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use crate::commands::{Database, Gauges, KafkaArgs};
+use crate::commands::{Gauges, KafkaArgs};
 use crate::config_file::RunArgs;
 use crate::demo::{run_demo, DemoOptions};
 use crate::settings::{ConsumeSettings, RelayMode, RelaySettings, StreamSettings};
@@ -158,11 +159,11 @@ enum Command {
     Dead(operate::DeadArgs),
     /// A consumer's parked messages: list, show, replay through the handler, discard.
     Parked(operate::ParkedArgs),
-    /// Outbox rows by status, oldest unsent row, parked messages.
-    Status {
-        #[arg(long, env = "EXACTLY_DATABASE")]
-        database: String,
-    },
+    /// What an on-call person needs, for one database or a whole configuration file: outbox by
+    /// status and oldest unsent row, dead events, replication slots (lag, retained WAL,
+    /// wal_status), consumers' key sets, watermarks and parked messages by reason, and with
+    /// --config the consumer groups' lag per partition. Reads only.
+    Status(status::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -351,8 +352,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             operate::parked(args).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status { database } => {
-            commands::status(Database::parse(&database)).await?;
+        Command::Status(args) => {
+            status::status(args).await?;
             Ok(ExitCode::SUCCESS)
         }
     }

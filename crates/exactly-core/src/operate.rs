@@ -147,6 +147,38 @@ pub enum ReplayOutcome {
     NotFound,
 }
 
+/// A consumer's dedupe state and parking lot, as `exactly status` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsumerState {
+    /// The consumer (group) name its rows carry.
+    pub consumer: String,
+    /// Entries in its key set.
+    pub keys: u64,
+    /// Watermarks (one per source, topic and partition).
+    pub watermarks: u64,
+    /// Parked messages by reason code.
+    pub parked: std::collections::BTreeMap<String, u64>,
+}
+
+/// A logical replication slot, as `exactly status` shows it (PostgreSQL).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SlotState {
+    /// Its name.
+    pub slot: String,
+    /// A walsender streams from it now.
+    pub active: bool,
+    /// The position the relay confirmed (`confirmed_flush_lsn`), as text.
+    pub confirmed: Option<String>,
+    /// WAL written since the confirmed position.
+    pub lag_bytes: i64,
+    /// The walsender's flush lag in seconds (while active and reported).
+    pub lag_seconds: Option<f64>,
+    /// WAL the slot holds back (since its restart position).
+    pub retained_bytes: i64,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -252,3 +252,68 @@ fn ask_metadata(
         }),
     })
 }
+
+/// How far a consumer group is behind on one partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionLag {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// The group's committed offset (None: nothing committed yet).
+    pub committed: Option<i64>,
+    /// The partition's high watermark.
+    pub end: i64,
+    /// `end - committed`, or everything from the low watermark when nothing is committed.
+    pub lag: i64,
+}
+
+/// The committed offsets of `group` on every partition of `topics`, and how far each is behind
+/// the end (read only: the group is not joined). For `exactly status`.
+pub fn group_lag(
+    kafka: &(impl Cluster + ?Sized),
+    group: &str,
+    topics: &[String],
+    timeout: Duration,
+) -> Result<Vec<PartitionLag>, KafkaFlowError> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer<crate::TokenContext> = kafka
+        .settings()
+        .client()
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .create_with_context(crate::TokenContext)
+        .map_err(KafkaFlowError::at("create lag reader"))?;
+    let mut list = rdkafka::TopicPartitionList::new();
+    for topic in topics {
+        let metadata = consumer
+            .fetch_metadata(Some(topic), timeout)
+            .map_err(KafkaFlowError::at("read topic metadata"))?;
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                list.add_partition(t.name(), p.id());
+            }
+        }
+    }
+    let committed = consumer
+        .committed_offsets(list, timeout)
+        .map_err(KafkaFlowError::at("read committed offsets"))?;
+    let mut lags = Vec::new();
+    for element in committed.elements() {
+        let (low, high) = consumer
+            .fetch_watermarks(element.topic(), element.partition(), timeout)
+            .map_err(KafkaFlowError::at("read watermarks"))?;
+        let committed = match element.offset() {
+            rdkafka::Offset::Offset(o) if o >= 0 => Some(o),
+            _ => None,
+        };
+        lags.push(PartitionLag {
+            topic: element.topic().to_owned(),
+            partition: element.partition(),
+            committed,
+            end: high,
+            lag: (high - committed.unwrap_or(low)).max(0),
+        });
+    }
+    Ok(lags)
+}

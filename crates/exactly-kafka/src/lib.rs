@@ -21,8 +21,8 @@ mod wal_relay;
 mod wire;
 
 pub use admin::{
-    broker_answers, check_connection, ensure_internal_topics, ensure_topics, partition_count, topic_configs,
-    InternalTopic,
+    broker_answers, check_connection, ensure_internal_topics, ensure_topics, group_lag, partition_count,
+    topic_configs, InternalTopic, PartitionLag,
 };
 pub use config::{
     consumer_config, export_consumer_lag, is_secret_property, parse_property, producer_config, reader_config,

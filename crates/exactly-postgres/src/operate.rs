@@ -1,7 +1,7 @@
 //! Operator tooling on PostgreSQL: dead outbox events (both relays) and parked messages.
 //! Every filter is a bound parameter; nothing an operator types becomes SQL text.
 
-use exactly_core::operate::{DeadEvent, DeadKind, ParkedRow, Selection};
+use exactly_core::operate::{ConsumerState, DeadEvent, DeadKind, ParkedRow, Selection, SlotState};
 use exactly_core::UnixMillis;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};
@@ -347,4 +347,73 @@ pub async fn discard_parked(client: &Client, consumer: &str, selection: &Selecti
         )
         .await
         .map_err(PgError::at("discard parked messages"))
+}
+
+/// Every consumer with rows here: key-set size, watermarks, parked messages by reason.
+pub async fn consumer_states(client: &Client) -> Result<Vec<ConsumerState>, PgError> {
+    let rows = client
+        .query(
+            "WITH names AS (SELECT consumer FROM exactly_processed UNION SELECT consumer FROM exactly_watermarks
+                            UNION SELECT consumer FROM exactly_parked)
+             SELECT n.consumer,
+                    (SELECT count(*) FROM exactly_processed p WHERE p.consumer = n.consumer),
+                    (SELECT count(*) FROM exactly_watermarks w WHERE w.consumer = n.consumer)
+             FROM names n ORDER BY n.consumer",
+            &[],
+        )
+        .await
+        .map_err(PgError::at("read consumer states"))?;
+    let mut states: Vec<ConsumerState> = rows
+        .iter()
+        .map(|r| ConsumerState {
+            consumer: r.get(0),
+            keys: r.get::<_, i64>(1).max(0) as u64,
+            watermarks: r.get::<_, i64>(2).max(0) as u64,
+            parked: Default::default(),
+        })
+        .collect();
+    let parked = client
+        .query(
+            "SELECT consumer, reason, count(*) FROM exactly_parked GROUP BY consumer, reason",
+            &[],
+        )
+        .await
+        .map_err(PgError::at("count parked messages"))?;
+    for r in &parked {
+        let consumer: &str = r.get(0);
+        if let Some(state) = states.iter_mut().find(|s| s.consumer == consumer) {
+            state.parked.insert(r.get(1), r.get::<_, i64>(2).max(0) as u64);
+        }
+    }
+    Ok(states)
+}
+
+/// The logical replication slots of this database.
+pub async fn slot_states(client: &Client) -> Result<Vec<SlotState>, PgError> {
+    let rows = client
+        .query(
+            "SELECT s.slot_name::text, s.active, s.confirmed_flush_lsn::text,
+                    coalesce((pg_current_wal_lsn() - s.confirmed_flush_lsn)::bigint, 0),
+                    (SELECT extract(epoch FROM r.flush_lag)::float8 FROM pg_stat_replication r WHERE r.pid = s.active_pid),
+                    coalesce((pg_current_wal_lsn() - s.restart_lsn)::bigint, 0),
+                    s.wal_status::text
+             FROM pg_replication_slots s
+             WHERE s.slot_type = 'logical' AND s.database = current_database()
+             ORDER BY s.slot_name",
+            &[],
+        )
+        .await
+        .map_err(PgError::at("read replication slots"))?;
+    Ok(rows
+        .iter()
+        .map(|r| SlotState {
+            slot: r.get(0),
+            active: r.get(1),
+            confirmed: r.get(2),
+            lag_bytes: r.get(3),
+            lag_seconds: r.get(4),
+            retained_bytes: r.get(5),
+            wal_status: r.get(6),
+        })
+        .collect())
 }

@@ -2,7 +2,7 @@
 //! parameter; nothing an operator types becomes SQL text. (SQLite has no WAL relay, so no
 //! `exactly_relay_dead`.)
 
-use exactly_core::operate::{DeadEvent, DeadKind, ParkedRow, Selection};
+use exactly_core::operate::{ConsumerState, DeadEvent, DeadKind, ParkedRow, Selection};
 use exactly_core::UnixMillis;
 use rusqlite::{params_from_iter, types::Value, Connection, Row};
 
@@ -156,4 +156,50 @@ pub fn discard_parked(conn: &Connection, consumer: &str, selection: &Selection) 
     )
     .map(|n| n as u64)
     .map_err(SqliteError::at("discard parked messages"))
+}
+
+/// Every consumer with rows here: key-set size, watermarks, parked messages by reason.
+pub fn consumer_states(conn: &Connection) -> Result<Vec<ConsumerState>, SqliteError> {
+    let mut names = conn
+        .prepare(
+            "SELECT consumer FROM exactly_processed UNION SELECT consumer FROM exactly_watermarks
+             UNION SELECT consumer FROM exactly_parked ORDER BY 1",
+        )
+        .map_err(SqliteError::at("list consumers"))?;
+    let consumers: Vec<String> = names
+        .query_map([], |r| r.get(0))
+        .map_err(SqliteError::at("list consumers"))?
+        .collect::<Result<_, _>>()
+        .map_err(SqliteError::at("list consumers"))?;
+    let count = |sql: &str, consumer: &str| -> Result<u64, SqliteError> {
+        conn.query_row(sql, [consumer], |r| r.get::<_, i64>(0))
+            .map(|n| n.max(0) as u64)
+            .map_err(SqliteError::at("count consumer rows"))
+    };
+    let mut states = Vec::with_capacity(consumers.len());
+    for consumer in consumers {
+        let mut by_reason = conn
+            .prepare("SELECT reason, count(*) FROM exactly_parked WHERE consumer = ?1 GROUP BY reason")
+            .map_err(SqliteError::at("count parked"))?;
+        let parked = by_reason
+            .query_map([&consumer], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?.max(0) as u64))
+            })
+            .map_err(SqliteError::at("count parked"))?
+            .collect::<Result<_, _>>()
+            .map_err(SqliteError::at("count parked"))?;
+        states.push(ConsumerState {
+            keys: count(
+                "SELECT count(*) FROM exactly_processed WHERE consumer = ?1",
+                &consumer,
+            )?,
+            watermarks: count(
+                "SELECT count(*) FROM exactly_watermarks WHERE consumer = ?1",
+                &consumer,
+            )?,
+            consumer,
+            parked,
+        });
+    }
+    Ok(states)
 }
