@@ -18,7 +18,8 @@ use crate::backend::StoryHandler;
 use crate::settings::{ConsumeSettings, Keys, OutboxMode, RelayMode, RelaySettings, StreamSettings};
 use crate::story::StoryConsumer;
 use crate::telemetry::{
-    broker_probe, database_probe, outbox_gauges, register_metrics, slot_gauges, ComponentKind, SlotLimits,
+    broker_probe, consumer_probe, database_probe, outbox_gauges, register_metrics, slot_gauges,
+    ComponentKind, SlotLimits,
 };
 
 /// A database argument: a `postgres://` URL or a SQLite file path.
@@ -491,9 +492,19 @@ pub async fn consume(
     gauges: Gauges,
     stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    gauges.start_probes(kafka, &["database", "broker"], ComponentKind::Consumer);
+    gauges.start_probes(
+        kafka,
+        &["database", "broker", "partitions", "lag"],
+        ComponentKind::Consumer,
+    );
+    let counters = std::sync::Arc::new(exactly_kafka::ConsumerCounters::default());
     if let Gauges::On { component, .. } = &gauges {
         tokio::spawn(database_probe(args.database()?, component.clone()));
+        tokio::spawn(consumer_probe(
+            counters.clone(),
+            component.clone(),
+            args.max_lag_records,
+        ));
     }
     let topics: Vec<&str> = args.topics.iter().map(String::as_str).collect();
     let mut config = ConsumerConfig::new(kafka, &args.group, &topics);
@@ -518,6 +529,7 @@ pub async fn consume(
                 SqliteEffects::open(path, &consumer_name, record_handler)?,
                 config,
                 faults,
+                counters.clone(),
                 stop,
             )
             .await
@@ -531,6 +543,7 @@ pub async fn consume(
                 PgEffects::connect(url, &consumer_name, record_handler).await?,
                 config,
                 faults,
+                counters.clone(),
                 stop,
             )
             .await
@@ -551,6 +564,7 @@ pub async fn consume(
                         SqliteEffects::open(path, story.name(), StoryHandler(story))?,
                         config,
                         faults,
+                        counters.clone(),
                         stop,
                     )
                     .await
@@ -564,6 +578,7 @@ pub async fn consume(
                         PgEffects::connect(url, story.name(), StoryHandler(story)).await?,
                         config,
                         faults,
+                        counters.clone(),
                         stop,
                     )
                     .await
@@ -577,8 +592,11 @@ async fn run_consumer<S: EffectStore>(
     store: S,
     config: ConsumerConfig,
     faults: Faults,
+    counters: std::sync::Arc<exactly_kafka::ConsumerCounters>,
     stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    let consumer = IdempotentConsumer::new(store, config)?.with_faults(faults);
+    let consumer = IdempotentConsumer::new(store, config)?
+        .with_faults(faults)
+        .with_counters(counters);
     consumer.run(stop).await.context("consumer stopped")
 }

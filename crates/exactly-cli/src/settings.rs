@@ -14,6 +14,9 @@ use crate::commands::Database;
 
 /// Default values, each used by the flag and by the file key.
 pub mod defaults {
+    pub fn max_lag_records() -> i64 {
+        100_000
+    }
     pub fn key_retention_ms() -> i64 {
         exactly_core::DedupePolicy::default().retention_ms
     }
@@ -359,6 +362,10 @@ pub struct ConsumeSettings {
     #[arg(long, default_value_t = defaults::key_horizon_ms())]
     #[serde(default = "defaults::key_horizon_ms")]
     pub key_horizon_ms: i64,
+    /// Above this many records behind (over its partitions) the consumer reports not ready.
+    #[arg(long, default_value_t = defaults::max_lag_records())]
+    #[serde(default = "defaults::max_lag_records")]
+    pub max_lag_records: i64,
     /// The most records applied in one database transaction (what one poll has ready; the
     /// consumer never waits to fill a batch).
     #[arg(long, default_value_t = defaults::max_batch())]

@@ -287,3 +287,30 @@ pub fn register_metrics(kind: ComponentKind) {
         }
     }
 }
+
+/// Reports a consumer's partitions aspect (it holds partitions: it joined its group) and lag
+/// aspect (at most `max_lag` records behind), from its counters, every [`health::PROBE_EVERY`].
+pub async fn consumer_probe(
+    counters: std::sync::Arc<exactly_kafka::ConsumerCounters>,
+    component: String,
+    max_lag: i64,
+) {
+    use std::sync::atomic::Ordering;
+    loop {
+        let assigned = counters.assigned.load(Ordering::Relaxed);
+        health::global().report(
+            &component,
+            "partitions",
+            (assigned == 0).then(|| {
+                "no partitions assigned (joining, rebalancing, or more members than partitions)".to_owned()
+            }),
+        );
+        let lag = counters.lag.load(Ordering::Relaxed);
+        health::global().report(
+            &component,
+            "lag",
+            (lag > max_lag).then(|| format!("{lag} records behind, above max_lag_records {max_lag}")),
+        );
+        tokio::time::sleep(health::PROBE_EVERY).await;
+    }
+}

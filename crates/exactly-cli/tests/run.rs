@@ -141,6 +141,21 @@ state_dir = "{stream_state}"
         tokio::time::sleep(Duration::from_millis(500)).await;
         consumed = consumed_ids(&effects);
     }
+    // Every component is ready: both sources (database, broker, and the slot of the WAL one), the
+    // consumer (database, broker, partitions held, lag) and the stream job (broker).
+    let readiness_until = Instant::now() + Duration::from_secs(30);
+    let ready = loop {
+        let (code, body) = crate::health::get(port, "/readyz");
+        if code == 200 || Instant::now() > readiness_until {
+            break (code, body);
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(ready.0, 200, "{}", ready.1);
+    let ready: serde_json::Value = serde_json::from_str(&ready.1).expect("readiness JSON");
+    for component in ["source orders", "source shop", "consumer ledger", "stream agg"] {
+        assert_eq!(ready["components"][component]["ready"], true, "{ready}");
+    }
     // Every metric the shipped dashboard and alerts query is one the binary exports (the
     // stream's lag comes with its first statistics after its assignment: wait for it).
     let shipped = shipped_metric_names();

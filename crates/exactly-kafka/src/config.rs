@@ -303,9 +303,11 @@ pub fn reader_config(kafka: &(impl Cluster + ?Sized), group_id: &str, isolation:
 /// How often librdkafka reports statistics (consumer lag comes from them).
 pub(crate) const STATISTICS_INTERVAL_MS: &str = "5000";
 
-/// Exports each partition's consumer lag (records between the committed position and the high
-/// watermark, as librdkafka measures it) as the gauge `metric{topic, partition}`.
-pub fn export_consumer_lag(statistics: &rdkafka::Statistics, metric: &'static str) {
+/// Exports each partition's consumer lag (records between the position read and the last stable
+/// offset; see `partition_lag`) as the gauge `metric{topic, partition}`; returns the total over
+/// the partitions whose lag is known.
+pub fn export_consumer_lag(statistics: &rdkafka::Statistics, metric: &'static str) -> Option<i64> {
+    let mut total: Option<i64> = None;
     for (topic, t) in &statistics.topics {
         for (partition, p) in &t.partitions {
             // Partition -1 is librdkafka's internal unassigned-messages queue.
@@ -315,9 +317,11 @@ pub fn export_consumer_lag(statistics: &rdkafka::Statistics, metric: &'static st
             if let Some(lag) = partition_lag(p) {
                 metrics::gauge!(metric, "topic" => topic.clone(), "partition" => partition.to_string())
                     .set(lag as f64);
+                total = Some(total.unwrap_or(0) + lag);
             }
         }
     }
+    total
 }
 
 /// Records between what this consumer has read and the end a read_committed reader can reach

@@ -82,6 +82,10 @@ pub struct ConsumerCounters {
     pub duplicates: AtomicU64,
     /// Records parked.
     pub parked: AtomicU64,
+    /// Partitions assigned to this member (as of its last offset commit).
+    pub assigned: AtomicU64,
+    /// Records behind the end over its partitions (librdkafka's last statistics; -1: unknown).
+    pub lag: std::sync::atomic::AtomicI64,
 }
 
 /// Offsets of applied records, per partition, not committed to Kafka yet.
@@ -89,10 +93,21 @@ type Pending = HashMap<(String, i32), i64>;
 
 /// State the rebalance callbacks share with the consumer loop: partitions assigned since their
 /// last resume check, and the offsets applied but not yet committed.
-#[derive(Default)]
 pub(crate) struct AssignmentContext {
     unchecked: Mutex<HashSet<(String, i32)>>,
     pending: Mutex<Pending>,
+    /// Total lag from the last statistics (-1: unknown).
+    lag: std::sync::atomic::AtomicI64,
+}
+
+impl Default for AssignmentContext {
+    fn default() -> Self {
+        AssignmentContext {
+            unchecked: Mutex::default(),
+            pending: Mutex::default(),
+            lag: std::sync::atomic::AtomicI64::new(-1),
+        }
+    }
 }
 
 impl AssignmentContext {
@@ -138,7 +153,8 @@ impl ClientContext for AssignmentContext {
     crate::oauth::oauth_token_refresh!();
 
     fn stats(&self, statistics: rdkafka::Statistics) {
-        crate::config::export_consumer_lag(&statistics, "exactly_consumer_lag_records");
+        let total = crate::config::export_consumer_lag(&statistics, "exactly_consumer_lag_records");
+        self.lag.store(total.unwrap_or(-1), Ordering::Relaxed);
     }
 }
 
@@ -518,11 +534,20 @@ impl<S: EffectStore> IdempotentConsumer<S> {
     /// it no longer owns are dropped (their revoke committed them, or the next owner has).
     fn commit(&self) {
         let owned: HashSet<(String, i32)> = match self.consumer.assignment() {
-            Ok(list) => list
-                .elements()
-                .iter()
-                .map(|e| (e.topic().to_owned(), e.partition()))
-                .collect(),
+            Ok(list) => {
+                // For readiness probes: what this member holds and how far behind it is.
+                self.counters
+                    .assigned
+                    .store(list.count() as u64, Ordering::Relaxed);
+                self.counters.lag.store(
+                    self.consumer.context().lag.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+                list.elements()
+                    .iter()
+                    .map(|e| (e.topic().to_owned(), e.partition()))
+                    .collect()
+            }
             Err(e) => {
                 tracing::debug!("cannot read the assignment (commit later): {e}");
                 return;

@@ -244,7 +244,7 @@ impl ClientContext for RebalanceContext {
     }
 
     fn stats(&self, statistics: rdkafka::Statistics) {
-        exactly_kafka::export_consumer_lag(&statistics, "exactly_stream_lag_records");
+        let _ = exactly_kafka::export_consumer_lag(&statistics, "exactly_stream_lag_records");
     }
 }
 
