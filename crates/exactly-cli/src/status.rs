@@ -101,6 +101,24 @@ pub async fn status(args: StatusArgs) -> Result<()> {
         for (database, used_by, limit) in databases {
             statuses.push(database_status(&database, used_by, limit).await?);
         }
+        // Exactly-once sources: where their progress topics say each source stands.
+        let mut progress = Vec::new();
+        let mut topics: Vec<String> = config
+            .source
+            .values()
+            .filter(|s| s.exactly_once)
+            .map(|s| s.progress_topic.clone())
+            .collect();
+        topics.sort();
+        topics.dedup();
+        for topic in topics {
+            let (kafka, t) = (config.kafka.clone(), topic.clone());
+            let positions =
+                tokio::task::spawn_blocking(move || exactly_kafka::progress_positions(&kafka, &t))
+                    .await?
+                    .map_err(|e| e.to_string());
+            progress.push((topic, positions));
+        }
         let mut group_statuses = Vec::new();
         for (used_by, group, topics) in groups {
             let (kafka, g) = (config.kafka.clone(), group.clone());
@@ -111,10 +129,10 @@ pub async fn status(args: StatusArgs) -> Result<()> {
             .map_err(|e| e.to_string());
             group_statuses.push(GroupStatus { used_by, group, lags });
         }
-        print(&statuses, &group_statuses, args.json);
+        print(&statuses, &group_statuses, &progress, args.json);
     } else if let Some(text) = &args.database {
         let status = database_status(&Database::parse(text), Vec::new(), default_limit).await?;
-        print(&[status], &[], args.json);
+        print(&[status], &[], &[], args.json);
     }
     Ok(())
 }
@@ -179,7 +197,15 @@ fn over_limit(slot: &SlotState, limit: u64) -> bool {
     slot.retained_bytes.max(0) as u64 > limit
 }
 
-fn print(databases: &[DatabaseStatus], groups: &[GroupStatus], as_json: bool) {
+/// A progress topic and each source's last end position in it (or why it could not be read).
+type Progress = (String, Result<std::collections::BTreeMap<String, u64>, String>);
+
+/// A WAL position as PostgreSQL writes it.
+fn lsn(position: u64) -> String {
+    format!("{:X}/{:X}", position >> 32, position & 0xffff_ffff)
+}
+
+fn print(databases: &[DatabaseStatus], groups: &[GroupStatus], progress: &[Progress], as_json: bool) {
     if as_json {
         let databases: Vec<serde_json::Value> = databases
             .iter()
@@ -218,7 +244,22 @@ fn print(databases: &[DatabaseStatus], groups: &[GroupStatus], as_json: bool) {
                 Err(e) => json!({ "used_by": g.used_by, "group": g.group, "error": e }),
             })
             .collect();
-        println!("{}", json!({ "databases": databases, "groups": groups }));
+        let progress: Vec<serde_json::Value> = progress
+            .iter()
+            .map(|(topic, positions)| match positions {
+                Ok(positions) => json!({
+                    "topic": topic,
+                    "sources": positions.iter().map(|(source, p)| json!({
+                        "source": source, "end_position": p, "lsn": lsn(*p),
+                    })).collect::<Vec<_>>(),
+                }),
+                Err(e) => json!({ "topic": topic, "error": e }),
+            })
+            .collect();
+        println!(
+            "{}",
+            json!({ "databases": databases, "groups": groups, "progress": progress })
+        );
         return;
     }
     for d in databases {
@@ -268,6 +309,16 @@ fn print(databases: &[DatabaseStatus], groups: &[GroupStatus], as_json: bool) {
                     parked.join(", ")
                 }
             );
+        }
+    }
+    for (topic, positions) in progress {
+        match positions {
+            Ok(positions) => {
+                for (source, p) in positions {
+                    println!("progress {topic}: {source} at {}", lsn(*p));
+                }
+            }
+            Err(e) => println!("progress {topic}: cannot read it: {e}"),
         }
     }
     for g in groups {

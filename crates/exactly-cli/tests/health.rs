@@ -147,3 +147,70 @@ async fn readyz_follows_the_broker_and_healthz_stays_alive() {
     let _ = broker.kill();
     let _ = broker.wait();
 }
+
+/// Retained WAL above --max-retained-wal: the WAL relay reports not ready, naming the slot, and
+/// logs an error; with a limit it is under, the same relay is ready.
+#[tokio::test(flavor = "multi_thread")]
+async fn retained_wal_above_the_limit_makes_the_wal_relay_not_ready() {
+    let brokers = exactly_testkit::brokers();
+    let (url, _client) = crate::wal::prepared_database().await;
+    let slot = exactly_postgres::wal::default_slot_name(&url);
+    let run = |limit: &str| {
+        let port = free_port();
+        let log = tempfile::NamedTempFile::new().expect("log file");
+        let child = Command::new(EXACTLY)
+            .args([
+                "relay",
+                "--mode",
+                "wal",
+                "--database",
+                &url,
+                "--brokers",
+                &brokers,
+            ])
+            .args([
+                "--metrics-addr",
+                &format!("127.0.0.1:{port}"),
+                "--max-retained-wal",
+                limit,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log.reopen().expect("log"))
+            .spawn()
+            .expect("start WAL relay");
+        (port, child, log)
+    };
+    // A slot always retains some WAL (at least the segment it starts in): 1 byte is exceeded.
+    let (port, mut relay, log) = run("1B");
+    let body = wait_for(port, "/readyz", 503, Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut body: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let slot_reason = |body: &serde_json::Value| {
+        body["components"]["relay"]["not_ready"]["slot"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    while !slot_reason(&body).contains("max_retained_wal") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(250));
+        body = serde_json::from_str(&get(port, "/readyz").1).expect("JSON");
+    }
+    let reason = slot_reason(&body);
+    assert!(
+        reason.contains(&slot) && reason.contains("above max_retained_wal"),
+        "{body}"
+    );
+    let _ = relay.kill();
+    let _ = relay.wait();
+    let logged = std::fs::read_to_string(log.path()).unwrap_or_default();
+    assert!(
+        logged.contains("ERROR") && logged.contains(&format!("replication slot {slot} holds back")),
+        "{logged}"
+    );
+    let (port, mut relay, _log) = run("1GiB");
+    wait_for(port, "/readyz", 200, Duration::from_secs(30));
+    let _ = relay.kill();
+    let _ = relay.wait();
+    crate::wal::drop_slot(&url).await;
+}

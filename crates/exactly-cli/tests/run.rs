@@ -247,6 +247,12 @@ state_dir = "{stream_state}"
         ledger["consumers"][0]["watermarks"].as_u64() > Some(0),
         "{ledger}"
     );
+    let progress = &status["progress"][0];
+    assert_eq!(progress["topic"], "exactly-progress", "{status}");
+    assert!(
+        progress["sources"].as_array().is_some_and(|s| !s.is_empty()),
+        "the exactly-once source's position: {status}"
+    );
     let group = status["groups"]
         .as_array()
         .and_then(|g| g.iter().find(|g| g["used_by"] == "consumer ledger"))

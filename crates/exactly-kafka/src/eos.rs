@@ -164,6 +164,19 @@ pub(crate) fn committed_progress(
     Ok(last)
 }
 
+/// Every source's last end position in a progress topic, as a read_committed reader sees it
+/// (`exactly status`). On a broker that shows aborted records (Tansu 0.6.0) an aborted
+/// transaction's position can show here; the relay itself then resumes from the slot.
+pub fn progress_positions(
+    kafka: &(impl Cluster + ?Sized),
+    topic: &str,
+) -> Result<std::collections::BTreeMap<String, u64>, KafkaFlowError> {
+    Ok(read_all(&kafka.settings(), topic)?
+        .iter()
+        .filter_map(|v| parse_progress(v))
+        .collect())
+}
+
 /// Writes a record in a transaction, aborts it, and reads the topic read_committed: true if the
 /// aborted record stays hidden, as Kafka guarantees. Tansu 0.6.0 shows it.
 pub fn broker_hides_aborted_records(

@@ -29,7 +29,7 @@ pub use config::{
     Cluster, KafkaSettings, PropertyError,
 };
 pub use consumer::{ConsumerConfig, ConsumerCounters, IdempotentConsumer};
-pub use eos::{broker_hides_aborted_records, is_fenced, ExactlyOnce, QuietEof};
+pub use eos::{broker_hides_aborted_records, is_fenced, progress_positions, ExactlyOnce, QuietEof};
 pub use error::KafkaFlowError;
 pub use faults::{FaultPoint, Faults};
 pub use oauth::{generate as oauth_token, refresh as refresh_oauth_token, TokenContext, TokenError};
