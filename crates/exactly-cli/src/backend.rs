@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use exactly_core::{Delivery, Envelope, HandlerError, UnixMillis};
+use exactly_core::{Envelope, HandlerError, Inbound, UnixMillis};
 use exactly_postgres::PgHandler;
 use exactly_sqlite::SqliteHandler;
 use futures::future::BoxFuture;
@@ -35,8 +35,8 @@ impl Backend {
 pub struct StoryHandler(pub StoryConsumer);
 
 impl SqliteHandler for StoryHandler {
-    fn handle(&self, tx: &rusqlite::Transaction<'_>, delivery: &Delivery) -> Result<(), HandlerError> {
-        for effect in effects(self.0, delivery)? {
+    fn handle(&self, tx: &rusqlite::Transaction<'_>, inbound: &Inbound<'_>) -> Result<(), HandlerError> {
+        for effect in effects(self.0, inbound.delivery)? {
             let params: Vec<Box<dyn rusqlite::ToSql>> = effect
                 .params
                 .into_iter()
@@ -58,10 +58,10 @@ impl PgHandler for StoryHandler {
     fn handle<'a>(
         &'a self,
         tx: &'a tokio_postgres::Transaction<'a>,
-        delivery: &'a Delivery,
+        inbound: &'a Inbound<'a>,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
-            for effect in effects(self.0, delivery)? {
+            for effect in effects(self.0, inbound.delivery)? {
                 let params: Vec<Box<dyn tokio_postgres::types::ToSql + Sync + Send>> = effect
                     .params
                     .into_iter()

@@ -4,19 +4,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use exactly_core::{Delivery, EffectStore, HandlerError, KeyMode, OutboxStore};
+use exactly_core::{EffectStore, KeyMode, OutboxStore};
 use exactly_kafka::{
     ConsumerConfig, ExactlyOnce, FaultPoint, Faults, IdempotentConsumer, Relay, RelayConfig, WalRelay,
     WalRelayConfig,
 };
-use exactly_postgres::{PgChangeFeed, PgEffects, PgHandler, PgOutbox, WalConfig};
-use exactly_sqlite::{SqliteEffects, SqliteHandler, SqliteOutbox};
-use futures::future::BoxFuture;
+use exactly_postgres::{PgChangeFeed, PgOutbox, WalConfig};
+use exactly_sqlite::SqliteOutbox;
 use tokio::sync::watch;
 
-use crate::backend::StoryHandler;
+use crate::handlers::{ConsumerStore, Opening};
 use crate::settings::{ConsumeSettings, Keys, OutboxMode, RelayMode, RelaySettings, StreamSettings};
-use crate::story::StoryConsumer;
 use crate::telemetry::{
     broker_probe, consumer_probe, database_probe, outbox_gauges, register_metrics, slot_gauges,
     ComponentKind, SlotLimits,
@@ -361,130 +359,6 @@ pub async fn stream(
     Ok(())
 }
 
-/// The built-in handler of `exactly consume --handler record`: one row per event in
-/// `exactly_consumed` (no unique key, so an event applied twice shows as two rows; applied_seq
-/// is the order of application). The payload must be JSON, and with `event_types` set the event
-/// type one of them; anything else is parked with the reason.
-#[derive(Debug, Clone, Default)]
-pub struct RecordHandler {
-    pub event_types: Vec<String>,
-}
-
-pub const RECORD_SCHEMA_SQLITE: &str = "CREATE TABLE IF NOT EXISTS exactly_consumed (
-    applied_seq INTEGER PRIMARY KEY, consumer TEXT NOT NULL, event_id TEXT NOT NULL, event_type TEXT NOT NULL,
-    aggregate_id TEXT NOT NULL, occurred_at BIGINT NOT NULL, payload TEXT NOT NULL)";
-
-pub const RECORD_SCHEMA_PG: &str = "CREATE TABLE IF NOT EXISTS exactly_consumed (
-    applied_seq BIGSERIAL PRIMARY KEY, consumer TEXT NOT NULL, event_id TEXT NOT NULL, event_type TEXT NOT NULL,
-    aggregate_id TEXT NOT NULL, occurred_at BIGINT NOT NULL, payload TEXT NOT NULL)";
-
-impl RecordHandler {
-    fn check(&self, delivery: &Delivery) -> Result<String, HandlerError> {
-        let event_type = &delivery.envelope.event_type;
-        if !self.event_types.is_empty() && !self.event_types.iter().any(|t| t == event_type) {
-            return Err(HandlerError::Rejected(format!(
-                "unknown event type {event_type:?}"
-            )));
-        }
-        decode_json(delivery)
-    }
-}
-
-fn decode_json(delivery: &Delivery) -> Result<String, HandlerError> {
-    let text = std::str::from_utf8(&delivery.envelope.payload)
-        .map_err(|e| HandlerError::Rejected(format!("payload is not UTF-8: {e}")))?;
-    serde_json::from_str::<serde_json::Value>(text)
-        .map_err(|e| HandlerError::Rejected(format!("payload is not JSON: {e}")))?;
-    Ok(text.to_owned())
-}
-
-const RECORD_INSERT: &str =
-    "INSERT INTO exactly_consumed (consumer, event_id, event_type, aggregate_id, occurred_at, payload)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
-
-impl SqliteHandler for RecordHandler {
-    fn handle(&self, tx: &rusqlite::Transaction<'_>, d: &Delivery) -> Result<(), HandlerError> {
-        let payload = self.check(d)?;
-        let e = &d.envelope;
-        tx.execute(
-            RECORD_INSERT,
-            rusqlite::params![
-                "record",
-                e.event_id.hyphenated().to_string(),
-                e.event_type,
-                e.aggregate_id,
-                e.occurred_at.0,
-                payload
-            ],
-        )
-        .map_err(|e| HandlerError::Retryable(e.to_string()))?;
-        Ok(())
-    }
-}
-
-impl PgHandler for RecordHandler {
-    fn handle<'a>(
-        &'a self,
-        tx: &'a tokio_postgres::Transaction<'a>,
-        d: &'a Delivery,
-    ) -> BoxFuture<'a, Result<(), HandlerError>> {
-        Box::pin(async move {
-            let payload = self.check(d)?;
-            let e = &d.envelope;
-            tx.execute(
-                &crate::story::pg_placeholders(RECORD_INSERT),
-                &[
-                    &"record",
-                    &e.event_id.hyphenated().to_string(),
-                    &e.event_type,
-                    &e.aggregate_id,
-                    &e.occurred_at.0,
-                    &payload,
-                ],
-            )
-            .await
-            .map_err(|e| HandlerError::Retryable(e.to_string()))?;
-            Ok(())
-        })
-    }
-
-    /// Every event of a batch with one multi-row INSERT, in order.
-    fn handle_batch<'a>(
-        &'a self,
-        tx: &'a tokio_postgres::Transaction<'a>,
-        deliveries: &'a [&'a Delivery],
-    ) -> BoxFuture<'a, Result<(), HandlerError>> {
-        Box::pin(async move {
-            let n = deliveries.len();
-            let (mut event_ids, mut types, mut aggregates) = (
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-                Vec::with_capacity(n),
-            );
-            let (mut times, mut payloads) = (Vec::with_capacity(n), Vec::with_capacity(n));
-            for d in deliveries {
-                payloads.push(self.check(d)?);
-                let e = &d.envelope;
-                event_ids.push(e.event_id.hyphenated().to_string());
-                types.push(e.event_type.as_str());
-                aggregates.push(e.aggregate_id.as_str());
-                times.push(e.occurred_at.0);
-            }
-            tx.execute(
-                "INSERT INTO exactly_consumed (consumer, event_id, event_type, aggregate_id, occurred_at, payload)
-                 SELECT 'record', event_id, event_type, aggregate_id, occurred_at, payload
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], $5::text[]) WITH ORDINALITY
-                      AS b(event_id, event_type, aggregate_id, occurred_at, payload, ordinal)
-                 ORDER BY ordinal",
-                &[&event_ids, &types, &aggregates, &times, &payloads],
-            )
-            .await
-            .map_err(|e| HandlerError::Retryable(e.to_string()))?;
-            Ok(())
-        })
-    }
-}
-
 /// One idempotent consumer until `stop`.
 pub async fn consume(
     args: ConsumeSettings,
@@ -518,73 +392,11 @@ pub async fn consume(
         FaultPoint::ConsumerAfterApplyBeforeOffsetCommit,
         args.kill_after_apply,
     );
-    let consumer_name = args.group.clone();
-    let record_handler = RecordHandler {
-        event_types: args.event_types.clone(),
-    };
-    match (&args.database()?, args.handler.as_str()) {
-        (Database::Sqlite(path), "record") => {
-            exactly_sqlite::open(path)?.execute_batch(RECORD_SCHEMA_SQLITE)?;
-            run_consumer(
-                SqliteEffects::open(path, &consumer_name, record_handler)?,
-                config,
-                faults,
-                counters.clone(),
-                stop,
-            )
-            .await
-        }
-        (Database::Postgres(url), "record") => {
-            exactly_postgres::connect(url)
-                .await?
-                .batch_execute(RECORD_SCHEMA_PG)
-                .await?;
-            run_consumer(
-                PgEffects::connect(url, &consumer_name, record_handler).await?,
-                config,
-                faults,
-                counters.clone(),
-                stop,
-            )
-            .await
-        }
-        (database, name) => {
-            let story = name
-                .strip_prefix("story-")
-                .and_then(StoryConsumer::parse)
-                .with_context(|| {
-                    format!(
-                        "unknown handler {name:?}: use record, story-coupons, story-likes or story-products"
-                    )
-                })?;
-            match database {
-                Database::Sqlite(path) => {
-                    exactly_sqlite::open(path)?.execute_batch(crate::story::CONSUMER_SCHEMA)?;
-                    run_consumer(
-                        SqliteEffects::open(path, story.name(), StoryHandler(story))?,
-                        config,
-                        faults,
-                        counters.clone(),
-                        stop,
-                    )
-                    .await
-                }
-                Database::Postgres(url) => {
-                    exactly_postgres::connect(url)
-                        .await?
-                        .batch_execute(crate::story::CONSUMER_SCHEMA)
-                        .await?;
-                    run_consumer(
-                        PgEffects::connect(url, story.name(), StoryHandler(story)).await?,
-                        config,
-                        faults,
-                        counters.clone(),
-                        stop,
-                    )
-                    .await
-                }
-            }
-        }
+    let choice = args.handler_choice()?;
+    let store = ConsumerStore::open(&args.database()?, &args.group, &choice, Opening::Consumer).await?;
+    match store {
+        ConsumerStore::Postgres(store) => run_consumer(store, config, faults, counters, stop).await,
+        ConsumerStore::Sqlite(store) => run_consumer(store, config, faults, counters, stop).await,
     }
 }
 

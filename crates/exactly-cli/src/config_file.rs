@@ -11,7 +11,7 @@ use exactly_kafka::KafkaSettings;
 use serde::{Deserialize, Serialize};
 
 use crate::commands::Database;
-use crate::settings::{ConsumeSettings, RelayMode, RelaySettings, StreamSettings, HANDLERS};
+use crate::settings::{ConsumeSettings, RelayMode, RelaySettings, StreamSettings};
 
 /// The whole file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -449,15 +449,15 @@ fn validate(
         if consumer.topics.is_empty() {
             return Err(locate.error(&at("topics"), "name at least one topic"));
         }
-        if !HANDLERS.contains(&consumer.handler.as_str()) {
-            return Err(locate.error(
-                &at("handler"),
-                format!(
-                    "unknown handler {:?}: use one of {}",
-                    consumer.handler,
-                    HANDLERS.join(", ")
-                ),
-            ));
+        if let Err(e) = consumer.handler_choice() {
+            let key = if consumer.sql_file.is_some() && consumer.handler != "sql" {
+                "sql_file"
+            } else if !consumer.event_types.is_empty() && consumer.handler != "record" {
+                "event_types"
+            } else {
+                "handler"
+            };
+            return Err(locate.error(&at(key), format!("{e:#}")));
         }
     }
     for (name, stream) in &config.stream {

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use exactly_core::{Delivery, HandlerError};
+use exactly_core::{Delivery, HandlerError, Inbound};
 use exactly_kafka::{
     ConsumerConfig, ConsumerCounters, ExactlyOnce, IdempotentConsumer, Relay, RelayConfig, WalRelay,
     WalRelayConfig,
@@ -295,10 +295,10 @@ impl PgHandler for LatencyHandler {
     fn handle<'a>(
         &'a self,
         tx: &'a tokio_postgres::Transaction<'a>,
-        d: &'a Delivery,
+        inbound: &'a Inbound<'a>,
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
-            let tick = tick_of(d)?;
+            let tick = tick_of(inbound.delivery)?;
             tx.execute("INSERT INTO bench_effects (tick) VALUES ($1)", &[&tick])
                 .await
                 .map_err(|e| HandlerError::Retryable(e.to_string()))?;
@@ -309,12 +309,12 @@ impl PgHandler for LatencyHandler {
     fn handle_batch<'a>(
         &'a self,
         tx: &'a tokio_postgres::Transaction<'a>,
-        deliveries: &'a [&'a Delivery],
+        batch: &'a [Inbound<'a>],
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
-            let ticks = deliveries
+            let ticks = batch
                 .iter()
-                .map(|d| tick_of(d))
+                .map(|i| tick_of(i.delivery))
                 .collect::<Result<Vec<i64>, _>>()?;
             tx.execute(
                 "INSERT INTO bench_effects (tick) SELECT unnest($1::int8[])",

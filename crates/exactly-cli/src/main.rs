@@ -11,6 +11,7 @@ mod config_file;
 mod consumer_bench;
 mod demo;
 mod e2e_bench;
+mod handlers;
 mod health;
 mod operate;
 mod run;

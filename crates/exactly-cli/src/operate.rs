@@ -4,17 +4,14 @@
 use std::io::{BufRead, IsTerminal, Write};
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use exactly_core::operate::{DeadEvent, ParkedRow, ReplayOutcome, Selection};
 use exactly_core::UnixMillis;
-use exactly_postgres::PgEffects;
-use exactly_sqlite::SqliteEffects;
 
-use crate::backend::StoryHandler;
-use crate::commands::{Database, RecordHandler, RECORD_SCHEMA_PG, RECORD_SCHEMA_SQLITE};
+use crate::commands::Database;
+use crate::handlers::{ConsumerStore, HandlerChoice, Opening};
 use crate::settings::resolve_database;
-use crate::story::StoryConsumer;
 
 /// The database every operator command reads.
 #[derive(Debug, Clone, clap::Args)]
@@ -160,6 +157,9 @@ enum ParkedAction {
         /// record: the event types it accepts, as `exactly consume --event-types`.
         #[arg(long, value_delimiter = ',')]
         event_types: Vec<String>,
+        /// sql: the statements, as `exactly consume --sql-file`.
+        #[arg(long, value_name = "FILE")]
+        sql_file: Option<std::path::PathBuf>,
         #[command(flatten)]
         output: Output,
     },
@@ -303,13 +303,15 @@ pub async fn parked(args: ParkedArgs) -> Result<()> {
             key,
             handler,
             event_types,
+            sql_file,
             output,
         } => {
             let rows = parked_rows(&database, consumer, &filters.selection(None, key)).await?;
             if !confirm("replay", rows.len(), output)? {
                 return Ok(());
             }
-            let effects = Effects::open(&database, consumer, &handler, event_types).await?;
+            let choice = HandlerChoice::new(&handler, &event_types, sql_file.as_deref())?;
+            let effects = ConsumerStore::open(&database, consumer, &choice, Opening::Operator).await?;
             let mut outcomes = Vec::with_capacity(rows.len());
             for row in &rows {
                 let outcome = effects.replay(row.id).await?;
@@ -338,64 +340,6 @@ pub async fn parked(args: ParkedArgs) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// The consumer's store with its handler, as `exactly consume` builds it.
-enum Effects {
-    PgRecord(PgEffects<RecordHandler>),
-    PgStory(PgEffects<StoryHandler>),
-    SqliteRecord(SqliteEffects<RecordHandler>),
-    SqliteStory(SqliteEffects<StoryHandler>),
-}
-
-impl Effects {
-    async fn open(
-        database: &Database,
-        consumer: &str,
-        handler: &str,
-        event_types: Vec<String>,
-    ) -> Result<Effects> {
-        let record = RecordHandler { event_types };
-        Ok(match (database, handler) {
-            (Database::Sqlite(path), "record") => {
-                exactly_sqlite::open_existing_writable(path)?.execute_batch(RECORD_SCHEMA_SQLITE)?;
-                Effects::SqliteRecord(SqliteEffects::open(path, consumer, record)?)
-            }
-            (Database::Postgres(url), "record") => {
-                exactly_postgres::connect(url)
-                    .await?
-                    .batch_execute(RECORD_SCHEMA_PG)
-                    .await?;
-                Effects::PgRecord(PgEffects::connect(url, consumer, record).await?)
-            }
-            (database, name) => {
-                let story = name
-                    .strip_prefix("story-")
-                    .and_then(StoryConsumer::parse)
-                    .with_context(|| {
-                        format!("unknown handler {name:?}: use record, story-coupons, story-likes or story-products")
-                    })?;
-                match database {
-                    Database::Sqlite(path) => {
-                        exactly_sqlite::open_existing(path)?;
-                        Effects::SqliteStory(SqliteEffects::open(path, consumer, StoryHandler(story))?)
-                    }
-                    Database::Postgres(url) => {
-                        Effects::PgStory(PgEffects::connect(url, consumer, StoryHandler(story)).await?)
-                    }
-                }
-            }
-        })
-    }
-
-    async fn replay(&self, id: i64) -> Result<ReplayOutcome> {
-        Ok(match self {
-            Effects::PgRecord(e) => e.replay_parked(id).await?,
-            Effects::PgStory(e) => e.replay_parked(id).await?,
-            Effects::SqliteRecord(e) => e.replay_parked(id).await?,
-            Effects::SqliteStory(e) => e.replay_parked(id).await?,
-        })
-    }
 }
 
 /// Says how many rows an action will touch; more than one needs `--yes` or a "y" typed at a

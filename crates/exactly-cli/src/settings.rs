@@ -11,6 +11,7 @@ use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
 use crate::commands::Database;
+use crate::handlers::HandlerChoice;
 
 /// Default values, each used by the flag and by the file key.
 pub mod defaults {
@@ -344,7 +345,8 @@ pub struct ConsumeSettings {
     /// A topic to consume (repeatable).
     #[arg(long = "topic", required = true)]
     pub topics: Vec<String>,
-    /// record (a row per event in exactly_consumed), story-coupons, story-likes, story-products.
+    /// record (a row per event in exactly_consumed), sql (the statements of --sql-file),
+    /// story-coupons, story-likes, story-products.
     #[arg(long, default_value_t = defaults::handler())]
     #[serde(default = "defaults::handler")]
     pub handler: String,
@@ -352,6 +354,13 @@ pub struct ConsumeSettings {
     #[arg(long, value_delimiter = ',')]
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub event_types: Vec<String>,
+    /// sql: a file of statements run for each new event in the dedupe transaction, with the
+    /// envelope as named parameters (:event_id, :key, :event_type, :aggregate_type,
+    /// :aggregate_id, :occurred_at, :payload, :payload_json, :payload_bytes, :headers, :topic,
+    /// :partition, :offset). An error they raise parks the event with the database's message.
+    #[arg(long, value_name = "FILE")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sql_file: Option<PathBuf>,
     /// How long key-set entries (UUIDv4/v7, ULID keys) are kept before they are pruned, in
     /// bounded batches.
     #[arg(long, default_value_t = defaults::key_retention_ms())]
@@ -378,13 +387,15 @@ pub struct ConsumeSettings {
     pub kill_after_apply: Option<u64>,
 }
 
-/// The handlers `exactly consume` has.
-pub const HANDLERS: &[&str] = &["record", "story-coupons", "story-likes", "story-products"];
-
 impl ConsumeSettings {
     /// The database, its password read from `password_env` when one is named.
     pub fn database(&self) -> Result<Database> {
         resolve_database(&self.database, self.password_env.as_deref())
+    }
+
+    /// The handler and what it reads, checked (a setting of another handler is refused).
+    pub fn handler_choice(&self) -> Result<HandlerChoice> {
+        HandlerChoice::new(&self.handler, &self.event_types, self.sql_file.as_deref())
     }
 }
 

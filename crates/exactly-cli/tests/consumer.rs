@@ -192,7 +192,7 @@ impl exactly_postgres::PgHandler for NoEffect {
     fn handle<'a>(
         &'a self,
         _tx: &'a tokio_postgres::Transaction<'a>,
-        _delivery: &'a exactly_core::Delivery,
+        _inbound: &'a exactly_core::Inbound<'a>,
     ) -> futures::future::BoxFuture<'a, Result<(), exactly_core::HandlerError>> {
         Box::pin(async { Ok(()) })
     }
@@ -271,9 +271,10 @@ impl exactly_postgres::PgHandler for InsertApplied {
     fn handle<'a>(
         &'a self,
         tx: &'a tokio_postgres::Transaction<'a>,
-        d: &'a exactly_core::Delivery,
+        inbound: &'a exactly_core::Inbound<'a>,
     ) -> futures::future::BoxFuture<'a, Result<(), exactly_core::HandlerError>> {
         Box::pin(async move {
+            let d = inbound.delivery;
             tx.execute(
                 "INSERT INTO applied (event_id) VALUES ($1)",
                 &[&d.envelope.event_id.hyphenated().to_string()],
@@ -428,9 +429,10 @@ impl exactly_postgres::PgHandler for FlakyOnce {
     fn handle<'a>(
         &'a self,
         tx: &'a tokio_postgres::Transaction<'a>,
-        d: &'a exactly_core::Delivery,
+        inbound: &'a exactly_core::Inbound<'a>,
     ) -> futures::future::BoxFuture<'a, Result<(), exactly_core::HandlerError>> {
         Box::pin(async move {
+            let d = inbound.delivery;
             if d.envelope.event_id == self.fail_on && !self.failed.swap(true, Ordering::SeqCst) {
                 return Err(exactly_core::HandlerError::Retryable(
                     "lock timeout (once)".into(),

@@ -1,4 +1,4 @@
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -168,4 +168,104 @@ pub fn sorted(mut v: Vec<String>) -> Vec<String> {
 #[allow(dead_code)]
 pub fn at(ms: i64) -> UnixMillis {
     UnixMillis(ms)
+}
+
+/// One database, as the CLI names it and as the test reads it.
+pub enum Db {
+    Sqlite(PathBuf),
+    Pg(String),
+}
+
+impl Db {
+    pub fn arg(&self) -> String {
+        match self {
+            Db::Sqlite(path) => path.display().to_string(),
+            Db::Pg(url) => url.clone(),
+        }
+    }
+
+    /// Runs one statement (the same SQL on both stores).
+    pub async fn execute(&self, sql: &str) {
+        match self {
+            Db::Sqlite(path) => {
+                rusqlite::Connection::open(path)
+                    .expect("open")
+                    .execute_batch(sql)
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            }
+            Db::Pg(url) => {
+                exactly_postgres::connect(url)
+                    .await
+                    .expect("connect")
+                    .batch_execute(sql)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            }
+        }
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        self.try_count(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"))
+    }
+
+    /// A count, or the error (a table the consumer has not created yet).
+    pub async fn try_count(&self, sql: &str) -> Result<i64, String> {
+        match self {
+            Db::Sqlite(path) => rusqlite::Connection::open(path)
+                .map_err(|e| e.to_string())?
+                .query_row(sql, [], |r| r.get(0))
+                .map_err(|e| e.to_string()),
+            Db::Pg(url) => Ok(exactly_postgres::connect(url)
+                .await
+                .map_err(|e| e.to_string())?
+                .query_one(sql, &[])
+                .await
+                .map_err(|e| format!("{e:?}"))?
+                .get(0)),
+        }
+    }
+
+    /// Commits `event` to the outbox; returns its row id.
+    pub async fn enqueue(&self, topic: &str, event: &exactly_core::Envelope) -> i64 {
+        match self {
+            Db::Sqlite(path) => {
+                let conn = exactly_sqlite::open(path).expect("open");
+                exactly_sqlite::enqueue(&conn, topic, event).expect("enqueue")
+            }
+            Db::Pg(url) => {
+                let mut client = exactly_postgres::connect(url).await.expect("connect");
+                exactly_postgres::migrations::migrate(&mut client)
+                    .await
+                    .expect("migrate");
+                exactly_postgres::enqueue(&client, topic, event)
+                    .await
+                    .expect("enqueue")
+            }
+        }
+    }
+}
+
+pub fn exactly(args: &[&str]) -> Output {
+    Command::new(EXACTLY)
+        .args(args)
+        .env_remove("EXACTLY_DATABASE")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run exactly")
+}
+
+/// Runs `exactly` with `args`; it must succeed and print JSON.
+pub fn exactly_json(args: &[&str]) -> serde_json::Value {
+    let out = exactly(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
 }

@@ -241,7 +241,7 @@ async fn wal_relay_keys_modes_rollbacks_and_dead_rows() {
 
     // `exactly dead`: both listed; the row, fixed in place, is sent again after everything
     // published so far; the message, which has no row, is left and then discarded.
-    let dead = crate::operate::exactly_json(&["dead", "--database", &url, "list", "--json"]);
+    let dead = crate::support::exactly_json(&["dead", "--database", &url, "list", "--json"]);
     let dead = dead.as_array().expect("a list");
     assert_eq!(dead.len(), 2, "{dead:?}");
     assert!(dead.iter().all(|d| d["kind"] == "wal"), "{dead:?}");
@@ -252,7 +252,7 @@ async fn wal_relay_keys_modes_rollbacks_and_dead_rows() {
         )
         .await
         .expect("fix the row");
-    let requeued = crate::operate::exactly_json(&["dead", "--database", &url, "requeue", "--yes", "--json"]);
+    let requeued = crate::support::exactly_json(&["dead", "--database", &url, "requeue", "--yes", "--json"]);
     assert_eq!(requeued, serde_json::json!({ "requeued": 1, "left": 1 }));
     let records = wait_for_records(&brokers, &topic, 1, 7).await;
     assert_eq!(records.len(), 7, "the requeued event went out once");
@@ -265,10 +265,10 @@ async fn wal_relay_keys_modes_rollbacks_and_dead_rows() {
         sequence_value(&records[6]) > sequence_value(&records[5]),
         "a requeued event gets a later key"
     );
-    let discarded = crate::operate::exactly_json(&["dead", "--database", &url, "discard", "--json"]);
+    let discarded = crate::support::exactly_json(&["dead", "--database", &url, "discard", "--json"]);
     assert_eq!(discarded["discarded"], 1);
     assert_eq!(
-        crate::operate::exactly_json(&["dead", "--database", &url, "list", "--json"]),
+        crate::support::exactly_json(&["dead", "--database", &url, "list", "--json"]),
         serde_json::json!([])
     );
     kill9(&mut relay);

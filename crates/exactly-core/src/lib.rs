@@ -12,6 +12,7 @@
 //! - [`check`]: the end-to-end checker of `exactly verify` (lost, duplicate, unseen,
 //!   non-monotonic, aborted read).
 //! - [`ports`]: the traits database adapters implement for relays and consumers.
+//! - [`sql_template`]: the statements of a SQL handler and their named envelope parameters.
 //!
 //! Time is always an argument ([`UnixMillis`]), so every rule is reproducible in tests.
 //!
@@ -37,6 +38,7 @@ pub mod operate;
 pub mod outbox;
 pub mod ports;
 pub mod record;
+pub mod sql_template;
 pub mod time;
 pub mod wal;
 pub mod window;

@@ -7,7 +7,7 @@ use exactly_core::dedupe::refusal_detail;
 use exactly_core::operate::ReplayOutcome;
 use exactly_core::record::raw_headers_to_json;
 use exactly_core::{
-    ApplyOutcome, BatchOutcome, Delivery, EffectStore, EpochWatermark, HandlerError, IdempotencyKey, Inbound,
+    ApplyOutcome, BatchOutcome, EffectStore, EpochWatermark, HandlerError, IdempotencyKey, Inbound,
     ParkReason, ParkedMessage, SequenceVerdict, StoreError, UnixMillis,
 };
 use futures::future::BoxFuture;
@@ -21,11 +21,11 @@ use crate::migrations::migrate;
 /// Application code run inside the dedupe transaction. Whatever it writes through `tx`
 /// commits together with the dedupe record, or not at all.
 pub trait PgHandler: Send + Sync + 'static {
-    /// Applies one event.
+    /// Applies one event, received as `inbound` (the decoded record and where it was read).
     fn handle<'a>(
         &'a self,
         tx: &'a Transaction<'a>,
-        delivery: &'a Delivery,
+        inbound: &'a Inbound<'a>,
     ) -> BoxFuture<'a, Result<(), HandlerError>>;
 
     /// Applies several events, in order, in the batch's transaction. The default calls
@@ -35,11 +35,11 @@ pub trait PgHandler: Send + Sync + 'static {
     fn handle_batch<'a>(
         &'a self,
         tx: &'a Transaction<'a>,
-        deliveries: &'a [&'a Delivery],
+        batch: &'a [Inbound<'a>],
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         Box::pin(async move {
-            for delivery in deliveries {
-                self.handle(tx, delivery).await?;
+            for inbound in batch {
+                self.handle(tx, inbound).await?;
             }
             Ok(())
         })
@@ -275,7 +275,14 @@ impl<H: PgHandler> PgEffects<H> {
             tx.commit().await.map_err(PgError::at("commit replay"))?;
             return Ok(ReplayOutcome::AlreadyApplied);
         }
-        if let Err(error) = self.handler.handle(&tx, &delivery).await {
+        let inbound = Inbound {
+            topic: &parked.topic,
+            partition: parked.partition,
+            offset: parked.offset,
+            delivery: &delivery,
+            now: UnixMillis(crate::wal::now_ms()),
+        };
+        if let Err(error) = self.handler.handle(&tx, &inbound).await {
             return Ok(ReplayOutcome::HandlerFailed(error.to_string()));
         }
         tx.commit().await.map_err(PgError::at("commit replay"))?;
@@ -315,11 +322,11 @@ impl<H: PgHandler> EffectStore for PgEffects<H> {
             vec![Some(Ok(true)); batch.len()]
         };
         let mut outcomes = Vec::with_capacity(batch.len());
-        let mut new: Vec<&Delivery> = Vec::with_capacity(batch.len());
+        let mut new: Vec<Inbound<'_>> = Vec::with_capacity(batch.len());
         for (inbound, verdict) in batch.iter().zip(verdicts) {
             outcomes.push(match verdict {
                 Some(Ok(true)) => {
-                    new.push(inbound.delivery);
+                    new.push(*inbound);
                     ApplyOutcome::Applied
                 }
                 Some(Ok(false)) => ApplyOutcome::Duplicate,
@@ -328,7 +335,7 @@ impl<H: PgHandler> EffectStore for PgEffects<H> {
                 None => return Err(PgError::Corrupt("a record's key was not judged".into()).into()),
             });
         }
-        let applied_keys: Vec<String> = new.iter().map(|d| d.key.to_string()).collect();
+        let applied_keys: Vec<String> = new.iter().map(|i| i.delivery.key.to_string()).collect();
         if let Err(error) = self.handler.handle_batch(&tx, &new).await {
             // Dropping the transaction rolls back the whole batch, keys and partial effects; the
             // consumer applies the records one by one, the failing one retried or parked in its

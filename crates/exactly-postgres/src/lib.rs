@@ -9,6 +9,8 @@
 //!   outbox table and `pg_logical_emit_message` events, with heartbeat and SENT sweeper.
 //! - [`PgEffects`] is a consumer's [`exactly_core::EffectStore`]: the dedupe record and the
 //!   [`PgHandler`]'s writes commit in one transaction; parked messages keep their bytes.
+//! - [`SqlHandler`] is a [`PgHandler`] made of the user's SQL statements with the envelope as
+//!   named parameters (`exactly consume --handler sql`).
 
 pub mod counts;
 mod db;
@@ -17,10 +19,12 @@ mod error;
 pub mod migrations;
 pub mod operate;
 mod outbox;
+mod sql_handler;
 pub mod wal;
 
 pub use db::{connect, redact_url, PgTarget, ReconnectingClient, SslMode};
 pub use effects::{PgEffects, PgHandler};
 pub use error::PgError;
 pub use outbox::{emit_event, enqueue, enqueue_deleted, outbox_stats, PgOutbox};
+pub use sql_handler::{handler_error, SqlHandler, SqlHandlerError};
 pub use wal::{PgChangeFeed, WalConfig};

@@ -18,16 +18,17 @@ use crate::error::SqliteError;
 /// Application code run inside the dedupe transaction. Whatever it writes through `tx`
 /// commits together with the dedupe record, or not at all.
 pub trait SqliteHandler: Send + Sync + 'static {
-    /// Applies one event.
-    fn handle(&self, tx: &Transaction<'_>, delivery: &Delivery) -> Result<(), HandlerError>;
+    /// Applies one event, received as `inbound` (the decoded record and where it was read).
+    fn handle(&self, tx: &Transaction<'_>, inbound: &Inbound<'_>) -> Result<(), HandlerError>;
 }
 
+/// A closure over the decoded record is a handler.
 impl<F> SqliteHandler for F
 where
     F: Fn(&Transaction<'_>, &Delivery) -> Result<(), HandlerError> + Send + Sync + 'static,
 {
-    fn handle(&self, tx: &Transaction<'_>, delivery: &Delivery) -> Result<(), HandlerError> {
-        self(tx, delivery)
+    fn handle(&self, tx: &Transaction<'_>, inbound: &Inbound<'_>) -> Result<(), HandlerError> {
+        self(tx, inbound.delivery)
     }
 }
 
@@ -210,7 +211,14 @@ impl<H: SqliteHandler> SqliteEffects<H> {
                     tx.commit().map_err(SqliteError::at("commit replay"))?;
                     return Ok(ReplayOutcome::AlreadyApplied);
                 }
-                if let Err(error) = handler.handle(&tx, &delivery) {
+                let inbound = Inbound {
+                    topic: &parked.topic,
+                    partition: parked.partition,
+                    offset: parked.offset,
+                    delivery: &delivery,
+                    now: UnixMillis(now_ms()),
+                };
+                if let Err(error) = handler.handle(&tx, &inbound) {
                     return Ok(ReplayOutcome::HandlerFailed(error.to_string()));
                 }
                 tx.commit().map_err(SqliteError::at("commit replay"))?;
@@ -227,6 +235,26 @@ pub(crate) struct InboundOwned {
     offset: i64,
     delivery: Delivery,
     now: UnixMillis,
+}
+
+impl InboundOwned {
+    fn borrowed(&self) -> Inbound<'_> {
+        Inbound {
+            topic: &self.topic,
+            partition: self.partition,
+            offset: self.offset,
+            delivery: &self.delivery,
+            now: self.now,
+        }
+    }
+}
+
+/// The wall clock (the replay's receive time).
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl From<&Inbound<'_>> for InboundOwned {
@@ -266,7 +294,7 @@ impl<H: SqliteHandler> EffectStore for SqliteEffects<H> {
                 let mut outcomes = Vec::with_capacity(owned.len());
                 for (index, inbound) in owned.iter().enumerate() {
                     outcomes.push(match record_key(&tx, &consumer, inbound)? {
-                        Recorded::New => match handler.handle(&tx, &inbound.delivery) {
+                        Recorded::New => match handler.handle(&tx, &inbound.borrowed()) {
                             Ok(()) => {
                                 unpark(&tx, &consumer, &inbound.delivery)?;
                                 ApplyOutcome::Applied

@@ -5,6 +5,8 @@
 //!   (SQLite's one writer makes claims by several relays serialize), settles after acks.
 //! - [`SqliteEffects`] is a consumer's [`exactly_core::EffectStore`]: the dedupe record and the
 //!   [`SqliteHandler`]'s writes commit in one transaction; parked messages keep their bytes.
+//! - [`SqlHandler`] is a [`SqliteHandler`] made of the user's SQL statements with the envelope
+//!   as named parameters (`exactly consume --handler sql`).
 //!
 //! Tables: `outbox`, `exactly_processed` (key set), `exactly_watermarks`, `exactly_parked`
 //! (see [`migrations`]).
@@ -15,8 +17,10 @@ mod error;
 pub mod migrations;
 pub mod operate;
 mod outbox;
+mod sql_handler;
 
 pub use db::{open, open_existing, open_existing_writable};
 pub use effects::{SqliteEffects, SqliteHandler};
 pub use error::SqliteError;
 pub use outbox::{enqueue, outbox_stats, SqliteOutbox};
+pub use sql_handler::{handler_error, SqlHandler, SqlHandlerError};
