@@ -359,6 +359,22 @@ pub async fn stream(
     Ok(())
 }
 
+/// `exactly migrate`: the schema, and nothing else.
+pub async fn migrate(database: &Database) -> Result<()> {
+    match database {
+        Database::Sqlite(path) => {
+            exactly_sqlite::open(path)?;
+            eprintln!("exactly: {} is up to date", path.display());
+        }
+        Database::Postgres(url) => {
+            let mut client = exactly_postgres::connect(url).await?;
+            exactly_postgres::migrations::migrate(&mut client).await?;
+            eprintln!("exactly: {} is up to date", exactly_postgres::redact_url(url));
+        }
+    }
+    Ok(())
+}
+
 /// One idempotent consumer until `stop`.
 pub async fn consume(
     args: ConsumeSettings,

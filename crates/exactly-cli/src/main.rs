@@ -165,6 +165,17 @@ enum Command {
     /// wal_status), consumers' key sets, watermarks and parked messages by reason, and with
     /// --config the consumer groups' lag per partition. Reads only.
     Status(status::StatusArgs),
+    /// Create or bring up to date exactly's tables and functions (outbox, dedupe tables,
+    /// exactly_claim, exactly_enqueue, …) without starting anything: for writers and consumers
+    /// in other languages, or a deploy step. Relays and consumers do the same on start.
+    Migrate {
+        /// postgres://… or a SQLite file (created if missing).
+        #[arg(long, env = "EXACTLY_DATABASE")]
+        database: String,
+        /// The environment variable that holds the PostgreSQL password.
+        #[arg(long, value_name = "VARIABLE")]
+        password_env: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -237,6 +248,13 @@ fn refuse_ignored_relay_flags(matches: &ArgMatches) -> Result<(), clap::Error> {
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Migrate {
+            database,
+            password_env,
+        } => {
+            commands::migrate(&settings::resolve_database(&database, password_env.as_deref())?).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Demo(options) => {
             let report = run_demo(options).await?;
             report.print();

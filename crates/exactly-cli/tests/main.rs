@@ -14,6 +14,7 @@ mod health;
 mod operate;
 mod relay;
 mod run;
+mod sql_functions;
 mod sql_handler;
 mod stream;
 mod tls;

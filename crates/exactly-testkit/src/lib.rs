@@ -45,6 +45,21 @@ pub fn brokers() -> String {
     brokers
 }
 
+/// A Python 3 with psycopg and confluent-kafka (the example consumer's libraries).
+pub fn python() -> String {
+    let python = setting("EXACTLY_PYTHON")
+        .unwrap_or_else(|| panic!("no Python with psycopg and confluent-kafka configured: run scripts/setup (it installs them and writes .exactly/env)"));
+    let ok = std::process::Command::new(&python)
+        .args(["-c", "import psycopg, confluent_kafka"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "{python} cannot import psycopg and confluent_kafka: run scripts/setup to install them"
+    );
+    python
+}
+
 /// The PostgreSQL server URL (database `test`).
 pub fn pg_url() -> String {
     let url = setting("EXACTLY_PG_URL").unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/test".into());
