@@ -14,7 +14,9 @@ use exactly_sqlite::SqliteOutbox;
 use tokio::sync::watch;
 
 use crate::handlers::{ConsumerStore, Opening};
-use crate::settings::{ConsumeSettings, Keys, OutboxMode, RelayMode, RelaySettings, StreamSettings};
+use crate::settings::{
+    ConsumeSettings, DebeziumSettings, Keys, OutboxMode, RelayMode, RelaySettings, StreamSettings,
+};
 use crate::telemetry::{
     broker_probe, consumer_probe, database_probe, outbox_gauges, register_metrics, slot_gauges,
     ComponentKind, SlotLimits,
@@ -130,6 +132,7 @@ pub async fn relay(
     gauges: Gauges,
     stop: watch::Receiver<bool>,
 ) -> Result<()> {
+    install_debezium_mirror(&settings.database()?, &settings.debezium).await?;
     match settings.mode {
         RelayMode::Poll => poll_relay(settings, kafka, gauges, stop).await,
         RelayMode::Wal => wal_relay(settings, kafka, gauges, stop).await,
@@ -359,8 +362,28 @@ pub async fn stream(
     Ok(())
 }
 
-/// `exactly migrate`: the schema, and nothing else.
-pub async fn migrate(database: &Database) -> Result<()> {
+/// The trigger that mirrors a Debezium-style table into the outbox, when one is named (after
+/// the migrations, which it needs).
+async fn install_debezium_mirror(database: &Database, settings: &DebeziumSettings) -> Result<()> {
+    let Some(table) = settings.table()? else {
+        return Ok(());
+    };
+    let Database::Postgres(url) = database else {
+        bail!("a Debezium table needs PostgreSQL");
+    };
+    let mut client = exactly_postgres::connect(url).await?;
+    exactly_postgres::migrations::migrate(&mut client).await?;
+    table
+        .install_mirror(&mut client)
+        .await
+        .with_context(|| format!("the Debezium table {}", table.table))?;
+    tracing::info!(table = %table.table, "Debezium table mirrored into the outbox");
+    Ok(())
+}
+
+/// `exactly migrate`: the schema (and a Debezium table's mirror), and nothing else.
+pub async fn migrate(database: &Database, debezium: &DebeziumSettings) -> Result<()> {
+    install_debezium_mirror(database, debezium).await?;
     match database {
         Database::Sqlite(path) => {
             exactly_sqlite::open(path)?;
@@ -399,6 +422,7 @@ pub async fn consume(
     let topics: Vec<&str> = args.topics.iter().map(String::as_str).collect();
     let mut config = ConsumerConfig::new(kafka, &args.group, &topics);
     config.max_batch = args.max_batch.max(1);
+    config.key_header = args.key_header.clone();
     config.dedupe = exactly_core::DedupePolicy {
         retention_ms: args.key_retention_ms,
         horizon_ms: args.key_horizon_ms,

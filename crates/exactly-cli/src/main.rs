@@ -81,6 +81,8 @@ enum BenchKind {
     E2e(e2e_bench::E2eBench),
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the order-service story end to end with faults, and reconcile.
@@ -175,6 +177,10 @@ enum Command {
         /// The environment variable that holds the PostgreSQL password.
         #[arg(long, value_name = "VARIABLE")]
         password_env: Option<String>,
+        /// Also mirror this Debezium-style table into the outbox (as `exactly relay` does on
+        /// start): install before switching relays, so no event falls between them.
+        #[command(flatten)]
+        debezium: settings::DebeziumSettings,
     },
 }
 
@@ -251,8 +257,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Migrate {
             database,
             password_env,
+            debezium,
         } => {
-            commands::migrate(&settings::resolve_database(&database, password_env.as_deref())?).await?;
+            let database = settings::resolve_database(&database, password_env.as_deref())?;
+            commands::migrate(&database, &debezium).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(options) => {

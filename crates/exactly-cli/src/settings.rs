@@ -215,6 +215,11 @@ pub struct RelaySettings {
     #[arg(long)]
     #[serde(default)]
     pub exactly_once: bool,
+    /// A Debezium-style outbox table to relay unchanged (in a file: a `[source.NAME.debezium]`
+    /// table). PostgreSQL only.
+    #[command(flatten)]
+    #[serde(default, skip_serializing_if = "DebeziumSettings::is_off")]
+    pub debezium: DebeziumSettings,
     /// wal, exactly once: compacted single-partition topic of source positions.
     #[arg(long, default_value_t = defaults::progress_topic())]
     #[serde(default = "defaults::progress_topic")]
@@ -258,6 +263,109 @@ pub struct RelaySettings {
     #[arg(long, hide = true)]
     #[serde(skip)]
     pub abort_every: Option<u64>,
+}
+
+/// A Debezium-style outbox table, as the Outbox Event Router reads it: mirrored into exactly's
+/// outbox by a trigger the relay installs on start (and `exactly migrate`), so the table, its
+/// writers and the consumers of its topics stay as they are.
+#[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DebeziumSettings {
+    /// The table (`table` or `schema.table`); unset: no Debezium table.
+    #[arg(long = "debezium-table", value_name = "TABLE")]
+    #[serde(rename = "table", default, skip_serializing_if = "Option::is_none")]
+    pub debezium_table: Option<String>,
+    /// table.field.event.id: the event id column, also sent as the `id` header.
+    #[arg(long = "debezium-id-column", value_name = "COLUMN")]
+    #[serde(rename = "id_column", default, skip_serializing_if = "Option::is_none")]
+    pub debezium_id_column: Option<String>,
+    /// table.field.event.key: the record key column (default aggregateid).
+    #[arg(long = "debezium-key-column", value_name = "COLUMN")]
+    #[serde(rename = "key_column", default, skip_serializing_if = "Option::is_none")]
+    pub debezium_key_column: Option<String>,
+    /// The aggregate type column (default aggregatetype).
+    #[arg(long = "debezium-aggregate-type-column", value_name = "COLUMN")]
+    #[serde(
+        rename = "aggregate_type_column",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub debezium_aggregate_type_column: Option<String>,
+    /// table.field.event.type (default type).
+    #[arg(long = "debezium-type-column", value_name = "COLUMN")]
+    #[serde(rename = "type_column", default, skip_serializing_if = "Option::is_none")]
+    pub debezium_type_column: Option<String>,
+    /// table.field.event.payload (default payload; jsonb, json, text, varchar or bytea).
+    #[arg(long = "debezium-payload-column", value_name = "COLUMN")]
+    #[serde(rename = "payload_column", default, skip_serializing_if = "Option::is_none")]
+    pub debezium_payload_column: Option<String>,
+    /// table.field.event.timestamp (timestamptz, timestamp or bigint ms; default: insert time).
+    #[arg(long = "debezium-timestamp-column", value_name = "COLUMN")]
+    #[serde(rename = "timestamp_column", default, skip_serializing_if = "Option::is_none")]
+    pub debezium_timestamp_column: Option<String>,
+    /// route.by.field (default aggregatetype).
+    #[arg(long = "route-by-field", value_name = "COLUMN")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_by_field: Option<String>,
+    /// route.topic.regex (default `(?<routedByValue>.*)`).
+    #[arg(long = "route-topic-regex", value_name = "REGEX")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_topic_regex: Option<String>,
+    /// route.topic.replacement (default `outbox.event.${routedByValue}`).
+    #[arg(long = "route-topic-replacement", value_name = "TEXT")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_topic_replacement: Option<String>,
+    /// table.fields.additional.placement: `column:header[:alias]`, comma-separated (headers
+    /// only).
+    #[arg(
+        long = "additional-placement",
+        value_delimiter = ',',
+        value_name = "COLUMN:header:ALIAS"
+    )]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub additional_placement: Vec<String>,
+}
+
+impl DebeziumSettings {
+    fn is_off(&self) -> bool {
+        *self == DebeziumSettings::default()
+    }
+
+    /// The table with Debezium's defaults filled in; None when no table is named. A setting
+    /// given without a table is refused.
+    pub fn table(&self) -> Result<Option<exactly_postgres::DebeziumTable>> {
+        let Some(table) = &self.debezium_table else {
+            if !self.is_off() {
+                bail!("the Debezium settings need the table: debezium_table (--debezium-table)");
+            }
+            return Ok(None);
+        };
+        let defaults = exactly_postgres::DebeziumTable::default();
+        let or = |given: &Option<String>, default: String| given.clone().unwrap_or(default);
+        let headers = self
+            .additional_placement
+            .iter()
+            .map(|entry| exactly_core::debezium::HeaderField::parse(entry))
+            .collect::<Result<Vec<_>, _>>()?;
+        let table = exactly_postgres::DebeziumTable {
+            table: table.clone(),
+            id_column: or(&self.debezium_id_column, defaults.id_column),
+            key_column: or(&self.debezium_key_column, defaults.key_column),
+            aggregate_type_column: or(
+                &self.debezium_aggregate_type_column,
+                defaults.aggregate_type_column,
+            ),
+            type_column: or(&self.debezium_type_column, defaults.type_column),
+            payload_column: or(&self.debezium_payload_column, defaults.payload_column),
+            timestamp_column: self.debezium_timestamp_column.clone(),
+            route_by_field: or(&self.route_by_field, defaults.route_by_field),
+            route_topic_regex: or(&self.route_topic_regex, defaults.route_topic_regex),
+            route_topic_replacement: or(&self.route_topic_replacement, defaults.route_topic_replacement),
+            headers,
+        };
+        exactly_core::debezium::posix_route(&table.route_topic_regex, &table.route_topic_replacement)?;
+        Ok(Some(table))
+    }
 }
 
 /// Settings only the polling relay reads.
@@ -375,6 +483,12 @@ pub struct ConsumeSettings {
     #[arg(long, default_value_t = defaults::max_lag_records())]
     #[serde(default = "defaults::max_lag_records")]
     pub max_lag_records: i64,
+    /// Deduplicate by the UUID in this header instead of exactly's headers: `id` for a topic
+    /// Debezium's Outbox Event Router writes (the same event relayed by Debezium and by exactly
+    /// is then one key).
+    #[arg(long, value_name = "HEADER")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_header: Option<String>,
     /// The most records applied in one database transaction (what one poll has ready; the
     /// consumer never waits to fill a batch).
     #[arg(long, default_value_t = defaults::max_batch())]

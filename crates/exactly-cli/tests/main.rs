@@ -8,6 +8,7 @@ mod support;
 
 mod cli;
 mod consumer;
+mod debezium;
 mod demo;
 mod eos;
 mod health;

@@ -247,6 +247,90 @@ where
     })
 }
 
+/// Decodes a record deduplicated by header `key_header` (`--key-header id`): its idempotency key
+/// is the UUID there (v7 keys get the horizon, any other version goes to the key set; exactly's
+/// own key text is taken as it is). A record with exactly's headers keeps its envelope with
+/// that key, so the same event relayed by Debezium and by exactly during a cut-over is one
+/// key. A record some other producer wrote (Debezium's Outbox Event Router, say) has the UUID
+/// as event id, the record's key as aggregate id, the record's timestamp as event time and
+/// every other header as the application's; type and aggregate type are empty, the producer
+/// did not say them.
+pub fn decode_keyed_by_header<'a, I>(
+    key_header: &str,
+    headers: I,
+    record_key: Option<&[u8]>,
+    timestamp: Option<UnixMillis>,
+    payload: &[u8],
+) -> Result<Delivery, HeaderError>
+where
+    I: IntoIterator<Item = (&'a str, Option<&'a [u8]>)>,
+{
+    let mut key_text: Option<&str> = None;
+    let mut user = Vec::new();
+    let mut every = Vec::new();
+    for (name, value) in headers {
+        every.push((name, value));
+        if name == key_header {
+            if key_text.is_some() {
+                return Err(HeaderError::Repeated(header::KEY));
+            }
+            key_text = Some(
+                value
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .ok_or(HeaderError::NotText { name: header::KEY })?,
+            );
+        } else if !name.starts_with("exactly-") {
+            user.push((name.to_owned(), value.unwrap_or_default().to_vec()));
+        }
+    }
+    let text = key_text.ok_or(HeaderError::Missing(header::KEY))?;
+    let key = key_from_header(key_header, text)?;
+    if let Ok(mut delivery) = decode_record(every, payload) {
+        delivery.key = key;
+        delivery.source_epoch = None;
+        return Ok(delivery);
+    }
+    let event_id = match &key {
+        IdempotencyKey::UuidV4(u) | IdempotencyKey::UuidV7(u) => *u,
+        IdempotencyKey::Ulid(u) => Uuid::from_bytes(u.to_bytes()),
+        IdempotencyKey::Sequence { .. } => Uuid::nil(),
+    };
+    Ok(Delivery {
+        key,
+        envelope: Envelope {
+            event_id,
+            event_type: String::new(),
+            aggregate_type: String::new(),
+            aggregate_id: record_key
+                .map(|k| String::from_utf8_lossy(k).into_owned())
+                .unwrap_or_default(),
+            occurred_at: timestamp.unwrap_or_default(),
+            payload: payload.to_vec(),
+            headers: user,
+        },
+        source_epoch: None,
+    })
+}
+
+fn key_from_header(key_header: &str, text: &str) -> Result<IdempotencyKey, HeaderError> {
+    Ok(match text.parse::<IdempotencyKey>() {
+        Ok(key) => key,
+        Err(_) => {
+            let uuid = Uuid::try_parse(text.trim()).map_err(|e| {
+                invalid(
+                    header::KEY,
+                    text,
+                    &format!("header {key_header:?} is not a UUID: {e}"),
+                )
+            })?;
+            match uuid.get_version_num() {
+                7 => IdempotencyKey::UuidV7(uuid),
+                _ => IdempotencyKey::UuidV4(uuid),
+            }
+        }
+    })
+}
+
 /// The `exactly-source` header value for a sequence key assigned in `epoch`.
 pub fn source_header(source: &str, epoch: u64) -> String {
     format!("{source}@{epoch}")
@@ -267,6 +351,46 @@ fn source_epoch_of(key: &IdempotencyKey, text: &str) -> Result<u64, HeaderError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_keyed_by_a_header_takes_the_uuid_there() {
+        let id = Uuid::new_v4();
+        let id_text = id.hyphenated().to_string();
+        // Debezium's record: only `id` and the application's headers.
+        let foreign = decode_keyed_by_header(
+            "id",
+            [("id", Some(id_text.as_bytes())), ("trace", Some(&b"t"[..]))],
+            Some(b"O-1"),
+            Some(UnixMillis(5)),
+            b"{}",
+        )
+        .expect("decodes");
+        assert_eq!(foreign.key, IdempotencyKey::UuidV4(id));
+        assert_eq!(foreign.envelope.event_id, id);
+        assert_eq!(foreign.envelope.aggregate_id, "O-1");
+        assert_eq!(foreign.envelope.occurred_at, UnixMillis(5));
+        assert_eq!(
+            foreign.envelope.headers,
+            vec![("trace".to_owned(), b"t".to_vec())]
+        );
+        // exactly's record of the same event: its envelope, the header's key.
+        let (env, key) = sample();
+        let mut headers = env.to_headers(&key);
+        headers.push(("id".into(), id_text.clone().into_bytes()));
+        let both = decode_keyed_by_header(
+            "id",
+            headers.iter().map(|(n, v)| (n.as_str(), Some(v.as_slice()))),
+            None,
+            None,
+            &env.payload,
+        )
+        .expect("decodes");
+        assert_eq!(both.key, IdempotencyKey::UuidV4(id));
+        assert_eq!(both.envelope.event_type, env.event_type);
+        // No header, or not a UUID: refused (the consumer parks it as bad headers).
+        assert!(decode_keyed_by_header("id", [("x", Some(&b"1"[..]))], None, None, b"").is_err());
+        assert!(decode_keyed_by_header("id", [("id", Some(&b"42"[..]))], None, None, b"").is_err());
+    }
 
     fn sample() -> (Envelope, IdempotencyKey) {
         let event_id = Uuid::from_u128(0x0190_0000_0000_7000_8000_0000_0000_0001);

@@ -12,6 +12,7 @@
 //! - [`check`]: the end-to-end checker of `exactly verify` (lost, duplicate, unseen,
 //!   non-monotonic, aborted read).
 //! - [`ports`]: the traits database adapters implement for relays and consumers.
+//! - [`debezium`]: the Outbox Event Router's routing and header placement, translated for PostgreSQL.
 //! - [`sql_template`]: the statements of a SQL handler and their named envelope parameters.
 //!
 //! Time is always an argument ([`UnixMillis`]), so every rule is reproducible in tests.
@@ -31,6 +32,7 @@
 
 pub mod changelog;
 pub mod check;
+pub mod debezium;
 pub mod dedupe;
 pub mod envelope;
 pub mod key;
@@ -44,7 +46,9 @@ pub mod wal;
 pub mod window;
 
 pub use dedupe::{DedupePolicy, DedupeRoute, EpochWatermark, KeySet, SequenceVerdict, Verdict, Watermark};
-pub use envelope::{decode_record, header, source_header, Delivery, Envelope, HeaderError};
+pub use envelope::{
+    decode_keyed_by_header, decode_record, header, source_header, Delivery, Envelope, HeaderError,
+};
 pub use key::{lsn_sequence, IdempotencyKey, KeyKind, KeyParseError};
 pub use outbox::{OutboxEvent, OutboxStatus, RetryPolicy, RowState};
 pub use ports::{

@@ -20,7 +20,7 @@ use crate::config::{consumer_config, Cluster, KafkaSettings};
 use crate::error::KafkaFlowError;
 use crate::faults::{FaultPoint, Faults};
 use crate::relay::now;
-use crate::wire::decode_message;
+use crate::wire::{decode_message, decode_message_keyed_by};
 
 /// How a consumer runs.
 #[derive(Debug, Clone)]
@@ -45,6 +45,9 @@ pub struct ConsumerConfig {
     /// The most records applied in one database transaction: what one poll has ready, up to
     /// this many (the consumer never waits to fill a batch, so a quiet topic keeps its latency).
     pub max_batch: usize,
+    /// Deduplicate by the UUID in this header instead of exactly's headers (a topic Debezium
+    /// writes: `id`).
+    pub key_header: Option<String>,
 }
 
 impl ConsumerConfig {
@@ -64,6 +67,7 @@ impl ConsumerConfig {
             prune_interval: Duration::from_secs(60),
             prune_batch: 5_000,
             max_batch: 500,
+            key_header: None,
         }
     }
 }
@@ -597,7 +601,11 @@ impl<S: EffectStore> IdempotentConsumer<S> {
             taken.push(message);
             self.counters.delivered.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("exactly_consumer_delivered_total").increment(1);
-            let delivery = match decode_message(message) {
+            let decoded = match &self.config.key_header {
+                None => decode_message(message),
+                Some(name) => decode_message_keyed_by(message, name),
+            };
+            let delivery = match decoded {
                 Ok(d) => d,
                 Err(e) => {
                     self.park(message, ParkReason::BadHeaders, e.to_string(), stop)

@@ -9,11 +9,14 @@
 //!   outbox table and `pg_logical_emit_message` events, with heartbeat and SENT sweeper.
 //! - [`PgEffects`] is a consumer's [`exactly_core::EffectStore`]: the dedupe record and the
 //!   [`PgHandler`]'s writes commit in one transaction; parked messages keep their bytes.
+//! - [`DebeziumTable`] mirrors a Debezium-style outbox table into exactly's (a trigger), routed
+//!   as the Outbox Event Router routes it.
 //! - [`SqlHandler`] is a [`PgHandler`] made of the user's SQL statements with the envelope as
 //!   named parameters (`exactly consume --handler sql`).
 
 pub mod counts;
 mod db;
+mod debezium;
 mod effects;
 mod error;
 pub mod migrations;
@@ -23,6 +26,7 @@ mod sql_handler;
 pub mod wal;
 
 pub use db::{connect, redact_url, PgTarget, ReconnectingClient, SslMode};
+pub use debezium::{DebeziumError, DebeziumTable, MIRROR_TRIGGER};
 pub use effects::{PgEffects, PgHandler};
 pub use error::PgError;
 pub use outbox::{emit_event, enqueue, enqueue_deleted, outbox_stats, PgOutbox};
