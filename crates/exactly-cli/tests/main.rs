@@ -13,6 +13,7 @@ mod demo;
 mod eos;
 mod health;
 mod operate;
+mod payloads;
 mod relay;
 mod run;
 mod sql_functions;

@@ -21,10 +21,49 @@ pub const HEARTBEAT_PREFIX: &str = "exactly-heartbeat";
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
+/// The type of the outbox's `payload` column: `bytea` as created, or `jsonb`, `json`, `text`
+/// or `varchar` where a team keeps JSON or text (the payload is then the text's UTF-8 bytes).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PayloadType {
+    /// Bytes as they are.
+    #[default]
+    Bytea,
+    /// `jsonb`: pgoutput's binary form is a version byte (1) and the JSON text.
+    Jsonb,
+    /// `json`, `text`, `varchar`: the text.
+    Text,
+}
+
+impl PayloadType {
+    /// The type for PostgreSQL's `format_type` name, or None for one exactly does not read.
+    pub fn from_type_name(name: &str) -> Option<PayloadType> {
+        match name {
+            "bytea" => Some(PayloadType::Bytea),
+            "jsonb" => Some(PayloadType::Jsonb),
+            "json" | "text" => Some(PayloadType::Text),
+            n if n.starts_with("character varying") => Some(PayloadType::Text),
+            _ => None,
+        }
+    }
+
+    /// The payload bytes of a binary column value, or why it is unreadable.
+    pub fn payload(self, raw: &[u8]) -> Result<Vec<u8>, String> {
+        match self {
+            PayloadType::Bytea | PayloadType::Text => Ok(raw.to_vec()),
+            PayloadType::Jsonb => match raw.split_first() {
+                Some((1, json)) => Ok(json.to_vec()),
+                _ => Err("payload: unknown jsonb version".into()),
+            },
+        }
+    }
+}
+
 /// An outbox row's columns as the change stream carries them in pgoutput's binary format
 /// (`None` = SQL NULL). Only the columns the relay reads.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BinaryOutboxColumns<'a> {
+    /// The type of the payload column.
+    pub payload_type: PayloadType,
     /// `id` (int8).
     pub id: Option<&'a [u8]>,
     /// `event_id` (uuid).
@@ -74,6 +113,7 @@ impl BinaryOutboxColumns<'_> {
             .and_then(timestamptz_millis)
             .or_else(|| self.created_at.and_then(timestamptz_millis))
             .unwrap_or(UnixMillis(0));
+        let payload = self.payload.map(|raw| self.payload_type.payload(raw)).transpose();
         RawRow {
             id: self
                 .id
@@ -85,12 +125,12 @@ impl BinaryOutboxColumns<'_> {
             aggregate_type: text(self.aggregate_type),
             aggregate_id: text(self.aggregate_id),
             topic: text(self.topic),
-            payload: self.payload.map(<[u8]>::to_vec),
+            payload: payload.as_ref().ok().cloned().flatten(),
             headers_json,
             occurred_at,
             retry_count: 0,
             sequence: None,
-            unreadable: None,
+            unreadable: payload.err(),
         }
     }
 }

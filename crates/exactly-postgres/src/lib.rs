@@ -29,6 +29,6 @@ pub use db::{connect, redact_url, PgTarget, ReconnectingClient, SslMode};
 pub use debezium::{DebeziumError, DebeziumTable, MIRROR_TRIGGER};
 pub use effects::{PgEffects, PgHandler};
 pub use error::PgError;
-pub use outbox::{emit_event, enqueue, enqueue_deleted, outbox_stats, PgOutbox};
+pub use outbox::{emit_event, enqueue, enqueue_deleted, outbox_stats, payload_type, PgOutbox};
 pub use sql_handler::{handler_error, SqlHandler, SqlHandlerError};
 pub use wal::{PgChangeFeed, WalConfig};

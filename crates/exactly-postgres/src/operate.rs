@@ -94,12 +94,13 @@ pub async fn dead_events(client: &Client, selection: &Selection) -> Result<Vec<D
                 "",
             )
         };
+        let payload = crate::outbox::payload_bytes_sql(crate::outbox::payload_type(client).await?);
         let rows = client
             .query(
                 &format!(
                     "SELECT o.id, o.topic, o.aggregate_id, coalesce(o.last_error, ''),
                             extract(epoch FROM o.created_at)::float8 * 1000,
-                            o.payload
+                            {payload}
                      FROM outbox o WHERE {outbox_where} ORDER BY o.id"
                 ),
                 &filter.params(&filter.ids),

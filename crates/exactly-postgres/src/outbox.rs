@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use exactly_core::record::headers_to_json;
+use exactly_core::wal::PayloadType;
 use exactly_core::{
     ClaimRequest, Claimed, Envelope, KeyMode, OutboxStats, OutboxStatus, OutboxStore, RawRow, Settlement,
     StoreError, UnixMillis,
@@ -89,6 +90,8 @@ pub struct PgOutbox {
     // Keeps the session-level leader lock of sequence mode alive: it is released when this
     // connection closes, including when the process is killed.
     leader: Option<Client>,
+    /// The claim's column list, for this outbox's payload type.
+    columns: String,
 }
 
 impl Drop for PgOutbox {
@@ -104,13 +107,45 @@ const CLAIM_LOCK: i64 = 7_384_615_001;
 const SEQUENCE_LEADER_LOCK: i64 = 7_384_615_002;
 
 /// The claimed columns. A timestamp of `infinity` has no Unix milliseconds (the cast would fail
-/// the whole claim, and every relay after it): it reads as NULL, and the row is DEAD.
-const COLUMNS: &str =
-    "o.id, o.event_id::text, o.event_type, o.aggregate_type, o.aggregate_id, o.topic, o.payload,
-    o.headers::text,
-    CASE WHEN isfinite(COALESCE(o.occurred_at, o.created_at))
-         THEN (extract(epoch from COALESCE(o.occurred_at, o.created_at)) * 1000)::bigint END,
-    o.retry_count, o.sequence";
+/// the whole claim, and every relay after it): it reads as NULL, and the row is DEAD. A JSON or
+/// text payload column is read as its UTF-8 bytes.
+fn claimed_columns(payload: PayloadType) -> String {
+    let payload = payload_bytes_sql(payload);
+    format!(
+        "o.id, o.event_id::text, o.event_type, o.aggregate_type, o.aggregate_id, o.topic, {payload},
+        o.headers::text,
+        CASE WHEN isfinite(COALESCE(o.occurred_at, o.created_at))
+             THEN (extract(epoch from COALESCE(o.occurred_at, o.created_at)) * 1000)::bigint END,
+        o.retry_count, o.sequence"
+    )
+}
+
+/// `o.payload` as bytes, whatever its type.
+pub(crate) fn payload_bytes_sql(payload: PayloadType) -> &'static str {
+    match payload {
+        PayloadType::Bytea => "o.payload",
+        PayloadType::Jsonb | PayloadType::Text => "convert_to(o.payload::text, 'UTF8')",
+    }
+}
+
+/// The type of `outbox.payload`: `bytea` as the migration creates it, or `jsonb`, `json`,
+/// `text`, `varchar` where a team altered it.
+pub async fn payload_type(client: &Client) -> Result<PayloadType, PgError> {
+    let name: String = client
+        .query_one(
+            "SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+             WHERE attrelid = 'outbox'::regclass AND attname = 'payload' AND NOT attisdropped",
+            &[],
+        )
+        .await
+        .map_err(PgError::at("read the outbox payload type"))?
+        .get(0);
+    PayloadType::from_type_name(&name).ok_or_else(|| {
+        PgError::Corrupt(format!(
+            "outbox.payload is {name}; exactly reads bytea, jsonb, json, text or varchar"
+        ))
+    })
+}
 
 impl PgOutbox {
     /// Connects three times (claims and queries, settles, and LISTEN for the outbox trigger's
@@ -118,6 +153,7 @@ impl PgOutbox {
     pub async fn connect(url: &str) -> Result<Self, PgError> {
         let mut client = connect(url).await?;
         migrate(&mut client).await?;
+        let columns = claimed_columns(payload_type(&client).await?);
         let settle_client = connect(url).await?;
         let wake = Arc::new(Notify::new());
         let listener = tokio::spawn(listen(url.to_owned(), wake.clone()));
@@ -128,6 +164,7 @@ impl PgOutbox {
             wake,
             listener,
             leader: None,
+            columns,
         })
     }
 
@@ -269,6 +306,7 @@ impl OutboxStore for PgOutbox {
         let now = request.now.0 as f64;
         let until = request.now.plus_ms(request.lease_ms).0 as f64;
         let limit = request.max_rows as i64;
+        let columns = &self.columns;
         let rows = match request.keys {
             KeyMode::EventId => {
                 tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CLAIM_LOCK])
@@ -292,7 +330,7 @@ impl OutboxStore for PgOutbox {
                         FOR UPDATE SKIP LOCKED)
                      UPDATE outbox o SET status = 'SENDING', next_retry_at = to_timestamp($3::float8 / 1000), lease_owner = $4
                      FROM picked WHERE o.id = picked.id
-                     RETURNING {COLUMNS}"
+                     RETURNING {columns}"
                 );
                 tx.query(&sql, &[&now, &limit, &until, &request.owner])
                     .await
@@ -318,7 +356,7 @@ impl OutboxStore for PgOutbox {
                         ORDER BY sequence LIMIT $1)
                      UPDATE outbox o SET status = 'SENDING', next_retry_at = to_timestamp($2::float8 / 1000), lease_owner = $3
                      FROM picked WHERE o.id = picked.id
-                     RETURNING {COLUMNS}"
+                     RETURNING {columns}"
                 );
                 tx.query(&sql, &[&limit, &until, &request.owner])
                     .await

@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use exactly_core::wal::{decode_message_event, BinaryOutboxColumns, HEARTBEAT_PREFIX, MESSAGE_PREFIX};
+use exactly_core::wal::{
+    decode_message_event, BinaryOutboxColumns, PayloadType, HEARTBEAT_PREFIX, MESSAGE_PREFIX,
+};
 use exactly_core::{ChangeFeed, DeadEvent, FeedItem, RowDefect, StoreError, UnixMillis};
 use pg_walstream::{
     CancellationToken, ChangeEvent, ColumnValue, EventType, LogicalReplicationStream,
@@ -364,6 +366,8 @@ impl PgChangeFeed {
                 Err(e) => return Err(e),
             }
         };
+        // Read at every (re)start: the column's type decides how its bytes are taken.
+        let payload_type = crate::outbox::payload_type(&*self.client.get().await?).await?;
         let feedback = stream.shared_lsn_feedback.clone();
         let cancel = CancellationToken::new();
         let (tx, items) = mpsc::channel(8192);
@@ -382,7 +386,7 @@ impl PgChangeFeed {
                         break;
                     }
                 };
-                let item = to_feed_item(event);
+                let item = to_feed_item(event, payload_type);
                 match &item {
                     FeedItem::Begin { .. } => in_heartbeat_only_txn = true,
                     FeedItem::Event(_) | FeedItem::Unreadable { .. } => in_heartbeat_only_txn = false,
@@ -457,7 +461,7 @@ fn column<'a>(data: &'a RowData, name: &str) -> Option<&'a [u8]> {
 
 /// One decoded pgoutput change as the relay sees it. Public so the pgoutput fuzz target drives
 /// the same mapping the relay runs, from wire bytes to validated rows.
-pub fn to_feed_item(event: ChangeEvent) -> FeedItem {
+pub fn to_feed_item(event: ChangeEvent, payload_type: PayloadType) -> FeedItem {
     match event.event_type {
         EventType::Begin {
             final_lsn,
@@ -472,6 +476,7 @@ pub fn to_feed_item(event: ChangeEvent) -> FeedItem {
         },
         EventType::Insert { table, data, .. } if &*table == "outbox" => {
             let columns = BinaryOutboxColumns {
+                payload_type,
                 id: column(&data, "id"),
                 event_id: column(&data, "event_id"),
                 event_type: column(&data, "event_type"),
