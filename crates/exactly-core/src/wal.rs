@@ -381,6 +381,7 @@ mod tests {
         let id = 7i64.to_be_bytes();
         let headers = b"\x01{\"trace\": \"t\"}";
         let columns = BinaryOutboxColumns {
+            payload_type: PayloadType::Bytea,
             id: Some(&id),
             event_id: Some(uuid.as_bytes()),
             event_type: Some(b"Liked"),
@@ -392,6 +393,19 @@ mod tests {
             occurred_at: None,
             created_at: Some(&ts),
         };
+        // A jsonb payload column arrives with its version byte, which is not the payload's.
+        let jsonb = BinaryOutboxColumns {
+            payload_type: PayloadType::Jsonb,
+            payload: Some(b"\x01{}"),
+            ..columns
+        };
+        assert_eq!(jsonb.to_raw_row().payload.as_deref(), Some(&b"{}"[..]));
+        let unknown = BinaryOutboxColumns {
+            payload_type: PayloadType::Jsonb,
+            payload: Some(b"\x02{}"),
+            ..columns
+        };
+        assert!(unknown.to_raw_row().unreadable.is_some_and(|r| r.contains("jsonb")));
         let row = columns.to_raw_row();
         assert_eq!(row.id, 7);
         assert_eq!(row.occurred_at, UnixMillis(1_767_225_600_000));
