@@ -14,6 +14,7 @@ mod eos;
 mod health;
 mod operate;
 mod payloads;
+mod recipes;
 mod relay;
 mod run;
 mod sql_functions;

@@ -13,6 +13,7 @@
 //!   non-monotonic, aborted read).
 //! - [`ports`]: the traits database adapters implement for relays and consumers.
 //! - [`debezium`]: the Outbox Event Router's routing and header placement, translated for PostgreSQL.
+//! - [`recipes`]: the rules of the two handler kinds (newest state wins; aggregates never below zero).
 //! - [`sql_template`]: the statements of a SQL handler and their named envelope parameters.
 //!
 //! Time is always an argument ([`UnixMillis`]), so every rule is reproducible in tests.
@@ -39,6 +40,7 @@ pub mod key;
 pub mod operate;
 pub mod outbox;
 pub mod ports;
+pub mod recipes;
 pub mod record;
 pub mod sql_template;
 pub mod time;

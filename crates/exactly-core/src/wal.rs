@@ -405,7 +405,10 @@ mod tests {
             payload: Some(b"\x02{}"),
             ..columns
         };
-        assert!(unknown.to_raw_row().unreadable.is_some_and(|r| r.contains("jsonb")));
+        assert!(unknown
+            .to_raw_row()
+            .unreadable
+            .is_some_and(|r| r.contains("jsonb")));
         let row = columns.to_raw_row();
         assert_eq!(row.id, 7);
         assert_eq!(row.occurred_at, UnixMillis(1_767_225_600_000));

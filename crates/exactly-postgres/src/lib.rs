@@ -11,6 +11,8 @@
 //!   [`PgHandler`]'s writes commit in one transaction; parked messages keep their bytes.
 //! - [`DebeziumTable`] mirrors a Debezium-style outbox table into exactly's (a trigger), routed
 //!   as the Outbox Event Router routes it.
+//! - [`recipes`]: handler builders for state sync ([`recipes::LatestState`]) and aggregation
+//!   ([`recipes::Aggregate`]).
 //! - [`SqlHandler`] is a [`PgHandler`] made of the user's SQL statements with the envelope as
 //!   named parameters (`exactly consume --handler sql`).
 
@@ -22,6 +24,7 @@ mod error;
 pub mod migrations;
 pub mod operate;
 mod outbox;
+pub mod recipes;
 mod sql_handler;
 pub mod wal;
 

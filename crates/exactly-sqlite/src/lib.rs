@@ -5,6 +5,8 @@
 //!   (SQLite's one writer makes claims by several relays serialize), settles after acks.
 //! - [`SqliteEffects`] is a consumer's [`exactly_core::EffectStore`]: the dedupe record and the
 //!   [`SqliteHandler`]'s writes commit in one transaction; parked messages keep their bytes.
+//! - [`recipes`]: handler builders for state sync ([`recipes::LatestState`]) and aggregation
+//!   ([`recipes::Aggregate`]).
 //! - [`SqlHandler`] is a [`SqliteHandler`] made of the user's SQL statements with the envelope
 //!   as named parameters (`exactly consume --handler sql`).
 //!
@@ -17,6 +19,7 @@ mod error;
 pub mod migrations;
 pub mod operate;
 mod outbox;
+pub mod recipes;
 mod sql_handler;
 
 pub use db::{open, open_existing, open_existing_writable};
