@@ -590,6 +590,62 @@ topics = ["order-events"]
     }
 
     #[test]
+    fn debezium_tables_sql_handlers_and_key_headers_load_and_wrong_pairs_are_refused() {
+        let text = r#"
+[kafka]
+brokers = "localhost:9092"
+
+[source.orders]
+database = "postgres://app@db/orders"
+
+[source.orders.debezium]
+table = "public.outboxevent"
+timestamp_column = "timestamp"
+route_topic_replacement = "events.${routedByValue}"
+additional_placement = ["type:header:eventType"]
+
+[consumer.sink]
+database = "postgres://app@db/sink"
+topics = ["outbox.event.Order"]
+handler = "sql"
+sql_file = "apply.sql"
+key_header = "id"
+"#;
+        let config = load_text(text, &[]).expect("loads");
+        let table = config.source["orders"]
+            .debezium
+            .table()
+            .expect("valid")
+            .expect("a table");
+        assert_eq!(table.table, "public.outboxevent");
+        assert_eq!(table.route_topic_replacement, "events.${routedByValue}");
+        assert_eq!(table.route_by_field, "aggregatetype", "Debezium's default");
+        assert_eq!(table.headers.len(), 1);
+        assert_eq!(config.consumer["sink"].key_header.as_deref(), Some("id"));
+        assert!(matches!(
+            config.consumer["sink"].handler_choice().expect("sql"),
+            crate::handlers::HandlerChoice::Sql(_)
+        ));
+
+        let sql_file_without_sql = text.replace("handler = \"sql\"\n", "");
+        let error = load_text(&sql_file_without_sql, &[])
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            error.contains("sql_file") && error.contains("sql handler only"),
+            "{error}"
+        );
+        let bad_route = text.replace("events.${routedByValue}", "events.${nope}");
+        let config = load_text(&bad_route, &[]).expect("loads");
+        let error = config.source["orders"]
+            .debezium
+            .table()
+            .expect_err("refused")
+            .to_string();
+        assert!(error.contains("nope"), "{error}");
+    }
+
+    #[test]
     fn environment_overrides_the_file_and_flags_override_both() {
         let config = load_text(
             TWO_SOURCES,
