@@ -551,13 +551,18 @@ fn write_csv(path: &Path, phases: &[Phase]) -> Result<()> {
     std::fs::write(path, out).with_context(|| format!("writing {}", path.display()))
 }
 
+/// Plots draw text with the font shipped in the binary (the machine may have none).
+pub fn register_plot_font() -> Result<()> {
+    static FONT: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
+    plotters::style::register_font("sans-serif", plotters::style::FontStyle::Normal, FONT)
+        .map_err(|_| anyhow::anyhow!("the plot font did not load"))
+}
+
 /// Latency percentiles (log scale) against the commit rate, a colour per mode and
 /// a line per percentile.
 fn plot(path: &Path, phases: &[Phase]) -> Result<()> {
     use plotters::prelude::*;
-    static FONT: &[u8] = include_bytes!("../assets/DejaVuSansMono.ttf");
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
-        .map_err(|_| anyhow::anyhow!("the plot font did not load"))?;
+    register_plot_font()?;
     let rates: Vec<u64> = phases.iter().map(|p| p.target_rate).collect();
     let max_rate = *rates.iter().max().unwrap_or(&1) as f64;
     let max_ms = phases.iter().map(|p| p.ms(0.999)).fold(1.0f64, f64::max) * 2.0;

@@ -11,12 +11,14 @@ mod config_file;
 mod consumer_bench;
 mod demo;
 mod e2e_bench;
+mod fault_proxy;
 mod handlers;
 mod health;
 mod operate;
 mod run;
 mod settings;
 mod sink;
+mod soak;
 mod status;
 mod story;
 mod stream_bench;
@@ -158,6 +160,11 @@ enum Command {
     /// restarted (and the broker and PostgreSQL) while they run, bad input injected; then the
     /// checker's table (lost, duplicate, unseen, non-monotonic, aborted read) and a verdict.
     Verify(verify::VerifyOptions),
+    /// A steady load with a fault every few minutes (broker and PostgreSQL restarts, connection
+    /// resets, a blackhole), sampling each process's memory, descriptors and sockets, the
+    /// dedupe tables and retained WAL into a CSV and a plot; fails when any grows past its
+    /// bound after the warm-up, or an event is lost or applied twice.
+    Soak(soak::SoakOptions),
     /// Dead outbox events (both relays): list, show, requeue after a fix, discard.
     Dead(operate::DeadArgs),
     /// A consumer's parked messages: list, show, replay through the handler, discard.
@@ -369,6 +376,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Verify(options) => {
             let ok = verify::verify(options).await?;
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Command::Soak(options) => {
+            let ok = soak::soak(options).await?;
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Command::Dead(args) => {

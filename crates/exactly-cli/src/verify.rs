@@ -4,6 +4,7 @@
 //! [`exactly_core::check`] and reconciles the bad input (applied + parked = total).
 
 use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,6 +16,7 @@ use exactly_core::check::{check, Anomaly, CommittedEvent, ConsumerHistory, Findi
 use rand::{Rng, SeedableRng};
 
 use crate::demo::with_database;
+use crate::fault_proxy::{Condition, FaultProxy};
 
 /// Which relay moves the events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -45,6 +47,11 @@ pub struct FaultSwitches {
     /// Kills per process kind (broker restarts at most 2, PostgreSQL once).
     #[arg(long, default_value_t = 3)]
     pub fault_rounds: usize,
+    /// Also network faults, through a loopback proxy in front of the broker and another in
+    /// front of the relay's PostgreSQL: added latency, connection resets, a blackhole longer
+    /// than the session, lease and delivery timeouts, and one-way partitions, at random points.
+    #[arg(long)]
+    pub network_faults: bool,
 }
 
 impl FaultSwitches {
@@ -142,7 +149,7 @@ struct RunReport {
 }
 
 /// A child process of the run, restarted when it dies, killed on drop.
-struct Supervised {
+pub(crate) struct Supervised {
     name: String,
     args: Vec<String>,
     env: Vec<(String, String)>,
@@ -153,13 +160,18 @@ struct Supervised {
 }
 
 impl Supervised {
-    fn new(name: &str, args: Vec<String>, log_dir: &Path) -> Arc<Self> {
+    pub(crate) fn new(name: &str, args: Vec<String>, log_dir: &Path) -> Arc<Self> {
         Supervised::with_env(name, args, Vec::new(), log_dir)
     }
 
     /// `env` reaches the child by environment: a database URL may hold a password, and a
     /// command line is visible to every user of the machine.
-    fn with_env(name: &str, args: Vec<String>, env: Vec<(String, String)>, log_dir: &Path) -> Arc<Self> {
+    pub(crate) fn with_env(
+        name: &str,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        log_dir: &Path,
+    ) -> Arc<Self> {
         Arc::new(Supervised {
             name: name.to_owned(),
             args,
@@ -177,7 +189,7 @@ impl Supervised {
     }
 
     /// Starts the process when it is not running (first start, or after it died).
-    fn ensure_running(&self) -> Result<()> {
+    pub(crate) fn ensure_running(&self) -> Result<()> {
         let mut child = self.lock();
         let running = match child.as_mut() {
             Some(c) => c.try_wait().ok().flatten().is_none(),
@@ -199,7 +211,9 @@ impl Supervised {
                     .envs(self.env.iter().map(|(k, v)| (k, v)))
                     .env(
                         "EXACTLY_LOG",
-                        "info,rdkafka=warn,librdkafka=warn,pg_walstream=warn",
+                        std::env::var("EXACTLY_CHILD_LOG").unwrap_or_else(|_| {
+                            "info,rdkafka=warn,librdkafka=warn,pg_walstream=warn".to_owned()
+                        }),
                     )
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
@@ -211,8 +225,18 @@ impl Supervised {
         Ok(())
     }
 
+    /// The running process's id.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.lock().as_ref().map(Child::id)
+    }
+
+    /// How often the process was started again after it died.
+    pub(crate) fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
     /// SIGKILL: a crash, no clean-up.
-    fn kill(&self) {
+    pub(crate) fn kill(&self) {
         if let Some(c) = self.lock().as_mut() {
             let _ = c.kill();
             let _ = c.wait();
@@ -228,10 +252,13 @@ impl Drop for Supervised {
 
 /// The broker of a run: the durable (sqlite) Tansu, which keeps its data across restarts, or
 /// the in-memory one with transactions for the exactly-once relay.
-struct Broker {
+pub(crate) struct Broker {
     binary: PathBuf,
     dir: tempfile::TempDir,
+    /// Where Tansu listens.
     port: u16,
+    /// Where clients are told to connect: the port itself, or a fault proxy in front of it.
+    advertised: u16,
     durable: bool,
     child: Option<Child>,
 }
@@ -254,7 +281,8 @@ fn find_durable_tansu() -> Result<PathBuf> {
 }
 
 impl Broker {
-    fn start(durable: bool) -> Result<Broker> {
+    /// Starts Tansu on `port`, telling clients to connect to `advertised`.
+    pub(crate) fn start(durable: bool, port: u16, advertised: u16) -> Result<Broker> {
         let binary = if durable {
             find_durable_tansu()?
         } else {
@@ -263,7 +291,8 @@ impl Broker {
         let mut broker = Broker {
             binary,
             dir: tempfile::tempdir().context("broker dir")?,
-            port: crate::broker::free_port()?,
+            port,
+            advertised,
             durable,
             child: None,
         };
@@ -271,15 +300,25 @@ impl Broker {
         Ok(broker)
     }
 
-    fn address(&self) -> String {
+    /// The bootstrap address clients use.
+    pub(crate) fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.advertised)
+    }
+
+    fn listen_address(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
     fn launch(&mut self) -> Result<()> {
-        let url = format!("tcp://{}", self.address());
         let mut command = Command::new(&self.binary);
         command
-            .args(crate::broker::broker_args(&url))
+            .args([
+                "broker",
+                "--listener-url",
+                &format!("tcp://{}", self.listen_address()),
+                "--advertised-listener-url",
+                &format!("tcp://{}", self.address()),
+            ])
             .current_dir(self.dir.path())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -290,17 +329,20 @@ impl Broker {
         }
         self.child = Some(command.spawn().context("starting Tansu")?);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(self.address()).is_err() {
+        while std::net::TcpStream::connect(self.listen_address()).is_err() {
             if Instant::now() > deadline {
-                bail!("Tansu did not listen on {} within 30 s", self.address());
+                bail!("Tansu did not listen on {} within 30 s", self.listen_address());
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+        if self.durable {
+            crate::broker::index_tansu_headers(&self.dir.path().join("broker.db"))?;
         }
         Ok(())
     }
 
     /// Stops the broker (SIGTERM, then waits) and starts it again on the same port and storage.
-    fn restart(&mut self) -> Result<()> {
+    pub(crate) fn restart(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill")
                 .args(["-TERM", &child.id().to_string()])
@@ -327,7 +369,7 @@ impl Drop for Broker {
 }
 
 /// Crashes PostgreSQL and starts it again.
-fn restart_postgres() -> Result<()> {
+pub(crate) fn restart_postgres() -> Result<()> {
     let version = std::fs::read_dir("/etc/postgresql")
         .context("PostgreSQL restart needs a local Debian cluster (/etc/postgresql)")?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
@@ -371,7 +413,7 @@ impl Writes {
     }
 }
 
-async fn connect_retrying(url: &str) -> tokio_postgres::Client {
+pub(crate) async fn connect_retrying(url: &str) -> tokio_postgres::Client {
     loop {
         match exactly_postgres::connect(url).await {
             Ok(c) => return c,
@@ -611,6 +653,130 @@ fn topic_event_ids(brokers: &str, topic: &str) -> Result<(HashSet<String>, u64)>
     Ok((ids, records))
 }
 
+/// The network faults of `--network-faults`, one of each kind per run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NetworkFault {
+    /// 250 ms each way for 15 s.
+    Latency,
+    /// Every open connection reset.
+    Reset,
+    /// Nothing passes for 40 s: past the consumers' 6 s session, the polling relay's 30 s
+    /// lease and its 30 s delivery timeout.
+    Blackhole,
+    /// For 20 s requests arrive and take effect, their answers do not.
+    AnswersLost,
+    /// For 20 s answers would pass, requests do not.
+    RequestsLost,
+}
+
+impl NetworkFault {
+    const ALL: [NetworkFault; 5] = [
+        NetworkFault::Latency,
+        NetworkFault::Reset,
+        NetworkFault::Blackhole,
+        NetworkFault::AnswersLost,
+        NetworkFault::RequestsLost,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            NetworkFault::Latency => "network latency",
+            NetworkFault::Reset => "network reset",
+            NetworkFault::Blackhole => "network blackhole",
+            NetworkFault::AnswersLost => "one-way partition, answers lost",
+            NetworkFault::RequestsLost => "one-way partition, requests lost",
+        }
+    }
+
+    fn named(name: &str) -> Option<NetworkFault> {
+        NetworkFault::ALL.into_iter().find(|f| f.name() == name)
+    }
+
+    /// The proxy condition and how long it lasts (a reset is instant).
+    fn condition(self) -> Option<(Condition, Duration)> {
+        match self {
+            NetworkFault::Latency => Some((
+                Condition::Latency(Duration::from_millis(250)),
+                Duration::from_secs(15),
+            )),
+            NetworkFault::Reset => None,
+            NetworkFault::Blackhole => Some((Condition::Blackhole, Duration::from_secs(40))),
+            NetworkFault::AnswersLost => Some((Condition::AnswersLost, Duration::from_secs(20))),
+            NetworkFault::RequestsLost => Some((Condition::RequestsLost, Duration::from_secs(20))),
+        }
+    }
+}
+
+/// The fault proxies of a run: one the broker advertises (every client reaches the broker
+/// through it), one in front of the relay's PostgreSQL.
+struct Network {
+    broker: FaultProxy,
+    postgres: FaultProxy,
+    /// When the fault in force heals.
+    heals_at: Option<Instant>,
+}
+
+impl Network {
+    /// Injects `fault` on the broker's link, PostgreSQL's or both (chosen by `rng`), and
+    /// names the target.
+    fn inject(&mut self, fault: NetworkFault, rng: &mut rand::rngs::StdRng) -> &'static str {
+        let (target, proxies): (&'static str, Vec<&FaultProxy>) = match rng.random_range(0..3) {
+            0 => ("broker", vec![&self.broker]),
+            1 => ("postgres", vec![&self.postgres]),
+            _ => ("broker and postgres", vec![&self.broker, &self.postgres]),
+        };
+        match fault.condition() {
+            Some((condition, lasting)) => {
+                for proxy in proxies {
+                    proxy.set(condition);
+                }
+                self.heals_at = Some(Instant::now() + lasting);
+            }
+            None => {
+                for proxy in proxies {
+                    proxy.reset_connections();
+                }
+            }
+        }
+        target
+    }
+
+    fn heal_when_due(&mut self) {
+        if self.heals_at.is_some_and(|at| Instant::now() >= at) {
+            self.broker.set(Condition::Healthy);
+            self.postgres.set(Condition::Healthy);
+            self.heals_at = None;
+        }
+    }
+}
+
+/// The PostgreSQL server a URL names, as a socket address for a proxy to forward to.
+pub(crate) fn postgres_address(url: &str) -> Result<SocketAddr> {
+    let parsed = url::Url::parse(url).context("network faults need a postgres:// URL")?;
+    let host = parsed
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .context("network faults need PostgreSQL over TCP (a host in the URL)")?;
+    let port = parsed.port().unwrap_or(5432);
+    std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+        .with_context(|| format!("resolving {host}:{port}"))?
+        .next()
+        .with_context(|| format!("{host}:{port} resolves to no address"))
+}
+
+/// `url` pointed at `proxy` instead of the server.
+pub(crate) fn through_proxy(url: &str, proxy: &FaultProxy) -> Result<String> {
+    let mut parsed = url::Url::parse(url).context("network faults need a postgres:// URL")?;
+    let address = proxy.address();
+    parsed
+        .set_host(Some(&address.ip().to_string()))
+        .context("pointing the URL at the proxy")?;
+    parsed
+        .set_port(Some(address.port()))
+        .map_err(|()| anyhow::anyhow!("pointing the URL at the proxy"))?;
+    Ok(parsed.into())
+}
+
 /// Runs one seeded run and returns its report.
 async fn run_once(
     options: &VerifyOptions,
@@ -625,7 +791,14 @@ async fn run_once(
     // in-memory one, which cannot be restarted without losing the topic. Runs without broker
     // restarts use the in-memory one too.
     let broker_restarts = options.faults.broker_restarts() && !exactly_once;
-    let mut broker = Broker::start(broker_restarts)?;
+    let broker_port = crate::broker::free_port()?;
+    let broker_proxy = if options.faults.network_faults {
+        Some(FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], broker_port))).await?)
+    } else {
+        None
+    };
+    let advertised = broker_proxy.as_ref().map_or(broker_port, |p| p.address().port());
+    let mut broker = Broker::start(broker_restarts, broker_port, advertised)?;
     let brokers = broker.address();
     let topic = format!("verify-{run_id}");
     exactly_kafka::ensure_topics(&brokers, &[&topic], 3).await?;
@@ -656,10 +829,24 @@ async fn run_once(
             relay_args.extend(["--mode", "wal", "--slot", &slot, "--exactly-once"].map(String::from))
         }
     }
+    // With network faults the relay reaches PostgreSQL through a proxy of its own; the
+    // writers keep their direct connections, so commits go on while the relay is cut off.
+    let mut network = match broker_proxy {
+        Some(broker) => Some(Network {
+            broker,
+            postgres: FaultProxy::start(postgres_address(&url)?).await?,
+            heals_at: None,
+        }),
+        None => None,
+    };
+    let relay_url = match &network {
+        Some(network) => through_proxy(&url, &network.postgres)?,
+        None => url.clone(),
+    };
     let relay = Supervised::with_env(
         "relay",
         relay_args,
-        vec![("EXACTLY_DATABASE".to_owned(), url.clone())],
+        vec![("EXACTLY_DATABASE".to_owned(), relay_url)],
         dir.path(),
     );
     let consumers: Vec<Arc<Supervised>> = (0..options.consumers)
@@ -717,6 +904,11 @@ async fn run_once(
     if options.faults.bad_input() {
         schedule.push((0.3, "bad input"));
     }
+    if network.is_some() {
+        for fault in NetworkFault::ALL {
+            schedule.push((rng.random_range(0.1..0.85), fault.name()));
+        }
+    }
     schedule.sort_by(|a, b| a.0.total_cmp(&b.0));
     // Writers stay at most 10% of the events ahead of the next fault's point.
     let total = options.events;
@@ -757,9 +949,17 @@ async fn run_once(
         let slowest = applied.iter().copied().min().unwrap_or(0);
         progress.set_position(slowest);
         let fraction = slowest as f64 / total.max(1) as f64;
-        // One fault per turn, so every killed process is restarted before the next fault.
-        if let Some((at, what)) = schedule.first().copied().filter(|(at, _)| fraction >= *at) {
-            let _ = at;
+        if let Some(network) = network.as_mut() {
+            network.heal_when_due();
+        }
+        let network_fault_on = network.as_ref().is_some_and(|n| n.heals_at.is_some());
+        // One fault per turn, so every killed process is restarted before the next fault, and
+        // none while a network fault is in force.
+        let due = schedule
+            .first()
+            .copied()
+            .filter(|(at, _)| fraction >= *at && !network_fault_on);
+        if let Some((_, what)) = due {
             schedule.remove(0);
             writes.gate.store(gate_for(&schedule), Ordering::Relaxed);
             progress.set_message(what);
@@ -777,14 +977,20 @@ async fn run_once(
                     let (b, t) = (brokers.clone(), topic.clone());
                     tokio::task::spawn_blocking(move || inject_foreign_records(&b, &t)).await??;
                 }
-                _ => {}
+                other => {
+                    if let (Some(fault), Some(network)) = (NetworkFault::named(other), network.as_mut()) {
+                        let target = network.inject(fault, &mut rng);
+                        *faults.entry(format!("{what} ({target})")).or_insert(0) += 1;
+                        continue;
+                    }
+                }
             }
             *faults.entry(what.to_owned()).or_insert(0) += 1;
         }
         let writers_done = writer_tasks.iter().all(|t| t.is_finished());
         let parked_done = !options.faults.bad_input()
             || (0..options.consumers).all(|i| parked_count(dir.path(), i) >= BAD_AT_CONSUMER + FOREIGN);
-        if writers_done && slowest >= total && schedule.is_empty() && parked_done {
+        if writers_done && slowest >= total && schedule.is_empty() && parked_done && !network_fault_on {
             // A little longer, so a late repeat would still show up as a duplicate.
             tokio::time::sleep(Duration::from_secs(2)).await;
             break;
@@ -961,29 +1167,29 @@ fn print(report: &RunReport) {
         "  run seed {} · relay {} · {:.1} s",
         report.seed, report.relay, report.seconds
     );
-    println!("  {:<28} {:>10}", "events committed", report.events_committed);
-    println!("  {:<28} {:>10}", "rolled back", report.rolled_back);
+    println!("  {:<46} {:>10}", "events committed", report.events_committed);
+    println!("  {:<46} {:>10}", "rolled back", report.rolled_back);
     println!(
-        "  {:<28} {:>10}  (resends and bad input included)",
+        "  {:<46} {:>10}  (resends and bad input included)",
         "records on the topic", report.records_on_topic
     );
     for (what, n) in &report.faults {
-        println!("  {:<28} {:>10}", what, n);
+        println!("  {:<46} {:>10}", what, n);
     }
-    println!("  {:<28} {:>10}  first examples", "anomaly", "count");
+    println!("  {:<46} {:>10}  first examples", "anomaly", "count");
     for (name, (count, examples)) in &report.anomalies {
-        println!("  {:<28} {:>10}  {}", name, count, examples.join(", "));
+        println!("  {:<46} {:>10}  {}", name, count, examples.join(", "));
     }
     for (name, n) in &report.applied {
         println!(
-            "  {:<28} {:>10}  (parked {})",
+            "  {:<46} {:>10}  (parked {})",
             format!("{name} applied"),
             n,
             report.parked.get(name).copied().unwrap_or(0)
         );
     }
     println!(
-        "  {:<28} {:>10}  (relay refused {}; reconciled: {})",
+        "  {:<46} {:>10}  (relay refused {}; reconciled: {})",
         "bad input injected", report.bad_input_total, report.relay_dead, report.bad_input_reconciled
     );
     println!("  verdict: {}", report.verdict);

@@ -157,6 +157,19 @@ impl ClientContext for AssignmentContext {
     crate::oauth::oauth_token_refresh!();
 
     fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in t.partitions.iter().filter(|(p, _)| **p >= 0) {
+                tracing::debug!(
+                    "{topic}/{partition}: fetch_state {} next {} app {} committed {} hi {} fetchq {}",
+                    p.fetch_state,
+                    p.next_offset,
+                    p.app_offset,
+                    p.committed_offset,
+                    p.hi_offset,
+                    p.fetchq_cnt
+                );
+            }
+        }
         let total = crate::config::export_consumer_lag(&statistics, "exactly_consumer_lag_records");
         self.lag.store(total.unwrap_or(-1), Ordering::Relaxed);
     }
@@ -208,6 +221,13 @@ impl ConsumerContext for AssignmentContext {
 /// than a rebalance: session timeout 6 s, joins waiting part of the 10 s rebalance timeout).
 const IDLE_ASSIGNMENT_GRACE: Duration = Duration::from_secs(15);
 
+/// Idle looks in a row that found the group unreadable or stuck before the client is replaced.
+/// Seen on Tansu: after a network partition, a connection to the coordinator stayed open and
+/// the broker never read from it again, so every group request timed out while new
+/// connections worked. librdkafka keeps such a connection; on Kafka a half-open connection
+/// after a partition does the same until TCP gives up. A new client has new connections.
+const FRUITLESS_LOOKS_BEFORE_REBUILD: u32 = 3;
+
 /// Tracks how long this member has held no partition; due once per grace period.
 #[derive(Default)]
 struct IdleWatch {
@@ -215,6 +235,8 @@ struct IdleWatch {
     empty_since: Option<Instant>,
     /// The group's committed positions at the last look, when records were waiting.
     positions: Option<Vec<i64>>,
+    /// Looks in a row, with no partition held, that could not read the group or rejoined it.
+    fruitless: u32,
 }
 
 impl IdleWatch {
@@ -231,6 +253,7 @@ impl IdleWatch {
             (false, _) => {
                 self.empty_since = None;
                 self.positions = None;
+                self.fruitless = 0;
             }
             (true, None) => self.empty_since = Some(Instant::now()),
             (true, Some(since)) if since.elapsed() >= IDLE_ASSIGNMENT_GRACE => {
@@ -241,6 +264,18 @@ impl IdleWatch {
         }
         false
     }
+}
+
+/// A consumer client of `config`'s group, subscribed to its topics.
+fn subscribed_client(config: &ConsumerConfig) -> Result<StreamConsumer<AssignmentContext>, KafkaFlowError> {
+    let consumer: StreamConsumer<AssignmentContext> = consumer_config(&config.kafka, &config.group_id)
+        .create_with_context(AssignmentContext::default())
+        .map_err(KafkaFlowError::at("create consumer"))?;
+    let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(KafkaFlowError::at("subscribe"))?;
+    Ok(consumer)
 }
 
 /// Reads `topics` and applies each record once through `store`.
@@ -256,7 +291,8 @@ impl IdleWatch {
 pub struct IdempotentConsumer<S> {
     store: S,
     config: ConsumerConfig,
-    consumer: StreamConsumer<AssignmentContext>,
+    /// Replaced as a whole when its group coordinator stops answering (see `rebuild_client`).
+    consumer: std::sync::RwLock<Arc<StreamConsumer<AssignmentContext>>>,
     faults: Faults,
     counters: Arc<ConsumerCounters>,
 }
@@ -268,20 +304,41 @@ impl<S: EffectStore> IdempotentConsumer<S> {
             .dedupe
             .validate()
             .map_err(|e| KafkaFlowError::Store(exactly_core::StoreError::new("dedupe policy", e)))?;
-        let consumer: StreamConsumer<AssignmentContext> = consumer_config(&config.kafka, &config.group_id)
-            .create_with_context(AssignmentContext::default())
-            .map_err(KafkaFlowError::at("create consumer"))?;
-        let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
-        consumer
-            .subscribe(&topics)
-            .map_err(KafkaFlowError::at("subscribe"))?;
+        let consumer = subscribed_client(&config)?;
         Ok(IdempotentConsumer {
             store,
             config,
-            consumer,
+            consumer: std::sync::RwLock::new(Arc::new(consumer)),
             faults: Faults::none(),
             counters: Arc::default(),
         })
+    }
+
+    /// The Kafka client now.
+    fn consumer(&self) -> Arc<StreamConsumer<AssignmentContext>> {
+        self.consumer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the Kafka client with a new one (new connections, a new member of the group).
+    /// Offsets applied but not committed are left to the old client's revoke, or redelivered
+    /// and recognised as repeats.
+    fn rebuild_client(&self) -> Result<(), KafkaFlowError> {
+        let fresh = Arc::new(subscribed_client(&self.config)?);
+        let old = std::mem::replace(
+            &mut *self
+                .consumer
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            fresh,
+        );
+        metrics::counter!("exactly_consumer_client_rebuilds_total").increment(1);
+        // Closing waits for the group coordinator, the very thing that stopped answering:
+        // never on this loop.
+        std::thread::spawn(move || drop(old));
+        Ok(())
     }
 
     /// Adds fault points (tests, demo).
@@ -302,9 +359,20 @@ impl<S: EffectStore> IdempotentConsumer<S> {
         let mut last_prune: Option<Instant> = None;
         let mut idle = IdleWatch::default();
         loop {
-            if idle.due(&self.consumer) {
+            if idle.due(&*self.consumer()) {
                 self.rejoin_if_group_is_stuck(&mut idle);
+                if idle.fruitless >= FRUITLESS_LOOKS_BEFORE_REBUILD {
+                    tracing::warn!(
+                        "group {}: no partitions and no answer from the group for {} looks: a new Kafka client",
+                        self.config.group_id,
+                        idle.fruitless
+                    );
+                    idle.fruitless = 0;
+                    self.rebuild_client()?;
+                }
             }
+            // One client for the whole turn: the batch's messages borrow from it.
+            let consumer = self.consumer();
             self.seek_unchecked(&mut stop).await?;
             if last_prune.is_none_or(|at| at.elapsed() >= self.config.prune_interval) {
                 // A backlog left over is taken up again after the next record, a bounded step
@@ -312,7 +380,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                 last_prune = (!self.prune().await).then(Instant::now);
             }
             let message = tokio::select! {
-                m = self.consumer.recv() => m,
+                m = consumer.recv() => m,
                 _ = stop.changed() => break,
                 _ = tokio::time::sleep(self.config.commit_interval) => {
                     self.commit();
@@ -331,7 +399,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
             // What else is ready now joins the batch; nothing waits to fill it.
             let mut batch = vec![first];
             while batch.len() < self.config.max_batch.max(1) {
-                match self.consumer.recv().now_or_never() {
+                match consumer.recv().now_or_never() {
                     Some(Ok(m)) => batch.push(m),
                     Some(Err(e)) => {
                         tracing::warn!("consumer error (retrying): {e}");
@@ -363,7 +431,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
         let group = &self.config.group_id;
         let mut list = TopicPartitionList::new();
         for topic in &self.config.topics {
-            match self.consumer.fetch_metadata(Some(topic), LOOK) {
+            match self.consumer().fetch_metadata(Some(topic), LOOK) {
                 Ok(m) => {
                     for t in m.topics() {
                         for p in t.partitions() {
@@ -373,21 +441,24 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                 }
                 Err(e) => {
                     tracing::warn!("cannot read metadata of {topic} (idle check): {e}");
+                    idle.fruitless += 1;
                     return;
                 }
             }
         }
-        let committed = match self.consumer.committed_offsets(list, LOOK) {
+        let committed = match self.consumer().committed_offsets(list, LOOK) {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!("cannot read the committed offsets of {group} (idle check): {e}");
+                idle.fruitless += 1;
                 return;
             }
         };
         let mut waiting = false;
         let mut positions = Vec::new();
         for e in committed.elements() {
-            let Ok((low, high)) = self.consumer.fetch_watermarks(e.topic(), e.partition(), LOOK) else {
+            let Ok((low, high)) = self.consumer().fetch_watermarks(e.topic(), e.partition(), LOOK) else {
+                idle.fruitless += 1;
                 return;
             };
             let position = match e.offset() {
@@ -405,9 +476,10 @@ impl<S: EffectStore> IdempotentConsumer<S> {
         idle.positions = None;
         tracing::warn!("group {group}: records wait and no member reads them: rejoining");
         metrics::counter!("exactly_consumer_rejoins_total").increment(1);
+        idle.fruitless += 1;
         let topics: Vec<&str> = self.config.topics.iter().map(String::as_str).collect();
-        self.consumer.unsubscribe();
-        if let Err(e) = self.consumer.subscribe(&topics) {
+        self.consumer().unsubscribe();
+        if let Err(e) = self.consumer().subscribe(&topics) {
             tracing::warn!("resubscribing failed (will retry): {e}");
         }
     }
@@ -443,7 +515,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
     /// Newly assigned partitions with no record yet (for example a group offset at the end of
     /// the partition while the database is behind it): seek each to its stored offset.
     async fn seek_unchecked(&self, stop: &mut watch::Receiver<bool>) -> Result<(), KafkaFlowError> {
-        let unchecked: Vec<(String, i32)> = self.consumer.context().unchecked().drain().collect();
+        let unchecked: Vec<(String, i32)> = self.consumer().context().unchecked().drain().collect();
         for (topic, partition) in unchecked {
             let stored = self
                 .until_stored("read resume offset", stop, || {
@@ -453,11 +525,11 @@ impl<S: EffectStore> IdempotentConsumer<S> {
             if let Some(offset) = stored {
                 metrics::counter!("exactly_consumer_resume_seeks_total").increment(1);
                 if let Err(e) =
-                    self.consumer
+                    self.consumer()
                         .seek(&topic, partition, Offset::Offset(offset), Duration::from_secs(10))
                 {
                     tracing::warn!("seek of {topic}/{partition} failed (will retry): {e}");
-                    self.consumer.context().unchecked().insert((topic, partition));
+                    self.consumer().context().unchecked().insert((topic, partition));
                 }
             }
         }
@@ -473,7 +545,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
         stop: &mut watch::Receiver<bool>,
     ) -> Result<bool, KafkaFlowError> {
         let tp = (message.topic().to_owned(), message.partition());
-        if !self.consumer.context().unchecked().remove(&tp) {
+        if !self.consumer().context().unchecked().remove(&tp) {
             return Ok(true);
         }
         let stored = self
@@ -491,11 +563,11 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                 );
                 metrics::counter!("exactly_consumer_resume_seeks_total").increment(1);
                 if let Err(e) =
-                    self.consumer
+                    self.consumer()
                         .seek(&tp.0, tp.1, Offset::Offset(offset), Duration::from_secs(10))
                 {
                     tracing::warn!("seek of {}/{} failed (will retry): {e}", tp.0, tp.1);
-                    self.consumer.context().unchecked().insert(tp);
+                    self.consumer().context().unchecked().insert(tp);
                 }
                 Ok(false)
             }
@@ -537,16 +609,16 @@ impl<S: EffectStore> IdempotentConsumer<S> {
     /// Commits the applied offsets of partitions this member still owns; those of partitions
     /// it no longer owns are dropped (their revoke committed them, or the next owner has).
     fn commit(&self) {
-        let owned: HashSet<(String, i32)> = match self.consumer.assignment() {
+        let consumer = self.consumer();
+        let owned: HashSet<(String, i32)> = match consumer.assignment() {
             Ok(list) => {
                 // For readiness probes: what this member holds and how far behind it is.
                 self.counters
                     .assigned
                     .store(list.count() as u64, Ordering::Relaxed);
-                self.counters.lag.store(
-                    self.consumer.context().lag.load(Ordering::Relaxed),
-                    Ordering::Relaxed,
-                );
+                self.counters
+                    .lag
+                    .store(consumer.context().lag.load(Ordering::Relaxed), Ordering::Relaxed);
                 list.elements()
                     .iter()
                     .map(|e| (e.topic().to_owned(), e.partition()))
@@ -558,7 +630,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
             }
         };
         let offsets: Pending = {
-            let mut pending = self.consumer.context().pending();
+            let mut pending = consumer.context().pending();
             let taken = std::mem::take(&mut *pending);
             let (mine, dropped): (Pending, Pending) =
                 taken.into_iter().partition(|(tp, _)| owned.contains(tp));
@@ -571,7 +643,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
         // restarts that wait outlasted max.poll.interval.ms, put this member out of its group
         // and stalled its partitions. A lost or late commit only means a redelivery, which
         // dedupe absorbs; librdkafka sends commits in order and closing waits for them.
-        commit_offsets(&self.consumer, offsets, CommitMode::Async, "");
+        commit_offsets(&*consumer, offsets, CommitMode::Async, "");
     }
 
     /// Handles what one poll returned, in order: records that cannot be applied are parked;
@@ -665,7 +737,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                     FaultPoint::ConsumerAfterApplyBeforeOffsetCommit,
                 ));
             }
-            self.consumer.context().pending().insert(
+            self.consumer().context().pending().insert(
                 (message.topic().to_owned(), message.partition()),
                 message.offset() + 1,
             );

@@ -276,3 +276,60 @@ impl ToSql for PgValue {
 
     to_sql_checked!();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the statements refuse parks; a lost connection or a changed schema retries.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn refusals_park_and_lost_connections_retry() {
+        let url = exactly_testkit::fresh_pg_database().await;
+        let client = crate::connect(&url).await.expect("connect");
+        client
+            .batch_execute(
+                "CREATE TABLE t (n INT CHECK (n > 0));
+                 CREATE FUNCTION refuse() RETURNS void LANGUAGE plpgsql AS $$
+                 BEGIN RAISE EXCEPTION 'not today'; END $$;",
+            )
+            .await
+            .expect("schema");
+        let error = |sql: &'static str| {
+            let client = &client;
+            async move { handler_error(client.execute(sql, &[]).await.expect_err(sql)) }
+        };
+        assert!(
+            matches!(error("INSERT INTO t VALUES (0)").await, HandlerError::Rejected(m) if m.contains("t_n_check") && m.contains("23514")),
+        );
+        assert!(
+            matches!(error("SELECT refuse()").await, HandlerError::Rejected(m) if m.contains("not today"))
+        );
+        assert!(matches!(
+            error("INSERT INTO t VALUES ('x')").await,
+            HandlerError::Rejected(_)
+        ));
+        assert!(matches!(
+            error("INSERT INTO gone VALUES (1)").await,
+            HandlerError::Retryable(_)
+        ));
+
+        let pid: i32 = client
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .expect("pid")
+            .get(0);
+        let other = crate::connect(&url).await.expect("connect");
+        other
+            .execute("SELECT pg_terminate_backend($1)", &[&pid])
+            .await
+            .expect("terminate");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let lost = handler_error(
+            client
+                .execute("SELECT 1", &[])
+                .await
+                .expect_err("connection lost"),
+        );
+        assert!(matches!(lost, HandlerError::Retryable(_)), "{lost:?}");
+    }
+}
