@@ -217,52 +217,44 @@ impl ConsumerContext for AssignmentContext {
     }
 }
 
-/// How long a subscribed member may hold no partition before its group is looked at (longer
-/// than a rebalance: session timeout 6 s, joins waiting part of the 10 s rebalance timeout).
-const IDLE_ASSIGNMENT_GRACE: Duration = Duration::from_secs(15);
+/// How often the group is looked at: longer than a rebalance (session timeout 6 s, joins
+/// waiting part of the 10 s rebalance timeout), so a look never mistakes one for a stall.
+const GROUP_LOOK_INTERVAL: Duration = Duration::from_secs(15);
 
-/// Idle looks in a row that found the group unreadable or stuck before the client is replaced.
+/// Looks in a row, with no partition held, that could not read the group or rejoined it,
+/// before the client is replaced.
 /// Seen on Tansu: after a network partition, a connection to the coordinator stayed open and
 /// the broker never read from it again, so every group request timed out while new
 /// connections worked. librdkafka keeps such a connection; on Kafka a half-open connection
 /// after a partition does the same until TCP gives up. A new client has new connections.
 const FRUITLESS_LOOKS_BEFORE_REBUILD: u32 = 3;
 
-/// Tracks how long this member has held no partition; due once per grace period.
+/// Watches whether the partitions this member does not hold are read by somebody; due once
+/// per look interval.
 #[derive(Default)]
-struct IdleWatch {
+struct GroupWatch {
     last_look: Option<Instant>,
-    empty_since: Option<Instant>,
-    /// The group's committed positions at the last look, when records were waiting.
-    positions: Option<Vec<i64>>,
+    /// The committed positions, at the last look, of the partitions this member did not hold
+    /// and where records were waiting.
+    positions: Option<Vec<(String, i32, i64)>>,
     /// Looks in a row, with no partition held, that could not read the group or rejoined it.
     fruitless: u32,
 }
 
-impl IdleWatch {
-    fn due<C: Consumer<AssignmentContext>>(&mut self, consumer: &C) -> bool {
-        if self
-            .last_look
-            .is_some_and(|at| at.elapsed() < Duration::from_secs(1))
-        {
-            return false;
-        }
-        self.last_look = Some(Instant::now());
-        let empty = consumer.assignment().is_ok_and(|a| a.count() == 0);
-        match (empty, self.empty_since) {
-            (false, _) => {
-                self.empty_since = None;
-                self.positions = None;
-                self.fruitless = 0;
+impl GroupWatch {
+    fn due(&mut self) -> bool {
+        match self.last_look {
+            None => {
+                // The first look only after one interval: a new member is still joining.
+                self.last_look = Some(Instant::now());
+                false
             }
-            (true, None) => self.empty_since = Some(Instant::now()),
-            (true, Some(since)) if since.elapsed() >= IDLE_ASSIGNMENT_GRACE => {
-                self.empty_since = Some(Instant::now());
-                return true;
+            Some(at) if at.elapsed() < GROUP_LOOK_INTERVAL => false,
+            Some(_) => {
+                self.last_look = Some(Instant::now());
+                true
             }
-            (true, Some(_)) => {}
         }
-        false
     }
 }
 
@@ -357,17 +349,17 @@ impl<S: EffectStore> IdempotentConsumer<S> {
     pub async fn run(&self, mut stop: watch::Receiver<bool>) -> Result<(), KafkaFlowError> {
         let mut last_commit = Instant::now();
         let mut last_prune: Option<Instant> = None;
-        let mut idle = IdleWatch::default();
+        let mut watch = GroupWatch::default();
         loop {
-            if idle.due(&*self.consumer()) {
-                self.rejoin_if_group_is_stuck(&mut idle);
-                if idle.fruitless >= FRUITLESS_LOOKS_BEFORE_REBUILD {
+            if watch.due() {
+                self.rejoin_if_group_is_stuck(&mut watch);
+                if watch.fruitless >= FRUITLESS_LOOKS_BEFORE_REBUILD {
                     tracing::warn!(
                         "group {}: no partitions and no answer from the group for {} looks: a new Kafka client",
                         self.config.group_id,
-                        idle.fruitless
+                        watch.fruitless
                     );
-                    idle.fruitless = 0;
+                    watch.fruitless = 0;
                     self.rebuild_client()?;
                 }
             }
@@ -420,66 +412,99 @@ impl<S: EffectStore> IdempotentConsumer<S> {
         Ok(())
     }
 
-    /// Rejoins when this member holds no partition and nobody in its group reads: records wait
-    /// behind the group's committed offsets, and those offsets did not move since the last look
-    /// (one grace period ago). Seen on Tansu after a broker restart: the leader synced an empty
-    /// assignment and nothing triggered another, so the group read nothing forever. Kafka should
-    /// not get there; Tansu's group descriptions list no members, hence offsets, not members.
-    fn rejoin_if_group_is_stuck(&self, idle: &mut IdleWatch) {
+    /// Rejoins when records wait in partitions this member does not hold and nobody reads
+    /// them: the group's committed offsets there did not move since the last look (one look
+    /// interval ago). On Kafka a partition is always held by a live member that reads it, so
+    /// this never fires; Tansu 0.6.0 gets there two ways. After a broker restart the leader
+    /// synced an empty assignment and nothing triggered another. After a member's session
+    /// expired while its group was forming, the group formed with that member's assignment
+    /// still in it (one member, two assignments), and its partitions were never read again.
+    /// Tansu's group descriptions list no members, hence offsets, not members. A rejoin (leave,
+    /// join) makes Tansu form the group anew from the members alive.
+    fn rejoin_if_group_is_stuck(&self, watch: &mut GroupWatch) {
         // Short timeouts: these calls block this loop, and a rebalance waits for it to poll.
         const LOOK: Duration = Duration::from_millis(500);
         let group = &self.config.group_id;
+        let consumer = self.consumer();
+        let held: HashSet<(String, i32)> = match consumer.assignment() {
+            Ok(list) => list
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_owned(), e.partition()))
+                .collect(),
+            Err(_) => HashSet::new(),
+        };
+        // Only a member without partitions counts looks that fail: one that holds partitions
+        // is reading them, so its connections work.
+        let fruitless = |watch: &mut GroupWatch| {
+            if held.is_empty() {
+                watch.fruitless += 1;
+            }
+        };
         let mut list = TopicPartitionList::new();
         for topic in &self.config.topics {
-            match self.consumer().fetch_metadata(Some(topic), LOOK) {
+            match consumer.fetch_metadata(Some(topic), LOOK) {
                 Ok(m) => {
                     for t in m.topics() {
                         for p in t.partitions() {
-                            list.add_partition(t.name(), p.id());
+                            if !held.contains(&(t.name().to_owned(), p.id())) {
+                                list.add_partition(t.name(), p.id());
+                            }
                         }
                     }
                 }
                 Err(e) => {
-                    tracing::warn!("cannot read metadata of {topic} (idle check): {e}");
-                    idle.fruitless += 1;
+                    tracing::warn!("cannot read metadata of {topic} (group check): {e}");
+                    fruitless(watch);
                     return;
                 }
             }
         }
-        let committed = match self.consumer().committed_offsets(list, LOOK) {
+        if !held.is_empty() {
+            watch.fruitless = 0;
+        }
+        if list.count() == 0 {
+            watch.positions = None;
+            return;
+        }
+        let committed = match consumer.committed_offsets(list, LOOK) {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!("cannot read the committed offsets of {group} (idle check): {e}");
-                idle.fruitless += 1;
+                tracing::warn!("cannot read the committed offsets of {group} (group check): {e}");
+                fruitless(watch);
                 return;
             }
         };
-        let mut waiting = false;
-        let mut positions = Vec::new();
+        let mut waiting = Vec::new();
         for e in committed.elements() {
-            let Ok((low, high)) = self.consumer().fetch_watermarks(e.topic(), e.partition(), LOOK) else {
-                idle.fruitless += 1;
+            let Ok((low, high)) = consumer.fetch_watermarks(e.topic(), e.partition(), LOOK) else {
+                fruitless(watch);
                 return;
             };
             let position = match e.offset() {
                 Offset::Offset(o) => o,
                 _ => low,
             };
-            waiting |= high > position;
-            positions.push(position);
+            if high > position {
+                waiting.push((e.topic().to_owned(), e.partition(), position));
+            }
         }
-        let stuck = waiting && idle.positions.as_ref() == Some(&positions);
-        idle.positions = waiting.then_some(positions);
+        let waiting = (!waiting.is_empty()).then_some(waiting);
+        let stuck = waiting.is_some() && watch.positions == waiting;
+        watch.positions = waiting;
         if !stuck {
             return;
         }
-        idle.positions = None;
-        tracing::warn!("group {group}: records wait and no member reads them: rejoining");
+        watch.positions = None;
+        tracing::warn!(
+            "group {group}: records wait in partitions no member reads ({} held here): rejoining",
+            held.len()
+        );
         metrics::counter!("exactly_consumer_rejoins_total").increment(1);
-        idle.fruitless += 1;
+        fruitless(watch);
         let topics: Vec<&str> = self.config.topics.iter().map(String::as_str).collect();
-        self.consumer().unsubscribe();
-        if let Err(e) = self.consumer().subscribe(&topics) {
+        consumer.unsubscribe();
+        if let Err(e) = consumer.subscribe(&topics) {
             tracing::warn!("resubscribing failed (will retry): {e}");
         }
     }
