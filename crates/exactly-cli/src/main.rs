@@ -14,6 +14,7 @@ mod e2e_bench;
 mod fault_proxy;
 mod handlers;
 mod health;
+mod memory;
 mod operate;
 mod run;
 mod settings;
@@ -287,6 +288,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let kafka = kafka.settings()?;
             let gauges = serve_metrics_unless(no_metrics, metrics_addr, "relay")?;
+            memory::trim_freed_memory_periodically();
             commands::check_kafka(&kafka).await?;
             commands::relay(relay, &kafka, gauges, commands::stop_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
@@ -299,12 +301,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let kafka = kafka.settings()?;
             let gauges = serve_metrics_unless(no_metrics, metrics_addr, "consumer")?;
+            memory::trim_freed_memory_periodically();
             commands::check_kafka(&kafka).await?;
             commands::consume(consumer, &kafka, gauges, commands::stop_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { args } => {
             let config = config_file::load(&args, std::env::vars())?;
+            memory::trim_freed_memory_periodically();
             run::run(config).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -354,6 +358,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let kafka = kafka.settings()?;
             let gauges = serve_metrics_unless(no_metrics, metrics_addr, "stream")?;
+            memory::trim_freed_memory_periodically();
             commands::check_kafka(&kafka).await?;
             commands::stream(stream, &kafka, gauges, commands::stop_on_signal()).await?;
             Ok(ExitCode::SUCCESS)

@@ -75,6 +75,19 @@ impl ConsumerConfig {
 /// Delete statements one prune step runs at most before the loop polls again.
 const PRUNE_ROUNDS: usize = 10;
 
+/// How soon a prune step that failed is tried again.
+const PRUNE_RETRY: Duration = Duration::from_secs(5);
+
+/// What one prune step did.
+enum Pruned {
+    /// Nothing past the retention is left.
+    All,
+    /// The step's bound was reached with entries left.
+    More,
+    /// The database refused; the entries wait for the retry.
+    Failed,
+}
+
 /// Counters a caller can read while the consumer runs.
 #[derive(Debug, Default)]
 pub struct ConsumerCounters {
@@ -348,7 +361,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
     /// Consumes until `stop` turns true, then commits what was processed.
     pub async fn run(&self, mut stop: watch::Receiver<bool>) -> Result<(), KafkaFlowError> {
         let mut last_commit = Instant::now();
-        let mut last_prune: Option<Instant> = None;
+        let mut next_prune = Instant::now();
         let mut watch = GroupWatch::default();
         loop {
             if watch.due() {
@@ -366,10 +379,16 @@ impl<S: EffectStore> IdempotentConsumer<S> {
             // One client for the whole turn: the batch's messages borrow from it.
             let consumer = self.consumer();
             self.seek_unchecked(&mut stop).await?;
-            if last_prune.is_none_or(|at| at.elapsed() >= self.config.prune_interval) {
+            if Instant::now() >= next_prune {
                 // A backlog left over is taken up again after the next record, a bounded step
-                // at a time between polls, until it is gone.
-                last_prune = (!self.prune().await).then(Instant::now);
+                // at a time between polls, until it is gone; a failed round (the database
+                // restarting) is retried soon, so the key set stays within its bound.
+                next_prune = Instant::now()
+                    + match self.prune().await {
+                        Pruned::All => self.config.prune_interval,
+                        Pruned::More => Duration::ZERO,
+                        Pruned::Failed => PRUNE_RETRY.min(self.config.prune_interval),
+                    };
             }
             let message = tokio::select! {
                 m = consumer.recv() => m,
@@ -511,8 +530,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
 
     /// Deletes key-set entries past the retention window. A failure is only logged: the entries
     /// are deleted on a later round, and keeping a key longer never applies anything twice.
-    /// Returns whether entries past the retention are left (the call's bound was reached).
-    async fn prune(&self) -> bool {
+    async fn prune(&self) -> Pruned {
         let cutoff = now().plus_ms(-self.config.dedupe.retention_ms);
         let batch = self.config.prune_batch.max(1);
         // Bounded: at most `prune_batch` rows a statement and `PRUNE_ROUNDS` statements a call,
@@ -525,16 +543,16 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                         metrics::counter!("exactly_consumer_keys_pruned_total").increment(n);
                     }
                     if n < batch {
-                        return false;
+                        return Pruned::All;
                     }
                 }
                 Err(e) => {
                     tracing::warn!("pruning the key set failed (will retry): {e}");
-                    return false;
+                    return Pruned::Failed;
                 }
             }
         }
-        true
+        Pruned::More
     }
 
     /// Newly assigned partitions with no record yet (for example a group offset at the end of
