@@ -156,20 +156,17 @@ pub async fn e2e_bench(options: E2eBench) -> Result<()> {
     let png = options.out.join("e2e.png");
     plot(&png, &phases)?;
     println!("\n  wrote {} and {}", csv.display(), png.display());
+    // The goals: the WAL relay's p50 and p99, the exactly-once relay's p99 only.
     for (mode, rate, p50, p99) in [
-        (E2eMode::Wal, 5_000, 10.0, 50.0),
-        (E2eMode::WalExactlyOnce, 5_000, f64::MAX, 150.0),
+        (E2eMode::Wal, 5_000, Some(10.0), 50.0),
+        (E2eMode::WalExactlyOnce, 5_000, None, 150.0),
     ] {
         if let Some(p) = phases.iter().find(|p| p.mode == mode && p.target_rate == rate) {
-            let met = p.ms(0.5) < p50 && p.ms(0.99) < p99;
+            let met = p50.is_none_or(|p50| p.ms(0.5) < p50) && p.ms(0.99) < p99;
+            let p50_goal = p50.map_or(String::new(), |p50| format!("p50 < {p50} ms, "));
             println!(
-                "  goal {} at {rate}/s: p50 < {} ms, p99 < {p99} ms: {}",
+                "  goal {} at {rate}/s: {p50_goal}p99 < {p99} ms: {}",
                 mode.name(),
-                if p50 == f64::MAX {
-                    "-".to_owned()
-                } else {
-                    p50.to_string()
-                },
                 if met { "met" } else { "NOT met" }
             );
         }
