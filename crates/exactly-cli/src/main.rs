@@ -288,7 +288,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let kafka = kafka.settings()?;
             let gauges = serve_metrics_unless(no_metrics, metrics_addr, "relay")?;
-            memory::trim_freed_memory_periodically();
+            memory::bound_resident_memory();
             commands::check_kafka(&kafka).await?;
             commands::relay(relay, &kafka, gauges, commands::stop_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
@@ -301,14 +301,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let kafka = kafka.settings()?;
             let gauges = serve_metrics_unless(no_metrics, metrics_addr, "consumer")?;
-            memory::trim_freed_memory_periodically();
+            memory::bound_resident_memory();
             commands::check_kafka(&kafka).await?;
             commands::consume(consumer, &kafka, gauges, commands::stop_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { args } => {
             let config = config_file::load(&args, std::env::vars())?;
-            memory::trim_freed_memory_periodically();
+            memory::bound_resident_memory();
             run::run(config).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -358,7 +358,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let kafka = kafka.settings()?;
             let gauges = serve_metrics_unless(no_metrics, metrics_addr, "stream")?;
-            memory::trim_freed_memory_periodically();
+            memory::bound_resident_memory();
             commands::check_kafka(&kafka).await?;
             commands::stream(stream, &kafka, gauges, commands::stop_on_signal()).await?;
             Ok(ExitCode::SUCCESS)

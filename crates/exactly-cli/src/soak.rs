@@ -101,6 +101,8 @@ struct ProcessSample {
     rss_kib: u64,
     fds: u64,
     sockets: u64,
+    /// A client replaced while its predecessor's close hangs shows here before it shows in RSS.
+    threads: u64,
 }
 
 /// One sample of the whole soak.
@@ -124,6 +126,8 @@ struct Growth {
     fds_at_warmup: u64,
     fds_at_end: u64,
     sockets_at_end: u64,
+    threads_at_warmup: u64,
+    threads_at_end: u64,
     rss_growth: f64,
     fds_growth: f64,
 }
@@ -157,6 +161,11 @@ fn process_sample(pid: u32) -> Option<ProcessSample> {
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())?;
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
     let (mut fds, mut sockets) = (0, 0);
     for entry in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
         fds += 1;
@@ -170,6 +179,7 @@ fn process_sample(pid: u32) -> Option<ProcessSample> {
         rss_kib,
         fds,
         sockets,
+        threads,
     })
 }
 
@@ -560,6 +570,8 @@ fn judge(
             fds_at_warmup: fds.0,
             fds_at_end: fds.1,
             sockets_at_end: window_mean(samples, end_s, i, |p| p.sockets),
+            threads_at_warmup: window_mean(samples, warmup_s, i, |p| p.threads),
+            threads_at_end: window_mean(samples, end_s, i, |p| p.threads),
             rss_growth: ratio(rss),
             fds_growth: ratio(fds),
         };
@@ -631,7 +643,9 @@ fn write_csv(path: &Path, samples: &[Sample]) -> Result<()> {
         "seconds,committed,applied_wal,applied_poll,key_set_rows,watermark_rows,retained_wal_bytes",
     );
     for name in PROCESSES {
-        out.push_str(&format!(",{name}_rss_kib,{name}_fds,{name}_sockets"));
+        out.push_str(&format!(
+            ",{name}_rss_kib,{name}_fds,{name}_sockets,{name}_threads"
+        ));
     }
     out.push('\n');
     for s in samples {
@@ -646,7 +660,7 @@ fn write_csv(path: &Path, samples: &[Sample]) -> Result<()> {
             s.retained_wal
         ));
         for p in &s.processes {
-            out.push_str(&format!(",{},{},{}", p.rss_kib, p.fds, p.sockets));
+            out.push_str(&format!(",{},{},{},{}", p.rss_kib, p.fds, p.sockets, p.threads));
         }
         out.push('\n');
     }
@@ -788,19 +802,21 @@ fn print(verdict: &Verdict, out: &Path) {
             .join(", ")
     );
     println!(
-        "  {:<14} {:>12} {:>12} {:>8} {:>8} {:>8} {:>8}",
-        "process", "RSS warm-up", "RSS end", "growth", "fds w-u", "fds end", "sockets"
+        "  {:<14} {:>12} {:>12} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
+        "process", "RSS warm-up", "RSS end", "growth", "fds w-u", "fds end", "sockets", "thr w-u", "thr end"
     );
     for g in &verdict.growth {
         println!(
-            "  {:<14} {:>9} KiB {:>8} KiB {:>7.1}% {:>8} {:>8} {:>8}",
+            "  {:<14} {:>9} KiB {:>8} KiB {:>7.1}% {:>8} {:>8} {:>8} {:>8} {:>8}",
             g.process,
             g.rss_kib_at_warmup,
             g.rss_kib_at_end,
             g.rss_growth * 100.0,
             g.fds_at_warmup,
             g.fds_at_end,
-            g.sockets_at_end
+            g.sockets_at_end,
+            g.threads_at_warmup,
+            g.threads_at_end
         );
     }
     println!(
