@@ -177,7 +177,7 @@ fn key_set_bounds(options: &SoakOptions, samples: &[Sample]) -> Vec<KeySetCheck>
             KeySetCheck {
                 seconds: s.seconds,
                 rows: s.key_set_rows,
-                bound: ((applied(s) - before.min(applied(s))) as f64 * 1.1).ceil() as u64,
+                bound: (applied(s).saturating_sub(before) as f64 * 1.1).ceil() as u64,
             }
         })
         .collect()
