@@ -45,9 +45,24 @@ pub struct BenchServices {
     /// Use this broker instead of starting one.
     #[arg(long, env = "EXACTLY_BENCH_BROKERS")]
     pub brokers: Option<String>,
+    /// A librdkafka property for every client the bench makes (repeatable), as the other
+    /// commands take it: security settings for a real cluster, or a tuning to compare (say
+    /// linger.ms=1). exactly's own guarantees (acks, idempotence, isolation…) are refused.
+    #[arg(long = "kafka-property", value_name = "NAME=VALUE", value_parser = exactly_kafka::parse_property)]
+    pub kafka_properties: Vec<(String, String)>,
 }
 
 impl BenchServices {
+    /// How the bench's clients reach `brokers`, with the properties given.
+    pub(crate) fn kafka(&self, brokers: &str) -> Result<exactly_kafka::KafkaSettings> {
+        let settings = exactly_kafka::KafkaSettings {
+            brokers: brokers.to_owned(),
+            properties: self.kafka_properties.iter().cloned().collect(),
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
     /// A new database named `<prefix>_<run_id>` on the server: its name and URL.
     pub(crate) async fn fresh_database(&self, prefix: &str, run_id: i64) -> Result<(String, String)> {
         let name = format!("{prefix}_{run_id}");

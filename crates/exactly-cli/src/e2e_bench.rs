@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 use exactly_core::{Delivery, HandlerError, Inbound};
 use exactly_kafka::{
     ConsumerConfig, ConsumerCounters, ExactlyOnce, IdempotentConsumer, Relay, RelayConfig, WalRelay,
-    WalRelayConfig,
+    KafkaSettings, WalRelayConfig,
 };
 use exactly_postgres::{PgChangeFeed, PgEffects, PgHandler, PgOutbox, WalConfig};
 use futures::future::BoxFuture;
@@ -110,10 +110,11 @@ pub async fn e2e_bench(options: E2eBench) -> Result<()> {
     }
     let run_id = exactly_kafka::now().0;
     let (brokers, _local_broker) = given_or_local(options.services.brokers.as_deref()).await?;
+    let kafka = options.services.kafka(&brokers)?;
     let mut phases = Vec::new();
     for &mode in &options.modes {
         eprintln!("bench e2e: {}", mode.name());
-        phases.extend(run_mode(&options, mode, &brokers, run_id).await?);
+        phases.extend(run_mode(&options, mode, &kafka, run_id).await?);
     }
 
     println!();
@@ -121,6 +122,10 @@ pub async fn e2e_bench(options: E2eBench) -> Result<()> {
         "  commit-to-effect latency, {} s per rate, consumer: idempotent, PostgreSQL, batched",
         options.seconds
     );
+    if !kafka.properties.is_empty() {
+        // Secret values are redacted by the settings' Debug.
+        println!("  kafka properties given: {kafka:?}");
+    }
     println!(
         "  {:<17} {:>7} {:>10} {:>9} {:>9} {:>9} {:>9} {:>11} {:>9} {:>9}",
         "mode",
@@ -175,11 +180,16 @@ pub async fn e2e_bench(options: E2eBench) -> Result<()> {
 }
 
 /// One fresh database, topic, relay and consumer for `mode`, held at each rate in turn.
-async fn run_mode(options: &E2eBench, mode: E2eMode, brokers: &str, run_id: i64) -> Result<Vec<Phase>> {
+async fn run_mode(
+    options: &E2eBench,
+    mode: E2eMode,
+    kafka: &KafkaSettings,
+    run_id: i64,
+) -> Result<Vec<Phase>> {
     let prefix = format!("exactly_bench_e2e_{}", mode.name().replace('-', "_"));
     let (_, url) = options.services.fresh_database(&prefix, run_id).await?;
     let topic = format!("bench-e2e-{}-{run_id}", mode.name());
-    exactly_kafka::ensure_topics(brokers, &[&topic], 3).await?;
+    exactly_kafka::ensure_topics(kafka, &[&topic], 3).await?;
     // Migrates the outbox; the relay connects its own.
     drop(PgOutbox::connect(&url).await?);
     let writer = exactly_postgres::connect(&url).await?;
@@ -189,7 +199,7 @@ async fn run_mode(options: &E2eBench, mode: E2eMode, brokers: &str, run_id: i64)
     let relay = start_relay(
         mode,
         &url,
-        brokers,
+        kafka,
         options.commit_interval_ms,
         run_id,
         stop_rx.clone(),
@@ -198,7 +208,7 @@ async fn run_mode(options: &E2eBench, mode: E2eMode, brokers: &str, run_id: i64)
     let counters = Arc::new(ConsumerCounters::default());
     let group = format!("bench-e2e-{}-{run_id}", mode.name());
     let store = PgEffects::connect(&url, &group, LatencyHandler).await?;
-    let consumer = IdempotentConsumer::new(store, ConsumerConfig::new(brokers, &group, &[&topic]))?
+    let consumer = IdempotentConsumer::new(store, ConsumerConfig::new(kafka, &group, &[&topic]))?
         .with_counters(counters.clone());
     let consumer_stop = stop_rx.clone();
     let consumer: JoinHandle<Result<()>> =
@@ -327,21 +337,21 @@ impl PgHandler for LatencyHandler {
 async fn start_relay(
     mode: E2eMode,
     url: &str,
-    brokers: &str,
+    kafka: &KafkaSettings,
     commit_interval_ms: u64,
     run_id: i64,
     stop: watch::Receiver<bool>,
 ) -> Result<JoinHandle<Result<()>>> {
     Ok(match mode {
         E2eMode::Poll => {
-            let mut relay = Relay::new(PgOutbox::connect(url).await?, RelayConfig::new(brokers))?;
+            let mut relay = Relay::new(PgOutbox::connect(url).await?, RelayConfig::new(kafka))?;
             tokio::spawn(async move { Ok(relay.run(stop).await?) })
         }
         E2eMode::Wal | E2eMode::WalExactlyOnce => {
             let config = WalConfig::new(url);
             exactly_postgres::wal::ensure_slot(&config).await?;
             let feed = PgChangeFeed::connect(config).await?;
-            let relay = WalRelay::new(feed, WalRelayConfig::new(brokers))?;
+            let relay = WalRelay::new(feed, WalRelayConfig::new(kafka))?;
             if mode == E2eMode::Wal {
                 tokio::spawn(async move {
                     let mut relay = relay;

@@ -288,6 +288,19 @@ BEGIN
 END $$;
 "#,
     ),
+    (
+        5,
+        r#"
+-- The claim takes the first pending rows in id order. With only the primary key to walk, it
+-- stepped over every SENT row before them, on every claim: with 150,000 rows sent, a 2,000-row
+-- claim skipped all 150,000 (49 ms of its 75). This index holds pending rows only, so a claim
+-- reads what it takes. Nothing read outbox_pending_by_aggregate (the claim finds the aggregates
+-- held back through outbox_claimable), and it cost every insert and every claim one more entry
+-- over two text columns.
+DROP INDEX IF EXISTS outbox_pending_by_aggregate;
+CREATE INDEX outbox_pending ON outbox (id) WHERE status IN ('NEW', 'SENDING');
+"#,
+    ),
 ];
 
 /// Brings the schema up to date; safe to call from several processes at once.
