@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use exactly_core::{Delivery, HandlerError, Inbound};
 use exactly_kafka::{
-    ConsumerConfig, ConsumerCounters, ExactlyOnce, IdempotentConsumer, Relay, RelayConfig, WalRelay,
-    KafkaSettings, WalRelayConfig,
+    ConsumerConfig, ConsumerCounters, ExactlyOnce, IdempotentConsumer, KafkaSettings, Relay, RelayConfig,
+    WalRelay, WalRelayConfig,
 };
 use exactly_postgres::{PgChangeFeed, PgEffects, PgHandler, PgOutbox, WalConfig};
 use futures::future::BoxFuture;

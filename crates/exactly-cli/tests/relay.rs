@@ -712,3 +712,66 @@ async fn status_reads_and_creates_nothing() {
     assert!(out.status.success(), "{out:?}");
     assert!(stdout.contains("NEW 2  SENDING 0  SENT 0  DEAD 0"), "{stdout}");
 }
+
+/// A claim reads the pending rows, not every SENT row before them: behind 20,000 sent rows it
+/// returns the first pending rows in id order, through the pending-rows index (before migration
+/// 5 it walked the primary key over every sent row, on every claim, so a relay slowed down as
+/// its outbox grew).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_claim_behind_many_sent_rows_reads_only_the_pending_ones() {
+    use exactly_core::{ClaimRequest, Claimed, KeyMode, OutboxStore};
+    let url = fresh_pg_database().await;
+    let outbox = exactly_postgres::PgOutbox::connect(&url).await.expect("outbox");
+    let client = exactly_postgres::connect(&url).await.expect("connect");
+    client
+        .batch_execute(
+            "INSERT INTO outbox (event_id, event_type, aggregate_type, aggregate_id, topic, payload, occurred_at, status)
+             SELECT gen_random_uuid(), 'T', 'thing', 'A-' || (g % 7), 'claim-topic', convert_to('{}', 'UTF8'), now(),
+                    CASE WHEN g <= 20000 THEN 'SENT' ELSE 'NEW' END
+             FROM generate_series(1, 20005) g;
+             ANALYZE outbox;",
+        )
+        .await
+        .expect("rows");
+    let first_pending: i64 = client
+        .query_one("SELECT min(id) FROM outbox WHERE status = 'NEW'", &[])
+        .await
+        .expect("min")
+        .get(0);
+    let claimed = outbox
+        .claim(&ClaimRequest {
+            owner: "claim-test".into(),
+            max_rows: 3,
+            now: exactly_kafka::now().plus_ms(1_000),
+            lease_ms: 30_000,
+            keys: KeyMode::EventId,
+            max_payload_bytes: 1 << 20,
+        })
+        .await
+        .expect("claim");
+    let ids: Vec<i64> = claimed
+        .iter()
+        .map(|c| match c {
+            Claimed::Ready(record) => record.id,
+            Claimed::Malformed { id, defect, .. } => panic!("row {id} malformed: {defect:?}"),
+        })
+        .collect();
+    assert_eq!(ids, (first_pending..first_pending + 3).collect::<Vec<_>>());
+    // The claim's connection reports its index use when it goes idle.
+    let mut scans = 0i64;
+    for _ in 0..50 {
+        scans = client
+            .query_one(
+                "SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = 'outbox_pending'",
+                &[],
+            )
+            .await
+            .expect("index stats")
+            .get(0);
+        if scans > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(scans > 0, "the claim did not read the pending-rows index");
+}

@@ -93,6 +93,14 @@ CREATE TABLE exactly_parked (
         // Applying a message removes a parked copy of it; `exactly parked` finds messages by key.
         "CREATE INDEX exactly_parked_by_key ON exactly_parked (consumer, key_text);",
     ),
+    (
+        4,
+        // The claim takes the first pending rows in id order; walking the table instead, it
+        // stepped over every SENT row on every claim (a 2,000-row claim behind 150,000 sent rows:
+        // 39 ms, 5 ms with this index). Nothing read outbox_pending_by_aggregate.
+        "DROP INDEX IF EXISTS outbox_pending_by_aggregate;
+         CREATE INDEX outbox_pending ON outbox (id) WHERE status IN ('NEW', 'SENDING');",
+    ),
 ];
 
 /// Brings the schema up to date; safe to call from several processes at once.
@@ -146,6 +154,45 @@ mod tests {
         assert!(
             created > 1_700_000_000_000 && (created - next).abs() < 1_000,
             "{created} {next}"
+        );
+    }
+
+    #[test]
+    fn a_claim_reads_pending_rows_only_not_every_sent_row_before_them() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let conn = crate::open(&dir.path().join("s.db")).expect("open");
+        conn.execute_batch(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3010)
+             INSERT INTO outbox (event_id, event_type, aggregate_type, aggregate_id, topic, payload, status, next_retry_at)
+             SELECT 'e' || i, 'T', 'thing', 'A-' || (i % 7), 't', CAST('{}' AS BLOB),
+                    CASE WHEN i <= 3000 THEN 'SENT' ELSE 'NEW' END, 0
+             FROM n;
+             ANALYZE;",
+        )
+        .expect("rows");
+        let plan: Vec<String> = conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {}", crate::outbox::CLAIM_SQL))
+            .expect("explain")
+            .query_map(rusqlite::params![10, 5, "me"], |r| r.get::<_, String>(3))
+            .expect("plan")
+            .collect::<Result<_, _>>()
+            .expect("plan rows");
+        assert!(
+            plan.iter()
+                .any(|step| step.contains("USING INDEX outbox_pending")),
+            "the claim walks the table: {plan:?}"
+        );
+        let ids: Vec<i64> = conn
+            .prepare(crate::outbox::CLAIM_SQL)
+            .expect("claim")
+            .query_map(rusqlite::params![10, 5, "me"], |r| r.get(0))
+            .expect("claim rows")
+            .collect::<Result<_, _>>()
+            .expect("ids");
+        assert_eq!(
+            ids,
+            vec![3001, 3002, 3003, 3004, 3005],
+            "the first pending rows, in order"
         );
     }
 }

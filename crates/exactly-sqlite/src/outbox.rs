@@ -80,7 +80,7 @@ impl SqliteOutbox {
     }
 }
 
-const CLAIM_SQL: &str = "
+pub(crate) const CLAIM_SQL: &str = "
 SELECT id, event_id, event_type, aggregate_type, aggregate_id, topic, payload, headers,
        COALESCE(occurred_at, created_at), retry_count, sequence
 FROM outbox o
