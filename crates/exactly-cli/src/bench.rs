@@ -92,6 +92,7 @@ impl Figure {
 pub async fn relay_bench(options: RelayBench) -> Result<()> {
     let run_id = exactly_kafka::now().0;
     let (brokers, _local_broker) = given_or_local(options.services.brokers.as_deref()).await?;
+    let kafka = options.services.kafka(&brokers)?;
     let (name, url) = options.services.fresh_database("exactly_bench", run_id).await?;
     let mut wal_config = WalConfig::new(&url);
     // Rows stay NEW after the WAL run, so the polling relay can publish the same rows next.
@@ -108,7 +109,7 @@ pub async fn relay_bench(options: RelayBench) -> Result<()> {
         format!("bench-wal-{run_id}"),
         format!("bench-poll-{run_id}"),
     );
-    exactly_kafka::ensure_topics(&brokers, &[&raw_topic, &wal_topic, &poll_topic], 3).await?;
+    exactly_kafka::ensure_topics(&kafka, &[&raw_topic, &wal_topic, &poll_topic], 3).await?;
 
     eprintln!(
         "bench: inserting {} outbox rows ({} B payloads) into {name}",
@@ -161,13 +162,13 @@ pub async fn relay_bench(options: RelayBench) -> Result<()> {
     }
     drop(rows);
     eprintln!("bench: raw librdkafka produce");
-    let raw = produce_raw(&brokers, &raw_topic, &records)?;
+    let raw = produce_raw(&kafka, &raw_topic, &records)?;
 
     // 2. The WAL relay catching up on the slot.
     eprintln!("bench: WAL relay catch-up");
     let feed = PgChangeFeed::connect(wal_config.clone()).await?;
     let counters = Arc::new(WalRelayCounters::default());
-    let relay = WalRelay::new(feed, WalRelayConfig::new(&brokers))?.with_counters(counters.clone());
+    let relay = WalRelay::new(feed, WalRelayConfig::new(&kafka))?.with_counters(counters.clone());
     let wal = catch_up(
         relay,
         &counters,
@@ -181,7 +182,7 @@ pub async fn relay_bench(options: RelayBench) -> Result<()> {
     eprintln!("bench: exactly-once WAL relay catch-up");
     let feed = PgChangeFeed::connect(eos_config.clone()).await?;
     let eos_counters = Arc::new(WalRelayCounters::default());
-    let relay = WalRelay::new(feed, WalRelayConfig::new(&brokers))?.with_counters(eos_counters.clone());
+    let relay = WalRelay::new(feed, WalRelayConfig::new(&kafka))?.with_counters(eos_counters.clone());
     let mut settings = ExactlyOnce::for_source(relay.source());
     settings.progress_topic = format!("bench-progress-{run_id}");
     let relay = relay.exactly_once(settings).await?;
@@ -199,7 +200,7 @@ pub async fn relay_bench(options: RelayBench) -> Result<()> {
     //    textbook relay, one row per transaction, on the first `baseline_events` rows.
     eprintln!("bench: polling relay");
     reset_outbox(&client, &poll_topic, i64::MAX).await?;
-    let mut config = RelayConfig::new(&brokers);
+    let mut config = RelayConfig::new(&kafka);
     config.batch_size = 2_000;
     let poll = poll_overlapped(&url, config.clone(), options.events).await?;
     eprintln!("bench: polling relay, one round at a time");
@@ -356,8 +357,12 @@ async fn catch_up(
 pub(crate) type PreparedRecord = (Vec<(String, Vec<u8>)>, Envelope);
 
 /// Produces `records` as fast as librdkafka takes them and measures until all are acked.
-pub(crate) fn produce_raw(brokers: &str, topic: &str, records: &[PreparedRecord]) -> Result<Figure> {
-    let producer: ThreadedProducer<_> = exactly_kafka::producer_config(brokers, true)
+pub(crate) fn produce_raw(
+    kafka: &exactly_kafka::KafkaSettings,
+    topic: &str,
+    records: &[PreparedRecord],
+) -> Result<Figure> {
+    let producer: ThreadedProducer<_> = exactly_kafka::producer_config(kafka, true)
         .set("message.timeout.ms", "0")
         .create()
         .context("creating the raw producer")?;

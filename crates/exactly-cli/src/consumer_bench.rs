@@ -38,6 +38,7 @@ pub struct ConsumerBench {
 pub async fn consumer_bench(options: ConsumerBench) -> Result<()> {
     let run_id = exactly_kafka::now().0;
     let (brokers, _local_broker) = given_or_local(options.services.brokers.as_deref()).await?;
+    let kafka = options.services.kafka(&brokers)?;
     let (name, url) = options
         .services
         .fresh_database("exactly_bench_consumer", run_id)
@@ -50,7 +51,7 @@ pub async fn consumer_bench(options: ConsumerBench) -> Result<()> {
         format!("bench-consumer-{run_id}"),
         format!("bench-consumer-seq-{run_id}"),
     );
-    exactly_kafka::ensure_topics(&brokers, &[&topic, &sequenced], 3).await?;
+    exactly_kafka::ensure_topics(&kafka, &[&topic, &sequenced], 3).await?;
 
     eprintln!(
         "bench: producing {} records to {topic} (UUIDv7 keys) and {sequenced} (sequence keys)",
@@ -75,7 +76,7 @@ pub async fn consumer_bench(options: ConsumerBench) -> Result<()> {
         .iter()
         .map(|e| (e.to_headers(&IdempotencyKey::UuidV7(e.event_id)), e.clone()))
         .collect();
-    produce_raw(&brokers, &topic, &keyed)?;
+    produce_raw(&kafka, &topic, &keyed)?;
     let keyed: Vec<_> = envelopes
         .iter()
         .enumerate()
@@ -87,7 +88,7 @@ pub async fn consumer_bench(options: ConsumerBench) -> Result<()> {
             (e.to_headers(&key), e.clone())
         })
         .collect();
-    produce_raw(&brokers, &sequenced, &keyed)?;
+    produce_raw(&kafka, &sequenced, &keyed)?;
     drop(keyed);
 
     let record = || RecordHandler { event_types: vec![] };
@@ -99,7 +100,7 @@ pub async fn consumer_bench(options: ConsumerBench) -> Result<()> {
     let store = PgEffects::connect(&url, "bench-set", record()).await?;
     let set = run(
         store,
-        &brokers,
+        &kafka,
         &topic,
         "bench-set",
         options.max_batch,
@@ -111,7 +112,7 @@ pub async fn consumer_bench(options: ConsumerBench) -> Result<()> {
     let store = PgEffects::connect(&url, "bench-watermark", record()).await?;
     let watermark = run(
         store,
-        &brokers,
+        &kafka,
         &sequenced,
         "bench-watermark",
         options.max_batch,
@@ -123,7 +124,7 @@ pub async fn consumer_bench(options: ConsumerBench) -> Result<()> {
     let store = PgEffects::connect_without_dedupe(&url, "bench-plain", record()).await?;
     let plain = run(
         store,
-        &brokers,
+        &kafka,
         &topic,
         "bench-plain",
         options.max_batch,
@@ -136,7 +137,7 @@ pub async fn consumer_bench(options: ConsumerBench) -> Result<()> {
     let store = PgEffects::connect(&url, "bench-single", record()).await?;
     let single = run(
         store,
-        &brokers,
+        &kafka,
         &topic,
         "bench-single",
         1,
@@ -183,14 +184,14 @@ pub async fn consumer_bench(options: ConsumerBench) -> Result<()> {
 /// Consumes the topic from the start in group `group` until `events` records are applied.
 async fn run<S: EffectStore + 'static>(
     store: S,
-    brokers: &str,
+    kafka: &exactly_kafka::KafkaSettings,
     topic: &str,
     group: &str,
     max_batch: usize,
     events: u64,
     name: &'static str,
 ) -> Result<Figure> {
-    let mut config = ConsumerConfig::new(brokers, group, &[topic]);
+    let mut config = ConsumerConfig::new(kafka, group, &[topic]);
     config.max_batch = max_batch;
     let counters = Arc::new(ConsumerCounters::default());
     let consumer = IdempotentConsumer::new(store, config)?.with_counters(counters.clone());

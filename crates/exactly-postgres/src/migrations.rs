@@ -298,7 +298,9 @@ END $$;
 -- held back through outbox_claimable), and it cost every insert and every claim one more entry
 -- over two text columns.
 DROP INDEX IF EXISTS outbox_pending_by_aggregate;
-CREATE INDEX outbox_pending ON outbox (id) WHERE status IN ('NEW', 'SENDING');
+-- IF NOT EXISTS: on a very large outbox, create it first with CREATE INDEX CONCURRENTLY (which
+-- cannot run inside this migration's transaction) and writers are never blocked by the build.
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (id) WHERE status IN ('NEW', 'SENDING');
 "#,
     ),
 ];
