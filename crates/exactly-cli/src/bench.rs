@@ -55,12 +55,10 @@ pub struct BenchServices {
 impl BenchServices {
     /// How the bench's clients reach `brokers`, with the properties given.
     pub(crate) fn kafka(&self, brokers: &str) -> Result<exactly_kafka::KafkaSettings> {
-        let settings = exactly_kafka::KafkaSettings {
-            brokers: brokers.to_owned(),
-            properties: self.kafka_properties.iter().cloned().collect(),
-        };
-        settings.validate()?;
-        Ok(settings)
+        Ok(exactly_kafka::KafkaSettings::checked(
+            brokers,
+            self.kafka_properties.iter().cloned(),
+        )?)
     }
 
     /// A new database named `<prefix>_<run_id>` on the server: its name and URL.

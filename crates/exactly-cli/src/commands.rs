@@ -233,12 +233,10 @@ pub struct KafkaArgs {
 impl KafkaArgs {
     /// The settings, every environment reference checked.
     pub fn settings(&self) -> Result<exactly_kafka::KafkaSettings> {
-        let settings = exactly_kafka::KafkaSettings {
-            brokers: self.brokers.clone(),
-            properties: self.kafka_properties.iter().cloned().collect(),
-        };
-        settings.validate()?;
-        Ok(settings)
+        Ok(exactly_kafka::KafkaSettings::checked(
+            &self.brokers,
+            self.kafka_properties.iter().cloned(),
+        )?)
     }
 }
 

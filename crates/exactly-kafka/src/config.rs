@@ -97,6 +97,20 @@ impl KafkaSettings {
         }
     }
 
+    /// `brokers` with `properties` (as `--kafka-property` gives them), every one checked: none
+    /// protected, every `env:` variable set.
+    pub fn checked(
+        brokers: &str,
+        properties: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, PropertyError> {
+        let settings = KafkaSettings {
+            brokers: brokers.to_owned(),
+            properties: properties.into_iter().collect(),
+        };
+        settings.validate()?;
+        Ok(settings)
+    }
+
     /// Adds a property; refuses the ones exactly-once depends on.
     pub fn with_property(mut self, name: &str, value: &str) -> Result<Self, PropertyError> {
         check_property(name)?;
