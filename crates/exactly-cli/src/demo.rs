@@ -111,6 +111,9 @@ pub struct DemoReport {
     pub applied_twice: u64,
     pub duplicates_suppressed: u64,
     pub parked: u64,
+    /// Offset gaps a consumer read again and found records in (the broker had served past
+    /// them; see `exactly_core::offset_gap`).
+    pub gaps_filled: u64,
     pub lost: u64,
     pub aborted_visible: u64,
     pub unsent_rows: i64,
@@ -147,6 +150,10 @@ impl DemoReport {
             "duplicates suppressed", self.duplicates_suppressed
         );
         println!("  {:<34} {:>10}", "parked", self.parked);
+        println!(
+            "  {:<34} {:>10}",
+            "skipped by the broker, read again", self.gaps_filled
+        );
         println!("  {:<34} {:>10}", "applied twice", self.applied_twice);
         println!("  {:<34} {:>10}", "lost", self.lost);
         println!(
@@ -351,6 +358,7 @@ fn reconcile(observed: &Observed, live: &Live, seconds: f64) -> DemoReport {
     for (consumer, counters) in &live.consumers {
         report.delivered += counters.delivered.load(Ordering::Relaxed);
         report.duplicates_suppressed += counters.duplicates.load(Ordering::Relaxed);
+        report.gaps_filled += counters.offset_gaps_filled.load(Ordering::Relaxed);
         let empty = Default::default();
         let effects = observed.effects.get(consumer.name()).unwrap_or(&empty);
         let (parked_ids, parked_count) = observed.parked.get(consumer.name()).cloned().unwrap_or_default();

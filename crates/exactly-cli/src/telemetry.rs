@@ -261,12 +261,16 @@ pub fn register_metrics(kind: ComponentKind) {
             "exactly_consumer_delivered_total",
             "exactly_consumer_applied_total",
             "exactly_consumer_dedupe_hits_total",
+            "exactly_consumer_offset_gap_refetches_total",
+            "exactly_consumer_offset_gaps_filled_total",
         ],
         ComponentKind::Stream => &[
             "exactly_stream_records_total",
             "exactly_stream_commits_total",
             "exactly_stream_aborts_total",
             "exactly_stream_dead_letters_total",
+            "exactly_stream_offset_gap_refetches_total",
+            "exactly_stream_offset_gaps_filled_total",
         ],
     };
     for name in counters {

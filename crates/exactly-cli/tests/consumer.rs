@@ -528,3 +528,115 @@ async fn a_batch_with_a_repeat_and_a_failing_record_applies_each_once_in_order()
         .collect();
     assert_eq!(applied, ids(&events), "each event once, in the order produced");
 }
+
+/// Offsets that hold no record: each committed transaction leaves its commit marker in the
+/// partition, a gap of one offset before the next transaction's records. The consumer reads
+/// every gap twice (it cannot tell a marker from records a broker served past, the Tansu
+/// shortfall in `exactly_core::offset_gap`), so it seeks back once per marker, finds the gap
+/// still there, and steps over it: every record once, in order, nothing filled, no stall.
+#[tokio::test(flavor = "multi_thread")]
+async fn transaction_markers_are_read_twice_then_stepped_over() {
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    let brokers = brokers();
+    let url = exactly_testkit::fresh_pg_database().await;
+    let client = exactly_postgres::connect(&url).await.expect("connect");
+    client
+        .batch_execute("CREATE TABLE applied (seq BIGSERIAL PRIMARY KEY, event_id TEXT NOT NULL)")
+        .await
+        .expect("schema");
+    let topic = unique("markers");
+    exactly_kafka::ensure_topics(&brokers, &[&topic], 1)
+        .await
+        .expect("topic");
+    const TRANSACTIONS: usize = 8;
+    const PER_TRANSACTION: usize = 25;
+    let events: Vec<exactly_core::Envelope> = (0..TRANSACTIONS * PER_TRANSACTION)
+        .map(|i| event(&format!("M-{}", i % 5), i, b""))
+        .collect();
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+        exactly_kafka::producer_config(&brokers, false)
+            .set("transactional.id", unique("markers-tx"))
+            .create()
+            .expect("producer");
+    let timeout = std::time::Duration::from_secs(30);
+    producer.init_transactions(timeout).expect("init");
+    for chunk in events.chunks(PER_TRANSACTION) {
+        producer.begin_transaction().expect("begin");
+        for e in chunk {
+            let headers = e.to_headers(&exactly_core::IdempotencyKey::UuidV7(e.event_id));
+            producer
+                .send(
+                    BaseRecord::to(&topic)
+                        .key(&e.aggregate_id)
+                        .payload(&e.payload)
+                        .headers(exactly_kafka::record_headers(&headers)),
+                )
+                .map_err(|(e, _)| e)
+                .expect("produce");
+        }
+        producer.commit_transaction(timeout).expect("commit");
+    }
+    let group = unique("g");
+    let store = exactly_postgres::PgEffects::connect(&url, &group, RecordApplied)
+        .await
+        .expect("effects");
+    let counters = std::sync::Arc::new(exactly_kafka::ConsumerCounters::default());
+    let consumer = exactly_kafka::IdempotentConsumer::new(
+        store,
+        exactly_kafka::ConsumerConfig::new(&brokers, &group, &[&topic]),
+    )
+    .expect("consumer")
+    .with_counters(counters.clone());
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(async move { consumer.run(stop_rx).await });
+    let watched = counters.clone();
+    let done = exactly_testkit::eventually(std::time::Duration::from_secs(60), || {
+        let c = watched.clone();
+        async move { c.applied.load(Ordering::Relaxed) >= (TRANSACTIONS * PER_TRANSACTION) as u64 }
+    })
+    .await;
+    let _ = stop.send(true);
+    run.await.expect("join").expect("consumer ran");
+    assert!(done, "not every record was applied: {counters:?}");
+    let applied: Vec<String> = client
+        .query("SELECT event_id FROM applied ORDER BY seq", &[])
+        .await
+        .expect("applied")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(applied, ids(&events), "each event once, in the order produced");
+    // One marker between each two transactions is crossed (the last one's is at the end).
+    assert_eq!(
+        counters.offset_gap_refetches.load(Ordering::Relaxed),
+        (TRANSACTIONS - 1) as u64,
+        "one second read per marker crossed: {counters:?}"
+    );
+    assert_eq!(
+        counters.offset_gaps_filled.load(Ordering::Relaxed),
+        0,
+        "{counters:?}"
+    );
+    assert_eq!(counters.parked.load(Ordering::Relaxed), 0, "{counters:?}");
+}
+
+/// Records each event in `applied`.
+struct RecordApplied;
+
+impl exactly_postgres::PgHandler for RecordApplied {
+    fn handle<'a>(
+        &'a self,
+        tx: &'a tokio_postgres::Transaction<'a>,
+        inbound: &'a exactly_core::Inbound<'a>,
+    ) -> futures::future::BoxFuture<'a, Result<(), exactly_core::HandlerError>> {
+        Box::pin(async move {
+            tx.execute(
+                "INSERT INTO applied (event_id) VALUES ($1)",
+                &[&inbound.delivery.envelope.event_id.hyphenated().to_string()],
+            )
+            .await
+            .map_err(|e| exactly_core::HandlerError::Retryable(e.to_string()))?;
+            Ok(())
+        })
+    }
+}

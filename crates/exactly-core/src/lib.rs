@@ -8,6 +8,8 @@
 //! - [`wal`]: change-stream rows and messages, and the in-order ack tracker of the WAL relay.
 //! - [`changelog`]: state-store restore that applies only committed changes, even where aborted
 //!   records are visible.
+//! - [`offset_gap`]: reading a gap in a partition's offsets twice, so a broker that served past
+//!   records it had not stored yet cannot make a consumer step over them.
 //! - [`window`]: tumbling windows with grace and retention, and hot-key salting.
 //! - [`check`]: the end-to-end checker of `exactly verify` (lost, duplicate, unseen,
 //!   non-monotonic, aborted read).
@@ -37,6 +39,7 @@ pub mod debezium;
 pub mod dedupe;
 pub mod envelope;
 pub mod key;
+pub mod offset_gap;
 pub mod operate;
 pub mod outbox;
 pub mod ports;
@@ -52,6 +55,7 @@ pub use envelope::{
     decode_keyed_by_header, decode_record, header, source_header, Delivery, Envelope, HeaderError,
 };
 pub use key::{lsn_sequence, IdempotencyKey, KeyKind, KeyParseError};
+pub use offset_gap::{GapVerdict, OffsetGapCheck};
 pub use outbox::{OutboxEvent, OutboxStatus, RetryPolicy, RowState};
 pub use ports::{
     after_handler_error, AfterError, ApplyOutcome, BatchOutcome, ChangeFeed, ClaimRequest, Claimed,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use exactly_core::{
     after_handler_error, header, AfterError, ApplyOutcome, BatchOutcome, DedupePolicy, DedupeRoute,
-    EffectStore, Inbound, ParkReason, ParkedMessage, RetryPolicy,
+    EffectStore, GapVerdict, Inbound, OffsetGapCheck, ParkReason, ParkedMessage, RetryPolicy,
 };
 use futures::FutureExt;
 use rdkafka::client::ClientContext;
@@ -99,6 +99,10 @@ pub struct ConsumerCounters {
     pub duplicates: AtomicU64,
     /// Records parked.
     pub parked: AtomicU64,
+    /// Gaps in a partition's offsets read a second time (see [`exactly_core::offset_gap`]).
+    pub offset_gap_refetches: AtomicU64,
+    /// Of those, gaps the second read found records in: the broker had served past them.
+    pub offset_gaps_filled: AtomicU64,
     /// Partitions assigned to this member (as of its last offset commit).
     pub assigned: AtomicU64,
     /// Records behind the end over its partitions (librdkafka's last statistics; -1: unknown).
@@ -113,6 +117,8 @@ type Pending = HashMap<(String, i32), i64>;
 pub(crate) struct AssignmentContext {
     unchecked: Mutex<HashSet<(String, i32)>>,
     pending: Mutex<Pending>,
+    /// The offsets handed to this client, per partition, to read each gap in them twice.
+    gaps: Mutex<OffsetGapCheck<(String, i32)>>,
     /// Total lag from the last statistics (-1: unknown).
     lag: std::sync::atomic::AtomicI64,
 }
@@ -122,6 +128,7 @@ impl Default for AssignmentContext {
         AssignmentContext {
             unchecked: Mutex::default(),
             pending: Mutex::default(),
+            gaps: Mutex::default(),
             lag: std::sync::atomic::AtomicI64::new(-1),
         }
     }
@@ -137,6 +144,12 @@ impl AssignmentContext {
 
     fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
         self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn gaps(&self) -> std::sync::MutexGuard<'_, OffsetGapCheck<(String, i32)>> {
+        self.gaps
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -214,15 +227,22 @@ impl ConsumerContext for AssignmentContext {
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let mut unchecked = self.unchecked();
+        // A partition that comes back starts where another member left it, not where this
+        // client last read it.
+        let mut gaps = self.gaps();
         match rebalance {
             Rebalance::Assign(list) => {
                 for e in list.elements() {
-                    unchecked.insert((e.topic().to_owned(), e.partition()));
+                    let tp = (e.topic().to_owned(), e.partition());
+                    gaps.forget(&tp);
+                    unchecked.insert(tp);
                 }
             }
             Rebalance::Revoke(list) => {
                 for e in list.elements() {
-                    unchecked.remove(&(e.topic().to_owned(), e.partition()));
+                    let tp = (e.topic().to_owned(), e.partition());
+                    gaps.forget(&tp);
+                    unchecked.remove(&tp);
                 }
             }
             Rebalance::Error(_) => {}
@@ -567,6 +587,10 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                 .await?;
             if let Some(offset) = stored {
                 metrics::counter!("exactly_consumer_resume_seeks_total").increment(1);
+                self.consumer()
+                    .context()
+                    .gaps()
+                    .expect(&(topic.clone(), partition), offset);
                 if let Err(e) =
                     self.consumer()
                         .seek(&topic, partition, Offset::Offset(offset), Duration::from_secs(10))
@@ -605,6 +629,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                     message.offset()
                 );
                 metrics::counter!("exactly_consumer_resume_seeks_total").increment(1);
+                self.consumer().context().gaps().expect(&tp, offset);
                 if let Err(e) =
                     self.consumer()
                         .seek(&tp.0, tp.1, Offset::Offset(offset), Duration::from_secs(10))
@@ -614,7 +639,86 @@ impl<S: EffectStore> IdempotentConsumer<S> {
                 }
                 Ok(false)
             }
-            _ => Ok(true),
+            Some(_) => Ok(true),
+            None => {
+                // No position of its own: the fetch started at the group's committed offset.
+                // Records between it and this one are a gap to read twice, like any other.
+                if let Some(committed) = self.committed_offset(&tp) {
+                    if committed < message.offset() {
+                        self.consumer().context().gaps().expect(&tp, committed);
+                    }
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    /// The group's committed offset of `tp`, if it has one and the coordinator answers soon
+    /// (this blocks the loop; it runs once per assignment of a partition).
+    fn committed_offset(&self, tp: &(String, i32)) -> Option<i64> {
+        let mut list = TopicPartitionList::new();
+        list.add_partition(&tp.0, tp.1);
+        let committed = self
+            .consumer()
+            .committed_offsets(list, Duration::from_secs(2))
+            .map_err(|e| tracing::debug!("cannot read the committed offset of {}/{}: {e}", tp.0, tp.1))
+            .ok()?;
+        match committed.find_partition(&tp.0, tp.1)?.offset() {
+            Offset::Offset(offset) => Some(offset),
+            _ => None,
+        }
+    }
+
+    /// Reads a gap in a partition's offsets twice (see [`exactly_core::offset_gap`]): the first
+    /// time, seek back to its first offset and drop this record (false), so the records the
+    /// broker served past, if any, come before it; a gap still there on the second read holds
+    /// no record and is stepped over.
+    fn gap_checked(&self, message: &BorrowedMessage<'_>) -> bool {
+        let consumer = self.consumer();
+        let tp = (message.topic().to_owned(), message.partition());
+        let verdict = consumer.context().gaps().observe(&tp, message.offset());
+        match verdict {
+            GapVerdict::Take => true,
+            GapVerdict::Refetch { from } => {
+                metrics::counter!("exactly_consumer_offset_gap_refetches_total").increment(1);
+                self.counters.offset_gap_refetches.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    "{}/{}: handed offset {} after {}: reading from {from} again",
+                    tp.0,
+                    tp.1,
+                    message.offset(),
+                    from - 1
+                );
+                if let Err(e) = consumer.seek(&tp.0, tp.1, Offset::Offset(from), Duration::from_secs(10)) {
+                    tracing::warn!(
+                        "seek of {}/{} back to {from} failed (will retry): {e}",
+                        tp.0,
+                        tp.1
+                    );
+                    consumer.context().gaps().refetch_failed(&tp);
+                }
+                false
+            }
+            GapVerdict::Filled { skipped } => {
+                metrics::counter!("exactly_consumer_offset_gaps_filled_total").increment(1);
+                self.counters.offset_gaps_filled.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    "{}/{}: the broker first served past {skipped} offsets from {} that hold records; read again, they are applied in order",
+                    tp.0,
+                    tp.1,
+                    message.offset()
+                );
+                true
+            }
+            GapVerdict::AcrossGap { missing } => {
+                tracing::trace!(
+                    "{}/{}: {missing} offsets before {} hold no record (transaction markers, aborted or compacted records)",
+                    tp.0,
+                    tp.1,
+                    message.offset()
+                );
+                true
+            }
         }
     }
 
@@ -709,7 +813,7 @@ impl<S: EffectStore> IdempotentConsumer<S> {
             if sought.contains(&tp) {
                 continue;
             }
-            if !self.resume_checked(message, stop).await? {
+            if !self.resume_checked(message, stop).await? || !self.gap_checked(message) {
                 sought.insert(tp);
                 continue;
             }

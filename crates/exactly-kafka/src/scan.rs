@@ -8,6 +8,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
+use exactly_core::{GapVerdict, OffsetGapCheck};
+
 use crate::config::{reader_config, Cluster};
 
 use crate::error::KafkaFlowError;
@@ -111,6 +113,9 @@ where
 /// `visit`; an error from `visit` stops the read. Errors when the end is not reached within
 /// `timeout`. Every reader that needs "everything up to the end" uses this: topic scans, the
 /// exactly-once relay's progress, and the stream processor's changelog restore.
+///
+/// Each gap in a partition's offsets is read twice ([`exactly_core::offset_gap`]), so a record
+/// a broker served past the first time still reaches `visit`, in order.
 pub fn read_assigned<C, F>(
     consumer: &BaseConsumer<C>,
     topic: &str,
@@ -124,6 +129,7 @@ where
 {
     let deadline = Instant::now() + timeout;
     let mut watch = EndWatch::new(partitions, END_IDLE, Instant::now());
+    let mut gaps = OffsetGapCheck::default();
     while Instant::now() < deadline {
         if watch.done(Instant::now()) {
             return Ok(());
@@ -131,6 +137,21 @@ where
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 watch.record(m.partition(), Instant::now());
+                if let GapVerdict::Refetch { from } = gaps.observe(&m.partition(), m.offset()) {
+                    if let Err(e) = consumer.seek(
+                        topic,
+                        m.partition(),
+                        Offset::Offset(from),
+                        Duration::from_secs(10),
+                    ) {
+                        tracing::debug!(
+                            "reading {topic}: seek of {} back to {from} failed: {e}",
+                            m.partition()
+                        );
+                        gaps.refetch_failed(&m.partition());
+                    }
+                    continue;
+                }
                 visit(&m)?;
             }
             Some(Err(KafkaError::PartitionEOF(p))) => watch.end(p, Instant::now()),

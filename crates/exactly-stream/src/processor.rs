@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use exactly_core::changelog::{RestoreMode, TxnSeq};
 use exactly_core::window::{salted_key, unsalted_key, TumblingWindows};
-use exactly_core::UnixMillis;
+use exactly_core::{GapVerdict, OffsetGapCheck, UnixMillis};
 use exactly_kafka::TokenContext;
 use exactly_kafka::{consumer_config, decode_message, producer_config, QuietEof};
 use rdkafka::client::ClientContext;
@@ -212,6 +212,9 @@ struct Shared {
     unrestored: BTreeSet<i32>,
     /// A rebalance happened: the open transaction must be aborted and overlays discarded.
     rebalanced: bool,
+    /// Partitions just put at a known offset (topic, partition, offset), for the processing
+    /// loop's gap check: a first record past it is a gap to read twice.
+    positioned: Vec<(String, i32, i64)>,
     config: StreamConfig,
     counters: Arc<StreamCounters>,
     /// How changelogs are restored (and whether commit markers are written), from the probe.
@@ -305,6 +308,9 @@ impl ConsumerContext for RebalanceContext {
                 };
                 if let Err(e) = positioned.add_partition_offset(e.topic(), partition, at) {
                     tracing::error!("cannot position partition {partition}: {e}");
+                }
+                if let Offset::Offset(offset) = at {
+                    shared.positioned.push((e.topic().to_owned(), partition, offset));
                 }
             }
             shared.count_tasks();
@@ -558,6 +564,43 @@ impl Repartitioned {
     }
 }
 
+/// Reads a gap in a partition's offsets twice (see [`exactly_core::offset_gap`]): the first
+/// time, seek back to its first offset and drop this record (false), so records the broker
+/// served past, if any, are counted before it; a gap still there on the second read holds
+/// no record (a transaction marker) and is stepped over.
+fn gap_checked(
+    gaps: &mut OffsetGapCheck<(String, i32)>,
+    consumer: &BaseConsumer<RebalanceContext>,
+    m: &rdkafka::message::BorrowedMessage<'_>,
+) -> bool {
+    let tp = (m.topic().to_owned(), m.partition());
+    match gaps.observe(&tp, m.offset()) {
+        GapVerdict::Take | GapVerdict::AcrossGap { .. } => true,
+        GapVerdict::Filled { skipped } => {
+            metrics::counter!("exactly_stream_offset_gaps_filled_total").increment(1);
+            tracing::warn!(
+                "{}/{}: the broker first served past {skipped} offsets from {} that hold records; read again, they are counted in order",
+                tp.0,
+                tp.1,
+                m.offset()
+            );
+            true
+        }
+        GapVerdict::Refetch { from } => {
+            metrics::counter!("exactly_stream_offset_gap_refetches_total").increment(1);
+            if let Err(e) = consumer.seek(&tp.0, tp.1, Offset::Offset(from), Duration::from_secs(10)) {
+                tracing::warn!(
+                    "seek of {}/{} back to {from} failed (will retry): {e}",
+                    tp.0,
+                    tp.1
+                );
+                gaps.refetch_failed(&tp);
+            }
+            false
+        }
+    }
+}
+
 /// Runs one processor until `stop` is set.
 pub struct Processor {
     config: StreamConfig,
@@ -570,6 +613,8 @@ pub struct Processor {
     epoch: u64,
     seq: u64,
     restore_mode: RestoreMode,
+    /// The offsets handed to this consumer, per partition, to read each gap in them twice.
+    gaps: OffsetGapCheck<(String, i32)>,
 }
 
 impl Processor {
@@ -598,6 +643,7 @@ impl Processor {
             forward_committed: BTreeMap::new(),
             unrestored: BTreeSet::new(),
             rebalanced: false,
+            positioned: Vec::new(),
             config: config.clone(),
             counters: counters.clone(),
             restore_mode,
@@ -624,6 +670,7 @@ impl Processor {
             epoch,
             seq: 0,
             restore_mode,
+            gaps: OffsetGapCheck::default(),
         })
     }
 
@@ -635,9 +682,13 @@ impl Processor {
             if restore_tried.elapsed() >= RESTORE_RETRY {
                 restore_tried = Instant::now();
                 self.retry_restores();
+                self.expect_positioned();
             }
             let message = self.consumer.poll(Duration::from_millis(20));
             if std::mem::take(&mut lock(&self.shared).rebalanced) {
+                // Partitions start anew where the group or their state puts them.
+                self.gaps = OffsetGapCheck::default();
+                self.expect_positioned();
                 if open_since.take().is_some() {
                     self.abort()?;
                 }
@@ -646,6 +697,9 @@ impl Processor {
             }
             match message {
                 Some(Ok(m)) => {
+                    if !gap_checked(&mut self.gaps, &self.consumer, &m) {
+                        continue;
+                    }
                     if open_since.is_none() {
                         if self.transactional() {
                             self.producer
@@ -695,7 +749,12 @@ impl Processor {
             {
                 Ok(()) => {
                     started.add_partition(&counted, partition);
-                    lock(&self.shared).unrestored.remove(&partition);
+                    let mut shared = lock(&self.shared);
+                    shared.unrestored.remove(&partition);
+                    if let Offset::Offset(offset) = at {
+                        shared.positioned.push((counted.clone(), partition, offset));
+                    }
+                    drop(shared);
                     tracing::info!("partition {partition}: restored on retry, starting at {at:?}");
                 }
                 Err(e) => {
@@ -711,6 +770,13 @@ impl Processor {
                     shared.unrestored.insert(e.partition());
                 }
             }
+        }
+    }
+
+    /// Hands the partitions just put at a known offset to the gap check.
+    fn expect_positioned(&mut self) {
+        for (topic, partition, offset) in std::mem::take(&mut lock(&self.shared).positioned) {
+            self.gaps.expect(&(topic, partition), offset);
         }
     }
 
@@ -1062,6 +1128,8 @@ impl Processor {
         // claim it committed.
         self.epoch = (exactly_kafka::now().0.max(0) as u64).max(self.epoch + 1);
         self.seq = 0;
+        // Every partition is put back: what it hands next is a redelivery, not a gap.
+        self.gaps = OffsetGapCheck::default();
         let mut shared = lock(&self.shared);
         shared.forwarded.clear();
         let input = shared.config.input.clone();
@@ -1074,6 +1142,8 @@ impl Processor {
                     Duration::from_secs(10),
                 ) {
                     tracing::warn!("seek back of input partition {partition} failed: {e}");
+                } else {
+                    self.gaps.expect(&(input.clone(), *partition), *offset);
                 }
             }
         }
@@ -1089,11 +1159,16 @@ impl Processor {
                 .into_iter()
                 .find(|(t, p, _)| *t == counted && p == partition)
                 .map_or(Offset::Beginning, |(_, _, o)| Offset::Offset(o));
-            if let Err(e) = self
+            match self
                 .consumer
                 .seek(&counted, *partition, offset, Duration::from_secs(10))
             {
-                tracing::warn!("seek back of partition {partition} failed: {e}");
+                Err(e) => tracing::warn!("seek back of partition {partition} failed: {e}"),
+                Ok(()) => {
+                    if let Offset::Offset(offset) = offset {
+                        self.gaps.expect(&(counted.clone(), *partition), offset);
+                    }
+                }
             }
         }
         Ok(())
