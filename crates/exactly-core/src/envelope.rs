@@ -104,53 +104,64 @@ pub enum HeaderError {
 impl Envelope {
     /// The headers a record carries: key and metadata first, then the application's own.
     pub fn to_headers(&self, key: &IdempotencyKey) -> Vec<(String, Vec<u8>)> {
-        let mut headers = vec![
-            (header::KEY.to_owned(), key.to_string().into_bytes()),
-            (
-                header::EVENT_ID.to_owned(),
-                self.event_id.hyphenated().to_string().into_bytes(),
-            ),
-            (
-                header::EVENT_TYPE.to_owned(),
-                self.event_type.clone().into_bytes(),
-            ),
-            (
-                header::AGGREGATE_TYPE.to_owned(),
-                self.aggregate_type.clone().into_bytes(),
-            ),
-            (
-                header::AGGREGATE_ID.to_owned(),
-                self.aggregate_id.clone().into_bytes(),
-            ),
-            (
-                header::OCCURRED_AT.to_owned(),
-                self.occurred_at.0.to_string().into_bytes(),
-            ),
-        ];
-        headers.extend(self.headers.iter().cloned());
+        let mut headers = Vec::with_capacity(6 + self.headers.len());
+        self.each_header(key, |name, value| headers.push((name.to_owned(), value.to_vec())));
         headers
+    }
+
+    /// Hands each header of [`Envelope::to_headers`] to `visit`, in the same order, borrowed
+    /// from the envelope where it holds the bytes: a relay copies them once, into the
+    /// producer, instead of building the list first (a dozen allocations per event).
+    pub fn each_header(&self, key: &IdempotencyKey, mut visit: impl FnMut(&str, &[u8])) {
+        visit(header::KEY, key.to_string().as_bytes());
+        let mut event_id = uuid::Uuid::encode_buffer();
+        visit(
+            header::EVENT_ID,
+            self.event_id.hyphenated().encode_lower(&mut event_id).as_bytes(),
+        );
+        visit(header::EVENT_TYPE, self.event_type.as_bytes());
+        visit(header::AGGREGATE_TYPE, self.aggregate_type.as_bytes());
+        visit(header::AGGREGATE_ID, self.aggregate_id.as_bytes());
+        visit(header::OCCURRED_AT, self.occurred_at.0.to_string().as_bytes());
+        for (name, value) in &self.headers {
+            visit(name, value);
+        }
     }
 
     /// Checks what a writer put in the outbox before it is published.
     pub fn validate(&self) -> Result<(), HeaderError> {
-        validate_aggregate_id(&self.aggregate_id)?;
-        for (name, label) in [
-            (&self.event_type, header::EVENT_TYPE),
-            (&self.aggregate_type, header::AGGREGATE_TYPE),
-        ] {
-            if name.is_empty() {
-                return Err(invalid(label, name, "empty"));
-            }
-        }
-        if let Some((name, _)) = self
-            .headers
-            .iter()
-            .find(|(name, _)| name.starts_with(header::RESERVED_PREFIX))
-        {
-            return Err(HeaderError::ReservedName(name.clone()));
-        }
-        Ok(())
+        validate_parts(
+            &self.aggregate_id,
+            &self.event_type,
+            &self.aggregate_type,
+            &self.headers,
+        )
     }
+}
+
+/// [`Envelope::validate`] on the parts, before an envelope is built of them.
+pub(crate) fn validate_parts(
+    aggregate_id: &str,
+    event_type: &str,
+    aggregate_type: &str,
+    headers: &[(String, Vec<u8>)],
+) -> Result<(), HeaderError> {
+    validate_aggregate_id(aggregate_id)?;
+    for (name, label) in [
+        (event_type, header::EVENT_TYPE),
+        (aggregate_type, header::AGGREGATE_TYPE),
+    ] {
+        if name.is_empty() {
+            return Err(invalid(label, name, "empty"));
+        }
+    }
+    if let Some((name, _)) = headers
+        .iter()
+        .find(|(name, _)| name.starts_with(header::RESERVED_PREFIX))
+    {
+        return Err(HeaderError::ReservedName(name.clone()));
+    }
+    Ok(())
 }
 
 fn validate_aggregate_id(id: &str) -> Result<(), HeaderError> {

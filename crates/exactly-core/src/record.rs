@@ -106,17 +106,62 @@ pub enum KeyMode {
 impl RawRow {
     /// Validates the row and derives its key.
     pub fn into_record(self, keys: &KeyMode, max_payload: usize) -> Result<OutboxRecord, RowDefect> {
-        if let Some(why) = self.unreadable {
-            return Err(RowDefect::Unreadable(why));
-        }
-        let required = |value: Option<String>, column: &'static str| {
-            value
-                .filter(|v| !v.is_empty())
-                .ok_or(RowDefect::MissingColumn(column))
+        self.into_record_or_back(keys, max_payload)
+            .map_err(|(defect, _)| defect)
+    }
+
+    /// [`RawRow::into_record`], handing a refused row back whole with its defect (the WAL
+    /// relay records it as it came; checking first spares every good row a copy).
+    pub fn into_record_or_back(
+        self,
+        keys: &KeyMode,
+        max_payload: usize,
+    ) -> Result<OutboxRecord, (RowDefect, Box<RawRow>)> {
+        let (event_id, headers, key) = match self.check(keys, max_payload) {
+            Ok(checked) => checked,
+            Err(defect) => return Err((defect, Box::new(self))),
         };
-        let event_id_text = required(self.event_id, "event_id")?;
-        let event_id = Uuid::try_parse(&event_id_text).map_err(|_| RowDefect::BadEventId(event_id_text))?;
-        let payload = self.payload.ok_or(RowDefect::MissingColumn("payload"))?;
+        // Checked: every column below is present and valid.
+        let text = |value: Option<String>| value.unwrap_or_default();
+        Ok(OutboxRecord {
+            id: self.id,
+            topic: text(self.topic),
+            key,
+            envelope: Envelope {
+                event_id,
+                event_type: text(self.event_type),
+                aggregate_type: text(self.aggregate_type),
+                aggregate_id: text(self.aggregate_id),
+                occurred_at: self.occurred_at,
+                payload: self.payload.unwrap_or_default(),
+                headers,
+            },
+            retry_count: self.retry_count,
+        })
+    }
+
+    /// Everything [`RawRow::into_record`] refuses, found without taking the row apart: the
+    /// parsed event id, the application headers and the key.
+    #[allow(clippy::type_complexity)]
+    fn check(
+        &self,
+        keys: &KeyMode,
+        max_payload: usize,
+    ) -> Result<(Uuid, Vec<(String, Vec<u8>)>, IdempotencyKey), RowDefect> {
+        if let Some(why) = &self.unreadable {
+            return Err(RowDefect::Unreadable(why.clone()));
+        }
+        let required = |value: &Option<String>, column: &'static str| -> Result<(), RowDefect> {
+            match value {
+                Some(v) if !v.is_empty() => Ok(()),
+                _ => Err(RowDefect::MissingColumn(column)),
+            }
+        };
+        required(&self.event_id, "event_id")?;
+        let event_id_text = self.event_id.as_deref().unwrap_or_default();
+        let event_id =
+            Uuid::try_parse(event_id_text).map_err(|_| RowDefect::BadEventId(event_id_text.to_owned()))?;
+        let payload = self.payload.as_ref().ok_or(RowDefect::MissingColumn("payload"))?;
         if payload.len() > max_payload {
             return Err(RowDefect::PayloadTooLarge {
                 size: payload.len(),
@@ -127,16 +172,15 @@ impl RawRow {
             None | Some("") => Vec::new(),
             Some(text) => headers_from_json(text)?,
         };
-        let envelope = Envelope {
-            event_id,
-            event_type: required(self.event_type, "event_type")?,
-            aggregate_type: required(self.aggregate_type, "aggregate_type")?,
-            aggregate_id: required(self.aggregate_id, "aggregate_id")?,
-            occurred_at: self.occurred_at,
-            payload,
-            headers,
-        };
-        envelope.validate()?;
+        required(&self.event_type, "event_type")?;
+        required(&self.aggregate_type, "aggregate_type")?;
+        required(&self.aggregate_id, "aggregate_id")?;
+        crate::envelope::validate_parts(
+            self.aggregate_id.as_deref().unwrap_or_default(),
+            self.event_type.as_deref().unwrap_or_default(),
+            self.aggregate_type.as_deref().unwrap_or_default(),
+            &headers,
+        )?;
         let key = match keys {
             KeyMode::EventId => match event_id.get_version_num() {
                 7 => IdempotencyKey::UuidV7(event_id),
@@ -148,13 +192,8 @@ impl RawRow {
                 value: self.sequence.ok_or(RowDefect::MissingColumn("sequence"))?,
             },
         };
-        Ok(OutboxRecord {
-            id: self.id,
-            topic: required(self.topic, "topic")?,
-            key,
-            envelope,
-            retry_count: self.retry_count,
-        })
+        required(&self.topic, "topic")?;
+        Ok((event_id, headers, key))
     }
 }
 

@@ -36,4 +36,4 @@ pub use oauth::{generate as oauth_token, refresh as refresh_oauth_token, TokenCo
 pub use relay::{now, BatchReport, Relay, RelayConfig, RelayCounters};
 pub use scan::{read_assigned, scan_topic, EndWatch, END_IDLE};
 pub use wal_relay::{WalRelay, WalRelayConfig, WalRelayCounters};
-pub use wire::{decode_message, decode_message_keyed_by, record_headers};
+pub use wire::{decode_message, decode_message_keyed_by, envelope_headers, record_headers};

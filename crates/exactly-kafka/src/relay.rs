@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::wire::record_headers;
+use crate::wire::envelope_headers;
 use exactly_core::{
     ClaimRequest, Claimed, KeyMode, OutboxEvent, OutboxRecord, OutboxStatus, OutboxStore, RetryPolicy,
     RowState, Settlement, UnixMillis,
@@ -500,7 +500,7 @@ impl<S: OutboxStore> Relay<S> {
             return Err("injected: the producer refused the record".to_owned());
         }
         let envelope = &record.envelope;
-        let headers = record_headers(&envelope.to_headers(&record.key));
+        let headers = envelope_headers(envelope, &record.key, &[]);
         let mut kafka_record = FutureRecord::to(&record.topic)
             .key(envelope.aggregate_id.as_bytes())
             .payload(&envelope.payload)

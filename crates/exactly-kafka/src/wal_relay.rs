@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::wire::record_headers;
+use crate::wire::envelope_headers;
 use exactly_core::wal::{CommitTracker, TxnId};
 use exactly_core::{
     lsn_sequence, source_header, ChangeFeed, DeadEvent, FeedItem, IdempotencyKey, KeyMode, OutboxRecord,
@@ -122,6 +122,8 @@ pub struct WalRelay<F> {
     config: WalRelayConfig,
     source: String,
     source_header: String,
+    /// Sequence keys of this source (built once, not per event).
+    keys: KeyMode,
     producer: ThreadedProducer<AckContext>,
     generation: u64,
     acks: mpsc::UnboundedReceiver<Ack>,
@@ -167,6 +169,9 @@ impl<F: ChangeFeed> WalRelay<F> {
         let producer = new_producer(&config, &ack_sender, None)?;
         Ok(WalRelay {
             source_header: source_header(&source, epoch),
+            keys: KeyMode::Sequence {
+                source: source.clone(),
+            },
             source,
             feed,
             config,
@@ -710,14 +715,9 @@ impl<F: ChangeFeed> WalRelay<F> {
                     sequence: Some(value),
                     ..row
                 };
-                let keys = KeyMode::Sequence {
-                    source: self.source.clone(),
-                };
-                // Kept for the dead-event record only; validation consumes the row.
-                let kept = with_key.clone();
-                match with_key.into_record(&keys, self.config.max_payload_bytes) {
+                match with_key.into_record_or_back(&self.keys, self.config.max_payload_bytes) {
                     Ok(record) => return self.publish(record).await,
-                    Err(defect) => self.park(value, id, defect, format!("{kept:?}")).await?,
+                    Err((defect, row)) => self.park(value, id, defect, format!("{row:?}")).await?,
                 }
             }
             FeedItem::Unreadable { defect, raw } => {
@@ -780,23 +780,23 @@ impl<F: ChangeFeed> WalRelay<F> {
             Err(e) => return Ok(Err(format!("feed out of order: {e}"))),
         };
         let envelope = &record.envelope;
-        let mut wire = envelope.to_headers(&record.key);
-        wire.push((
-            exactly_core::header::SOURCE.to_owned(),
-            self.source_header.clone().into_bytes(),
+        let mut headers = Some(envelope_headers(
+            envelope,
+            &record.key,
+            &[(exactly_core::header::SOURCE, self.source_header.as_bytes())],
         ));
-        let headers = record_headers(&wire);
         let mut tag = Box::new(DeliveryTag {
             generation: self.generation,
             txn,
             outbox_id: record.id,
         });
         loop {
-            let kafka_record = BaseRecord::with_opaque_to(&record.topic, tag)
+            let mut kafka_record = BaseRecord::with_opaque_to(&record.topic, tag)
                 .key(envelope.aggregate_id.as_bytes())
                 .payload(&envelope.payload)
-                .headers(headers.clone())
                 .timestamp(envelope.occurred_at.0);
+            // Moved into the record, and handed back with it when the queue is full.
+            kafka_record.headers = headers.take();
             match self.producer.send(kafka_record) {
                 Ok(()) => {
                     if let Some(eos) = self.eos.as_mut() {
@@ -806,6 +806,7 @@ impl<F: ChangeFeed> WalRelay<F> {
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                     tag = returned.delivery_opaque;
+                    headers = returned.headers;
                     // Let acknowledgements drain; they are handled in order like any other.
                     if let Ok(Some(ack)) =
                         tokio::time::timeout(Duration::from_millis(100), self.acks.recv()).await

@@ -1,8 +1,32 @@
 //! A record's headers on the wire, both ways, in one place for relays, consumers and the
 //! stream processor.
 
-use exactly_core::{decode_keyed_by_header, decode_record, Delivery, HeaderError, UnixMillis};
+use exactly_core::{
+    decode_keyed_by_header, decode_record, Delivery, Envelope, HeaderError, IdempotencyKey, UnixMillis,
+};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+
+/// The Kafka headers of `envelope` published under `key`, then `extra`: each copied once, into
+/// librdkafka (the relays' per-event path).
+pub fn envelope_headers(envelope: &Envelope, key: &IdempotencyKey, extra: &[(&str, &[u8])]) -> OwnedHeaders {
+    // `insert` takes the list by value; the slot is never empty between calls.
+    let mut slot = Some(OwnedHeaders::new_with_capacity(
+        6 + envelope.headers.len() + extra.len(),
+    ));
+    let mut add = |name: &str, value: &[u8]| {
+        slot = slot.take().map(|headers| {
+            headers.insert(Header {
+                key: name,
+                value: Some(value),
+            })
+        });
+    };
+    envelope.each_header(key, &mut add);
+    for (name, value) in extra {
+        add(name, value);
+    }
+    slot.unwrap_or_default()
+}
 
 /// Kafka headers carrying `headers` (as `Envelope::to_headers` lists them).
 pub fn record_headers(headers: &[(String, Vec<u8>)]) -> OwnedHeaders {
