@@ -421,6 +421,7 @@ pub async fn consume(
     let mut config = ConsumerConfig::new(kafka, &args.group, &topics);
     config.max_batch = args.max_batch.max(1);
     config.key_header = args.key_header.clone();
+    config.trust_offset_gaps = args.trust_offset_gaps;
     config.dedupe = exactly_core::DedupePolicy {
         retention_ms: args.key_retention_ms,
         horizon_ms: args.key_horizon_ms,

@@ -494,6 +494,13 @@ pub struct ConsumeSettings {
     #[arg(long, default_value_t = defaults::max_batch())]
     #[serde(default = "defaults::max_batch")]
     pub max_batch: usize,
+    /// Step over gaps in a partition's offsets without reading each a second time. The second
+    /// read keeps a broker that served past records it had not stored (Tansu 0.6.0) from
+    /// making this consumer skip them; on Kafka it costs one fetch per gap. Set it for a
+    /// compacted topic on Kafka, where most records follow a gap.
+    #[arg(long)]
+    #[serde(default)]
+    pub trust_offset_gaps: bool,
     /// Test fault: SIGKILL this process after the N-th effect committed, before its offset
     /// commit.
     #[arg(long, hide = true)]

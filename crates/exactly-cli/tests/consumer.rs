@@ -534,6 +534,7 @@ async fn a_batch_with_a_repeat_and_a_failing_record_applies_each_once_in_order()
 /// every gap twice (it cannot tell a marker from records a broker served past, the Tansu
 /// shortfall in `exactly_core::offset_gap`), so it seeks back once per marker, finds the gap
 /// still there, and steps over it: every record once, in order, nothing filled, no stall.
+/// With `trust_offset_gaps` the same records are applied without a second read.
 #[tokio::test(flavor = "multi_thread")]
 async fn transaction_markers_are_read_twice_then_stepped_over() {
     use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
@@ -618,6 +619,43 @@ async fn transaction_markers_are_read_twice_then_stepped_over() {
         "{counters:?}"
     );
     assert_eq!(counters.parked.load(Ordering::Relaxed), 0, "{counters:?}");
+
+    // With trust_offset_gaps (compacted topics on Kafka) the markers are stepped over at once.
+    let group = unique("g-trusting");
+    client.batch_execute("TRUNCATE applied").await.expect("truncate");
+    let store = exactly_postgres::PgEffects::connect(&url, &group, RecordApplied)
+        .await
+        .expect("effects");
+    let trusting = std::sync::Arc::new(exactly_kafka::ConsumerCounters::default());
+    let mut config = exactly_kafka::ConsumerConfig::new(&brokers, &group, &[&topic]);
+    config.trust_offset_gaps = true;
+    let consumer = exactly_kafka::IdempotentConsumer::new(store, config)
+        .expect("consumer")
+        .with_counters(trusting.clone());
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(async move { consumer.run(stop_rx).await });
+    let watched = trusting.clone();
+    let done = exactly_testkit::eventually(std::time::Duration::from_secs(60), || {
+        let c = watched.clone();
+        async move { c.applied.load(Ordering::Relaxed) >= (TRANSACTIONS * PER_TRANSACTION) as u64 }
+    })
+    .await;
+    let _ = stop.send(true);
+    run.await.expect("join").expect("consumer ran");
+    assert!(done, "not every record was applied: {trusting:?}");
+    assert_eq!(
+        trusting.offset_gap_refetches.load(Ordering::Relaxed),
+        0,
+        "{trusting:?}"
+    );
+    let applied: Vec<String> = client
+        .query("SELECT event_id FROM applied ORDER BY seq", &[])
+        .await
+        .expect("applied")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(applied, ids(&events), "each event once, in the order produced");
 }
 
 /// Records each event in `applied`.

@@ -48,6 +48,10 @@ pub struct ConsumerConfig {
     /// Deduplicate by the UUID in this header instead of exactly's headers (a topic Debezium
     /// writes: `id`).
     pub key_header: Option<String>,
+    /// Step over gaps in a partition's offsets without reading them a second time (see
+    /// [`exactly_core::offset_gap`]): for compacted topics on Kafka, where most records follow
+    /// a gap, none hides records, and a second read of each would cost a fetch per record.
+    pub trust_offset_gaps: bool,
 }
 
 impl ConsumerConfig {
@@ -68,6 +72,7 @@ impl ConsumerConfig {
             prune_batch: 5_000,
             max_batch: 500,
             key_header: None,
+            trust_offset_gaps: false,
         }
     }
 }
@@ -674,6 +679,9 @@ impl<S: EffectStore> IdempotentConsumer<S> {
     /// broker served past, if any, come before it; a gap still there on the second read holds
     /// no record and is stepped over.
     fn gap_checked(&self, message: &BorrowedMessage<'_>) -> bool {
+        if self.config.trust_offset_gaps {
+            return true;
+        }
         let consumer = self.consumer();
         let tp = (message.topic().to_owned(), message.partition());
         let verdict = consumer.context().gaps().observe(&tp, message.offset());

@@ -8,8 +8,6 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
-use exactly_core::{GapVerdict, OffsetGapCheck};
-
 use crate::config::{reader_config, Cluster};
 
 use crate::error::KafkaFlowError;
@@ -114,8 +112,11 @@ where
 /// `timeout`. Every reader that needs "everything up to the end" uses this: topic scans, the
 /// exactly-once relay's progress, and the stream processor's changelog restore.
 ///
-/// Each gap in a partition's offsets is read twice ([`exactly_core::offset_gap`]), so a record
-/// a broker served past the first time still reaches `visit`, in order.
+/// Gaps in a partition's offsets are stepped over, not read twice as the consumers do
+/// ([`exactly_core::offset_gap`]): these readers read what was written before them (a
+/// changelog whose writer is gone or fenced, a progress topic, a finished run), where a broker
+/// has no batch left unstored, and on Kafka a compacted changelog has a gap before most of its
+/// records: one more fetch for each would make a restore take minutes.
 pub fn read_assigned<C, F>(
     consumer: &BaseConsumer<C>,
     topic: &str,
@@ -129,7 +130,6 @@ where
 {
     let deadline = Instant::now() + timeout;
     let mut watch = EndWatch::new(partitions, END_IDLE, Instant::now());
-    let mut gaps = OffsetGapCheck::default();
     while Instant::now() < deadline {
         if watch.done(Instant::now()) {
             return Ok(());
@@ -137,21 +137,6 @@ where
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 watch.record(m.partition(), Instant::now());
-                if let GapVerdict::Refetch { from } = gaps.observe(&m.partition(), m.offset()) {
-                    if let Err(e) = consumer.seek(
-                        topic,
-                        m.partition(),
-                        Offset::Offset(from),
-                        Duration::from_secs(10),
-                    ) {
-                        tracing::debug!(
-                            "reading {topic}: seek of {} back to {from} failed: {e}",
-                            m.partition()
-                        );
-                        gaps.refetch_failed(&m.partition());
-                    }
-                    continue;
-                }
                 visit(&m)?;
             }
             Some(Err(KafkaError::PartitionEOF(p))) => watch.end(p, Instant::now()),
