@@ -247,6 +247,10 @@ pub async fn write_postgres(
     rollback: bool,
     topics: &Topics,
 ) -> Result<Uuid> {
+    // Typed statements go out parsed, bound and executed in one round trip (an untyped one is
+    // prepared first), as a service on a connection pool without a statement cache would.
+    use tokio_postgres::types::Type;
+    const TEXT: Type = Type::TEXT;
     let tx = client.transaction().await?;
     let like_existed = match op {
         Operation::Order {
@@ -254,39 +258,39 @@ pub async fn write_postgres(
             product,
             coupon,
         } => {
-            tx.execute(
+            tx.execute_typed(
                 "INSERT INTO orders (id, product_id, coupon) VALUES ($1, $2, $3)",
-                &[order_id, product, coupon],
+                &[(order_id, TEXT), (product, TEXT), (coupon, TEXT)],
             )
             .await?;
             false
         }
         Operation::ToggleLike { user, product } => {
             // Lock the product's likes so concurrent writers flip one like in commit order.
-            tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[product])
+            tx.execute_typed("SELECT pg_advisory_xact_lock(hashtext($1))", &[(product, TEXT)])
                 .await?;
             let removed = tx
-                .execute(
+                .execute_typed(
                     "DELETE FROM likes WHERE user_id = $1 AND product_id = $2",
-                    &[user, product],
+                    &[(user, TEXT), (product, TEXT)],
                 )
                 .await?
                 == 1;
             if !removed {
-                tx.execute(
+                tx.execute_typed(
                     "INSERT INTO likes (user_id, product_id) VALUES ($1, $2)",
-                    &[user, product],
+                    &[(user, TEXT), (product, TEXT)],
                 )
                 .await?;
             }
             removed
         }
         Operation::Rename { product, name } => {
-            tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[product])
+            tx.execute_typed("SELECT pg_advisory_xact_lock(hashtext($1))", &[(product, TEXT)])
                 .await?;
-            tx.execute(
+            tx.execute_typed(
                 "INSERT INTO products (id, name) VALUES ($1, $2) ON CONFLICT (id) DO UPDATE SET name = excluded.name",
-                &[product, name],
+                &[(product, TEXT), (name, TEXT)],
             )
             .await?;
             false
