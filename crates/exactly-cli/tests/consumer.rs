@@ -519,14 +519,11 @@ async fn a_batch_with_a_repeat_and_a_failing_record_applies_each_once_in_order()
     assert_eq!(counters.applied.load(Ordering::Relaxed), 300, "{counters:?}");
     assert_eq!(counters.duplicates.load(Ordering::Relaxed), 1, "{counters:?}");
     assert_eq!(counters.parked.load(Ordering::Relaxed), 0, "{counters:?}");
-    let applied: Vec<String> = client
-        .query("SELECT event_id FROM applied ORDER BY seq", &[])
-        .await
-        .expect("applied")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(applied, ids(&events), "each event once, in the order produced");
+    assert_eq!(
+        pg_applied(&client).await,
+        ids(&events),
+        "each event once, in the order produced"
+    );
 }
 
 /// Offsets that hold no record: each committed transaction leaves its commit marker in the
@@ -577,36 +574,14 @@ async fn transaction_markers_are_read_twice_then_stepped_over() {
         }
         producer.commit_transaction(timeout).expect("commit");
     }
-    let group = unique("g");
-    let store = exactly_postgres::PgEffects::connect(&url, &group, RecordApplied)
-        .await
-        .expect("effects");
-    let counters = std::sync::Arc::new(exactly_kafka::ConsumerCounters::default());
-    let consumer = exactly_kafka::IdempotentConsumer::new(
-        store,
-        exactly_kafka::ConsumerConfig::new(&brokers, &group, &[&topic]),
-    )
-    .expect("consumer")
-    .with_counters(counters.clone());
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let run = tokio::spawn(async move { consumer.run(stop_rx).await });
-    let watched = counters.clone();
-    let done = exactly_testkit::eventually(std::time::Duration::from_secs(60), || {
-        let c = watched.clone();
-        async move { c.applied.load(Ordering::Relaxed) >= (TRANSACTIONS * PER_TRANSACTION) as u64 }
-    })
-    .await;
-    let _ = stop.send(true);
-    run.await.expect("join").expect("consumer ran");
-    assert!(done, "not every record was applied: {counters:?}");
-    let applied: Vec<String> = client
-        .query("SELECT event_id FROM applied ORDER BY seq", &[])
-        .await
-        .expect("applied")
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert_eq!(applied, ids(&events), "each event once, in the order produced");
+    let expected = (TRANSACTIONS * PER_TRANSACTION) as u64;
+    let config = exactly_kafka::ConsumerConfig::new(&brokers, &unique("g"), &[&topic]);
+    let counters = apply_all(&url, config, expected).await;
+    assert_eq!(
+        pg_applied(&client).await,
+        ids(&events),
+        "each event once, in the order produced"
+    );
     // One marker between each two transactions is crossed (the last one's is at the end).
     assert_eq!(
         counters.offset_gap_refetches.load(Ordering::Relaxed),
@@ -621,41 +596,59 @@ async fn transaction_markers_are_read_twice_then_stepped_over() {
     assert_eq!(counters.parked.load(Ordering::Relaxed), 0, "{counters:?}");
 
     // With trust_offset_gaps (compacted topics on Kafka) the markers are stepped over at once.
-    let group = unique("g-trusting");
     client.batch_execute("TRUNCATE applied").await.expect("truncate");
-    let store = exactly_postgres::PgEffects::connect(&url, &group, RecordApplied)
-        .await
-        .expect("effects");
-    let trusting = std::sync::Arc::new(exactly_kafka::ConsumerCounters::default());
-    let mut config = exactly_kafka::ConsumerConfig::new(&brokers, &group, &[&topic]);
+    let mut config = exactly_kafka::ConsumerConfig::new(&brokers, &unique("g-trusting"), &[&topic]);
     config.trust_offset_gaps = true;
-    let consumer = exactly_kafka::IdempotentConsumer::new(store, config)
-        .expect("consumer")
-        .with_counters(trusting.clone());
-    let (stop, stop_rx) = tokio::sync::watch::channel(false);
-    let run = tokio::spawn(async move { consumer.run(stop_rx).await });
-    let watched = trusting.clone();
-    let done = exactly_testkit::eventually(std::time::Duration::from_secs(60), || {
-        let c = watched.clone();
-        async move { c.applied.load(Ordering::Relaxed) >= (TRANSACTIONS * PER_TRANSACTION) as u64 }
-    })
-    .await;
-    let _ = stop.send(true);
-    run.await.expect("join").expect("consumer ran");
-    assert!(done, "not every record was applied: {trusting:?}");
+    let trusting = apply_all(&url, config, expected).await;
     assert_eq!(
         trusting.offset_gap_refetches.load(Ordering::Relaxed),
         0,
         "{trusting:?}"
     );
-    let applied: Vec<String> = client
+    assert_eq!(
+        pg_applied(&client).await,
+        ids(&events),
+        "each event once, in the order produced"
+    );
+}
+
+/// Runs a consumer of `config` on `url` with [`RecordApplied`] until it applied `expected`
+/// records (or 60 s), then stops it and returns its counters.
+async fn apply_all(
+    url: &str,
+    config: exactly_kafka::ConsumerConfig,
+    expected: u64,
+) -> std::sync::Arc<exactly_kafka::ConsumerCounters> {
+    let store = exactly_postgres::PgEffects::connect(url, &config.group_id, RecordApplied)
+        .await
+        .expect("effects");
+    let counters = std::sync::Arc::new(exactly_kafka::ConsumerCounters::default());
+    let consumer = exactly_kafka::IdempotentConsumer::new(store, config)
+        .expect("consumer")
+        .with_counters(counters.clone());
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let run = tokio::spawn(async move { consumer.run(stop_rx).await });
+    let watched = counters.clone();
+    let done = exactly_testkit::eventually(std::time::Duration::from_secs(60), || {
+        let c = watched.clone();
+        async move { c.applied.load(Ordering::Relaxed) >= expected }
+    })
+    .await;
+    let _ = stop.send(true);
+    run.await.expect("join").expect("consumer ran");
+    assert!(done, "not every record was applied: {counters:?}");
+    counters
+}
+
+/// The event ids in `applied`, in the order they were applied.
+async fn pg_applied(client: &tokio_postgres::Client) -> Vec<String> {
+    client
         .query("SELECT event_id FROM applied ORDER BY seq", &[])
         .await
         .expect("applied")
         .iter()
         .map(|r| r.get(0))
-        .collect();
-    assert_eq!(applied, ids(&events), "each event once, in the order produced");
+        .collect()
 }
 
 /// Records each event in `applied`.

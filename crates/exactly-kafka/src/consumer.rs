@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::config::{consumer_config, Cluster, KafkaSettings};
 use crate::error::KafkaFlowError;
 use crate::faults::{FaultPoint, Faults};
+use crate::gap::{follow_gap_verdict, GapFollowed};
 use crate::relay::now;
 use crate::wire::{decode_message, decode_message_keyed_by};
 
@@ -686,46 +687,22 @@ impl<S: EffectStore> IdempotentConsumer<S> {
         let tp = (message.topic().to_owned(), message.partition());
         let verdict = consumer.context().gaps().observe(&tp, message.offset());
         match verdict {
-            GapVerdict::Take => true,
-            GapVerdict::Refetch { from } => {
+            GapVerdict::Refetch { .. } => {
                 metrics::counter!("exactly_consumer_offset_gap_refetches_total").increment(1);
                 self.counters.offset_gap_refetches.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(
-                    "{}/{}: handed offset {} after {}: reading from {from} again",
-                    tp.0,
-                    tp.1,
-                    message.offset(),
-                    from - 1
-                );
-                if let Err(e) = consumer.seek(&tp.0, tp.1, Offset::Offset(from), Duration::from_secs(10)) {
-                    tracing::warn!(
-                        "seek of {}/{} back to {from} failed (will retry): {e}",
-                        tp.0,
-                        tp.1
-                    );
-                    consumer.context().gaps().refetch_failed(&tp);
-                }
-                false
             }
-            GapVerdict::Filled { skipped } => {
+            GapVerdict::Filled { .. } => {
                 metrics::counter!("exactly_consumer_offset_gaps_filled_total").increment(1);
                 self.counters.offset_gaps_filled.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(
-                    "{}/{}: the broker first served past {skipped} offsets from {} that hold records; read again, they are applied in order",
-                    tp.0,
-                    tp.1,
-                    message.offset()
-                );
-                true
             }
-            GapVerdict::AcrossGap { missing } => {
-                tracing::trace!(
-                    "{}/{}: {missing} offsets before {} hold no record (transaction markers, aborted or compacted records)",
-                    tp.0,
-                    tp.1,
-                    message.offset()
-                );
-                true
+            GapVerdict::Take | GapVerdict::AcrossGap { .. } => {}
+        }
+        match follow_gap_verdict(&*consumer, message, verdict) {
+            GapFollowed::Take => true,
+            GapFollowed::Rereading => false,
+            GapFollowed::SeekFailed => {
+                consumer.context().gaps().refetch_failed(&tp);
+                false
             }
         }
     }

@@ -22,7 +22,9 @@ use exactly_core::changelog::{RestoreMode, TxnSeq};
 use exactly_core::window::{salted_key, unsalted_key, TumblingWindows};
 use exactly_core::{GapVerdict, OffsetGapCheck, UnixMillis};
 use exactly_kafka::TokenContext;
-use exactly_kafka::{consumer_config, decode_message, producer_config, QuietEof};
+use exactly_kafka::{
+    consumer_config, decode_message, follow_gap_verdict, producer_config, GapFollowed, QuietEof,
+};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
@@ -574,28 +576,21 @@ fn gap_checked(
     m: &rdkafka::message::BorrowedMessage<'_>,
 ) -> bool {
     let tp = (m.topic().to_owned(), m.partition());
-    match gaps.observe(&tp, m.offset()) {
-        GapVerdict::Take | GapVerdict::AcrossGap { .. } => true,
-        GapVerdict::Filled { skipped } => {
-            metrics::counter!("exactly_stream_offset_gaps_filled_total").increment(1);
-            tracing::warn!(
-                "{}/{}: the broker first served past {skipped} offsets from {} that hold records; read again, they are counted in order",
-                tp.0,
-                tp.1,
-                m.offset()
-            );
-            true
+    let verdict = gaps.observe(&tp, m.offset());
+    match verdict {
+        GapVerdict::Refetch { .. } => {
+            metrics::counter!("exactly_stream_offset_gap_refetches_total").increment(1)
         }
-        GapVerdict::Refetch { from } => {
-            metrics::counter!("exactly_stream_offset_gap_refetches_total").increment(1);
-            if let Err(e) = consumer.seek(&tp.0, tp.1, Offset::Offset(from), Duration::from_secs(10)) {
-                tracing::warn!(
-                    "seek of {}/{} back to {from} failed (will retry): {e}",
-                    tp.0,
-                    tp.1
-                );
-                gaps.refetch_failed(&tp);
-            }
+        GapVerdict::Filled { .. } => {
+            metrics::counter!("exactly_stream_offset_gaps_filled_total").increment(1)
+        }
+        GapVerdict::Take | GapVerdict::AcrossGap { .. } => {}
+    }
+    match follow_gap_verdict(consumer, m, verdict) {
+        GapFollowed::Take => true,
+        GapFollowed::Rereading => false,
+        GapFollowed::SeekFailed => {
+            gaps.refetch_failed(&tp);
             false
         }
     }
