@@ -121,6 +121,43 @@ pub fn assert_ordered_prefix_with_repeats(records: &[TopicRecord]) -> usize {
 async fn wal_relay_keys_modes_rollbacks_and_dead_rows() {
     let brokers = brokers();
     let (url, mut client) = prepared_database().await;
+    // The publication streams inserts only, and only the columns the relay reads (PostgreSQL
+    // 15+): the sweeper's SENT updates and the lease columns never reach the walsender's output.
+    let publication = client
+        .query_one(
+            "SELECT p.pubinsert, p.pubupdate, p.pubdelete, p.pubtruncate, t.attnames::text[]
+             FROM pg_publication p JOIN pg_publication_tables t USING (pubname)
+             WHERE p.pubname = 'exactly_outbox'",
+            &[],
+        )
+        .await
+        .expect("publication");
+    assert_eq!(
+        (
+            publication.get::<_, bool>(0),
+            publication.get::<_, bool>(1),
+            publication.get::<_, bool>(2),
+            publication.get::<_, bool>(3)
+        ),
+        (true, false, false, false),
+        "inserts only"
+    );
+    assert_eq!(
+        publication.get::<_, Vec<String>>(4),
+        [
+            "id",
+            "event_id",
+            "event_type",
+            "aggregate_type",
+            "aggregate_id",
+            "topic",
+            "payload",
+            "headers",
+            "occurred_at",
+            "created_at"
+        ],
+        "the relayed columns only"
+    );
     let topic = unique("wal-basic");
     exactly_kafka::ensure_topics(&brokers, &[&topic], 1)
         .await
