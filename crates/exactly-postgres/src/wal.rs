@@ -3,7 +3,6 @@
 //! an idle database, a sweeper that marks published rows SENT, and a table for events that can
 //! never be published.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -300,7 +299,7 @@ struct Stream {
     items: mpsc::Receiver<Result<FeedItem, PgError>>,
     /// Items taken from `items` and not yet handed out: the relay takes what the reader has
     /// ready in one receive, so reader and relay wake each other once per batch, not per event.
-    ready: VecDeque<Result<FeedItem, PgError>>,
+    ready: std::vec::IntoIter<Result<FeedItem, PgError>>,
     feedback: Arc<SharedLsnFeedback>,
     cancel: CancellationToken,
     reader: tokio::task::JoinHandle<()>,
@@ -446,7 +445,7 @@ impl PgChangeFeed {
         });
         Ok(Stream {
             items,
-            ready: VecDeque::with_capacity(READY_BATCH),
+            ready: Vec::new().into_iter(),
             feedback,
             cancel,
             reader,
@@ -623,15 +622,16 @@ impl ChangeFeed for PgChangeFeed {
             .stream
             .as_mut()
             .ok_or_else(|| StoreError::new("wal feed", "stream stopped; restart it"))?;
-        if stream.ready.is_empty() {
-            let mut taken = Vec::with_capacity(READY_BATCH);
-            // Cancel safe: nothing is taken from the channel unless the call completes.
-            if stream.items.recv_many(&mut taken, READY_BATCH).await == 0 {
-                return Err(StoreError::new("wal feed", "replication stream ended"));
-            }
-            stream.ready.extend(taken);
+        if let Some(item) = stream.ready.next() {
+            return Ok(item?);
         }
-        match stream.ready.pop_front() {
+        let mut taken = Vec::with_capacity(READY_BATCH);
+        // Cancel safe: nothing is taken from the channel unless the call completes.
+        if stream.items.recv_many(&mut taken, READY_BATCH).await == 0 {
+            return Err(StoreError::new("wal feed", "replication stream ended"));
+        }
+        stream.ready = taken.into_iter();
+        match stream.ready.next() {
             Some(item) => Ok(item?),
             None => Err(StoreError::new("wal feed", "replication stream ended")),
         }
