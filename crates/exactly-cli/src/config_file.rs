@@ -124,12 +124,15 @@ pub fn load(
     let parsed: ConfigFile = toml::from_str(&text).map_err(|e| locate.parse_error(&e))?;
     let mut table: toml::Table = toml::from_str(&text).map_err(|e| locate.parse_error(&e))?;
     let mut overridden = Vec::new();
-    for (name, value) in environment {
-        if let Some(path) = environment_key(&name) {
-            set_path(&mut table, &path, parse_value(&value));
+    let overrides: Vec<(Vec<String>, String)> = environment
+        .into_iter()
+        .filter_map(|(name, value)| {
+            let path = environment_key(&name)?;
             overridden.push(name);
-        }
-    }
+            Some((path, value))
+        })
+        .collect();
+    apply_environment(&mut table, &overrides);
     if let Some(brokers) = &args.brokers {
         set_path(
             &mut table,
@@ -165,7 +168,10 @@ pub fn load(
             file: file.clone(),
             line: None,
             key: Some(overridden.join(", ")),
-            message: format!("after these overrides: {}", e.message()),
+            message: format!(
+                "after these overrides: {}",
+                hide_values(e.message(), overrides.iter().map(|(_, value)| value.as_str()))
+            ),
             excerpt: None,
         })?
     };
@@ -208,13 +214,51 @@ fn environment_key(name: &str) -> Option<Vec<String>> {
     Some(path)
 }
 
-/// An environment value as TOML (a number, a boolean, an array) where it parses as one,
-/// otherwise a string.
-fn parse_value(text: &str) -> toml::Value {
-    toml::from_str::<toml::Table>(&format!("v = {text}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(text.to_owned()))
+/// Sets each environment override, typed by the setting it names: a value is the string it is
+/// (`'s3cr3t'` keeps its quotes, `0x1F` and `83920417` stay text) wherever a string fits, and a
+/// number, boolean or array only where the setting wants one (`batch_size = 250`). Kafka's
+/// `brokers` and librdkafka properties are always strings. Whether a string fits is asked of
+/// the settings types themselves, with every override in place.
+fn apply_environment(table: &mut toml::Table, overrides: &[(Vec<String>, String)]) {
+    let typed = |path: &[String], text: &str| -> Option<toml::Value> {
+        if path.first().is_some_and(|p| p == "kafka") {
+            return None;
+        }
+        match toml::from_str::<toml::Table>(&format!("v = {text}"))
+            .ok()?
+            .remove("v")?
+        {
+            toml::Value::String(_) => None,
+            value => Some(value),
+        }
+    };
+    for (path, text) in overrides {
+        set_path(
+            table,
+            path,
+            typed(path, text).unwrap_or_else(|| toml::Value::String(text.clone())),
+        );
+    }
+    for (path, text) in overrides {
+        if typed(path, text).is_none() {
+            continue;
+        }
+        let mut as_text = table.clone();
+        set_path(&mut as_text, path, toml::Value::String(text.clone()));
+        if as_text.clone().try_into::<ConfigFile>().is_ok() {
+            *table = as_text;
+        }
+    }
+}
+
+/// `message` with every override's value replaced, so no error shows one (a secret given where
+/// a number was wanted would otherwise be echoed by the parser).
+fn hide_values<'a>(message: &str, values: impl Iterator<Item = &'a str>) -> String {
+    let mut shown = message.to_owned();
+    for value in values.filter(|v| !v.trim().is_empty()) {
+        shown = shown.replace(value, "…");
+    }
+    shown
 }
 
 /// Sets `path` in `table`, creating tables on the way; a table key already in the file matches
@@ -643,6 +687,43 @@ key_header = "id"
             .expect_err("refused")
             .to_string();
         assert!(error.contains("nope"), "{error}");
+    }
+
+    #[test]
+    fn environment_values_are_the_strings_they_are_where_a_string_fits() {
+        let config = load_text(
+            TWO_SOURCES,
+            &[
+                ("EXACTLY_KAFKA__PROPERTIES__SASL_PASSWORD", "83920417"),
+                ("EXACTLY_KAFKA__PROPERTIES__SSL_KEY_PASSWORD", "'s3cr3t'"),
+                ("EXACTLY_KAFKA__PROPERTIES__SASL_USERNAME", "0x1F"),
+                ("EXACTLY_CONSUMER__LEDGER__GROUP", "0x1F"),
+                ("EXACTLY_CONSUMER__LEDGER__DATABASE", "'quoted'.db"),
+                ("EXACTLY_SOURCE__BILLING__BATCH_SIZE", "250"),
+            ],
+        )
+        .expect("loads");
+        assert_eq!(config.kafka.properties["sasl.password"], "83920417");
+        assert_eq!(config.kafka.properties["ssl.key.password"], "'s3cr3t'");
+        assert_eq!(config.kafka.properties["sasl.username"], "0x1F");
+        assert_eq!(config.consumer["ledger"].group, "0x1F");
+        assert_eq!(config.consumer["ledger"].database, "'quoted'.db");
+        assert_eq!(
+            config.source["billing"].batch_size, 250,
+            "a number where a number is wanted"
+        );
+    }
+
+    #[test]
+    fn an_override_that_does_not_fit_is_refused_without_its_value() {
+        let error = load_text(
+            TWO_SOURCES,
+            &[("EXACTLY_SOURCE__BILLING__BATCH_SIZE", "hunter2-83920417")],
+        )
+        .expect_err("a batch size is a number")
+        .to_string();
+        assert!(error.contains("EXACTLY_SOURCE__BILLING__BATCH_SIZE"), "{error}");
+        assert!(!error.contains("hunter2-83920417"), "{error}");
     }
 
     #[test]

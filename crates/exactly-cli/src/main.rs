@@ -212,10 +212,27 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("exactly: {e:#}");
+            eprintln!("exactly: {}", error_message(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes, `outer: inner`, each said once: most errors here (the drivers'
+/// too) already print their cause, so a cause the message holds is not repeated.
+fn error_message(error: &anyhow::Error) -> String {
+    let mut message = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if message.contains(&text) {
+            continue;
+        }
+        if !message.is_empty() {
+            message.push_str(": ");
+        }
+        message.push_str(&text);
+    }
+    message
 }
 
 /// Logs go to stderr (stdout carries command output: tables, JSON, reports).
@@ -412,4 +429,22 @@ fn serve_metrics_unless(no_metrics: bool, addr: SocketAddr, name: &str) -> Resul
         name: name.to_owned(),
         component: name.to_owned(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_names_each_part_once() {
+        let store =
+            exactly_core::StoreError::from(exactly_postgres::PgError::Corrupt("row 7 is not hex".into()));
+        let error = anyhow::Error::new(store).context("consumer ledger");
+        assert_eq!(
+            error_message(&error),
+            "consumer ledger: postgres: row 7 is not hex"
+        );
+        let plain = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_message(&plain), "outer: inner");
+    }
 }

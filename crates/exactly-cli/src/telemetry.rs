@@ -11,8 +11,23 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::health;
 
+/// Connections the listener serves at once; further ones wait in the kernel's backlog (they
+/// hold no descriptor of this process) until a slot frees.
+const MAX_CONNECTIONS: usize = 64;
+/// A client that has not sent a whole request head by then is disconnected (slowloris, idle
+/// keep-alive connections).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// No connection lives longer, keep-alive or not (a scraper reconnects).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
 /// Serves /metrics, /healthz and /readyz on `addr` (127.0.0.1 by default: metrics can reveal
 /// topic names and volumes). Binds before returning, so a port in use is an error at start.
+///
+/// The listener cannot starve the process: at most [`MAX_CONNECTIONS`] connections at once,
+/// each closed when its request head takes over [`HEADER_READ_TIMEOUT`] or it lives past
+/// [`CONNECTION_LIFETIME`], and a failing `accept` (out of descriptors) backs off instead of
+/// spinning, so idle clients can neither take the descriptors Kafka and PostgreSQL reconnects
+/// need nor keep /healthz from answering for long.
 pub fn serve_metrics(addr: SocketAddr) -> Result<()> {
     let handle = PrometheusBuilder::new()
         .set_buckets(&[
@@ -32,9 +47,23 @@ pub fn serve_metrics(addr: SocketAddr) -> Result<()> {
         }
     });
     tokio::spawn(async move {
+        let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let mut backoff = Duration::from_millis(50);
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                return;
+            };
+            let stream = match listener.accept().await {
+                Ok((stream, _)) => {
+                    backoff = Duration::from_millis(50);
+                    stream
+                }
+                Err(e) => {
+                    tracing::warn!("metrics listener: accept failed ({e}); retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
             };
             let handle = handle.clone();
             tokio::spawn(async move {
@@ -44,9 +73,12 @@ pub fn serve_metrics(addr: SocketAddr) -> Result<()> {
                         async move { Ok::<_, std::convert::Infallible>(respond(request.uri().path(), &handle)) }
                     },
                 );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(HEADER_READ_TIMEOUT)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                let _ = tokio::time::timeout(CONNECTION_LIFETIME, connection).await;
+                drop(slot);
             });
         }
     });

@@ -214,3 +214,101 @@ async fn retained_wal_above_the_limit_makes_the_wal_relay_not_ready() {
     let _ = relay.wait();
     crate::wal::drop_slot(&url).await;
 }
+
+/// Sockets a process holds open (from /proc).
+fn open_sockets(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+                .filter(|target| target.to_string_lossy().starts_with("socket:"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Idle clients cannot starve the process: 200 connections that never send a request hold at
+/// most the listener's cap of the relay's descriptors, each is closed after the header-read
+/// timeout, /healthz answers meanwhile, and the relay keeps publishing.
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_to_the_metrics_listener_neither_pile_up_nor_block_healthz() {
+    let brokers = exactly_testkit::brokers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let service = dir.path().join("service.db");
+    let topic = unique("idle-conns");
+    exactly_kafka::ensure_topics(&brokers, &[&topic], 1)
+        .await
+        .expect("topic");
+    insert_sqlite(&service, &topic, 5);
+    let metrics_port = free_port();
+    let mut relay = Command::new(EXACTLY)
+        .args(["relay", "--mode", "poll", "--database"])
+        .arg(&service)
+        .args([
+            "--brokers",
+            &brokers,
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start relay");
+    wait_for(metrics_port, "/healthz", 200, Duration::from_secs(30));
+    let before = open_sockets(relay.id());
+
+    let idle: Vec<std::net::TcpStream> = (0..200)
+        .map(|i| {
+            let mut stream = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).expect("connect");
+            if i % 2 == 0 {
+                // Half send a request head that never ends.
+                let _ = stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n");
+            }
+            stream
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(1));
+    let during = open_sockets(relay.id());
+    // 64 for the listener's cap, and room for the relay's own broker and database connections,
+    // which come and go; uncapped, the 200 idle connections would all be held.
+    assert!(
+        during <= before + 64 + 30,
+        "the relay holds {during} sockets (was {before}): idle connections are not capped"
+    );
+
+    // /healthz answers while the idle ones wait (they are closed after the header timeout).
+    let started = Instant::now();
+    wait_for(metrics_port, "/healthz", 200, Duration::from_secs(30));
+    let answered = started.elapsed();
+    assert!(answered < Duration::from_secs(20), "/healthz took {answered:?}");
+    let mut first = idle.into_iter().next().expect("a connection");
+    first
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut buffer = Vec::new();
+    let read = first.read_to_end(&mut buffer);
+    assert!(
+        read.is_ok(),
+        "the server closes an idle connection by itself: {read:?}"
+    );
+
+    // The relay still publishes.
+    insert_sqlite(&service, &topic, 5);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let records = exactly_testkit::read_topic(&brokers, &topic, 1, "read_committed");
+        if records.len() >= 10 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay published {} of 10 events",
+            records.len()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status();
+    assert!(relay.wait().expect("relay exits").success());
+}

@@ -491,6 +491,66 @@ fn postgres_over_tls_with_scram_end_to_end_and_clear_failures() {
     outputs.push(refused(&wrong_host, &password, "certificate verify failed").into_bytes());
     outputs.push(refused(&url, "not-the-password", "password authentication failed").into_bytes());
 
+    // libpq's rules for the root certificate. sslrootcert=system trusts the system's roots
+    // (here the test CA, through OpenSSL's SSL_CERT_FILE) and so always checks the host name:
+    // the certificate names localhost only, so 127.0.0.1 is refused even though its chain is
+    // trusted. A weaker mode with system, and verify-ca with no root certificate, are refused
+    // before connecting.
+    let (base, ca) = url
+        .split_once("?sslmode=verify-full&sslrootcert=")
+        .expect("the TLS URL's form");
+    let system = |url: &str| {
+        exactly(&[
+            "relay",
+            "--mode",
+            "poll",
+            "--database",
+            url,
+            "--brokers",
+            &brokers,
+            "--no-metrics",
+            "--exit-when-idle",
+        ])
+        .env("SSL_CERT_FILE", ca)
+        .output()
+        .expect("relay")
+    };
+    let out = system(&format!("{base}?sslrootcert=system"));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        out.status.success(),
+        "sslrootcert=system with the right host: {stderr}"
+    );
+    outputs.push(stderr.into_bytes());
+    let out = system(&format!(
+        "{}?sslrootcert=system",
+        base.replace("@localhost:", "@127.0.0.1:")
+    ));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("certificate verify failed"),
+        "the host name is checked: {stderr}"
+    );
+    for (query, reason) in [
+        (
+            "sslmode=require&sslrootcert=system",
+            "may not be used with sslrootcert=system",
+        ),
+        (
+            "sslmode=verify-ca&sslrootcert=system",
+            "may not be used with sslrootcert=system",
+        ),
+        ("sslmode=verify-ca", "needs a root certificate"),
+        ("sslmode=verify-full", "needs a root certificate"),
+    ] {
+        let out = system(&format!("{base}?{query}"));
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{query}: {stderr}");
+        assert!(stderr.contains(reason), "{query}: expected {reason:?}: {stderr}");
+        outputs.push(stderr.into_bytes());
+    }
+
     // The password from a variable the settings name (`password_env`, `--password-env`), with
     // no PGPASSWORD: the right one connects, a wrong one is refused with the reason.
     let with_password_env = |value: &str| {

@@ -124,6 +124,51 @@ impl EpochWatermark {
     }
 }
 
+/// Replays of parked records, judged by the same rule as live deliveries.
+///
+/// A parked record was never applied: the parked row is the proof (the live path removes it in
+/// the transaction that applies the record, a replay in the one that replays it). A replay
+/// therefore applies it whatever the watermark says, and records its key in the key set so a
+/// second replay finds it. What keeps the live path from applying it a second time:
+///
+/// - a replayed key above its partition's watermark moves the watermark up to it
+///   ([`replay_moves_watermark`]) and the resume offset past it, in the replay's transaction, so
+///   a consumer that reads the record again (after a restart, a rebalance, or racing the replay)
+///   judges it a repeat. Every key below it on the partition was read before the record was
+///   parked (the relays' ordering), so moving the watermark skips nothing;
+/// - a replayed key the watermark refuses (an older or newer epoch, [`SequenceVerdict::Regressed`]
+///   or [`SequenceVerdict::StaleEpoch`]) stays below or beside the watermark: when the live path
+///   meets it again it finds the key recorded and takes it for a repeat
+///   ([`after_replays`]) instead of parking it again.
+///
+/// Both paths hold the partition's watermark row (PostgreSQL: `FOR UPDATE`, a concurrent first
+/// write refused by the primary key; SQLite: the write lock) while they judge, so a replay and a
+/// live member never both apply one record.
+pub fn replay_moves_watermark(watermark: &mut EpochWatermark, value: u128, epoch: Option<u64>) -> bool {
+    watermark.observe(value, epoch) == SequenceVerdict::New
+}
+
+/// The key-set entry a replay records: the key's text, and for a sequence key that came with
+/// its source's epoch, `@epoch` after it, so a replayed event and a new event with the same
+/// position in a later history (a failover's timeline) are told apart.
+pub fn replayed_key_text(key: &IdempotencyKey, epoch: Option<u64>) -> String {
+    match (key, epoch) {
+        (IdempotencyKey::Sequence { .. }, Some(epoch)) => format!("{key}@{epoch}"),
+        _ => key.to_string(),
+    }
+}
+
+/// The live path's verdict on a sequence key once replays are known: a key the watermark
+/// refuses but a replay applied (`replayed`: found in the key set) is a repeat.
+pub fn after_replays(verdict: SequenceVerdict, replayed: bool) -> SequenceVerdict {
+    match verdict {
+        SequenceVerdict::Regressed { .. } | SequenceVerdict::StaleEpoch { .. } if replayed => {
+            SequenceVerdict::Duplicate
+        }
+        verdict => verdict,
+    }
+}
+
 /// Words for a parked sequence key that the epoch watermark refused.
 pub fn refusal_detail(key: &IdempotencyKey, epoch: Option<u64>, verdict: SequenceVerdict) -> String {
     let epoch = epoch.map_or_else(|| "none".to_owned(), |e| e.to_string());
@@ -364,6 +409,111 @@ mod tests {
             );
             prop_assert_eq!(wm.judge(value, Some(epoch)), SequenceVerdict::Duplicate);
         }
+    }
+
+    /// One partition of sequence keys 1..=n at offsets 0..n, a handler that fails for some keys
+    /// until the operator fixes it, and a consumer that parks, restarts at its resume offset and
+    /// races replays: the rules above apply every key exactly once.
+    #[derive(Default)]
+    struct Model {
+        watermark: EpochWatermark,
+        next_offset: usize,
+        position: usize,
+        replayed: std::collections::HashSet<u128>,
+        parked: std::collections::BTreeMap<u128, usize>,
+        applied: std::collections::HashMap<u128, u32>,
+    }
+
+    impl Model {
+        fn live_step(&mut self, n: usize, failing: &std::collections::HashSet<u128>) {
+            if self.position >= n {
+                return;
+            }
+            let (offset, key) = (self.position, self.position as u128 + 1);
+            self.position += 1;
+            let verdict = after_replays(self.watermark.judge(key, None), self.replayed.contains(&key));
+            match verdict {
+                SequenceVerdict::New if failing.contains(&key) => {
+                    self.parked.entry(key).or_insert(offset);
+                }
+                SequenceVerdict::New => {
+                    self.watermark.observe(key, None);
+                    self.next_offset = offset + 1;
+                    self.parked.remove(&key);
+                    *self.applied.entry(key).or_default() += 1;
+                }
+                _ => {}
+            }
+        }
+
+        fn replay(&mut self, key: u128, failing: &mut std::collections::HashSet<u128>) {
+            failing.remove(&key);
+            let Some(offset) = self.parked.remove(&key) else {
+                return;
+            };
+            if !self.replayed.insert(key) {
+                return;
+            }
+            if replay_moves_watermark(&mut self.watermark, key, None) {
+                self.next_offset = self.next_offset.max(offset + 1);
+            }
+            *self.applied.entry(key).or_default() += 1;
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn a_parked_record_replayed_while_the_consumer_restarts_applies_once(
+            n in 1usize..40,
+            failing in proptest::collection::hash_set(1u128..40, 0..10),
+            steps in proptest::collection::vec((0u8..4, 0usize..40), 0..200),
+        ) {
+            let mut failing = failing;
+            let mut model = Model::default();
+            for (step, pick) in steps {
+                match step {
+                    0 | 1 => model.live_step(n, &failing),
+                    // A restart or a rebalance: resume at the stored offset.
+                    2 => model.position = model.next_offset,
+                    _ => {
+                        let key = model.parked.keys().nth(pick % model.parked.len().max(1)).copied();
+                        if let Some(key) = key { model.replay(key, &mut failing); }
+                    }
+                }
+            }
+            // The operator fixes the handler and replays what is left; the consumer restarts
+            // and reads to the end.
+            failing.clear();
+            for key in model.parked.keys().copied().collect::<Vec<_>>() {
+                model.replay(key, &mut failing);
+            }
+            model.position = model.next_offset;
+            for _ in 0..n { model.live_step(n, &failing); }
+            for key in 1..=n as u128 {
+                prop_assert_eq!(model.applied.get(&key).copied().unwrap_or(0), 1, "key {}", key);
+            }
+        }
+    }
+
+    #[test]
+    fn a_replayed_key_the_watermark_refused_is_a_repeat_when_it_comes_again() {
+        let regressed = SequenceVerdict::Regressed { high: 10, epoch: 1 };
+        assert_eq!(after_replays(regressed, true), SequenceVerdict::Duplicate);
+        assert_eq!(after_replays(regressed, false), regressed);
+        assert_eq!(after_replays(SequenceVerdict::New, true), SequenceVerdict::New);
+        let mut wm = EpochWatermark::at(Some(10), 2);
+        assert!(
+            !replay_moves_watermark(&mut wm, 12, Some(1)),
+            "a stale epoch stays beside it"
+        );
+        assert!(replay_moves_watermark(&mut wm, 12, Some(2)));
+        assert_eq!((wm.high(), wm.epoch()), (Some(12), 2));
+        let key = IdempotencyKey::Sequence {
+            source: "pg:1:shop".into(),
+            value: 12,
+        };
+        assert_ne!(replayed_key_text(&key, Some(1)), replayed_key_text(&key, Some(2)));
+        assert_eq!(replayed_key_text(&key, None), key.to_string());
     }
 
     #[test]

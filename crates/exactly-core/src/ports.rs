@@ -14,10 +14,13 @@ use crate::time::UnixMillis;
 
 /// A database call failed. Adapters wrap their driver's error with what they were doing, and
 /// say whether trying again can help ([`StoreErrorKind`]); relays and consumers decide on that.
+///
+/// Shown as `context: source`, or as the source alone when the context is empty (an adapter's
+/// own error, which already names the store and what it was doing: `postgres: record keys: …`).
 #[derive(Debug, thiserror::Error)]
-#[error("{context}: {source}")]
+#[error("{}{source}", context_prefix(.context))]
 pub struct StoreError {
-    /// What the store was doing.
+    /// What the store was doing (empty: the source says it).
     pub context: String,
     /// Retry or stop.
     pub kind: StoreErrorKind,
@@ -36,6 +39,14 @@ pub enum StoreErrorKind {
     /// Retrying cannot help (stored data this version cannot read, a leadership lost): stop,
     /// and let the operator or a supervisor decide.
     Stop,
+}
+
+fn context_prefix(context: &str) -> String {
+    if context.is_empty() {
+        String::new()
+    } else {
+        format!("{context}: ")
+    }
 }
 
 impl StoreError {

@@ -96,7 +96,15 @@ impl EnvelopeParam {
             EnvelopeParam::EventType => ParamValue::Text(e.event_type.clone()),
             EnvelopeParam::AggregateType => ParamValue::Text(e.aggregate_type.clone()),
             EnvelopeParam::AggregateId => ParamValue::Text(e.aggregate_id.clone()),
-            EnvelopeParam::OccurredAt => ParamValue::Millis(e.occurred_at.0),
+            EnvelopeParam::OccurredAt => {
+                let ms = e.occurred_at.0;
+                if !OCCURRED_AT_RANGE.contains(&ms) {
+                    return Err(format!(
+                        ":occurred_at {ms} ms is outside the years 0000 to 9999 a database timestamp holds"
+                    ));
+                }
+                ParamValue::Millis(ms)
+            }
             EnvelopeParam::Payload => ParamValue::Payload(e.payload.clone()),
             EnvelopeParam::PayloadJson => ParamValue::Json(json_text(&e.payload)?),
             EnvelopeParam::PayloadBytes => ParamValue::Bytes(e.payload.clone()),
@@ -120,6 +128,12 @@ impl fmt::Display for EnvelopeParam {
         write!(f, ":{}", self.name())
     }
 }
+
+/// The instants (Unix milliseconds) `:occurred_at` binds: the years 0000 to 9999, the range of
+/// SQLite's date functions, inside PostgreSQL's timestamp range. An event time outside it (an
+/// `exactly-occurred-at` header of `i64::MAX`) parks the record with the reason instead of
+/// overflowing the driver's conversion.
+pub const OCCURRED_AT_RANGE: std::ops::RangeInclusive<i64> = -62_167_219_200_000..=253_402_300_799_999;
 
 /// The payload as JSON text, or why it is not.
 pub fn json_text(payload: &[u8]) -> Result<String, String> {
@@ -482,6 +496,50 @@ mod tests {
             let statements = parse(&sql).expect("parses");
             prop_assert_eq!(statements.len(), 1);
             prop_assert_eq!(statements[0].params().count(), 0);
+        }
+    }
+    #[test]
+    fn an_occurred_at_no_database_timestamp_holds_is_refused_with_the_reason() {
+        let at = |ms: i64| {
+            let delivery = crate::Delivery {
+                key: crate::IdempotencyKey::UuidV4(uuid::Uuid::from_u128(
+                    0x0123_4567_89ab_4def_8123_4567_89ab_cdef,
+                )),
+                envelope: crate::Envelope {
+                    event_id: uuid::Uuid::from_u128(1),
+                    event_type: "T".into(),
+                    aggregate_type: "a".into(),
+                    aggregate_id: "1".into(),
+                    occurred_at: crate::UnixMillis(ms),
+                    payload: b"{}".to_vec(),
+                    headers: vec![],
+                },
+                source_epoch: None,
+            };
+            let inbound = crate::Inbound {
+                topic: "t",
+                partition: 0,
+                offset: 0,
+                delivery: &delivery,
+                now: crate::UnixMillis(0),
+            };
+            EnvelopeParam::OccurredAt.value(&inbound)
+        };
+        assert_eq!(at(1_700_000_000_000), Ok(ParamValue::Millis(1_700_000_000_000)));
+        assert_eq!(
+            at(-62_167_219_200_000),
+            Ok(ParamValue::Millis(-62_167_219_200_000))
+        );
+        assert_eq!(
+            at(253_402_300_799_999),
+            Ok(ParamValue::Millis(253_402_300_799_999))
+        );
+        for ms in [i64::MAX, i64::MIN, 253_402_300_800_000, -62_167_219_200_001] {
+            let refused = at(ms).expect_err("out of range");
+            assert!(
+                refused.contains(":occurred_at") && refused.contains("0000 to 9999"),
+                "{refused}"
+            );
         }
     }
 }

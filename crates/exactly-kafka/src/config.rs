@@ -179,16 +179,36 @@ fn resolve<'a>(name: &str, value: &'a str) -> Result<Cow<'a, str>, PropertyError
     }
 }
 
-/// Whether a property's value is a secret (never printed).
+/// Properties whose names look secret but hold a path or an address: shown.
+const NOT_SECRET: &[&str] = &[
+    "ssl.key.location",
+    "ssl.keystore.location",
+    "https.client.key.location",
+    "sasl.kerberos.keytab",
+    "sasl.oauthbearer.token.endpoint.url",
+    "sasl.oauthbearer.assertion.private.key.file",
+];
+
+/// Whether a property's value is a secret (never printed): every name that contains
+/// `password`, `secret`, `key.pem`, `passphrase`, `token` or `.key` (librdkafka's
+/// `ssl.key.pem`, `ssl.keystore.password`, `sasl.oauthbearer.assertion.private.key.pem` and
+/// `…passphrase`, `sasl.oauthbearer.client.secret`), and `sasl.oauthbearer.config`, except the
+/// few known names among those that hold a path or a URL ([`NOT_SECRET`]). A name nobody
+/// foresaw is hidden rather than shown.
 pub fn is_secret_property(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
+    if NOT_SECRET.contains(&name.as_str()) {
+        return false;
+    }
     [
         "password",
         "secret",
-        "sasl.oauthbearer.config",
-        "ssl.key.pem",
-        "ssl_key",
+        "key.pem",
+        "passphrase",
         "token",
+        ".key",
+        "ssl_key",
+        "sasl.oauthbearer.config",
     ]
     .iter()
     .any(|s| name.contains(s))
@@ -418,6 +438,57 @@ mod tests {
             parse_property("novalue"),
             Err(PropertyError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn secret_property_names_follow_librdkafkas_secrets() {
+        for secret in [
+            "sasl.password",
+            "ssl.key.password",
+            "ssl.keystore.password",
+            "ssl.key.pem",
+            "sasl.oauthbearer.client.secret",
+            "sasl.oauthbearer.assertion.private.key.pem",
+            "sasl.oauthbearer.assertion.private.key.passphrase",
+            "sasl.oauthbearer.config",
+            "SASL.PASSWORD",
+            "some.future.token",
+            "some.future.key",
+        ] {
+            assert!(is_secret_property(secret), "{secret} is a secret");
+        }
+        for shown in [
+            "ssl.key.location",
+            "ssl.keystore.location",
+            "sasl.kerberos.keytab",
+            "sasl.oauthbearer.token.endpoint.url",
+            "sasl.oauthbearer.assertion.private.key.file",
+            "sasl.username",
+            "security.protocol",
+            "ssl.ca.location",
+        ] {
+            assert!(!is_secret_property(shown), "{shown} is not a secret");
+        }
+        let settings = KafkaSettings {
+            brokers: "b:9092".into(),
+            properties: [
+                (
+                    "sasl.oauthbearer.assertion.private.key.pem".to_owned(),
+                    "-----BEGIN KEY-----xyz".to_owned(),
+                ),
+                (
+                    "sasl.oauthbearer.assertion.private.key.passphrase".to_owned(),
+                    "pass-phrase-77".to_owned(),
+                ),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let shown = format!("{settings:?}");
+        assert!(
+            !shown.contains("xyz") && !shown.contains("pass-phrase-77"),
+            "{shown}"
+        );
     }
 
     #[test]

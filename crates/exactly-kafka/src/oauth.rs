@@ -11,7 +11,11 @@
 //! - `token_file=PATH`: the file is read again at every refresh (Kubernetes projected service
 //!   account tokens, a sidecar that rotates the file);
 //! - `token_command=PATH`: the program is run (no shell, no arguments) and its standard output
-//!   is the token (a signer for AWS MSK IAM, a cloud CLI);
+//!   is the token (a signer for AWS MSK IAM, a cloud CLI). It runs with an empty environment
+//!   but `PATH` and the variables named in `token_command_env=NAME,NAME` (so `PGPASSWORD`,
+//!   `EXACTLY_*` secrets and the like never reach it), is killed after
+//!   `token_command_timeout_ms` (default 10 000), and is run so that the async runtime's other
+//!   tasks (the stop signal among them) go on while it works;
 //! - `principal=NAME`: the principal (default: the token's `sub` claim);
 //! - `lifetime_ms=N`: how long the token lives (default: its `exp` claim, else one hour);
 //!   librdkafka asks for a new token at 80% of it.
@@ -27,6 +31,10 @@ use rdkafka::client::OAuthToken;
 
 /// Lifetime of a token that says nothing of its own.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(3600);
+/// How long a token command may run.
+const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most of a token command's output that is read (a token is a few KiB).
+const MAX_COMMAND_OUTPUT: u64 = 1 << 20;
 
 /// Why no token could be made (the message reaches librdkafka's authentication error; it
 /// never contains the token).
@@ -56,6 +64,8 @@ struct TokenSettings {
     command: Option<String>,
     principal: Option<String>,
     lifetime: Option<Duration>,
+    command_env: Vec<String>,
+    command_timeout: Duration,
 }
 
 fn parse(config: &str) -> Result<TokenSettings, TokenError> {
@@ -64,6 +74,8 @@ fn parse(config: &str) -> Result<TokenSettings, TokenError> {
         command: None,
         principal: None,
         lifetime: None,
+        command_env: Vec::new(),
+        command_timeout: DEFAULT_COMMAND_TIMEOUT,
     };
     for entry in config.split_whitespace() {
         let (key, value) = entry
@@ -78,6 +90,19 @@ fn parse(config: &str) -> Result<TokenSettings, TokenError> {
                     .parse()
                     .map_err(|_| TokenError::Config(format!("lifetime_ms {value:?} is not a number")))?;
                 settings.lifetime = Some(Duration::from_millis(ms));
+            }
+            "token_command_env" => {
+                settings.command_env = value
+                    .split(',')
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+            }
+            "token_command_timeout_ms" => {
+                let ms: u64 = value.parse().map_err(|_| {
+                    TokenError::Config(format!("token_command_timeout_ms {value:?} is not a number"))
+                })?;
+                settings.command_timeout = Duration::from_millis(ms);
             }
             other => return Err(TokenError::Config(format!("unknown key {other:?}"))),
         }
@@ -99,25 +124,15 @@ pub fn generate(config: Option<&str>, now_ms: i64) -> Result<OAuthToken, TokenEr
                 reason: e.to_string(),
             })?,
         ),
-        (None, Some(program)) => {
-            let output = std::process::Command::new(program)
-                .stdin(std::process::Stdio::null())
-                .output()
-                .map_err(|e| TokenError::Source {
+        (None, Some(program)) => (
+            program.clone(),
+            run_token_command(program, &settings.command_env, settings.command_timeout).map_err(
+                |reason| TokenError::Source {
                     source_name: program.clone(),
-                    reason: e.to_string(),
-                })?;
-            if !output.status.success() {
-                return Err(TokenError::Source {
-                    source_name: program.clone(),
-                    reason: format!("exited with {}", output.status),
-                });
-            }
-            (
-                program.clone(),
-                String::from_utf8_lossy(&output.stdout).into_owned(),
-            )
-        }
+                    reason,
+                },
+            )?,
+        ),
         (None, None) => return Err(TokenError::NoSource),
     };
     let token = raw.trim().to_owned();
@@ -158,6 +173,61 @@ pub fn generate(config: Option<&str>, now_ms: i64) -> Result<OAuthToken, TokenEr
         principal_name: principal,
         lifetime_ms: expires_ms,
     })
+}
+
+/// Runs a token command: no shell, no arguments, standard input closed, an environment of
+/// `PATH` and the variables named in `pass`, at most `timeout` (then killed); its standard
+/// output, up to [`MAX_COMMAND_OUTPUT`]. On a worker of tokio's multi-thread runtime (librdkafka
+/// calls the refresh from inside a poll) the worker is handed back to the runtime first, so the
+/// wait blocks no other task.
+fn run_token_command(program: &str, pass: &[String], timeout: Duration) -> Result<String, String> {
+    let run = || {
+        let mut command = std::process::Command::new(program);
+        command
+            .env_clear()
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        for name in std::iter::once("PATH").chain(pass.iter().map(String::as_str)) {
+            if let Some(value) = std::env::var_os(name) {
+                command.env(name, value);
+            }
+        }
+        let mut child = command.spawn().map_err(|e| e.to_string())?;
+        let stdout = child.stdout.take().ok_or("no standard output")?;
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(
+                &mut std::io::Read::take(stdout, MAX_COMMAND_OUTPUT),
+                &mut text,
+            );
+            text
+        });
+        let deadline = std::time::Instant::now() + timeout;
+        let status = loop {
+            match child.try_wait().map_err(|e| e.to_string())? {
+                Some(status) => break status,
+                None if std::time::Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(format!("did not finish within {timeout:?}; killed"));
+                }
+                None => std::thread::sleep(Duration::from_millis(10)),
+            }
+        };
+        if !status.success() {
+            return Err(format!("exited with {status}"));
+        }
+        reader
+            .join()
+            .map_err(|_| "its output could not be read".to_owned())
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(run)
+        }
+        _ => run(),
+    }
 }
 
 /// The claims of a JWT (`header.claims.signature`), unverified: the broker verifies; exactly
@@ -299,6 +369,96 @@ mod tests {
         let err = refused(generate(Some(&format!("token_command={}", failing.display())), 0));
         assert!(err.to_string().contains("exited"), "{err}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn script(dir: &std::path::Path, name: &str, body: &str) -> std::path::PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).expect("script");
+        std::process::Command::new("chmod")
+            .args(["+x"])
+            .arg(&path)
+            .status()
+            .expect("chmod");
+        path
+    }
+
+    #[test]
+    fn a_hung_token_command_is_killed_after_its_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hung = script(dir.path(), "hung.sh", "sleep 60");
+        let started = std::time::Instant::now();
+        let err = refused(generate(
+            Some(&format!(
+                "token_command={} token_command_timeout_ms=300",
+                hung.display()
+            )),
+            0,
+        ));
+        assert!(err.to_string().contains("did not finish"), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    /// Token commands run from inside tasks of a one-worker runtime (as librdkafka runs the
+    /// refresh from a consumer's poll) hand their thread back: another task goes on meanwhile.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn a_token_command_blocks_no_task_of_the_runtime() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let slow = script(dir.path(), "slow.sh", "sleep 2; echo opaque");
+        // Called from inside a task, as librdkafka calls it from a consumer's poll.
+        let config = format!("token_command={} principal=p", slow.display());
+        let blockers: Vec<_> = (0..2)
+            .map(|_| {
+                let config = config.clone();
+                tokio::spawn(async move { generate(Some(&config), 0).map(|t| t.token) })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        let other = tokio::spawn(async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            7
+        });
+        assert_eq!(other.await.expect("task"), 7);
+        let waited = started.elapsed();
+        assert!(
+            waited < Duration::from_millis(1500),
+            "another task waited {waited:?} for the command"
+        );
+        for blocker in blockers {
+            assert_eq!(blocker.await.expect("task").expect("token"), "opaque");
+        }
+    }
+
+    #[test]
+    fn a_token_command_sees_only_path_and_the_variables_it_is_given() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let seen = dir.path().join("env.txt");
+        let printer = script(
+            dir.path(),
+            "printenv.sh",
+            &format!("env > {}; echo opaque-token", seen.display()),
+        );
+        // Names of this test's own, so no other test's environment changes.
+        std::env::set_var("EXACTLY_OAUTH_TEST_SECRET", "secret-9417");
+        std::env::set_var("EXACTLY_OAUTH_TEST_PASSED", "passed-5521");
+        let token = generate(
+            Some(&format!(
+                "token_command={} principal=p token_command_env=EXACTLY_OAUTH_TEST_PASSED",
+                printer.display()
+            )),
+            0,
+        )
+        .expect("token");
+        assert_eq!(token.token, "opaque-token");
+        let env = std::fs::read_to_string(&seen).expect("env");
+        assert!(!env.contains("secret-9417"), "{env}");
+        assert!(env.contains("EXACTLY_OAUTH_TEST_PASSED=passed-5521"), "{env}");
+        assert!(env.contains("PATH="), "{env}");
+        assert!(!env.contains("HOME="), "{env}");
     }
 
     #[test]

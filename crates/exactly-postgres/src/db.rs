@@ -31,6 +31,57 @@ pub enum SslMode {
     VerifyFull,
 }
 
+impl SslMode {
+    /// The libpq spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SslMode::Disable => "disable",
+            SslMode::Allow => "allow",
+            SslMode::Prefer => "prefer",
+            SslMode::Require => "require",
+            SslMode::VerifyCa => "verify-ca",
+            SslMode::VerifyFull => "verify-full",
+        }
+    }
+}
+
+/// libpq's TLS rules, from the `sslmode` and `sslrootcert` given (URL or `PGSSLMODE` /
+/// `PGSSLROOTCERT`) and `~/.postgresql/root.crt` when that file exists:
+/// - `sslrootcert=system` (the system's trusted roots, which trust every public CA) means
+///   `verify-full`, the default mode then; a weaker mode is refused (libpq 16), since only the
+///   host name check ties a publicly issued certificate to this server;
+/// - `verify-ca` and `verify-full` need a root certificate: with none given and no
+///   `~/.postgresql/root.crt` they are refused, not quietly verified against the system store;
+/// - `require` with a root certificate (given or the default file) verifies the chain, as
+///   `verify-ca` does.
+fn tls_policy(
+    mode: Option<&str>,
+    root: Option<PathBuf>,
+    default_root: Option<PathBuf>,
+) -> Result<(SslMode, Option<PathBuf>), PgError> {
+    let mode: Option<SslMode> = mode.map(str::parse).transpose()?;
+    if root.as_deref() == Some(Path::new("system")) {
+        return match mode {
+            None | Some(SslMode::VerifyFull) => Ok((SslMode::VerifyFull, root)),
+            Some(weak) => Err(PgError::Config(format!(
+                "sslmode {} may not be used with sslrootcert=system: the system store trusts every public CA, \
+                 so only verify-full (the host name check) ties the certificate to this server; use sslmode=verify-full",
+                weak.as_str()
+            ))),
+        };
+    }
+    let mode = mode.unwrap_or(SslMode::Prefer);
+    let root = root.or(default_root);
+    if root.is_none() && matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull) {
+        return Err(PgError::Config(format!(
+            "sslmode {} needs a root certificate to verify the server against: give sslrootcert=/path/to/ca.pem \
+             (or PGSSLROOTCERT, or ~/.postgresql/root.crt), or sslrootcert=system for the system's trusted roots",
+            mode.as_str()
+        )));
+    }
+    Ok((mode, root))
+}
+
 impl FromStr for SslMode {
     type Err = PgError;
     fn from_str(s: &str) -> Result<Self, PgError> {
@@ -74,11 +125,17 @@ impl PgTarget {
                 .find(|(k, _)| k == key)
                 .map(|(_, v)| v.into_owned())
         };
-        let ssl_mode = match value("sslmode") {
-            Some(mode) => mode.parse()?,
-            None => SslMode::Prefer,
-        };
-        let root_cert = value("sslrootcert").map(PathBuf::from);
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let default_root = std::env::var_os("HOME")
+            .map(|home| Path::new(&home).join(".postgresql/root.crt"))
+            .filter(|path| path.is_file());
+        let (ssl_mode, root_cert) = tls_policy(
+            value("sslmode").or_else(|| env("PGSSLMODE")).as_deref(),
+            value("sslrootcert")
+                .or_else(|| env("PGSSLROOTCERT"))
+                .map(PathBuf::from),
+            default_root,
+        )?;
         let client_cert = match (value("sslcert"), value("sslkey")) {
             (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
             (None, None) => None,
@@ -111,12 +168,19 @@ impl PgTarget {
                 let _ = replication_url.set_password(Some(&password));
             }
         }
-        // pg_walstream refuses keys it does not know; passfile is resolved above.
-        let replication_pairs: Vec<(String, String)> = url
+        // pg_walstream refuses keys it does not know; passfile is resolved above. It gets the
+        // mode and root certificate decided here (from the environment or ~/.postgresql too).
+        let mut replication_pairs: Vec<(String, String)> = url
             .query_pairs()
-            .filter(|(k, _)| k != "passfile")
+            .filter(|(k, _)| !matches!(k.as_ref(), "passfile" | "sslmode" | "sslrootcert"))
             .map(|(k, v)| (k.into_owned(), v.into_owned()))
             .collect();
+        if ssl_mode != SslMode::Prefer {
+            replication_pairs.push(("sslmode".into(), ssl_mode.as_str().into()));
+        }
+        if let Some(root) = &root_cert {
+            replication_pairs.push(("sslrootcert".into(), root.display().to_string()));
+        }
         replication_url.set_query(None);
         if !replication_pairs.is_empty() {
             replication_url.query_pairs_mut().extend_pairs(replication_pairs);
@@ -192,7 +256,9 @@ impl PgTarget {
             Some(path) => builder
                 .set_ca_file(path)
                 .map_err(|e| PgError::Config(format!("sslrootcert {}: {e}", path.display())))?,
-            None => builder.set_default_verify_paths().map_err(tls_error)?,
+            // No verification without a root certificate (`tls_policy` refused the modes that
+            // need one): nothing to load.
+            None => {}
         }
         if let Some((cert, key)) = &self.client_cert {
             builder
@@ -383,6 +449,59 @@ mod tests {
         assert_eq!(target.describe(), "app@db.example:5433/shop (sslmode VerifyFull)");
         assert!(PgTarget::parse("postgres://a@h/d?sslmode=sometimes").is_err());
         assert!(PgTarget::parse("postgres://a@h/d?sslcert=/c.pem").is_err());
+    }
+
+    #[test]
+    fn tls_modes_follow_libpq() {
+        let policy = |mode: Option<&str>, root: Option<&str>, default: Option<&str>| {
+            tls_policy(mode, root.map(PathBuf::from), default.map(PathBuf::from))
+                .map(|(mode, root)| (mode, root.map(|r| r.display().to_string())))
+                .map_err(|e| e.to_string())
+        };
+        // verify-ca and verify-full with no root certificate are refused, with the way out.
+        for mode in ["verify-ca", "verify-full"] {
+            let refused = policy(Some(mode), None, None).expect_err(mode);
+            assert!(
+                refused.contains("needs a root certificate") && refused.contains("sslrootcert"),
+                "{refused}"
+            );
+        }
+        // ~/.postgresql/root.crt counts as given, as in libpq.
+        assert_eq!(
+            policy(Some("verify-ca"), None, Some("/home/u/.postgresql/root.crt")),
+            Ok((SslMode::VerifyCa, Some("/home/u/.postgresql/root.crt".into())))
+        );
+        // sslrootcert=system: verify-full by default, and nothing weaker.
+        assert_eq!(
+            policy(None, Some("system"), None),
+            Ok((SslMode::VerifyFull, Some("system".into())))
+        );
+        assert_eq!(
+            policy(Some("verify-full"), Some("system"), None),
+            Ok((SslMode::VerifyFull, Some("system".into())))
+        );
+        for weak in ["disable", "allow", "prefer", "require", "verify-ca"] {
+            let refused = policy(Some(weak), Some("system"), None).expect_err(weak);
+            assert!(
+                refused.contains("sslrootcert=system") && refused.contains("verify-full"),
+                "{refused}"
+            );
+        }
+        // What stays as it was: require and prefer with no root certificate, require with one.
+        assert_eq!(policy(Some("require"), None, None), Ok((SslMode::Require, None)));
+        assert_eq!(policy(None, None, None), Ok((SslMode::Prefer, None)));
+        assert_eq!(
+            policy(Some("require"), Some("/ca.pem"), None),
+            Ok((SslMode::Require, Some("/ca.pem".into())))
+        );
+        // The replication stream gets the decided mode.
+        let target = PgTarget::parse("postgres://a@h/d?sslrootcert=system").expect("parses");
+        assert_eq!(target.ssl_mode, SslMode::VerifyFull);
+        assert!(
+            target.replication_url().contains("sslmode=verify-full"),
+            "{}",
+            target.replication_url()
+        );
     }
 
     #[test]

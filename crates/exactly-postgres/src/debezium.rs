@@ -98,6 +98,9 @@ pub enum DebeziumError {
     /// A header name exactly reserves.
     #[error("header {0:?}: names starting with exactly- are exactly's own")]
     ReservedHeader(String),
+    /// A header name that is empty or holds control characters.
+    #[error("header {0:?}: a header name must be non-empty text without control characters")]
+    BadHeader(String),
     /// The route does not translate.
     #[error(transparent)]
     Route(#[from] RouteError),
@@ -122,6 +125,18 @@ fn identifier(what: &'static str, name: &str) -> Result<String, DebeziumError> {
 
 fn literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
+}
+
+/// A dollar-quote tag (`$exactly$`, `$exactly1$`, …) that does not occur in `body`, so no value
+/// placed in the body (a header name, a route pattern) can end the function's quoting.
+fn dollar_tag(body: &str) -> String {
+    let mut tag = "$exactly$".to_owned();
+    let mut n = 0u32;
+    while body.contains(&tag) {
+        n += 1;
+        tag = format!("$exactly{n}$");
+    }
+    tag
 }
 
 /// The trigger's name, and its function's (one mirror per table).
@@ -232,13 +247,16 @@ impl DebeziumTable {
             if field.header.starts_with("exactly-") {
                 return Err(DebeziumError::ReservedHeader(field.header.clone()));
             }
+            if field.header.is_empty() || field.header.chars().any(char::is_control) {
+                return Err(DebeziumError::BadHeader(field.header.clone()));
+            }
             let (value, _) = column("additional_placement", &field.column)?;
             headers.push(format!("{}, {value}::text", literal(&field.header)));
         }
         let route = posix_route(&self.route_topic_regex, &self.route_topic_replacement)?;
         let (pattern, replacement) = (literal(&route.pattern), literal(&route.replacement));
-        Ok(format!(
-            r#"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS $exactly$
+        let body = format!(
+            r#"
 DECLARE
     routed text := {routed}::text;
     event_id uuid;
@@ -254,10 +272,14 @@ BEGIN
             CASE WHEN routed ~ {pattern} THEN regexp_replace(routed, {pattern}, {replacement}) ELSE routed END,
             {payload}, jsonb_strip_nulls(jsonb_build_object({headers})), {occurred_at});
     RETURN NULL;
-END $exactly$;
+END "#,
+            headers = headers.join(", "),
+        );
+        let tag = dollar_tag(&body);
+        Ok(format!(
+            r#"CREATE OR REPLACE FUNCTION {function}() RETURNS trigger LANGUAGE plpgsql AS {tag}{body}{tag};
 DROP TRIGGER IF EXISTS {MIRROR_TRIGGER} ON {table};
 CREATE TRIGGER {MIRROR_TRIGGER} AFTER INSERT ON {table} FOR EACH ROW EXECUTE FUNCTION {function}();"#,
-            headers = headers.join(", "),
         ))
     }
 
@@ -274,5 +296,70 @@ CREATE TRIGGER {MIRROR_TRIGGER} AFTER INSERT ON {table} FOR EACH ROW EXECUTE FUN
             .map_err(PgError::at("install the Debezium mirror"))?;
         tx.commit().await.map_err(PgError::at("commit mirror install"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A header alias built to close the function's dollar quote installs as plain
+    /// data: nothing they carry runs (even with `check_function_bodies = off`, which let the
+    /// injected statement run before), and the hostile name is just a header's name.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn hostile_header_aliases_and_routes_stay_data() {
+        let url = exactly_testkit::fresh_pg_database().await;
+        let mut client = crate::connect(&url).await.expect("connect");
+        crate::migrations::migrate(&mut client).await.expect("migrate");
+        client
+            .batch_execute(
+                "CREATE TABLE outboxevent (id uuid PRIMARY KEY, aggregatetype text NOT NULL,
+                     aggregateid text NOT NULL, type text NOT NULL, payload jsonb, tenant text);
+                 SET check_function_bodies = off;",
+            )
+            .await
+            .expect("schema");
+        let hostile = "h$exactly$; CREATE TABLE pwned (); --";
+        let table = DebeziumTable {
+            headers: vec![HeaderField {
+                column: "tenant".into(),
+                header: hostile.into(),
+            }],
+            ..DebeziumTable::default()
+        };
+        let sql = table.mirror_sql(&client).await.expect("sql");
+        assert!(sql.contains("$exactly1$"), "a tag the values do not hold: {sql}");
+        table.install_mirror(&mut client).await.expect("install");
+        client
+            .batch_execute(
+                "INSERT INTO outboxevent VALUES
+                 ('0190a0c4-0000-7000-8000-000000000001', 'Order', 'o-1', 'OrderPlaced', '{}', 'acme')",
+            )
+            .await
+            .expect("insert");
+        let pwned: bool = client
+            .query_one("SELECT to_regclass('pwned') IS NOT NULL", &[])
+            .await
+            .expect("look")
+            .get(0);
+        assert!(!pwned, "the injected statement ran");
+        let row = client
+            .query_one("SELECT topic, headers ->> $1 FROM outbox", &[&hostile])
+            .await
+            .expect("mirrored row");
+        assert_eq!(row.get::<_, String>(0), "outbox.event.Order");
+        assert_eq!(row.get::<_, Option<String>>(1).as_deref(), Some("acme"));
+
+        let control = DebeziumTable {
+            headers: vec![HeaderField {
+                column: "tenant".into(),
+                header: "a\nb".into(),
+            }],
+            ..DebeziumTable::default()
+        };
+        assert!(matches!(
+            control.mirror_sql(&client).await,
+            Err(DebeziumError::BadHeader(_))
+        ));
     }
 }

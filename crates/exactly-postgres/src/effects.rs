@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use exactly_core::dedupe::refusal_detail;
+use exactly_core::dedupe::{after_replays, refusal_detail, replay_moves_watermark, replayed_key_text};
 use exactly_core::operate::ReplayOutcome;
 use exactly_core::record::raw_headers_to_json;
 use exactly_core::{
@@ -146,10 +146,78 @@ async fn record_set_keys(
     Ok(fresh)
 }
 
+/// A partition's watermark row, read row-locked: the watermark and whether the row exists.
+async fn lock_watermark(
+    tx: &Transaction<'_>,
+    consumer: &str,
+    (source, topic, partition): (&str, &str, i32),
+) -> Result<(EpochWatermark, Option<i64>), PgError> {
+    let row = tx
+        .query_opt(
+            "SELECT high_key, source_epoch, next_offset FROM exactly_watermarks
+             WHERE consumer = $1 AND source = $2 AND topic = $3 AND partition = $4 FOR UPDATE",
+            &[&consumer, &source, &topic, &partition],
+        )
+        .await
+        .map_err(PgError::at("read watermark"))?;
+    let Some(r) = row else {
+        return Ok((EpochWatermark::default(), None));
+    };
+    let high: &str = r.get(0);
+    let high = u128::from_str_radix(high, 16)
+        .map_err(|e| PgError::Corrupt(format!("watermark {high:?} is not hex: {e}")))?;
+    Ok((
+        EpochWatermark::at(Some(high), r.get::<_, i64>(1).max(0) as u64),
+        Some(r.get(2)),
+    ))
+}
+
+/// Writes a partition's watermark. A row that did not exist when it was read is inserted, and
+/// one that another transaction inserted meanwhile (a live member and a replay, or two members
+/// in a rebalance, judging against no row at once) fails the transaction with a retryable
+/// error, so the loser judges again against the winner's row instead of applying twice.
+async fn write_watermark(
+    tx: &Transaction<'_>,
+    consumer: &str,
+    (source, topic, partition): (&str, &str, i32),
+    watermark: &EpochWatermark,
+    next_offset: i64,
+    existed: bool,
+) -> Result<(), PgError> {
+    let Some(high) = watermark.high() else {
+        return Ok(());
+    };
+    let (high, epoch) = (format!("{high:032x}"), watermark.epoch() as i64);
+    let written = if existed {
+        tx.execute(
+            "UPDATE exactly_watermarks SET high_key = $5, next_offset = $6, source_epoch = $7
+             WHERE consumer = $1 AND source = $2 AND topic = $3 AND partition = $4",
+            &[&consumer, &source, &topic, &partition, &high, &next_offset, &epoch],
+        )
+        .await
+    } else {
+        tx.execute(
+            "INSERT INTO exactly_watermarks (consumer, source, topic, partition, high_key, next_offset, source_epoch)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+            &[&consumer, &source, &topic, &partition, &high, &next_offset, &epoch],
+        )
+        .await
+    }
+    .map_err(PgError::at("advance watermark"))?;
+    if written == 1 {
+        Ok(())
+    } else {
+        Err(PgError::Concurrent(
+            "another transaction wrote this partition's watermark first",
+        ))
+    }
+}
+
 /// Judges the batch's sequence keys by their watermarks: one row-locked read and at most one
 /// write per source, topic and partition, each record judged in order as
 /// if they came one by one (the watermark written is the one the last new record left). The row
-/// lock makes concurrent appliers of one partition serialize.
+/// lock makes concurrent appliers of one partition, and replays, serialize. A key the watermark
+/// refuses is a repeat if a replay applied it ([`after_replays`]).
 async fn record_sequence_keys(
     tx: &Transaction<'_>,
     consumer: &str,
@@ -168,25 +236,10 @@ async fn record_sequence_keys(
             }
         }
     }
-    for ((source, topic, partition), members) in groups {
-        let row = tx
-            .query_opt(
-                "SELECT high_key, source_epoch FROM exactly_watermarks
-                 WHERE consumer = $1 AND source = $2 AND topic = $3 AND partition = $4 FOR UPDATE",
-                &[&consumer, &source, &topic, &partition],
-            )
-            .await
-            .map_err(PgError::at("read watermark"))?;
-        let mut watermark = match row {
-            None => EpochWatermark::default(),
-            Some(r) => {
-                let high: &str = r.get(0);
-                let high = u128::from_str_radix(high, 16)
-                    .map_err(|e| PgError::Corrupt(format!("watermark {high:?} is not hex: {e}")))?;
-                EpochWatermark::at(Some(high), r.get::<_, i64>(1).max(0) as u64)
-            }
-        };
-        let mut advanced: Option<(u128, i64)> = None;
+    let mut refused = Vec::new();
+    for (id, members) in groups {
+        let (mut watermark, stored_next) = lock_watermark(tx, consumer, id).await?;
+        let mut advanced: Option<i64> = None;
         for index in members {
             let inbound = &batch[index];
             let IdempotencyKey::Sequence { value, .. } = &inbound.delivery.key else {
@@ -194,67 +247,112 @@ async fn record_sequence_keys(
             };
             verdicts[index] = Some(match watermark.observe(*value, inbound.delivery.source_epoch) {
                 SequenceVerdict::New => {
-                    advanced = Some((*value, inbound.offset + 1));
+                    advanced = Some(inbound.offset + 1);
                     Ok(true)
                 }
                 SequenceVerdict::Duplicate => Ok(false),
-                refused => Err(refusal_detail(
-                    &inbound.delivery.key,
-                    inbound.delivery.source_epoch,
-                    refused,
-                )),
+                verdict => {
+                    refused.push((index, verdict));
+                    Err(String::new())
+                }
             });
         }
-        if let Some((high, next_offset)) = advanced {
-            tx.execute(
-                "INSERT INTO exactly_watermarks (consumer, source, topic, partition, high_key, next_offset, source_epoch)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7)
-                 ON CONFLICT (consumer, source, topic, partition)
-                 DO UPDATE SET high_key = excluded.high_key, next_offset = excluded.next_offset,
-                               source_epoch = excluded.source_epoch",
-                &[
-                    &consumer,
-                    &source,
-                    &topic,
-                    &partition,
-                    &format!("{high:032x}"),
-                    &next_offset,
-                    &(watermark.epoch() as i64),
-                ],
-            )
-            .await
-            .map_err(PgError::at("advance watermark"))?;
+        if let Some(next_offset) = advanced {
+            write_watermark(tx, consumer, id, &watermark, next_offset, stored_next.is_some()).await?;
         }
+    }
+    if refused.is_empty() {
+        return Ok(());
+    }
+    // Refused keys are rare (a failover, a restore): one look at the key set for replays.
+    let keys: Vec<String> = refused
+        .iter()
+        .map(|(index, _)| {
+            let delivery = batch[*index].delivery;
+            replayed_key_text(&delivery.key, delivery.source_epoch)
+        })
+        .collect();
+    let replayed: HashSet<String> = tx
+        .query(
+            "SELECT key FROM exactly_processed WHERE consumer = $1 AND key = ANY($2)",
+            &[&consumer, &keys],
+        )
+        .await
+        .map_err(PgError::at("look up replayed keys"))?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    for ((index, verdict), key) in refused.into_iter().zip(keys) {
+        let delivery = batch[index].delivery;
+        verdicts[index] = Some(match after_replays(verdict, replayed.contains(&key)) {
+            SequenceVerdict::Duplicate => Ok(false),
+            verdict => Err(refusal_detail(&delivery.key, delivery.source_epoch, verdict)),
+        });
     }
     Ok(())
 }
 
 impl<H: PgHandler> PgEffects<H> {
     /// Applies parked message `id` of this consumer through the handler, in one transaction
-    /// with its key recorded in the key set and its parked row removed. A key found recorded
-    /// means it was applied already: only the parked row goes. A handler error changes nothing.
+    /// with its key recorded in the key set and its parked row removed; a sequence key above
+    /// its partition's watermark also moves the watermark and the resume offset past it, so the
+    /// live path takes the record for a repeat (see [`exactly_core::dedupe::replay_moves_watermark`]).
+    /// A key found recorded means it was applied already: only the parked row goes. A handler
+    /// error changes nothing.
+    ///
+    /// Safe beside live members of the group: the replay takes the partition's watermark row
+    /// lock before the parked row, in the order the live path takes them, and a live member that
+    /// applied the record first has removed the parked row (the replay then reports it applied).
     pub async fn replay_parked(&self, id: i64) -> Result<ReplayOutcome, StoreError> {
+        let mut attempt = 0;
+        loop {
+            match self.replay_once(id).await {
+                Err(error) if error.is_conflict() && attempt < 5 => attempt += 1,
+                outcome => return Ok(outcome?),
+            }
+        }
+    }
+
+    async fn replay_once(&self, id: i64) -> Result<ReplayOutcome, PgError> {
         let mut client = self.client().await?;
         let tx = client.transaction().await.map_err(PgError::at("begin replay"))?;
         let row = tx
             .query_opt(
                 &format!(
-                    "DELETE FROM exactly_parked p WHERE p.consumer = $1 AND p.id = $2 RETURNING {}",
+                    "SELECT {} FROM exactly_parked p WHERE p.consumer = $1 AND p.id = $2",
                     crate::operate::PARKED_COLUMNS
                 ),
                 &[&self.consumer, &id],
             )
             .await
-            .map_err(PgError::at("take parked message"))?;
+            .map_err(PgError::at("read parked message"))?;
         let Some(row) = row else {
             return Ok(ReplayOutcome::NotFound);
         };
         let parked = crate::operate::parked_row(&row);
         let delivery = match parked.delivery() {
             Ok(delivery) => delivery,
-            // Dropping the transaction keeps the row.
             Err(why) => return Ok(ReplayOutcome::Unreplayable(why)),
         };
+        let partition = match &delivery.key {
+            IdempotencyKey::Sequence { source, value } => {
+                let id = (source.as_str(), parked.topic.as_str(), parked.partition);
+                let (watermark, stored_next) = lock_watermark(&tx, &self.consumer, id).await?;
+                Some((id, *value, watermark, stored_next))
+            }
+            _ => None,
+        };
+        let taken = tx
+            .execute(
+                "DELETE FROM exactly_parked WHERE consumer = $1 AND id = $2",
+                &[&self.consumer, &id],
+            )
+            .await
+            .map_err(PgError::at("take parked message"))?;
+        if taken == 0 {
+            // A live member applied it (and unparked it) while this replay waited for the lock.
+            return Ok(ReplayOutcome::AlreadyApplied);
+        }
         let recorded = tx
             .query_opt(
                 "INSERT INTO exactly_processed (consumer, key, event_id, topic, partition, \"offset\", processed_at)
@@ -262,7 +360,7 @@ impl<H: PgHandler> PgEffects<H> {
                  ON CONFLICT DO NOTHING RETURNING 1",
                 &[
                     &self.consumer,
-                    &delivery.key.to_string(),
+                    &replayed_key_text(&delivery.key, delivery.source_epoch),
                     &delivery.envelope.event_id.hyphenated().to_string(),
                     &parked.topic,
                     &parked.partition,
@@ -274,6 +372,20 @@ impl<H: PgHandler> PgEffects<H> {
         if recorded.is_none() {
             tx.commit().await.map_err(PgError::at("commit replay"))?;
             return Ok(ReplayOutcome::AlreadyApplied);
+        }
+        if let Some((id, value, mut watermark, stored_next)) = partition {
+            if replay_moves_watermark(&mut watermark, value, delivery.source_epoch) {
+                let next_offset = stored_next.unwrap_or(0).max(parked.offset + 1);
+                write_watermark(
+                    &tx,
+                    &self.consumer,
+                    id,
+                    &watermark,
+                    next_offset,
+                    stored_next.is_some(),
+                )
+                .await?;
+            }
         }
         let inbound = Inbound {
             topic: &parked.topic,
@@ -414,5 +526,222 @@ impl<H: PgHandler> EffectStore for PgEffects<H> {
             .await
             .map_err(PgError::at("park message"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use exactly_core::{Delivery, Envelope};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// Writes one `effects` row per application; fails while `failing` is set.
+    struct Recording {
+        failing: Arc<AtomicBool>,
+        pause: std::time::Duration,
+    }
+
+    impl PgHandler for Recording {
+        fn handle<'a>(
+            &'a self,
+            tx: &'a Transaction<'a>,
+            inbound: &'a Inbound<'a>,
+        ) -> BoxFuture<'a, Result<(), HandlerError>> {
+            Box::pin(async move {
+                if self.failing.load(Ordering::SeqCst) {
+                    return Err(HandlerError::Retryable("downstream is down".into()));
+                }
+                tx.execute(
+                    "INSERT INTO effects (key) VALUES ($1)",
+                    &[&inbound.delivery.key.to_string()],
+                )
+                .await
+                .map_err(|e| HandlerError::Retryable(e.to_string()))?;
+                tokio::time::sleep(self.pause).await;
+                Ok(())
+            })
+        }
+    }
+
+    /// A WAL relay's record: sequence key `value` of source `pg:1:shop`.
+    fn sequence(value: u128) -> Delivery {
+        Delivery {
+            key: IdempotencyKey::Sequence {
+                source: "pg:1:shop".into(),
+                value,
+            },
+            envelope: Envelope {
+                event_id: uuid::Uuid::from_u128(0x0123_4567_89ab_4def_8123_0000_0000_0000 | value),
+                event_type: "T".into(),
+                aggregate_type: "thing".into(),
+                aggregate_id: "A".into(),
+                occurred_at: UnixMillis(0),
+                payload: b"{}".to_vec(),
+                headers: vec![],
+            },
+            source_epoch: None,
+        }
+    }
+
+    fn inbound(delivery: &Delivery, partition: i32, offset: i64) -> Inbound<'_> {
+        Inbound {
+            topic: "orders",
+            partition,
+            offset,
+            delivery,
+            now: UnixMillis(1_000),
+        }
+    }
+
+    /// The record parked as the consumer parks one whose retries ran out.
+    fn parked(delivery: &Delivery, partition: i32, offset: i64) -> ParkedMessage {
+        ParkedMessage {
+            topic: "orders".into(),
+            partition,
+            offset,
+            reason: ParkReason::RetriesExhausted,
+            detail: "downstream is down".into(),
+            key_text: Some(delivery.key.to_string()),
+            record_key: None,
+            headers: delivery
+                .envelope
+                .to_headers(&delivery.key)
+                .into_iter()
+                .map(|(n, v)| (n, Some(v)))
+                .collect(),
+            payload: Some(delivery.envelope.payload.clone()),
+            parked_at: UnixMillis(1_000),
+        }
+    }
+
+    async fn store(url: &str, failing: &Arc<AtomicBool>, pause_ms: u64) -> PgEffects<Recording> {
+        let handler = Recording {
+            failing: failing.clone(),
+            pause: std::time::Duration::from_millis(pause_ms),
+        };
+        PgEffects::connect(url, "ledger", handler).await.expect("connect")
+    }
+
+    async fn parked_id(client: &Client, partition: i32) -> i64 {
+        client
+            .query_one(
+                "SELECT id FROM exactly_parked WHERE consumer = 'ledger' AND partition = $1",
+                &[&partition],
+            )
+            .await
+            .expect("parked row")
+            .get(0)
+    }
+
+    async fn effects(client: &Client, key: &IdempotencyKey) -> i64 {
+        client
+            .query_one("SELECT count(*) FROM effects WHERE key = $1", &[&key.to_string()])
+            .await
+            .expect("count")
+            .get(0)
+    }
+
+    /// The review's scenario: the last record of a partition is parked (the watermark stays
+    /// below it), replayed, and read again after a restart: it applies once.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_replayed_sequence_record_read_again_after_a_restart_applies_once() {
+        let url = exactly_testkit::fresh_pg_database().await;
+        let failing = Arc::new(AtomicBool::new(false));
+        let consumer = store(&url, &failing, 0).await;
+        let client = crate::connect(&url).await.expect("connect");
+        client
+            .batch_execute("CREATE TABLE effects (key TEXT NOT NULL)")
+            .await
+            .expect("schema");
+        let records: Vec<Delivery> = (1..=10).map(sequence).collect();
+        for (offset, d) in records.iter().enumerate().take(9) {
+            let outcome = consumer
+                .apply(inbound(d, 0, offset as i64 + 1))
+                .await
+                .expect("apply");
+            assert_eq!(outcome, ApplyOutcome::Applied);
+        }
+        failing.store(true, Ordering::SeqCst);
+        let last = &records[9];
+        assert!(matches!(
+            consumer.apply(inbound(last, 0, 10)).await.expect("apply"),
+            ApplyOutcome::Failed(_)
+        ));
+        consumer.park(&parked(last, 0, 10)).await.expect("park");
+        assert_eq!(
+            consumer.resume_offset("orders", 0).await.expect("resume"),
+            Some(10)
+        );
+        failing.store(false, Ordering::SeqCst);
+        let id = parked_id(&client, 0).await;
+        assert_eq!(
+            consumer.replay_parked(id).await.expect("replay"),
+            ReplayOutcome::Applied
+        );
+        assert_eq!(
+            consumer.resume_offset("orders", 0).await.expect("resume"),
+            Some(11),
+            "the replay moved the resume offset past the record"
+        );
+        // A restart that seeks to 10 anyway (an older stored offset, a rebalance) reads it again.
+        let restarted = store(&url, &failing, 0).await;
+        assert_eq!(
+            restarted.apply(inbound(last, 0, 10)).await.expect("apply"),
+            ApplyOutcome::Duplicate
+        );
+        assert_eq!(effects(&client, &last.key).await, 1);
+        assert_eq!(
+            consumer.replay_parked(id).await.expect("replay"),
+            ReplayOutcome::NotFound
+        );
+    }
+
+    /// A replay and a live member that reads the parked record again, at the same time, on
+    /// partitions with and without a watermark row: one of them applies it, the other sees that.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_replay_racing_a_live_consumer_applies_once() {
+        let url = exactly_testkit::fresh_pg_database().await;
+        let failing = Arc::new(AtomicBool::new(false));
+        let (live, operator) = (store(&url, &failing, 30).await, store(&url, &failing, 30).await);
+        let client = crate::connect(&url).await.expect("connect");
+        client
+            .batch_execute("CREATE TABLE effects (key TEXT NOT NULL)")
+            .await
+            .expect("schema");
+        for partition in 0..12 {
+            // Even partitions have applied records before the parked one; odd ones have none.
+            let base = partition as u128 * 100;
+            if partition % 2 == 0 {
+                let before = sequence(base + 1);
+                live.apply(inbound(&before, partition, 0)).await.expect("apply");
+            }
+            let record = sequence(base + 2);
+            live.park(&parked(&record, partition, 1)).await.expect("park");
+            let id = parked_id(&client, partition).await;
+            let again = async {
+                loop {
+                    match live.apply(inbound(&record, partition, 1)).await {
+                        Ok(outcome) => break outcome,
+                        Err(e) if e.is_retryable() => continue,
+                        Err(e) => panic!("live apply: {e}"),
+                    }
+                }
+            };
+            let (replayed, applied) = tokio::join!(operator.replay_parked(id), again);
+            let replayed = replayed.expect("replay");
+            assert_eq!(effects(&client, &record.key).await, 1, "partition {partition}");
+            match applied {
+                ApplyOutcome::Applied => assert!(
+                    matches!(replayed, ReplayOutcome::AlreadyApplied | ReplayOutcome::NotFound),
+                    "partition {partition}: {replayed:?}"
+                ),
+                ApplyOutcome::Duplicate => assert_eq!(replayed, ReplayOutcome::Applied),
+                other => panic!("partition {partition}: {other:?}"),
+            }
+            assert_eq!(
+                live.apply(inbound(&record, partition, 1)).await.expect("apply"),
+                ApplyOutcome::Duplicate
+            );
+        }
     }
 }

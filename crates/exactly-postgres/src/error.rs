@@ -55,6 +55,10 @@ pub enum PgError {
         /// `is lost (wal_status = 'lost')` or `does not exist`.
         state: &'static str,
     },
+    /// Another transaction changed what this one judged by (a watermark row written by a
+    /// concurrent applier): the transaction is rolled back and judged again.
+    #[error("postgres: {0}")]
+    Concurrent(&'static str),
     /// The session that held the sequence-key leader lock ended (a server restart): another
     /// relay may lead now, so this one must not publish another sequence.
     #[error("postgres: the sequence-key leader lock was lost with its connection; restart the relay to contend again")]
@@ -62,6 +66,20 @@ pub enum PgError {
 }
 
 impl PgError {
+    /// A conflict with a concurrent transaction (a watermark written first, a deadlock, a
+    /// serialization failure): the transaction rolled back and running it again decides.
+    pub fn is_conflict(&self) -> bool {
+        use tokio_postgres::error::SqlState;
+        match self {
+            PgError::Concurrent(_) => true,
+            PgError::Sql { source, .. } => matches!(
+                source.code(),
+                Some(code) if *code == SqlState::T_R_DEADLOCK_DETECTED || *code == SqlState::T_R_SERIALIZATION_FAILURE
+            ),
+            _ => false,
+        }
+    }
+
     /// For `map_err`: wraps a driver error with what was being done.
     pub fn at(context: &'static str) -> impl Fn(tokio_postgres::Error) -> PgError {
         move |source| PgError::Sql { context, source }
@@ -73,13 +91,28 @@ pub(crate) fn replication(context: &'static str) -> impl Fn(pg_walstream::Replic
     move |source| PgError::Replication { context, source }
 }
 
+/// The error as it is: it names the store and what was being done (`postgres: …`) once.
 impl From<PgError> for StoreError {
     fn from(e: PgError) -> Self {
         match e {
             PgError::Corrupt(_) | PgError::LeaderLost | PgError::SlotUnusable { .. } => {
-                StoreError::stop("postgres", e)
+                StoreError::stop("", e)
             }
-            _ => StoreError::new("postgres", e),
+            _ => StoreError::new("", e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_error_names_postgres_once() {
+        let error = StoreError::from(PgError::Corrupt("watermark \"zz\" is not hex".into()));
+        assert_eq!(error.to_string(), "postgres: watermark \"zz\" is not hex");
+        let error = StoreError::from(PgError::Concurrent("another transaction wrote it first"));
+        assert_eq!(error.to_string(), "postgres: another transaction wrote it first");
+        assert!(error.is_retryable());
     }
 }

@@ -332,4 +332,54 @@ mod tests {
         );
         assert!(matches!(lost, HandlerError::Retryable(_)), "{lost:?}");
     }
+    /// An event time no timestamp holds parks the record with the reason (it panicked in the
+    /// driver's conversion in a debug build, and wrote 1969-12-31 in release); one in range binds.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn an_occurred_at_out_of_range_is_rejected_not_bound() {
+        let url = exactly_testkit::fresh_pg_database().await;
+        let mut client = crate::connect(&url).await.expect("connect");
+        client
+            .batch_execute("CREATE TABLE seen (at timestamptz NOT NULL)")
+            .await
+            .expect("schema");
+        let handler = SqlHandler::prepare(&client, "INSERT INTO seen (at) VALUES (:occurred_at)")
+            .await
+            .expect("prepare");
+        for (ms, fits) in [(i64::MAX, false), (i64::MIN, false), (1_700_000_000_123, true)] {
+            let delivery = exactly_core::Delivery {
+                key: exactly_core::IdempotencyKey::UuidV4(uuid::Uuid::new_v4()),
+                envelope: exactly_core::Envelope {
+                    event_id: uuid::Uuid::new_v4(),
+                    event_type: "T".into(),
+                    aggregate_type: "a".into(),
+                    aggregate_id: "1".into(),
+                    occurred_at: exactly_core::UnixMillis(ms),
+                    payload: b"{}".to_vec(),
+                    headers: vec![],
+                },
+                source_epoch: None,
+            };
+            let inbound = Inbound {
+                topic: "t",
+                partition: 0,
+                offset: 0,
+                delivery: &delivery,
+                now: exactly_core::UnixMillis(0),
+            };
+            let tx = client.transaction().await.expect("begin");
+            let outcome = handler.handle(&tx, &inbound).await;
+            tx.commit().await.expect("commit");
+            match (outcome, fits) {
+                (Ok(()), true) => {}
+                (Err(HandlerError::Rejected(why)), false) => assert!(why.contains(":occurred_at"), "{why}"),
+                (other, _) => panic!("{ms}: {other:?}"),
+            }
+        }
+        let rows = client
+            .query("SELECT (extract(epoch FROM at) * 1000)::bigint FROM seen", &[])
+            .await
+            .expect("rows");
+        let rows: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        assert_eq!(rows, [1_700_000_000_123]);
+    }
 }

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use exactly_core::dedupe::refusal_detail;
+use exactly_core::dedupe::{after_replays, refusal_detail, replay_moves_watermark, replayed_key_text};
 use exactly_core::operate::ReplayOutcome;
 use exactly_core::record::raw_headers_to_json;
 use exactly_core::{
@@ -67,8 +67,74 @@ pub(crate) enum Recorded {
     Refused(String),
 }
 
+/// A partition's watermark and its stored resume offset (`None`: no row yet).
+fn read_watermark(
+    tx: &Transaction<'_>,
+    consumer: &str,
+    (source, topic, partition): (&str, &str, i32),
+) -> Result<(EpochWatermark, Option<i64>), SqliteError> {
+    let stored: Option<(String, i64, i64)> = tx
+        .query_row(
+            "SELECT high_key, source_epoch, next_offset FROM exactly_watermarks WHERE consumer = ?1 AND source = ?2 AND topic = ?3 AND partition = ?4",
+            params![consumer, source, topic, partition],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()
+        .map_err(SqliteError::at("read watermark"))?;
+    let Some((high, epoch, next)) = stored else {
+        return Ok((EpochWatermark::default(), None));
+    };
+    let high = u128::from_str_radix(&high, 16)
+        .map_err(|e| SqliteError::Runtime(format!("watermark {high:?} is not hex: {e}")))?;
+    Ok((EpochWatermark::at(Some(high), epoch.max(0) as u64), Some(next)))
+}
+
+/// Stores a partition's watermark and resume offset.
+fn write_watermark(
+    tx: &Transaction<'_>,
+    consumer: &str,
+    (source, topic, partition): (&str, &str, i32),
+    watermark: &EpochWatermark,
+    next_offset: i64,
+) -> Result<(), SqliteError> {
+    let Some(high) = watermark.high() else {
+        return Ok(());
+    };
+    tx.execute(
+        "INSERT INTO exactly_watermarks (consumer, source, topic, partition, high_key, next_offset, source_epoch)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+         ON CONFLICT (consumer, source, topic, partition) DO UPDATE SET high_key = excluded.high_key,
+            next_offset = excluded.next_offset, source_epoch = excluded.source_epoch",
+        params![
+            consumer,
+            source,
+            topic,
+            partition,
+            format!("{high:032x}"),
+            next_offset,
+            watermark.epoch() as i64
+        ],
+    )
+    .map_err(SqliteError::at("advance watermark"))?;
+    Ok(())
+}
+
+/// Whether a replay recorded this sequence key (see [`replayed_key_text`]).
+fn replayed(tx: &Transaction<'_>, consumer: &str, delivery: &Delivery) -> Result<bool, SqliteError> {
+    tx.query_row(
+        "SELECT 1 FROM exactly_processed WHERE consumer = ?1 AND key = ?2",
+        params![consumer, replayed_key_text(&delivery.key, delivery.source_epoch)],
+        |_| Ok(()),
+    )
+    .optional()
+    .map(|found| found.is_some())
+    .map_err(SqliteError::at("look up replayed key"))
+}
+
 /// Records `key` for `consumer`. Sequence keys are judged by the watermark of their source,
-/// topic and partition (with the source's epoch); others go into the key set.
+/// topic and partition (with the source's epoch; a refused key a replay applied is a repeat);
+/// others go into the key set. The transaction holds SQLite's write lock, so a replay and a
+/// live apply never judge at once.
 pub(crate) fn record_key(
     tx: &Transaction<'_>,
     consumer: &str,
@@ -76,49 +142,22 @@ pub(crate) fn record_key(
 ) -> Result<Recorded, SqliteError> {
     match &inbound.delivery.key {
         IdempotencyKey::Sequence { source, value } => {
-            let stored: Option<(String, i64)> = tx
-                .query_row(
-                    "SELECT high_key, source_epoch FROM exactly_watermarks WHERE consumer = ?1 AND source = ?2 AND topic = ?3 AND partition = ?4",
-                    params![consumer, source, inbound.topic, inbound.partition],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()
-                .map_err(SqliteError::at("read watermark"))?;
-            let mut watermark =
-                match stored {
-                    None => EpochWatermark::default(),
-                    Some((high, epoch)) => EpochWatermark::at(
-                        Some(u128::from_str_radix(&high, 16).map_err(|e| {
-                            SqliteError::Runtime(format!("watermark {high:?} is not hex: {e}"))
-                        })?),
-                        epoch.max(0) as u64,
-                    ),
-                };
-            match watermark.observe(*value, inbound.delivery.source_epoch) {
+            let id = (source.as_str(), inbound.topic.as_str(), inbound.partition);
+            let (mut watermark, _) = read_watermark(tx, consumer, id)?;
+            let delivery = &inbound.delivery;
+            match watermark.observe(*value, delivery.source_epoch) {
                 SequenceVerdict::New => {}
                 SequenceVerdict::Duplicate => return Ok(Recorded::Duplicate),
                 refused => {
-                    let delivery = &inbound.delivery;
-                    let detail = refusal_detail(&delivery.key, delivery.source_epoch, refused);
-                    return Ok(Recorded::Refused(detail));
+                    return Ok(match after_replays(refused, replayed(tx, consumer, delivery)?) {
+                        SequenceVerdict::Duplicate => Recorded::Duplicate,
+                        refused => {
+                            Recorded::Refused(refusal_detail(&delivery.key, delivery.source_epoch, refused))
+                        }
+                    });
                 }
             }
-            tx.execute(
-                "INSERT INTO exactly_watermarks (consumer, source, topic, partition, high_key, next_offset, source_epoch)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT (consumer, source, topic, partition) DO UPDATE SET high_key = excluded.high_key,
-                    next_offset = excluded.next_offset, source_epoch = excluded.source_epoch",
-                params![
-                    consumer,
-                    source,
-                    inbound.topic,
-                    inbound.partition,
-                    format!("{value:032x}"),
-                    inbound.offset + 1,
-                    watermark.epoch() as i64
-                ],
-            )
-            .map_err(SqliteError::at("advance watermark"))?;
+            write_watermark(tx, consumer, id, &watermark, inbound.offset + 1)?;
             Ok(Recorded::New)
         }
         key => {
@@ -159,7 +198,10 @@ fn unpark(tx: &Transaction<'_>, consumer: &str, delivery: &Delivery) -> Result<(
 
 impl<H: SqliteHandler> SqliteEffects<H> {
     /// Applies parked message `id` of this consumer through the handler, in one transaction
-    /// with its key recorded in the key set and its parked row removed. A key found recorded
+    /// with its key recorded in the key set and its parked row removed; a sequence key above
+    /// its partition's watermark also moves the watermark and the resume offset past it (see
+    /// [`exactly_core::dedupe::replay_moves_watermark`]). It holds the write lock, so it never
+    /// runs beside a live member's apply. A key found recorded
     /// means it was applied already: only the parked row goes. A handler error changes nothing.
     pub async fn replay_parked(&self, id: i64) -> Result<ReplayOutcome, StoreError> {
         let (consumer, handler) = (self.consumer.clone(), self.handler.clone());
@@ -199,7 +241,7 @@ impl<H: SqliteHandler> SqliteEffects<H> {
                          ON CONFLICT DO NOTHING",
                         params![
                             &*consumer,
-                            delivery.key.to_string(),
+                            replayed_key_text(&delivery.key, delivery.source_epoch),
                             delivery.envelope.event_id.hyphenated().to_string(),
                             parked.topic,
                             parked.partition,
@@ -210,6 +252,14 @@ impl<H: SqliteHandler> SqliteEffects<H> {
                 if recorded == 0 {
                     tx.commit().map_err(SqliteError::at("commit replay"))?;
                     return Ok(ReplayOutcome::AlreadyApplied);
+                }
+                if let IdempotencyKey::Sequence { source, value } = &delivery.key {
+                    let id = (source.as_str(), parked.topic.as_str(), parked.partition);
+                    let (mut watermark, stored_next) = read_watermark(&tx, &consumer, id)?;
+                    if replay_moves_watermark(&mut watermark, *value, delivery.source_epoch) {
+                        let next_offset = stored_next.unwrap_or(0).max(parked.offset + 1);
+                        write_watermark(&tx, &consumer, id, &watermark, next_offset)?;
+                    }
                 }
                 let inbound = Inbound {
                     topic: &parked.topic,
@@ -401,6 +451,171 @@ mod tests {
                 headers: vec![],
             },
             source_epoch: None,
+        }
+    }
+
+    fn sequence(value: u128) -> Delivery {
+        Delivery {
+            key: IdempotencyKey::Sequence {
+                source: "pg:1:shop".into(),
+                value,
+            },
+            ..delivery(value)
+        }
+    }
+
+    fn parked(d: &Delivery, offset: i64) -> ParkedMessage {
+        let mut headers: Vec<(String, Option<Vec<u8>>)> = d
+            .envelope
+            .to_headers(&d.key)
+            .into_iter()
+            .map(|(n, v)| (n, Some(v)))
+            .collect();
+        if let (IdempotencyKey::Sequence { source, .. }, Some(epoch)) = (&d.key, d.source_epoch) {
+            let value = exactly_core::source_header(source, epoch).into_bytes();
+            headers.push((exactly_core::header::SOURCE.to_owned(), Some(value)));
+        }
+        ParkedMessage {
+            topic: "t".into(),
+            partition: 0,
+            offset,
+            reason: ParkReason::RetriesExhausted,
+            detail: "downstream is down".into(),
+            key_text: Some(d.key.to_string()),
+            record_key: None,
+            headers,
+            payload: Some(d.envelope.payload.clone()),
+            parked_at: UnixMillis(0),
+        }
+    }
+
+    /// A handler writing one `effects` row per application, failing while `failing` is set.
+    fn recording(
+        failing: Arc<std::sync::atomic::AtomicBool>,
+    ) -> impl Fn(&Transaction<'_>, &Delivery) -> Result<(), HandlerError> + Send + Sync + 'static {
+        move |tx: &Transaction<'_>, d: &Delivery| {
+            if failing.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(HandlerError::Retryable("downstream is down".into()));
+            }
+            tx.execute("CREATE TABLE IF NOT EXISTS effects (key TEXT NOT NULL)", [])
+                .and_then(|_| tx.execute("INSERT INTO effects (key) VALUES (?1)", [d.key.to_string()]))
+                .map(|_| ())
+                .map_err(|e| HandlerError::Retryable(e.to_string()))
+        }
+    }
+
+    fn count_effects(path: &Path, key: &IdempotencyKey) -> i64 {
+        let conn = rusqlite::Connection::open(path).expect("open");
+        conn.query_row(
+            "SELECT count(*) FROM effects WHERE key = ?1",
+            [key.to_string()],
+            |r| r.get(0),
+        )
+        .expect("count")
+    }
+
+    /// The review's scenario: the last record of a partition is parked (the watermark stays
+    /// below it), replayed, and read again after a restart: it applies once.
+    #[tokio::test]
+    async fn a_replayed_sequence_record_read_again_after_a_restart_applies_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.db");
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let store = SqliteEffects::open(&path, "c", recording(failing.clone())).expect("open");
+        let records: Vec<Delivery> = (1..=10).map(sequence).collect();
+        let at = |d, offset| Inbound {
+            topic: "t",
+            partition: 0,
+            offset,
+            delivery: d,
+            now: UnixMillis(1),
+        };
+        for (offset, d) in records.iter().enumerate().take(9) {
+            assert_eq!(
+                store.apply(at(d, offset as i64 + 1)).await.expect("apply"),
+                ApplyOutcome::Applied
+            );
+        }
+        failing.store(true, std::sync::atomic::Ordering::SeqCst);
+        let last = &records[9];
+        assert!(matches!(
+            store.apply(at(last, 10)).await.expect("apply"),
+            ApplyOutcome::Failed(_)
+        ));
+        store.park(&parked(last, 10)).await.expect("park");
+        failing.store(false, std::sync::atomic::Ordering::SeqCst);
+        let id: i64 = rusqlite::Connection::open(&path)
+            .expect("open")
+            .query_row("SELECT id FROM exactly_parked", [], |r| r.get(0))
+            .expect("parked row");
+        assert_eq!(
+            store.replay_parked(id).await.expect("replay"),
+            ReplayOutcome::Applied
+        );
+        assert_eq!(store.resume_offset("t", 0).await.expect("resume"), Some(11));
+        let restarted = SqliteEffects::open(&path, "c", recording(failing.clone())).expect("open");
+        assert_eq!(
+            restarted.apply(at(last, 10)).await.expect("apply"),
+            ApplyOutcome::Duplicate
+        );
+        assert_eq!(count_effects(&path, &last.key), 1);
+
+        // A key the watermark refuses (a newer epoch below it), replayed, then met again live:
+        // a repeat, not parked a second time.
+        let mut regressed = sequence(5);
+        regressed.source_epoch = Some(1);
+        assert!(matches!(
+            store.apply(at(&regressed, 11)).await.expect("apply"),
+            ApplyOutcome::Refused(ParkReason::SourceRegressed, _)
+        ));
+        store.park(&parked(&regressed, 11)).await.expect("park");
+        let id: i64 = rusqlite::Connection::open(&path)
+            .expect("open")
+            .query_row("SELECT id FROM exactly_parked", [], |r| r.get(0))
+            .expect("parked row");
+        assert_eq!(
+            store.replay_parked(id).await.expect("replay"),
+            ReplayOutcome::Applied
+        );
+        assert_eq!(
+            store.apply(at(&regressed, 11)).await.expect("apply"),
+            ApplyOutcome::Duplicate
+        );
+        // The same position as the first history's event 5: that one and this one, once each.
+        assert_eq!(count_effects(&path, &regressed.key), 2);
+    }
+
+    /// A replay and a live member (another process's connection) reading the parked record
+    /// again at the same time: one applies it, the other sees that.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_replay_racing_a_live_consumer_applies_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("c.db");
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let live = SqliteEffects::open(&path, "c", recording(failing.clone())).expect("open");
+        let operator = SqliteEffects::open(&path, "c", recording(failing.clone())).expect("open");
+        for round in 0..20u128 {
+            let record = sequence(1_000 + round);
+            live.park(&parked(&record, round as i64)).await.expect("park");
+            let id: i64 = rusqlite::Connection::open(&path)
+                .expect("open")
+                .query_row("SELECT id FROM exactly_parked", [], |r| r.get(0))
+                .expect("parked row");
+            let inbound = Inbound {
+                topic: "t",
+                partition: 0,
+                offset: round as i64,
+                delivery: &record,
+                now: UnixMillis(1),
+            };
+            let (replayed, applied) = tokio::join!(operator.replay_parked(id), live.apply(inbound));
+            let (replayed, applied) = (replayed.expect("replay"), applied.expect("apply"));
+            assert_eq!(count_effects(&path, &record.key), 1, "round {round}");
+            match applied {
+                ApplyOutcome::Applied => assert!(matches!(replayed, ReplayOutcome::NotFound)),
+                ApplyOutcome::Duplicate => assert_eq!(replayed, ReplayOutcome::Applied),
+                other => panic!("round {round}: {other:?}"),
+            }
         }
     }
 

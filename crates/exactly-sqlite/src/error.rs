@@ -25,8 +25,20 @@ impl SqliteError {
     }
 }
 
+/// The error as it is: it names the store and what was being done (`sqlite: …`) once.
 impl From<SqliteError> for StoreError {
     fn from(e: SqliteError) -> Self {
-        StoreError::new("sqlite", e)
+        StoreError::new("", e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_store_error_names_sqlite_once() {
+        let error = StoreError::from(SqliteError::Runtime("a blocking task died".into()));
+        assert_eq!(error.to_string(), "sqlite: a blocking task died");
     }
 }

@@ -96,3 +96,59 @@ pub fn handler_error(error: rusqlite::Error) -> HandlerError {
         HandlerError::Rejected(message)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An event time no timestamp holds parks the record with the reason; one in range binds.
+    #[test]
+    fn an_occurred_at_out_of_range_is_rejected_not_bound() {
+        let mut conn = Connection::open_in_memory().expect("open");
+        conn.execute_batch("CREATE TABLE seen (ms INTEGER NOT NULL, day TEXT)")
+            .expect("schema");
+        let handler = SqlHandler::prepare(
+            &conn,
+            "INSERT INTO seen (ms, day) VALUES (:occurred_at, date(:occurred_at / 1000, 'unixepoch'))",
+        )
+        .expect("prepare");
+        for (ms, fits) in [(i64::MAX, false), (i64::MIN, false), (1_700_000_000_123, true)] {
+            let delivery = exactly_core::Delivery {
+                key: exactly_core::IdempotencyKey::UuidV4(uuid::Uuid::new_v4()),
+                envelope: exactly_core::Envelope {
+                    event_id: uuid::Uuid::new_v4(),
+                    event_type: "T".into(),
+                    aggregate_type: "a".into(),
+                    aggregate_id: "1".into(),
+                    occurred_at: exactly_core::UnixMillis(ms),
+                    payload: b"{}".to_vec(),
+                    headers: vec![],
+                },
+                source_epoch: None,
+            };
+            let inbound = Inbound {
+                topic: "t",
+                partition: 0,
+                offset: 0,
+                delivery: &delivery,
+                now: exactly_core::UnixMillis(0),
+            };
+            let tx = conn.transaction().expect("begin");
+            let outcome = handler.handle(&tx, &inbound);
+            tx.commit().expect("commit");
+            match (outcome, fits) {
+                (Ok(()), true) => {}
+                (Err(HandlerError::Rejected(why)), false) => assert!(why.contains(":occurred_at"), "{why}"),
+                (other, _) => panic!("{ms}: {other:?}"),
+            }
+        }
+        let rows: Vec<(i64, String)> = conn
+            .prepare("SELECT ms, day FROM seen")
+            .expect("select")
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .expect("rows")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(rows, [(1_700_000_000_123, "2023-11-14".to_owned())]);
+    }
+}
