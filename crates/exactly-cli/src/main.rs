@@ -3,28 +3,8 @@
 // In a binary crate `pub` only means visible to sibling modules.
 #![allow(unreachable_pub)]
 
-mod backend;
-mod bench;
-mod broker;
-mod commands;
-mod config_file;
-mod consumer_bench;
-mod demo;
-mod e2e_bench;
-mod fault_proxy;
-mod handlers;
-mod health;
-mod memory;
 mod operate;
-mod run;
-mod settings;
-mod sink;
-mod soak;
 mod status;
-mod story;
-mod stream_bench;
-mod telemetry;
-mod verify;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -33,10 +13,13 @@ use anyhow::Result;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use crate::commands::{Gauges, KafkaArgs};
-use crate::config_file::RunArgs;
-use crate::demo::{run_demo, DemoOptions};
-use crate::settings::{ConsumeSettings, RelayMode, RelaySettings, StreamSettings};
+use exactly_daemon::components::{self, Gauges};
+use exactly_daemon::config_file::{self, RunArgs};
+use exactly_daemon::process::{check_kafka, stop_on_signal};
+use exactly_daemon::settings::{self, ConsumeSettings, KafkaArgs, RelayMode, RelaySettings, StreamSettings};
+use exactly_daemon::{memory, run, sink, telemetry};
+use exactly_lab::demo::{run_demo, DemoOptions};
+use exactly_lab::{bench, consumer_bench, e2e_bench, soak, stream_bench, verify};
 
 #[derive(Parser)]
 #[command(
@@ -49,6 +32,9 @@ struct Cli {
     /// Levels come from EXACTLY_LOG (tracing's filter syntax).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "EXACTLY_LOG_FORMAT")]
     log_format: LogFormat,
+    /// Only warnings and errors: no start-up and progress lines (EXACTLY_LOG overrides).
+    #[arg(long, short = 'q', global = true)]
+    quiet: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -193,6 +179,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    exactly_lab::register_story_handlers();
     let matches = Cli::command().get_matches();
     if let Err(e) = refuse_ignored_relay_flags(&matches) {
         e.exit();
@@ -201,7 +188,11 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    init_logs(cli.log_format);
+    let long_running = matches!(
+        cli.command,
+        Command::Relay { .. } | Command::Consume { .. } | Command::Stream { .. } | Command::Run { .. }
+    );
+    init_logs(cli.log_format, long_running && !cli.quiet);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -235,10 +226,15 @@ fn error_message(error: &anyhow::Error) -> String {
     message
 }
 
-/// Logs go to stderr (stdout carries command output: tables, JSON, reports).
-fn init_logs(format: LogFormat) {
+/// Logs go to stderr (stdout carries command output: tables, JSON, reports). The long-running
+/// commands say at the info level what they started and how far they got (`say_progress`);
+/// the others, and `--quiet`, only warn. `EXACTLY_LOG` (tracing's filter syntax) overrides both.
+fn init_logs(format: LogFormat, say_progress: bool) {
+    const QUIET: &str = "warn,rdkafka=error,librdkafka=error,pg_walstream=error";
+    const PROGRESS: &str = "warn,exactly=info,exactly_daemon=info,exactly_kafka=info,exactly_postgres=info,\
+         exactly_sqlite=info,exactly_stream=info,rdkafka=error,librdkafka=error,pg_walstream=error";
     let filter = tracing_subscriber::EnvFilter::try_from_env("EXACTLY_LOG")
-        .unwrap_or_else(|_| "warn,rdkafka=error,librdkafka=error,pg_walstream=error".into());
+        .unwrap_or_else(|_| if say_progress { PROGRESS } else { QUIET }.into());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -278,14 +274,29 @@ fn refuse_ignored_relay_flags(matches: &ArgMatches) -> Result<(), clap::Error> {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
+    let long_running = matches!(
+        cli.command,
+        Command::Relay { .. } | Command::Consume { .. } | Command::Stream { .. } | Command::Run { .. }
+    );
+    if long_running {
+        exactly_daemon::progress::report_progress(std::time::Duration::from_secs(10));
+    }
+    let code = dispatch(cli).await?;
+    if long_running {
+        exactly_daemon::progress::say_totals();
+    }
+    Ok(code)
+}
+
+async fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Migrate {
             database,
             password_env,
             debezium,
         } => {
-            let database = settings::resolve_database(&database, password_env.as_deref())?;
-            commands::migrate(&database, &debezium).await?;
+            let database = exactly_daemon::database::resolve_database(&database, password_env.as_deref())?;
+            components::migrate(&database, &debezium).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo(options) => {
@@ -306,8 +317,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let kafka = kafka.settings()?;
             let gauges = serve_metrics_unless(no_metrics, metrics_addr, "relay")?;
             memory::bound_resident_memory();
-            commands::check_kafka(&kafka).await?;
-            commands::relay(relay, &kafka, gauges, commands::stop_on_signal()).await?;
+            check_kafka(&kafka).await?;
+            components::relay(relay, &kafka, gauges, stop_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Consume {
@@ -319,8 +330,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let kafka = kafka.settings()?;
             let gauges = serve_metrics_unless(no_metrics, metrics_addr, "consumer")?;
             memory::bound_resident_memory();
-            commands::check_kafka(&kafka).await?;
-            commands::consume(consumer, &kafka, gauges, commands::stop_on_signal()).await?;
+            check_kafka(&kafka).await?;
+            components::consume(consumer, &kafka, gauges, stop_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { args } => {
@@ -376,8 +387,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let kafka = kafka.settings()?;
             let gauges = serve_metrics_unless(no_metrics, metrics_addr, "stream")?;
             memory::bound_resident_memory();
-            commands::check_kafka(&kafka).await?;
-            commands::stream(stream, &kafka, gauges, commands::stop_on_signal()).await?;
+            check_kafka(&kafka).await?;
+            components::stream(stream, &kafka, gauges, stop_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::SinkCounts {
@@ -386,14 +397,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             topic,
             group,
         } => {
-            sink::sink_counts(
-                &database,
-                &kafka.settings()?,
-                &topic,
-                &group,
-                commands::stop_on_signal(),
-            )
-            .await?;
+            sink::sink_counts(&database, &kafka.settings()?, &topic, &group, stop_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify(options) => {

@@ -9,9 +9,9 @@ use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use exactly_core::operate::{DeadEvent, ParkedRow, ReplayOutcome, Selection};
 use exactly_core::UnixMillis;
 
-use crate::commands::Database;
-use crate::handlers::{ConsumerStore, HandlerChoice, Opening};
-use crate::settings::resolve_database;
+use exactly_daemon::database::resolve_database;
+use exactly_daemon::handlers::{ConsumerStore, HandlerChoice, Opening};
+use exactly_daemon::Database;
 
 /// The database every operator command reads.
 #[derive(Debug, Clone, clap::Args)]

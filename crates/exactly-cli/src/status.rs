@@ -9,9 +9,9 @@ use exactly_core::operate::{ConsumerState, Selection, SlotState};
 use exactly_core::OutboxStats;
 use serde_json::json;
 
-use crate::commands::Database;
-use crate::config_file::{self, RunArgs};
-use crate::settings::defaults;
+use exactly_daemon::config_file::{self, RunArgs};
+use exactly_daemon::settings::defaults;
+use exactly_daemon::Database;
 
 #[derive(Debug, clap::Args)]
 pub struct StatusArgs {

@@ -358,16 +358,16 @@ database = "shop.db"
     assert!(!stderr.contains("pg-s3cret"), "{stderr}");
 }
 
-/// The README's complete `exactly.toml` is `docs/exactly.toml`, and it validates (with the
-/// environment variables it names set).
+/// The configuration page's complete `exactly.toml` is `docs/exactly.toml`, and it validates
+/// (with the environment variables it names set).
 #[test]
-fn the_readme_config_is_the_docs_file_and_it_validates() {
+fn the_documented_config_is_the_docs_file_and_it_validates() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let file = std::fs::read_to_string(root.join("docs/exactly.toml")).expect("docs/exactly.toml");
-    let readme = std::fs::read_to_string(root.join("README.md")).expect("README.md");
+    let page = std::fs::read_to_string(root.join("docs/configuration.md")).expect("docs/configuration.md");
     assert!(
-        readme.contains(&format!("```toml\n{file}```")),
-        "README.md must show docs/exactly.toml verbatim"
+        page.contains(&format!("```toml\n{file}```")),
+        "docs/configuration.md must show docs/exactly.toml verbatim"
     );
     let out = Command::new(EXACTLY)
         .args(["config", "check", "--config"])

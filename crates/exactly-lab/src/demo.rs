@@ -1,6 +1,6 @@
 //! `exactly demo`: the story end to end, with faults, and a reconciliation at the end.
 
-use crate::settings::RelayMode;
+use exactly_daemon::settings::RelayMode;
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -486,7 +486,7 @@ async fn spawn_writers(
                     let result = (|| -> Result<()> {
                         let mut conn = exactly_sqlite::open(&path)?;
                         loop {
-                            let (op, rollback) = workload.next();
+                            let (op, rollback) = workload.next_operation();
                             if !rollback && !take() {
                                 return Ok(());
                             }
@@ -504,7 +504,7 @@ async fn spawn_writers(
                     let result = async {
                         let mut client = exactly_postgres::connect(&url).await?;
                         loop {
-                            let (op, rollback) = workload.next();
+                            let (op, rollback) = workload.next_operation();
                             if !rollback && !take() {
                                 return Ok(());
                             }

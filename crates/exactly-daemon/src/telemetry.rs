@@ -11,6 +11,31 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::health;
 
+/// The process's metrics recorder, installed on first use (with or without a listener: the
+/// progress lines read it too), its upkeep running every 5 s.
+pub fn recorder() -> Result<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets(&[
+            0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+        ])
+        .context("metrics buckets")?
+        .install_recorder()
+        .context("installing the metrics recorder")?;
+    let handle = HANDLE.get_or_init(|| handle).clone();
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
+}
+
 /// Connections the listener serves at once; further ones wait in the kernel's backlog (they
 /// hold no descriptor of this process) until a slot frees.
 const MAX_CONNECTIONS: usize = 64;
@@ -29,23 +54,11 @@ const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 /// spinning, so idle clients can neither take the descriptors Kafka and PostgreSQL reconnects
 /// need nor keep /healthz from answering for long.
 pub fn serve_metrics(addr: SocketAddr) -> Result<()> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets(&[
-            0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
-        ])
-        .context("metrics buckets")?
-        .install_recorder()
-        .context("installing the metrics recorder")?;
+    let handle = recorder()?;
     let listener = std::net::TcpListener::bind(addr).with_context(|| format!("serving metrics on {addr}"))?;
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
-    let upkeep = handle.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_secs(5)).await;
-            upkeep.run_upkeep();
-        }
-    });
+    tracing::info!("metrics on http://{addr}/metrics, health on /healthz and /readyz");
     tokio::spawn(async move {
         let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let mut backoff = Duration::from_millis(50);
@@ -232,14 +245,14 @@ pub async fn broker_probe(kafka: exactly_kafka::KafkaSettings, component: String
 
 /// Reports the database aspect of `component`'s readiness (a consumer's effect database):
 /// whether a trivial query answers, every [`health::PROBE_EVERY`].
-pub async fn database_probe(database: crate::commands::Database, component: String) {
+pub async fn database_probe(database: crate::database::Database, component: String) {
     let mut client: Option<tokio_postgres::Client> = None;
     loop {
         let problem = match &database {
-            crate::commands::Database::Sqlite(path) => exactly_sqlite::open_existing(path)
+            crate::database::Database::Sqlite(path) => exactly_sqlite::open_existing(path)
                 .err()
                 .map(|e| format!("database: {e}")),
-            crate::commands::Database::Postgres(url) => {
+            crate::database::Database::Postgres(url) => {
                 if client.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
                     client = exactly_postgres::connect(url).await.ok();
                 }
@@ -264,10 +277,15 @@ pub async fn database_probe(database: crate::commands::Database, component: Stri
 /// What a component is, for the metrics it always exports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ComponentKind {
+    /// `relay --mode poll`.
     PollRelay,
+    /// `relay --mode wal`.
     WalRelay,
+    /// `relay --mode wal --exactly-once`.
     ExactlyOnceRelay,
+    /// `consume`.
     Consumer,
+    /// `stream`.
     Stream,
 }
 

@@ -11,12 +11,48 @@ use exactly_postgres::{PgEffects, PgHandler};
 use exactly_sqlite::{SqliteEffects, SqliteHandler};
 use futures::future::BoxFuture;
 
-use crate::backend::StoryHandler;
-use crate::commands::Database;
-use crate::story::StoryConsumer;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
-/// The handler names `exactly consume --handler` takes.
-pub const HANDLERS: &[&str] = &["record", "sql", "story-coupons", "story-likes", "story-products"];
+use crate::database::Database;
+
+/// A handler of your own, for `exactly consume --handler NAME` and `handler = "NAME"` in a
+/// file: register it with [`register_handler`] before the settings are read. It runs in the
+/// consumer's transaction on either database, like the built-in ones.
+pub trait CustomHandler: PgHandler + SqliteHandler + std::fmt::Debug {
+    /// The name the consumer's rows carry in the effect database; `None`: the group's.
+    fn consumer_name(&self) -> Option<&str> {
+        None
+    }
+
+    /// Statements creating what it writes (`CREATE TABLE IF NOT EXISTS …`), run when a
+    /// consumer opens its database; the same text must suit both databases.
+    fn schema(&self) -> &str {
+        ""
+    }
+}
+
+fn registry() -> &'static Mutex<BTreeMap<String, Arc<dyn CustomHandler>>> {
+    static HANDLERS: OnceLock<Mutex<BTreeMap<String, Arc<dyn CustomHandler>>>> = OnceLock::new();
+    HANDLERS.get_or_init(Default::default)
+}
+
+/// Makes `handler` available under `name` (a later registration of the name replaces it).
+/// `record` and `sql` are built in and cannot be replaced.
+pub fn register_handler(name: &str, handler: Arc<dyn CustomHandler>) {
+    if let Ok(mut handlers) = registry().lock() {
+        handlers.insert(name.to_owned(), handler);
+    }
+}
+
+/// Every handler name `--handler` takes: the built-in ones, then the registered ones.
+pub fn handler_names() -> Vec<String> {
+    let mut names = vec!["record".to_owned(), "sql".to_owned()];
+    if let Ok(handlers) = registry().lock() {
+        names.extend(handlers.keys().cloned());
+    }
+    names
+}
 
 /// Which handler, with what it needs.
 #[derive(Debug, Clone)]
@@ -25,8 +61,8 @@ pub enum HandlerChoice {
     Record(RecordHandler),
     /// The statements of a SQL file.
     Sql(PathBuf),
-    /// One of the demo's consumers.
-    Story(StoryConsumer),
+    /// A handler registered with [`register_handler`].
+    Custom(Arc<dyn CustomHandler>),
 }
 
 impl HandlerChoice {
@@ -47,22 +83,23 @@ impl HandlerChoice {
                     .context("the sql handler needs a file of statements: --sql-file (sql_file in a file)")?
                     .to_owned(),
             ),
-            other => HandlerChoice::Story(
-                other
-                    .strip_prefix("story-")
-                    .and_then(StoryConsumer::parse)
-                    .with_context(|| {
-                        format!("unknown handler {other:?}: use one of {}", HANDLERS.join(", "))
-                    })?,
-            ),
+            other => {
+                let registered = registry().lock().ok().and_then(|h| h.get(other).cloned());
+                HandlerChoice::Custom(registered.with_context(|| {
+                    format!(
+                        "unknown handler {other:?}: use one of {}",
+                        handler_names().join(", ")
+                    )
+                })?)
+            }
         })
     }
 
-    /// The name of the consumer's rows in the effect database: the group's, except for the
-    /// demo's consumers, which keep their own.
-    fn consumer_name<'a>(&self, group: &'a str) -> &'a str {
+    /// The name of the consumer's rows in the effect database: the group's, unless a custom
+    /// handler names its own.
+    fn consumer_name<'a>(&'a self, group: &'a str) -> &'a str {
         match self {
-            HandlerChoice::Story(story) => story.name(),
+            HandlerChoice::Custom(custom) => custom.consumer_name().unwrap_or(group),
             _ => group,
         }
     }
@@ -76,7 +113,9 @@ impl HandlerChoice {
 /// difference of the variants does not matter).
 #[allow(clippy::large_enum_variant)]
 pub enum ConsumerStore {
+    /// On PostgreSQL.
     Postgres(PgEffects<PgAny>),
+    /// On SQLite.
     Sqlite(SqliteEffects<SqliteAny>),
 }
 
@@ -84,7 +123,9 @@ pub enum ConsumerStore {
 /// (the database must exist).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Opening {
+    /// A consumer: creates and migrates what is missing.
     Consumer,
+    /// An operator's command: the database must exist, nothing is created.
     Operator,
 }
 
@@ -109,9 +150,9 @@ impl ConsumerStore {
                         conn.execute_batch(RECORD_SCHEMA_SQLITE)?;
                         SqliteAny::Record(record.clone())
                     }
-                    HandlerChoice::Story(story) => {
-                        conn.execute_batch(crate::story::CONSUMER_SCHEMA)?;
-                        SqliteAny::Story(StoryHandler(*story))
+                    HandlerChoice::Custom(custom) => {
+                        conn.execute_batch(custom.schema())?;
+                        SqliteAny::Custom(custom.clone())
                     }
                     HandlerChoice::Sql(file) => SqliteAny::Sql(
                         exactly_sqlite::SqlHandler::prepare(&conn, &HandlerChoice::sql(file)?)
@@ -127,9 +168,9 @@ impl ConsumerStore {
                         client.batch_execute(RECORD_SCHEMA_PG).await?;
                         PgAny::Record(record.clone())
                     }
-                    HandlerChoice::Story(story) => {
-                        client.batch_execute(crate::story::CONSUMER_SCHEMA).await?;
-                        PgAny::Story(StoryHandler(*story))
+                    HandlerChoice::Custom(custom) => {
+                        client.batch_execute(custom.schema()).await?;
+                        PgAny::Custom(custom.clone())
                     }
                     HandlerChoice::Sql(file) => PgAny::Sql(
                         exactly_postgres::SqlHandler::prepare(&client, &HandlerChoice::sql(file)?)
@@ -153,8 +194,11 @@ impl ConsumerStore {
 
 /// Every handler `exactly consume` has, on PostgreSQL.
 pub enum PgAny {
+    /// `record`.
     Record(RecordHandler),
-    Story(StoryHandler),
+    /// A registered handler.
+    Custom(Arc<dyn CustomHandler>),
+    /// `sql`.
     Sql(exactly_postgres::SqlHandler),
 }
 
@@ -166,7 +210,7 @@ impl PgHandler for PgAny {
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         match self {
             PgAny::Record(h) => PgHandler::handle(h, tx, inbound),
-            PgAny::Story(h) => PgHandler::handle(h, tx, inbound),
+            PgAny::Custom(h) => PgHandler::handle(&**h, tx, inbound),
             PgAny::Sql(h) => PgHandler::handle(h, tx, inbound),
         }
     }
@@ -178,7 +222,7 @@ impl PgHandler for PgAny {
     ) -> BoxFuture<'a, Result<(), HandlerError>> {
         match self {
             PgAny::Record(h) => h.handle_batch(tx, batch),
-            PgAny::Story(h) => h.handle_batch(tx, batch),
+            PgAny::Custom(h) => h.handle_batch(tx, batch),
             PgAny::Sql(h) => h.handle_batch(tx, batch),
         }
     }
@@ -186,8 +230,11 @@ impl PgHandler for PgAny {
 
 /// Every handler `exactly consume` has, on SQLite.
 pub enum SqliteAny {
+    /// `record`.
     Record(RecordHandler),
-    Story(StoryHandler),
+    /// A registered handler.
+    Custom(Arc<dyn CustomHandler>),
+    /// `sql`.
     Sql(exactly_sqlite::SqlHandler),
 }
 
@@ -195,7 +242,7 @@ impl SqliteHandler for SqliteAny {
     fn handle(&self, tx: &rusqlite::Transaction<'_>, inbound: &Inbound<'_>) -> Result<(), HandlerError> {
         match self {
             SqliteAny::Record(h) => SqliteHandler::handle(h, tx, inbound),
-            SqliteAny::Story(h) => SqliteHandler::handle(h, tx, inbound),
+            SqliteAny::Custom(h) => SqliteHandler::handle(&**h, tx, inbound),
             SqliteAny::Sql(h) => SqliteHandler::handle(h, tx, inbound),
         }
     }
@@ -207,13 +254,16 @@ impl SqliteHandler for SqliteAny {
 /// type one of them; anything else is parked with the reason.
 #[derive(Debug, Clone, Default)]
 pub struct RecordHandler {
+    /// The event types it accepts (empty: any); others are parked as rejected.
     pub event_types: Vec<String>,
 }
 
+/// `exactly_consumed` on SQLite.
 pub const RECORD_SCHEMA_SQLITE: &str = "CREATE TABLE IF NOT EXISTS exactly_consumed (
     applied_seq INTEGER PRIMARY KEY, consumer TEXT NOT NULL, event_id TEXT NOT NULL, event_type TEXT NOT NULL,
     aggregate_id TEXT NOT NULL, occurred_at BIGINT NOT NULL, payload TEXT NOT NULL)";
 
+/// `exactly_consumed` on PostgreSQL.
 pub const RECORD_SCHEMA_PG: &str = "CREATE TABLE IF NOT EXISTS exactly_consumed (
     applied_seq BIGSERIAL PRIMARY KEY, consumer TEXT NOT NULL, event_id TEXT NOT NULL, event_type TEXT NOT NULL,
     aggregate_id TEXT NOT NULL, occurred_at BIGINT NOT NULL, payload TEXT NOT NULL)";
@@ -241,6 +291,10 @@ fn decode_json(delivery: &Delivery) -> Result<String, HandlerError> {
 const RECORD_INSERT: &str =
     "INSERT INTO exactly_consumed (consumer, event_id, event_type, aggregate_id, occurred_at, payload)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6)";
+
+const RECORD_INSERT_PG: &str =
+    "INSERT INTO exactly_consumed (consumer, event_id, event_type, aggregate_id, occurred_at, payload)
+     VALUES ($1, $2, $3, $4, $5, $6)";
 
 impl SqliteHandler for RecordHandler {
     fn handle(&self, tx: &rusqlite::Transaction<'_>, inbound: &Inbound<'_>) -> Result<(), HandlerError> {
@@ -274,7 +328,7 @@ impl PgHandler for RecordHandler {
             let payload = self.check(d)?;
             let e = &d.envelope;
             tx.execute(
-                &crate::story::pg_placeholders(RECORD_INSERT),
+                RECORD_INSERT_PG,
                 &[
                     &"record",
                     &e.event_id.hyphenated().to_string(),

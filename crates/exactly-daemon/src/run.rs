@@ -7,8 +7,9 @@ use anyhow::{Context, Result};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::commands::{self, Gauges};
+use crate::components::{self, Gauges};
 use crate::config_file::ConfigFile;
+use crate::process;
 use crate::telemetry::serve_metrics;
 
 /// Runs until SIGINT/SIGTERM or the first component's failure.
@@ -26,9 +27,9 @@ pub async fn run(config: ConfigFile) -> Result<()> {
     if config.metrics.enabled {
         serve_metrics(config.metrics.addr)?;
     }
-    commands::check_kafka(&config.kafka).await?;
+    process::check_kafka(&config.kafka).await?;
     let (stop_all, stop) = watch::channel(false);
-    let mut signal = commands::stop_on_signal();
+    let mut signal = process::stop_on_signal();
     let on_signal = stop_all.clone();
     tokio::spawn(async move {
         if signal.changed().await.is_ok() {
@@ -39,21 +40,21 @@ pub async fn run(config: ConfigFile) -> Result<()> {
     for (name, settings) in config.source.clone() {
         let (kafka, stop, gauges) = (config.kafka.clone(), stop.clone(), gauges("source", &name));
         components.spawn(async move {
-            let result = commands::relay(settings, &kafka, gauges, stop).await;
+            let result = components::relay(settings, &kafka, gauges, stop).await;
             (format!("source {name}"), result)
         });
     }
     for (name, settings) in config.consumer.clone() {
         let (kafka, stop, gauges) = (config.kafka.clone(), stop.clone(), gauges("consumer", &name));
         components.spawn(async move {
-            let result = commands::consume(settings, &kafka, gauges, stop).await;
+            let result = components::consume(settings, &kafka, gauges, stop).await;
             (format!("consumer {name}"), result)
         });
     }
     for (name, settings) in config.stream.clone() {
         let (kafka, stop, gauges) = (config.kafka.clone(), stop.clone(), gauges("stream", &name));
         components.spawn(async move {
-            let result = commands::stream(settings, &kafka, gauges, stop).await;
+            let result = components::stream(settings, &kafka, gauges, stop).await;
             (format!("stream {name}"), result)
         });
     }

@@ -54,6 +54,18 @@ impl SqliteHandler for StoryHandler {
     }
 }
 
+/// A story consumer is a handler `exactly consume --handler story-NAME` runs: its rows carry
+/// its own name, and its tables are made when it opens its database.
+impl exactly_daemon::handlers::CustomHandler for StoryHandler {
+    fn consumer_name(&self) -> Option<&str> {
+        Some(self.0.name())
+    }
+
+    fn schema(&self) -> &str {
+        crate::story::CONSUMER_SCHEMA
+    }
+}
+
 impl PgHandler for StoryHandler {
     fn handle<'a>(
         &'a self,
@@ -125,7 +137,7 @@ impl Workload {
     }
 
     /// The next operation and whether its transaction should roll back (about 5%).
-    pub fn next(&mut self) -> (Operation, bool) {
+    pub fn next_operation(&mut self) -> (Operation, bool) {
         self.counter += 1;
         let product = format!("P-{}", self.rng.random_range(0..self.products));
         let user = format!("U-{}", self.rng.random_range(0..self.users));

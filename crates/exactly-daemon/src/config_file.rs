@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use exactly_kafka::KafkaSettings;
 use serde::{Deserialize, Serialize};
 
-use crate::commands::Database;
+use crate::database::Database;
 use crate::settings::{ConsumeSettings, RelayMode, RelaySettings, StreamSettings};
 
 /// The whole file.

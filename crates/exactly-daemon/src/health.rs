@@ -38,7 +38,9 @@ pub fn global() -> &'static Health {
 /// A readiness or liveness answer: the HTTP status and a JSON body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Answer {
+    /// 200 when true, 503 otherwise.
     pub ok: bool,
+    /// Each component's state and reasons.
     pub body: serde_json::Value,
 }
 

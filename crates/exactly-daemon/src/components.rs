@@ -1,6 +1,7 @@
-//! `exactly relay`, `exactly consume`, `exactly status`.
+//! The components exactly runs, one entry each, built from their settings: [`relay`] (polling
+//! or WAL), [`consume`], [`stream`]; [`migrate`] installs the tables without starting anything.
+//! `exactly run` and each subcommand call these, and so can your own `main`.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -13,7 +14,9 @@ use exactly_postgres::{PgChangeFeed, PgOutbox, WalConfig};
 use exactly_sqlite::SqliteOutbox;
 use tokio::sync::watch;
 
+use crate::database::Database;
 use crate::handlers::{ConsumerStore, Opening};
+use crate::process::{kill_at, kill_at_points};
 use crate::settings::{
     ConsumeSettings, DebeziumSettings, Keys, OutboxMode, RelayMode, RelaySettings, StreamSettings,
 };
@@ -22,88 +25,30 @@ use crate::telemetry::{
     ComponentKind, SlotLimits,
 };
 
-/// A database argument: a `postgres://` URL or a SQLite file path.
-#[derive(Debug, Clone)]
-pub enum Database {
-    Postgres(String),
-    Sqlite(PathBuf),
-}
-
-impl Database {
-    pub fn parse(text: &str) -> Database {
-        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
-            Database::Postgres(text.to_owned())
-        } else {
-            Database::Sqlite(PathBuf::from(text.strip_prefix("sqlite://").unwrap_or(text)))
-        }
-    }
-}
-
-/// Stops on SIGINT/SIGTERM.
-pub fn stop_on_signal() -> watch::Receiver<bool> {
-    let (tx, rx) = watch::channel(false);
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
-        }
-        let _ = tx.send(true);
-    });
-    rx
-}
-
-/// Kills this process with SIGKILL at the `n`-th time `point` is reached: a real crash, no
-/// destructors, no flush, for tests.
-pub fn kill_at(point: FaultPoint, n: Option<u64>) -> Faults {
-    let Some(n) = n else { return Faults::none() };
-    let seen = std::sync::atomic::AtomicU64::new(0);
-    Faults::new(move |p| {
-        if p == point && seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == n {
-            let _ = std::process::Command::new("kill")
-                .args(["-9", &std::process::id().to_string()])
-                .status();
-            std::thread::sleep(Duration::from_secs(5));
-        }
-        false
-    })
-}
-
-/// Like [`kill_at`], for several points at once.
-pub fn kill_at_points(points: Vec<(FaultPoint, Option<u64>)>) -> Faults {
-    let points: Vec<(FaultPoint, u64, std::sync::atomic::AtomicU64)> = points
-        .into_iter()
-        .filter_map(|(p, n)| n.map(|n| (p, n, std::sync::atomic::AtomicU64::new(0))))
-        .collect();
-    if points.is_empty() {
-        return Faults::none();
-    }
-    Faults::new(move |at| {
-        for (point, n, seen) in &points {
-            if *point == at && seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1 == *n {
-                let _ = std::process::Command::new("kill")
-                    .args(["-9", &std::process::id().to_string()])
-                    .status();
-                std::thread::sleep(Duration::from_secs(5));
-            }
-        }
-        false
-    })
-}
-
 /// What a component does about metrics: nothing, or the gauges of its database under its
 /// name (the listener is the process's, served once by the caller).
 #[derive(Debug, Clone)]
 pub enum Gauges {
+    /// No gauges, no probes (`--no-metrics`).
     Off,
-    /// `name` labels the gauges; `component` names it in /readyz and /healthz.
+    /// Gauges and readiness probes.
     On {
+        /// Labels the gauges (`source` label).
         name: String,
+        /// Names it in /readyz and /healthz.
         component: String,
     },
 }
 
 impl Gauges {
+    /// The component's name in logs: its metrics name, or `default` when metrics are off.
+    fn name<'a>(&'a self, default: &'a str) -> &'a str {
+        match self {
+            Gauges::On { component, .. } => component,
+            Gauges::Off => default,
+        }
+    }
+
     /// Declares the component's readiness aspects and starts the broker probe (every
     /// component talks to the broker), and exports its counters from zero; the other aspects'
     /// probes are the caller's.
@@ -116,15 +61,6 @@ impl Gauges {
     }
 }
 
-/// Fails a command at start when Kafka refuses its TLS or login settings.
-pub async fn check_kafka(kafka: &exactly_kafka::KafkaSettings) -> Result<()> {
-    let kafka = kafka.clone();
-    tokio::task::spawn_blocking(move || exactly_kafka::check_connection(&kafka, Duration::from_secs(5)))
-        .await
-        .context("Kafka connection check")??;
-    Ok(())
-}
-
 /// One relay, polling or WAL by its settings, until `stop`.
 pub async fn relay(
     settings: RelaySettings,
@@ -132,7 +68,28 @@ pub async fn relay(
     gauges: Gauges,
     stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    install_debezium_mirror(&settings.database()?, &settings.debezium).await?;
+    let database = settings.database()?;
+    let mode = match (settings.mode, settings.exactly_once) {
+        (RelayMode::Poll, _) => "polling",
+        (RelayMode::Wal, false) => "WAL",
+        (RelayMode::Wal, true) => "exactly-once WAL",
+    };
+    let keys = match (settings.mode, settings.keys) {
+        (RelayMode::Wal, _) => "commit-position keys".to_owned(),
+        (RelayMode::Poll, Keys::EventId) => "event-id keys".to_owned(),
+        (RelayMode::Poll, Keys::Sequence) => "sequence keys".to_owned(),
+    };
+    tracing::info!(
+        "{}: {mode} relay from {database} to Kafka at {} ({keys}{})",
+        gauges.name("relay"),
+        kafka.brokers,
+        settings
+            .slot
+            .as_deref()
+            .map(|s| format!(", slot {s}"))
+            .unwrap_or_default()
+    );
+    install_debezium_mirror(&database, &settings.debezium).await?;
     match settings.mode {
         RelayMode::Poll => poll_relay(settings, kafka, gauges, stop).await,
         RelayMode::Wal => wal_relay(settings, kafka, gauges, stop).await,
@@ -213,31 +170,6 @@ async fn run_relay<S: OutboxStore + 'static>(
         return Ok(());
     }
     relay.run(stop).await.context("relay stopped")
-}
-
-/// How a command reaches Kafka: the bootstrap servers and librdkafka properties passed
-/// through (security, timeouts). The settings exactly-once depends on are refused here.
-#[derive(Debug, Clone, clap::Args)]
-pub struct KafkaArgs {
-    /// Bootstrap servers, host:port[,host:port…].
-    #[arg(long, env = "EXACTLY_BROKERS")]
-    pub brokers: String,
-    /// A librdkafka property (repeatable), e.g. security.protocol=SASL_SSL. A value env:NAME is
-    /// read from the environment variable NAME: give secrets that way, never on the command
-    /// line. acks, enable.idempotence, isolation.level, enable.auto.commit, max.in.flight and
-    /// transactional.id are exactly's own and are refused.
-    #[arg(long = "kafka-property", value_name = "NAME=VALUE", value_parser = exactly_kafka::parse_property)]
-    pub kafka_properties: Vec<(String, String)>,
-}
-
-impl KafkaArgs {
-    /// The settings, every environment reference checked.
-    pub fn settings(&self) -> Result<exactly_kafka::KafkaSettings> {
-        Ok(exactly_kafka::KafkaSettings::checked(
-            &self.brokers,
-            self.kafka_properties.iter().cloned(),
-        )?)
-    }
 }
 
 async fn wal_relay(
@@ -323,6 +255,16 @@ pub async fn stream(
     stop: watch::Receiver<bool>,
 ) -> Result<()> {
     gauges.start_probes(kafka, &["broker"], ComponentKind::Stream);
+    tracing::info!(
+        "{}: stream job {} from {} to {} (windows of {} ms, grace {} ms) on Kafka at {}",
+        gauges.name("stream"),
+        settings.application_id,
+        settings.input,
+        settings.output,
+        settings.window_ms,
+        settings.grace_ms,
+        kafka.brokers
+    );
     let config = settings.config(kafka)?;
     let partitions = settings.partitions;
     config
@@ -407,6 +349,15 @@ pub async fn consume(
         kafka,
         &["database", "broker", "partitions", "lag"],
         ComponentKind::Consumer,
+    );
+    tracing::info!(
+        "{}: group {} applies {} from Kafka at {} into {} ({} handler)",
+        gauges.name("consumer"),
+        args.group,
+        args.topics.join(", "),
+        kafka.brokers,
+        args.database()?,
+        args.handler
     );
     let counters = std::sync::Arc::new(exactly_kafka::ConsumerCounters::default());
     if let Gauges::On { component, .. } = &gauges {

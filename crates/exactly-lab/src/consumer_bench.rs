@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::bench::{produce_raw, BenchServices, Figure};
 use crate::broker::given_or_local;
-use crate::handlers::{RecordHandler, RECORD_SCHEMA_PG};
+use exactly_daemon::handlers::{RecordHandler, RECORD_SCHEMA_PG};
 
 /// Settings of `exactly bench consumer`.
 #[derive(Debug, Clone, clap::Args)]

@@ -6,15 +6,17 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 
-use crate::commands::Database;
+use crate::database::{resolve_database, Database};
 use crate::handlers::HandlerChoice;
 
 /// Default values, each used by the flag and by the file key.
 pub mod defaults {
+    // Each function is the default of the setting of its name.
+    #![allow(missing_docs)]
     pub fn max_lag_records() -> i64 {
         100_000
     }
@@ -634,28 +636,28 @@ impl StreamSettings {
     }
 }
 
-/// A database URL or file, with the password read from `password_env` (PostgreSQL) put into
-/// the URL held in memory, never printed: errors and logs describe a target without it.
-pub fn resolve_database(text: &str, password_env: Option<&str>) -> Result<Database> {
-    if text.trim().is_empty() {
-        bail!("database is empty: give a postgres:// URL or a SQLite file");
-    }
-    let database = Database::parse(text);
-    let Some(variable) = password_env else {
-        return Ok(database);
-    };
-    match database {
-        Database::Sqlite(_) => bail!("password_env applies to PostgreSQL only"),
-        Database::Postgres(url) => {
-            let password = std::env::var(variable).map_err(|_| {
-                anyhow::anyhow!("password_env names the environment variable {variable}, which is not set")
-            })?;
-            let mut parsed = url::Url::parse(&url).context("database is not a postgres:// URL")?;
-            parsed
-                .set_password(Some(&password))
-                .map_err(|()| anyhow::anyhow!("database URL cannot hold a password"))?;
-            Ok(Database::Postgres(parsed.to_string()))
-        }
+/// How a command reaches Kafka: the bootstrap servers and librdkafka properties passed
+/// through (security, timeouts). The settings exactly-once depends on are refused here.
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaArgs {
+    /// Bootstrap servers, host:port[,host:port…].
+    #[arg(long, env = "EXACTLY_BROKERS")]
+    pub brokers: String,
+    /// A librdkafka property (repeatable), e.g. security.protocol=SASL_SSL. A value env:NAME is
+    /// read from the environment variable NAME: give secrets that way, never on the command
+    /// line. acks, enable.idempotence, isolation.level, enable.auto.commit, max.in.flight and
+    /// transactional.id are exactly's own and are refused.
+    #[arg(long = "kafka-property", value_name = "NAME=VALUE", value_parser = exactly_kafka::parse_property)]
+    pub kafka_properties: Vec<(String, String)>,
+}
+
+impl KafkaArgs {
+    /// The settings, every environment reference checked.
+    pub fn settings(&self) -> Result<exactly_kafka::KafkaSettings> {
+        Ok(exactly_kafka::KafkaSettings::checked(
+            &self.brokers,
+            self.kafka_properties.iter().cloned(),
+        )?)
     }
 }
 
@@ -712,21 +714,5 @@ mod tests {
             ))
         );
         assert_eq!(relay.unused_setting(|k| k == "publication"), None);
-    }
-
-    #[test]
-    fn password_env_reaches_the_url_only_in_memory() {
-        std::env::set_var("EXACTLY_SETTINGS_TEST_PW", "s3cr:t@");
-        let Database::Postgres(url) =
-            resolve_database("postgres://app@h:5432/d", Some("EXACTLY_SETTINGS_TEST_PW")).expect("resolves")
-        else {
-            panic!("not postgres")
-        };
-        let parsed = url::Url::parse(&url).expect("url");
-        assert_eq!(parsed.password(), Some("s3cr%3At%40"));
-        let err = resolve_database("postgres://app@h/d", Some("EXACTLY_SETTINGS_TEST_UNSET"))
-            .expect_err("unset variable");
-        assert!(err.to_string().contains("EXACTLY_SETTINGS_TEST_UNSET"));
-        assert!(resolve_database("x.db", Some("EXACTLY_SETTINGS_TEST_PW")).is_err());
     }
 }
