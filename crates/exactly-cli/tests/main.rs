@@ -14,7 +14,6 @@ mod eos;
 mod health;
 mod operate;
 mod payloads;
-mod recipes;
 mod relay;
 mod run;
 mod sql_functions;

@@ -4,6 +4,8 @@
 //! leave nothing another test could see. A missing service fails the test with the command that
 //! starts it; nothing is skipped silently.
 
+pub mod scenarios;
+
 use std::collections::HashMap;
 use std::net::TcpStream;
 use std::path::PathBuf;
