@@ -1,17 +1,19 @@
 //! The idempotent consumer loop.
 
-use std::collections::{HashMap, HashSet};
+mod assignment;
+mod group_watch;
+
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use exactly_core::{
     after_handler_error, header, AfterError, ApplyOutcome, BatchOutcome, DedupePolicy, DedupeRoute,
-    EffectStore, GapVerdict, Inbound, OffsetGapCheck, ParkReason, ParkedMessage, RetryPolicy,
+    EffectStore, GapVerdict, Inbound, ParkReason, ParkedMessage, RetryPolicy,
 };
 use futures::FutureExt;
-use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
@@ -22,6 +24,10 @@ use crate::faults::{FaultPoint, Faults};
 use crate::gap::{follow_gap_verdict, GapFollowed};
 use crate::relay::now;
 use crate::wire::{decode_message, decode_message_keyed_by};
+
+pub(crate) use assignment::AssignmentContext;
+use assignment::{commit_offsets, Pending};
+use group_watch::{GroupWatch, FRUITLESS_LOOKS_BEFORE_REBUILD};
 
 /// How a consumer runs.
 #[derive(Debug, Clone)]
@@ -113,188 +119,6 @@ pub struct ConsumerCounters {
     pub assigned: AtomicU64,
     /// Records behind the end over its partitions (librdkafka's last statistics; -1: unknown).
     pub lag: std::sync::atomic::AtomicI64,
-}
-
-/// Offsets of applied records, per partition, not committed to Kafka yet.
-type Pending = HashMap<(String, i32), i64>;
-
-/// State the rebalance callbacks share with the consumer loop: partitions assigned since their
-/// last resume check, and the offsets applied but not yet committed.
-pub(crate) struct AssignmentContext {
-    unchecked: Mutex<HashSet<(String, i32)>>,
-    pending: Mutex<Pending>,
-    /// The offsets handed to this client, per partition, to read each gap in them twice.
-    gaps: Mutex<OffsetGapCheck<(String, i32)>>,
-    /// Total lag from the last statistics (-1: unknown).
-    lag: std::sync::atomic::AtomicI64,
-}
-
-impl Default for AssignmentContext {
-    fn default() -> Self {
-        AssignmentContext {
-            unchecked: Mutex::default(),
-            pending: Mutex::default(),
-            gaps: Mutex::default(),
-            lag: std::sync::atomic::AtomicI64::new(-1),
-        }
-    }
-}
-
-impl AssignmentContext {
-    fn unchecked(&self) -> std::sync::MutexGuard<'_, HashSet<(String, i32)>> {
-        // A poisoned set only means a panic elsewhere; its contents are still meaningful.
-        self.unchecked
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
-        self.pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn gaps(&self) -> std::sync::MutexGuard<'_, OffsetGapCheck<(String, i32)>> {
-        self.gaps
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-/// Commits `offsets` (`mode`); a failure only means a redelivery, which dedupe absorbs.
-fn commit_offsets<C: Consumer<AssignmentContext>>(
-    consumer: &C,
-    offsets: Pending,
-    mode: CommitMode,
-    when: &str,
-) {
-    if offsets.is_empty() {
-        return;
-    }
-    let mut list = TopicPartitionList::new();
-    for ((topic, partition), offset) in offsets {
-        if list
-            .add_partition_offset(&topic, partition, Offset::Offset(offset))
-            .is_err()
-        {
-            tracing::warn!("cannot commit offset {offset} of {topic}/{partition}");
-        }
-    }
-    if let Err(e) = consumer.commit(&list, mode) {
-        tracing::debug!("offset commit {when} failed (records will redeliver and dedupe): {e}");
-    }
-}
-
-impl ClientContext for AssignmentContext {
-    crate::oauth::oauth_token_refresh!();
-
-    fn stats(&self, statistics: rdkafka::Statistics) {
-        for (topic, t) in &statistics.topics {
-            for (partition, p) in t.partitions.iter().filter(|(p, _)| **p >= 0) {
-                tracing::debug!(
-                    "{topic}/{partition}: fetch_state {} next {} app {} committed {} hi {} fetchq {}",
-                    p.fetch_state,
-                    p.next_offset,
-                    p.app_offset,
-                    p.committed_offset,
-                    p.hi_offset,
-                    p.fetchq_cnt
-                );
-            }
-        }
-        let total = crate::config::export_consumer_lag(&statistics, "exactly_consumer_lag_records");
-        self.lag.store(total.unwrap_or(-1), Ordering::Relaxed);
-    }
-}
-
-impl ConsumerContext for AssignmentContext {
-    /// Before partitions go to another member: commit what was applied from them, so the next
-    /// owner starts after it (fewer redeliveries), and forget it, so it is never committed later
-    /// over the next owner's progress.
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(list) = rebalance {
-            let revoked: Pending = {
-                let mut pending = self.pending();
-                list.elements()
-                    .iter()
-                    .filter_map(|e| {
-                        let tp = (e.topic().to_owned(), e.partition());
-                        pending.remove(&tp).map(|offset| (tp, offset))
-                    })
-                    .collect()
-            };
-            // Async: a synchronous commit here would block the rebalance callback for as long as
-            // a slow coordinator takes (past max.poll.interval.ms, which puts the member out of
-            // the group). librdkafka waits for outstanding commits before it rejoins, so the
-            // next owner still starts after what was applied.
-            commit_offsets(consumer, revoked, CommitMode::Async, "at revoke");
-        }
-    }
-
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let mut unchecked = self.unchecked();
-        // A partition that comes back starts where another member left it, not where this
-        // client last read it.
-        let mut gaps = self.gaps();
-        match rebalance {
-            Rebalance::Assign(list) => {
-                for e in list.elements() {
-                    let tp = (e.topic().to_owned(), e.partition());
-                    gaps.forget(&tp);
-                    unchecked.insert(tp);
-                }
-            }
-            Rebalance::Revoke(list) => {
-                for e in list.elements() {
-                    let tp = (e.topic().to_owned(), e.partition());
-                    gaps.forget(&tp);
-                    unchecked.remove(&tp);
-                }
-            }
-            Rebalance::Error(_) => {}
-        }
-    }
-}
-
-/// How often the group is looked at: longer than a rebalance (session timeout 6 s, joins
-/// waiting part of the 10 s rebalance timeout), so a look never mistakes one for a stall.
-const GROUP_LOOK_INTERVAL: Duration = Duration::from_secs(15);
-
-/// Looks in a row, with no partition held, that could not read the group or rejoined it,
-/// before the client is replaced.
-/// Seen on Tansu: after a network partition, a connection to the coordinator stayed open and
-/// the broker never read from it again, so every group request timed out while new
-/// connections worked. librdkafka keeps such a connection; on Kafka a half-open connection
-/// after a partition does the same until TCP gives up. A new client has new connections.
-const FRUITLESS_LOOKS_BEFORE_REBUILD: u32 = 3;
-
-/// Watches whether the partitions this member does not hold are read by somebody; due once
-/// per look interval.
-#[derive(Default)]
-struct GroupWatch {
-    last_look: Option<Instant>,
-    /// The committed positions, at the last look, of the partitions this member did not hold
-    /// and where records were waiting.
-    positions: Option<Vec<(String, i32, i64)>>,
-    /// Looks in a row, with no partition held, that could not read the group or rejoined it.
-    fruitless: u32,
-}
-
-impl GroupWatch {
-    fn due(&mut self) -> bool {
-        match self.last_look {
-            None => {
-                // The first look only after one interval: a new member is still joining.
-                self.last_look = Some(Instant::now());
-                false
-            }
-            Some(at) if at.elapsed() < GROUP_LOOK_INTERVAL => false,
-            Some(_) => {
-                self.last_look = Some(Instant::now());
-                true
-            }
-        }
-    }
 }
 
 /// A consumer client of `config`'s group, subscribed to its topics.
@@ -455,103 +279,6 @@ impl<S: EffectStore> IdempotentConsumer<S> {
         }
         self.commit();
         Ok(())
-    }
-
-    /// Rejoins when records wait in partitions this member does not hold and nobody reads
-    /// them: the group's committed offsets there did not move since the last look (one look
-    /// interval ago). On Kafka a partition is always held by a live member that reads it, so
-    /// this never fires; Tansu 0.6.0 gets there two ways. After a broker restart the leader
-    /// synced an empty assignment and nothing triggered another. After a member's session
-    /// expired while its group was forming, the group formed with that member's assignment
-    /// still in it (one member, two assignments), and its partitions were never read again.
-    /// Tansu's group descriptions list no members, hence offsets, not members. A rejoin (leave,
-    /// join) makes Tansu form the group anew from the members alive.
-    fn rejoin_if_group_is_stuck(&self, watch: &mut GroupWatch) {
-        // Short timeouts: these calls block this loop, and a rebalance waits for it to poll.
-        const LOOK: Duration = Duration::from_millis(500);
-        let group = &self.config.group_id;
-        let consumer = self.consumer();
-        let held: HashSet<(String, i32)> = match consumer.assignment() {
-            Ok(list) => list
-                .elements()
-                .iter()
-                .map(|e| (e.topic().to_owned(), e.partition()))
-                .collect(),
-            Err(_) => HashSet::new(),
-        };
-        // Only a member without partitions counts looks that fail: one that holds partitions
-        // is reading them, so its connections work.
-        let fruitless = |watch: &mut GroupWatch| {
-            if held.is_empty() {
-                watch.fruitless += 1;
-            }
-        };
-        let mut list = TopicPartitionList::new();
-        for topic in &self.config.topics {
-            match consumer.fetch_metadata(Some(topic), LOOK) {
-                Ok(m) => {
-                    for t in m.topics() {
-                        for p in t.partitions() {
-                            if !held.contains(&(t.name().to_owned(), p.id())) {
-                                list.add_partition(t.name(), p.id());
-                            }
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!("cannot read metadata of {topic} (group check): {e}");
-                    fruitless(watch);
-                    return;
-                }
-            }
-        }
-        if !held.is_empty() {
-            watch.fruitless = 0;
-        }
-        if list.count() == 0 {
-            watch.positions = None;
-            return;
-        }
-        let committed = match consumer.committed_offsets(list, LOOK) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!("cannot read the committed offsets of {group} (group check): {e}");
-                fruitless(watch);
-                return;
-            }
-        };
-        let mut waiting = Vec::new();
-        for e in committed.elements() {
-            let Ok((low, high)) = consumer.fetch_watermarks(e.topic(), e.partition(), LOOK) else {
-                fruitless(watch);
-                return;
-            };
-            let position = match e.offset() {
-                Offset::Offset(o) => o,
-                _ => low,
-            };
-            if high > position {
-                waiting.push((e.topic().to_owned(), e.partition(), position));
-            }
-        }
-        let waiting = (!waiting.is_empty()).then_some(waiting);
-        let stuck = waiting.is_some() && watch.positions == waiting;
-        watch.positions = waiting;
-        if !stuck {
-            return;
-        }
-        watch.positions = None;
-        tracing::warn!(
-            "group {group}: records wait in partitions no member reads ({} held here): rejoining",
-            held.len()
-        );
-        metrics::counter!("exactly_consumer_rejoins_total").increment(1);
-        fruitless(watch);
-        let topics: Vec<&str> = self.config.topics.iter().map(String::as_str).collect();
-        consumer.unsubscribe();
-        if let Err(e) = consumer.subscribe(&topics) {
-            tracing::warn!("resubscribing failed (will retry): {e}");
-        }
     }
 
     /// Deletes key-set entries past the retention window. A failure is only logged: the entries
