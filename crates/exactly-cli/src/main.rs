@@ -235,8 +235,10 @@ fn init_logs(format: LogFormat, say_progress: bool) {
          exactly_sqlite=info,exactly_stream=info,rdkafka=error,librdkafka=error,pg_walstream=error";
     let filter = tracing_subscriber::EnvFilter::try_from_env("EXACTLY_LOG")
         .unwrap_or_else(|_| if say_progress { PROGRESS } else { QUIET }.into());
+    // Colours only for a person at a terminal, not for a file or a log collector.
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => logs.init(),

@@ -775,3 +775,65 @@ async fn a_claim_behind_many_sent_rows_reads_only_the_pending_ones() {
     }
     assert!(scans > 0, "the claim did not read the pending-rows index");
 }
+
+/// A long-running command says what it started and how far it got at the default level (the
+/// database shown without its password), and nothing with --quiet.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_says_what_it_started_and_what_it_published_unless_quiet() {
+    let brokers = brokers();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let service = dir.path().join("service.db");
+    let topic = unique("says");
+    exactly_kafka::ensure_topics(&brokers, &[&topic], 1)
+        .await
+        .expect("topic");
+    insert_sqlite(&service, &topic, 7);
+    let database = service.display().to_string();
+    let out = Command::new(EXACTLY)
+        .args([
+            "relay",
+            "--mode",
+            "poll",
+            "--database",
+            &database,
+            "--brokers",
+            &brokers,
+            "--no-metrics",
+            "--exit-when-idle",
+        ])
+        .env_remove("EXACTLY_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("relay");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "relay: polling relay from {database} to Kafka at {brokers}"
+        )),
+        "{stderr}"
+    );
+    assert!(stderr.contains("totals: published 7"), "{stderr}");
+
+    insert_sqlite(&service, &topic, 2);
+    let out = Command::new(EXACTLY)
+        .args([
+            "relay",
+            "--mode",
+            "poll",
+            "--database",
+            &database,
+            "--brokers",
+            &brokers,
+            "--no-metrics",
+            "--exit-when-idle",
+            "--quiet",
+        ])
+        .env_remove("EXACTLY_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("relay");
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "--quiet says nothing");
+    assert_eq!(read_topic(&brokers, &topic, 1, "read_committed").len(), 9);
+}
