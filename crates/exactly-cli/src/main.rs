@@ -399,7 +399,15 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             topic,
             group,
         } => {
-            sink::sink_counts(&database, &kafka.settings()?, &topic, &group, stop_on_signal()).await?;
+            sink::sink_counts(
+                &database,
+                &kafka.settings()?,
+                &topic,
+                &group,
+                None,
+                stop_on_signal(),
+            )
+            .await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify(options) => {

@@ -534,6 +534,7 @@ fn config_for(
         replication_factor: 1,
         min_insync_replicas: 1,
         max_event_time_skew_ms: exactly_stream::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
+        group_instance_id: None,
     }
 }
 
@@ -547,12 +548,16 @@ struct Running {
 
 impl Running {
     fn start(config: exactly_stream::StreamConfig) -> Running {
+        Running::start_with_faults(config, exactly_kafka::Faults::none())
+    }
+
+    fn start_with_faults(config: exactly_stream::StreamConfig, faults: exactly_kafka::Faults) -> Running {
         let counters = Arc::new(exactly_stream::StreamCounters::default());
         let stop = Arc::new(AtomicBool::new(false));
         let failed = Arc::new(std::sync::Mutex::new(None));
         let (c, s, f) = (counters.clone(), stop.clone(), failed.clone());
         let thread = std::thread::spawn(move || {
-            let ran = exactly_stream::Processor::new(config, c).and_then(|mut p| p.run(&s));
+            let ran = exactly_stream::Processor::new(config, c).and_then(|p| p.with_faults(faults).run(&s));
             if let Err(e) = &ran {
                 *f.lock().expect("lock") = Some(e.to_string());
             }
@@ -850,4 +855,54 @@ async fn exactly_stream_counts_the_demo_orders_into_order_counts() {
         }
     }
     assert_eq!(rows, expected, "order_counts equal the committed orders");
+}
+
+/// A commit refused because the group moved on (IllegalGeneration: a rebalance between the last
+/// poll and the commit, injected on every fourth commit) does not end the processor, in either
+/// guarantee: it drops what it did not commit, goes on from its committed state, and the merged
+/// counts equal the input's.
+#[test]
+fn a_commit_refused_by_a_group_that_moved_on_is_survived_in_both_guarantees() {
+    for guarantee in [
+        exactly_stream::Guarantee::ExactlyOnce,
+        exactly_stream::Guarantee::AtLeastOnce,
+    ] {
+        let brokers = brokers();
+        let (input, output, app) = (unique("orders"), unique("agg-out"), unique("refused"));
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        let state = tempfile::tempdir().expect("dir");
+        let mut config = config_for(&brokers, &app, "0", &input, &output, state.path());
+        config.guarantee = guarantee;
+        runtime
+            .block_on(exactly_kafka::ensure_topics(&brokers, &[&input], 2))
+            .expect("input topic");
+        runtime
+            .block_on(config.prepare_topics(2))
+            .expect("internal topics");
+        let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let seen = commits.clone();
+        let faults = exactly_kafka::Faults::new(move |point| {
+            point == exactly_kafka::FaultPoint::StreamCommitRefused
+                && (seen.fetch_add(1, Ordering::SeqCst) + 1) % 4 == 0
+        });
+        let running = Running::start_with_faults(config, faults);
+        wait_for("both tasks", Duration::from_secs(60), || running.tasks() == 2);
+        let t0 = (exactly_kafka::now().0 / WINDOW) * WINDOW - WINDOW;
+        let events: Vec<Envelope> = (0..1_500)
+            .map(|i| order(i, UnixMillis(t0 + (i as i64 * 97) % (2 * WINDOW))))
+            .collect();
+        for chunk in events.chunks(100) {
+            produce(&brokers, &input, chunk);
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        let expected = expected_counts(&events);
+        wait_for(
+            &format!("{guarantee:?}: exact counts"),
+            Duration::from_secs(120),
+            || running.tasks() == 2 && merged_counts(&brokers, &output, 2) == expected,
+        );
+        let refused = running.counters.aborts.load(Ordering::Relaxed);
+        assert!(refused >= 2, "{guarantee:?}: {refused} commits refused");
+        running.stop();
+    }
 }

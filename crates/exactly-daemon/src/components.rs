@@ -274,8 +274,15 @@ pub async fn stream(
     let sink = settings.sink_database.map(|url| {
         let (kafka, topic) = (config.kafka.clone(), config.output.clone());
         let group = format!("{}-sink", config.application_id);
+        // The sink's own static member name, in its own group.
+        let instance = config
+            .group_instance_id
+            .as_ref()
+            .map(|_| format!("{group}-{}", config.instance));
         let stop = stop.clone();
-        tokio::spawn(async move { crate::sink::sink_counts(&url, &kafka, &topic, &group, stop).await })
+        tokio::spawn(async move {
+            crate::sink::sink_counts(&url, &kafka, &topic, &group, instance.as_deref(), stop).await
+        })
     });
     let counters = std::sync::Arc::new(exactly_stream::StreamCounters::default());
     let stop_flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(*stop.borrow()));
@@ -373,6 +380,7 @@ pub async fn consume(
     config.max_batch = args.max_batch.max(1);
     config.key_header = args.key_header.clone();
     config.trust_offset_gaps = args.trust_offset_gaps;
+    config.group_instance_id = args.group_instance_id();
     config.dedupe = exactly_core::DedupePolicy {
         retention_ms: args.key_retention_ms,
         horizon_ms: args.key_horizon_ms,

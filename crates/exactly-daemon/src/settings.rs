@@ -503,6 +503,13 @@ pub struct ConsumeSettings {
     #[arg(long)]
     #[serde(default)]
     pub trust_offset_gaps: bool,
+    /// This member's stable name in its group (a StatefulSet's pod ordinal, a host name):
+    /// makes it a static member (`group.instance.id` = `<group>-<instance>`), so a restart
+    /// within the session timeout takes back its partitions without a rebalance of the group.
+    /// Every live member needs its own. Unset: a dynamic member.
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
     /// Test fault: SIGKILL this process after the N-th effect committed, before its offset
     /// commit.
     #[arg(long, hide = true)]
@@ -519,6 +526,11 @@ impl ConsumeSettings {
     /// The handler and what it reads, checked (a setting of another handler is refused).
     pub fn handler_choice(&self) -> Result<HandlerChoice> {
         HandlerChoice::new(&self.handler, &self.event_types, self.sql_file.as_deref())
+    }
+
+    /// The member's `group.instance.id` when it has an instance name.
+    pub fn group_instance_id(&self) -> Option<String> {
+        self.instance.as_ref().map(|i| format!("{}-{i}", self.group))
     }
 }
 
@@ -598,9 +610,21 @@ pub struct StreamSettings {
     #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sink_database: Option<String>,
+    /// Join the group as a dynamic member. By default the processor (and its sink) is a static
+    /// member named `<application_id>-<instance>`: a restart within the session timeout takes
+    /// back its partitions without a rebalance, and a member that died mid-rebalance holds the
+    /// group for at most the session timeout. Every live processor needs its own --instance.
+    #[arg(long)]
+    #[serde(default)]
+    pub dynamic_membership: bool,
 }
 
 impl StreamSettings {
+    /// The processor's `group.instance.id`, unless it joins as a dynamic member.
+    pub fn group_instance_id(&self) -> Option<String> {
+        (!self.dynamic_membership).then(|| format!("{}-{}", self.application_id, self.instance))
+    }
+
     /// The processor's configuration.
     pub fn config(&self, kafka: &exactly_kafka::KafkaSettings) -> Result<exactly_stream::StreamConfig> {
         let windows =
@@ -631,6 +655,7 @@ impl StreamSettings {
             }),
             replication_factor: self.replication_factor,
             min_insync_replicas: self.min_insync_replicas,
+            group_instance_id: self.group_instance_id(),
             max_event_time_skew_ms: self.max_event_time_skew_ms,
         })
     }

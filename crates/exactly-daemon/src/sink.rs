@@ -21,17 +21,21 @@ fn parse(payload: &[u8]) -> Option<WindowCount> {
 }
 
 /// Consumes `topic` until `stop`; each batch is upserted in one database transaction, and its
-/// offsets are committed only after that commit.
+/// offsets are committed only after that commit. With `instance_id` the consumer is a static
+/// member of `group` (see `exactly_kafka::static_membership`).
 pub async fn sink_counts(
     url: &str,
     kafka: &exactly_kafka::KafkaSettings,
     topic: &str,
     group: &str,
+    instance_id: Option<&str>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<()> {
     let mut client = exactly_postgres::connect(url).await?;
     ensure_counts_schema(&client).await?;
-    let consumer: StreamConsumer<exactly_kafka::TokenContext> = exactly_kafka::consumer_config(kafka, group)
+    let mut config = exactly_kafka::consumer_config(kafka, group);
+    exactly_kafka::static_membership(&mut config, instance_id);
+    let consumer: StreamConsumer<exactly_kafka::TokenContext> = config
         .create_with_context(exactly_kafka::TokenContext)
         .context("creating the sink consumer")?;
     consumer.subscribe(&[topic]).context("subscribing")?;

@@ -311,6 +311,18 @@ pub fn consumer_config(kafka: &(impl Cluster + ?Sized), group_id: &str) -> Clien
     config
 }
 
+/// Makes a consumer a static member of its group (`group.instance.id`, KIP-345), unless the
+/// user's settings name one already: a member restarted within the session timeout takes back
+/// its partitions without a rebalance of the whole group, and one that sent JoinGroup and died
+/// cannot hold the group in a rebalance for longer than the session timeout. A static member
+/// does not leave its group when it stops; the coordinator drops it after the session timeout.
+/// Every live member of a group needs its own id.
+pub fn static_membership(config: &mut ClientConfig, instance_id: Option<&str>) {
+    if let Some(id) = instance_id {
+        tuning_default(config, "group.instance.id", id);
+    }
+}
+
 /// Sets a performance or liveness property unless the user's settings already did: these are
 /// exactly's defaults, not its guarantees (those are protected and always set).
 fn tuning_default(config: &mut ClientConfig, name: &str, value: &str) {

@@ -23,6 +23,10 @@ pub enum FaultPoint {
     /// Relay: the database fails a settle with a retryable error (as while PostgreSQL
     /// restarts). Not a crash: the relay backs off and goes on.
     RelaySettleFails,
+    /// Stream processor: its commit is refused as a group that moved on refuses it
+    /// (IllegalGeneration: a rebalance between the last poll and the commit). Not a crash: the
+    /// processor drops what it did not commit and goes on.
+    StreamCommitRefused,
 }
 
 /// Decides at each fault point whether to crash there.
@@ -40,7 +44,8 @@ impl Faults {
         Faults(Some(Arc::new(decide)))
     }
 
-    pub(crate) fn fires(&self, point: FaultPoint) -> bool {
+    /// Whether to fail at `point` now.
+    pub fn fires(&self, point: FaultPoint) -> bool {
         self.0.as_ref().is_some_and(|decide| decide(point))
     }
 }

@@ -27,7 +27,7 @@ pub use admin::{
 };
 pub use config::{
     consumer_config, export_consumer_lag, is_secret_property, parse_property, producer_config, reader_config,
-    Cluster, KafkaSettings, PropertyError,
+    static_membership, Cluster, KafkaSettings, PropertyError,
 };
 pub use consumer::{ConsumerConfig, ConsumerCounters, IdempotentConsumer};
 pub use eos::{broker_hides_aborted_records, is_fenced, progress_positions, ExactlyOnce, QuietEof};

@@ -137,6 +137,7 @@ fn run_job(
         replication_factor: 1,
         min_insync_replicas: 1,
         max_event_time_skew_ms: exactly_stream::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
+        group_instance_id: None,
     };
     let runtime = tokio::runtime::Handle::current();
     runtime.block_on(config.prepare_topics(3))?;
@@ -222,6 +223,7 @@ fn restore_figures(brokers: &str, keys: u64, run_id: i64) -> Result<RestoreFigur
         replication_factor: 1,
         min_insync_replicas: 1,
         max_event_time_skew_ms: exactly_stream::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
+        group_instance_id: None,
     };
     let runtime = tokio::runtime::Handle::current();
     runtime.block_on(exactly_kafka::ensure_topics(brokers, &[&config.input], 1))?;

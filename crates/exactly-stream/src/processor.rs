@@ -31,6 +31,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::TopicPartitionList;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::Offset;
 
 use crate::changelog::{records_for, restore, ChangelogRecord, TXN_HEADER};
@@ -94,6 +95,9 @@ pub struct StreamConfig {
     /// Event times further ahead of the wall clock go to the dead-letter topic instead of
     /// advancing stream time.
     pub max_event_time_skew_ms: i64,
+    /// This processor's `group.instance.id` (static membership: a restart within the session
+    /// timeout takes back its partitions without a rebalance); `None`: a dynamic member.
+    pub group_instance_id: Option<String>,
 }
 
 impl StreamConfig {
@@ -199,6 +203,27 @@ pub struct ProcessorError(String);
 
 fn fail(context: &str) -> impl Fn(KafkaError) -> ProcessorError + '_ {
     move |e| ProcessorError(format!("{context}: {e}"))
+}
+
+/// The processor's producer: transactional (`<application.id>-<instance>`, fencing an earlier
+/// one of this instance) for exactly-once.
+fn new_producer(config: &StreamConfig) -> Result<ThreadedProducer<TokenContext>, ProcessorError> {
+    let mut producer_settings = producer_config(&config.kafka, true);
+    if config.guarantee == Guarantee::ExactlyOnce {
+        let transactional_id = format!("{}-{}", config.application_id, config.instance);
+        producer_settings
+            .set("transactional.id", &transactional_id)
+            .set("transaction.timeout.ms", "60000");
+    }
+    let producer: ThreadedProducer<TokenContext> = producer_settings
+        .create_with_context(TokenContext)
+        .map_err(fail("create producer"))?;
+    if config.guarantee == Guarantee::ExactlyOnce {
+        producer
+            .init_transactions(Duration::from_secs(30))
+            .map_err(fail("init transactions"))?;
+    }
+    Ok(producer)
 }
 
 /// State shared with the rebalance callback.
@@ -610,27 +635,34 @@ pub struct Processor {
     restore_mode: RestoreMode,
     /// The offsets handed to this consumer, per partition, to read each gap in them twice.
     gaps: OffsetGapCheck<(String, i32)>,
+    faults: exactly_kafka::Faults,
+}
+
+/// Why a commit was refused because this member no longer owns what it processed: the group
+/// rebalanced between its last poll and the commit (a stale generation, an unknown member, a
+/// rebalance in progress, another static member with its id). The partitions' next owner
+/// resumes from the committed offsets; this member drops what it did not commit and rejoins.
+fn lost_ownership(error: &KafkaError) -> Option<RDKafkaErrorCode> {
+    let code = match error {
+        KafkaError::ConsumerCommit(code) => *code,
+        KafkaError::Transaction(e) => e.code(),
+        _ => return None,
+    };
+    matches!(
+        code,
+        RDKafkaErrorCode::IllegalGeneration
+            | RDKafkaErrorCode::UnknownMemberId
+            | RDKafkaErrorCode::RebalanceInProgress
+            | RDKafkaErrorCode::FencedInstanceId
+    )
+    .then_some(code)
 }
 
 impl Processor {
     /// Creates the internal topics, the transactional producer (fencing an earlier one of this
     /// instance) and the consumer.
     pub fn new(config: StreamConfig, counters: Arc<StreamCounters>) -> Result<Self, ProcessorError> {
-        let mut producer_settings = producer_config(&config.kafka, true);
-        if config.guarantee == Guarantee::ExactlyOnce {
-            let transactional_id = format!("{}-{}", config.application_id, config.instance);
-            producer_settings
-                .set("transactional.id", &transactional_id)
-                .set("transaction.timeout.ms", "60000");
-        }
-        let producer: ThreadedProducer<TokenContext> = producer_settings
-            .create_with_context(TokenContext)
-            .map_err(fail("create producer"))?;
-        if config.guarantee == Guarantee::ExactlyOnce {
-            producer
-                .init_transactions(Duration::from_secs(30))
-                .map_err(fail("init transactions"))?;
-        }
+        let producer = new_producer(&config)?;
         let restore_mode = probe_restore_mode(&config)?;
         let shared = Arc::new(Mutex::new(Shared {
             tasks: BTreeMap::new(),
@@ -643,7 +675,9 @@ impl Processor {
             counters: counters.clone(),
             restore_mode,
         }));
-        let consumer: BaseConsumer<RebalanceContext> = consumer_config(&config.kafka, &config.application_id)
+        let mut client = consumer_config(&config.kafka, &config.application_id);
+        exactly_kafka::static_membership(&mut client, config.group_instance_id.as_deref());
+        let consumer: BaseConsumer<RebalanceContext> = client
             .create_with_context(RebalanceContext {
                 shared: shared.clone(),
             })
@@ -666,7 +700,14 @@ impl Processor {
             seq: 0,
             restore_mode,
             gaps: OffsetGapCheck::default(),
+            faults: exactly_kafka::Faults::none(),
         })
+    }
+
+    /// Adds fault points (tests).
+    pub fn with_faults(mut self, faults: exactly_kafka::Faults) -> Self {
+        self.faults = faults;
+        self
     }
 
     /// Processes until `stop` turns true, then commits what is open.
@@ -1051,7 +1092,9 @@ impl Processor {
             }
         }
         let started = Instant::now();
-        let result = if self.transactional() {
+        let result = if self.faults.fires(exactly_kafka::FaultPoint::StreamCommitRefused) {
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::IllegalGeneration))
+        } else if self.transactional() {
             let metadata = self
                 .consumer
                 .group_metadata()
@@ -1099,13 +1142,31 @@ impl Processor {
                 metrics::gauge!("exactly_stream_store_bytes").set(bytes as f64);
                 Ok(())
             }
-            Err(e) => match &e {
-                KafkaError::Transaction(t) if t.txn_requires_abort() => {
-                    tracing::warn!("transaction aborted: {e}");
-                    self.abort()
+            Err(e) => {
+                if let Some(code) = lost_ownership(&e) {
+                    tracing::warn!(
+                        "commit refused ({code:?}): the group moved on; dropping what was not committed, \
+                         rejoining, and going on from the committed offsets"
+                    );
+                    metrics::counter!("exactly_stream_commits_refused_total").increment(1);
+                    return self.abort();
                 }
-                _ => Err(ProcessorError(format!("commit: {e}"))),
-            },
+                match &e {
+                    KafkaError::Transaction(t) if t.txn_requires_abort() => {
+                        tracing::warn!("transaction aborted: {e}");
+                        self.abort()
+                    }
+                    KafkaError::Transaction(t) if t.is_fatal() => {
+                        // Fenced: another producer with this transactional id started (a second
+                        // process with this instance name, or this one's zombie). Start a new
+                        // producer, which fences it in turn, and go on from the committed state.
+                        tracing::warn!("producer fenced ({e}): starting a new one");
+                        self.producer = new_producer(&self.config)?;
+                        self.reset_to_committed()
+                    }
+                    _ => Err(ProcessorError(format!("commit: {e}"))),
+                }
+            }
         }
     }
 
@@ -1117,6 +1178,12 @@ impl Processor {
                 .abort_transaction(Duration::from_secs(30))
                 .map_err(fail("abort"))?;
         }
+        self.reset_to_committed()
+    }
+
+    /// Drops every overlay and puts each partition back at the offset its committed state
+    /// reflects; a new epoch starts.
+    fn reset_to_committed(&mut self) -> Result<(), ProcessorError> {
         self.counters.aborts.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("exactly_stream_aborts_total").increment(1);
         // The aborted transaction ends its epoch: a later marker of this epoch would otherwise

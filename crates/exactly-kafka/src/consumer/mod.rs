@@ -59,6 +59,9 @@ pub struct ConsumerConfig {
     /// [`exactly_core::offset_gap`]): for compacted topics on Kafka, where most records follow
     /// a gap, none hides records, and a second read of each would cost a fetch per record.
     pub trust_offset_gaps: bool,
+    /// This member's `group.instance.id` (static membership, see
+    /// [`crate::config::static_membership`]); `None`: a dynamic member.
+    pub group_instance_id: Option<String>,
 }
 
 impl ConsumerConfig {
@@ -78,6 +81,7 @@ impl ConsumerConfig {
             prune_interval: Duration::from_secs(60),
             prune_batch: 5_000,
             max_batch: 500,
+            group_instance_id: None,
             key_header: None,
             trust_offset_gaps: false,
         }
@@ -123,7 +127,9 @@ pub struct ConsumerCounters {
 
 /// A consumer client of `config`'s group, subscribed to its topics.
 fn subscribed_client(config: &ConsumerConfig) -> Result<StreamConsumer<AssignmentContext>, KafkaFlowError> {
-    let consumer: StreamConsumer<AssignmentContext> = consumer_config(&config.kafka, &config.group_id)
+    let mut client = consumer_config(&config.kafka, &config.group_id);
+    crate::config::static_membership(&mut client, config.group_instance_id.as_deref());
+    let consumer: StreamConsumer<AssignmentContext> = client
         .create_with_context(AssignmentContext::default())
         .map_err(KafkaFlowError::at("create consumer"))?;
     let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
