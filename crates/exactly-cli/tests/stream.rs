@@ -883,7 +883,7 @@ fn a_commit_refused_by_a_group_that_moved_on_is_survived_in_both_guarantees() {
         let seen = commits.clone();
         let faults = exactly_kafka::Faults::new(move |point| {
             point == exactly_kafka::FaultPoint::StreamCommitRefused
-                && (seen.fetch_add(1, Ordering::SeqCst) + 1) % 4 == 0
+                && (seen.fetch_add(1, Ordering::SeqCst) + 1).is_multiple_of(4)
         });
         let running = Running::start_with_faults(config, faults);
         wait_for("both tasks", Duration::from_secs(60), || running.tasks() == 2);
