@@ -68,6 +68,24 @@ fn start_broker(port: u16) -> Child {
     child
 }
 
+/// A polling relay of `service` with its metrics listener on `metrics_port`.
+fn spawn_relay(service: &std::path::Path, brokers: &str, metrics_port: u16) -> Child {
+    Command::new(EXACTLY)
+        .args(["relay", "--mode", "poll", "--database"])
+        .arg(service)
+        .args([
+            "--brokers",
+            brokers,
+            "--metrics-addr",
+            &format!("127.0.0.1:{metrics_port}"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start relay")
+}
+
 fn wait_for(port: u16, path: &str, status: u16, within: Duration) -> String {
     let deadline = Instant::now() + within;
     loop {
@@ -96,20 +114,7 @@ async fn readyz_follows_the_broker_and_healthz_stays_alive() {
         .expect("topic");
     insert_sqlite(&service, &topic, 3);
     let metrics_port = free_port();
-    let mut relay = Command::new(EXACTLY)
-        .args(["relay", "--mode", "poll", "--database"])
-        .arg(&service)
-        .args([
-            "--brokers",
-            &brokers,
-            "--metrics-addr",
-            &format!("127.0.0.1:{metrics_port}"),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start relay");
+    let mut relay = spawn_relay(&service, &brokers, metrics_port);
 
     let ready = wait_for(metrics_port, "/readyz", 200, Duration::from_secs(30));
     let ready: serde_json::Value = serde_json::from_str(&ready).expect("JSON");
@@ -240,20 +245,7 @@ async fn idle_connections_to_the_metrics_listener_neither_pile_up_nor_block_heal
         .expect("topic");
     insert_sqlite(&service, &topic, 5);
     let metrics_port = free_port();
-    let mut relay = Command::new(EXACTLY)
-        .args(["relay", "--mode", "poll", "--database"])
-        .arg(&service)
-        .args([
-            "--brokers",
-            &brokers,
-            "--metrics-addr",
-            &format!("127.0.0.1:{metrics_port}"),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start relay");
+    let mut relay = spawn_relay(&service, &brokers, metrics_port);
     wait_for(metrics_port, "/healthz", 200, Duration::from_secs(30));
     let before = open_sockets(relay.id());
 

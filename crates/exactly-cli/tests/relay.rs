@@ -789,22 +789,27 @@ async fn a_relay_says_what_it_started_and_what_it_published_unless_quiet() {
         .expect("topic");
     insert_sqlite(&service, &topic, 7);
     let database = service.display().to_string();
-    let out = Command::new(EXACTLY)
-        .args([
-            "relay",
-            "--mode",
-            "poll",
-            "--database",
-            &database,
-            "--brokers",
-            &brokers,
-            "--no-metrics",
-            "--exit-when-idle",
-        ])
-        .env_remove("EXACTLY_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("relay");
+    // At the default level: EXACTLY_LOG unset.
+    let relay = |extra: &[&str]| {
+        Command::new(EXACTLY)
+            .args([
+                "relay",
+                "--mode",
+                "poll",
+                "--database",
+                &database,
+                "--brokers",
+                &brokers,
+                "--no-metrics",
+                "--exit-when-idle",
+            ])
+            .args(extra)
+            .env_remove("EXACTLY_LOG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("relay")
+    };
+    let out = relay(&[]);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{stderr}");
     assert!(
@@ -816,23 +821,7 @@ async fn a_relay_says_what_it_started_and_what_it_published_unless_quiet() {
     assert!(stderr.contains("totals: published 7"), "{stderr}");
 
     insert_sqlite(&service, &topic, 2);
-    let out = Command::new(EXACTLY)
-        .args([
-            "relay",
-            "--mode",
-            "poll",
-            "--database",
-            &database,
-            "--brokers",
-            &brokers,
-            "--no-metrics",
-            "--exit-when-idle",
-            "--quiet",
-        ])
-        .env_remove("EXACTLY_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("relay");
+    let out = relay(&["--quiet"]);
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stderr), "", "--quiet says nothing");
     assert_eq!(read_topic(&brokers, &topic, 1, "read_committed").len(), 9);

@@ -532,7 +532,7 @@ impl<H: PgHandler> EffectStore for PgEffects<H> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use exactly_core::{Delivery, Envelope};
+    use exactly_core::Delivery;
     use std::sync::atomic::{AtomicBool, Ordering};
 
     /// Writes one `effects` row per application; fails while `failing` is set.
@@ -565,22 +565,7 @@ mod tests {
 
     /// A WAL relay's record: sequence key `value` of source `pg:1:shop`.
     fn sequence(value: u128) -> Delivery {
-        Delivery {
-            key: IdempotencyKey::Sequence {
-                source: "pg:1:shop".into(),
-                value,
-            },
-            envelope: Envelope {
-                event_id: uuid::Uuid::from_u128(0x0123_4567_89ab_4def_8123_0000_0000_0000 | value),
-                event_type: "T".into(),
-                aggregate_type: "thing".into(),
-                aggregate_id: "A".into(),
-                occurred_at: UnixMillis(0),
-                payload: b"{}".to_vec(),
-                headers: vec![],
-            },
-            source_epoch: None,
-        }
+        exactly_testkit::scenarios::sequence("pg:1:shop", value, None)
     }
 
     fn inbound(delivery: &Delivery, partition: i32, offset: i64) -> Inbound<'_> {
@@ -595,23 +580,7 @@ mod tests {
 
     /// The record parked as the consumer parks one whose retries ran out.
     fn parked(delivery: &Delivery, partition: i32, offset: i64) -> ParkedMessage {
-        ParkedMessage {
-            topic: "orders".into(),
-            partition,
-            offset,
-            reason: ParkReason::RetriesExhausted,
-            detail: "downstream is down".into(),
-            key_text: Some(delivery.key.to_string()),
-            record_key: None,
-            headers: delivery
-                .envelope
-                .to_headers(&delivery.key)
-                .into_iter()
-                .map(|(n, v)| (n, Some(v)))
-                .collect(),
-            payload: Some(delivery.envelope.payload.clone()),
-            parked_at: UnixMillis(1_000),
-        }
+        exactly_testkit::scenarios::parked(delivery, "orders", partition, offset)
     }
 
     async fn store(url: &str, failing: &Arc<AtomicBool>, pause_ms: u64) -> PgEffects<Recording> {

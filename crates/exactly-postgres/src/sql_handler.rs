@@ -346,19 +346,7 @@ mod tests {
             .await
             .expect("prepare");
         for (ms, fits) in [(i64::MAX, false), (i64::MIN, false), (1_700_000_000_123, true)] {
-            let delivery = exactly_core::Delivery {
-                key: exactly_core::IdempotencyKey::UuidV4(uuid::Uuid::new_v4()),
-                envelope: exactly_core::Envelope {
-                    event_id: uuid::Uuid::new_v4(),
-                    event_type: "T".into(),
-                    aggregate_type: "a".into(),
-                    aggregate_id: "1".into(),
-                    occurred_at: exactly_core::UnixMillis(ms),
-                    payload: b"{}".to_vec(),
-                    headers: vec![],
-                },
-                source_epoch: None,
-            };
+            let delivery = exactly_testkit::scenarios::delivery("1", ms, serde_json::json!({}));
             let inbound = Inbound {
                 topic: "t",
                 partition: 0,

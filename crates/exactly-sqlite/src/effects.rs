@@ -455,38 +455,18 @@ mod tests {
     }
 
     fn sequence(value: u128) -> Delivery {
-        Delivery {
-            key: IdempotencyKey::Sequence {
-                source: "pg:1:shop".into(),
-                value,
-            },
-            ..delivery(value)
-        }
+        exactly_testkit::scenarios::sequence("pg:1:shop", value, None)
     }
 
     fn parked(d: &Delivery, offset: i64) -> ParkedMessage {
-        let mut headers: Vec<(String, Option<Vec<u8>>)> = d
-            .envelope
-            .to_headers(&d.key)
-            .into_iter()
-            .map(|(n, v)| (n, Some(v)))
-            .collect();
-        if let (IdempotencyKey::Sequence { source, .. }, Some(epoch)) = (&d.key, d.source_epoch) {
-            let value = exactly_core::source_header(source, epoch).into_bytes();
-            headers.push((exactly_core::header::SOURCE.to_owned(), Some(value)));
-        }
-        ParkedMessage {
-            topic: "t".into(),
-            partition: 0,
-            offset,
-            reason: ParkReason::RetriesExhausted,
-            detail: "downstream is down".into(),
-            key_text: Some(d.key.to_string()),
-            record_key: None,
-            headers,
-            payload: Some(d.envelope.payload.clone()),
-            parked_at: UnixMillis(0),
-        }
+        exactly_testkit::scenarios::parked(d, "t", 0, offset)
+    }
+
+    fn parked_id(path: &Path) -> i64 {
+        rusqlite::Connection::open(path)
+            .expect("open")
+            .query_row("SELECT id FROM exactly_parked", [], |r| r.get(0))
+            .expect("parked row")
     }
 
     /// A handler writing one `effects` row per application, failing while `failing` is set.
@@ -544,10 +524,7 @@ mod tests {
         ));
         store.park(&parked(last, 10)).await.expect("park");
         failing.store(false, std::sync::atomic::Ordering::SeqCst);
-        let id: i64 = rusqlite::Connection::open(&path)
-            .expect("open")
-            .query_row("SELECT id FROM exactly_parked", [], |r| r.get(0))
-            .expect("parked row");
+        let id = parked_id(&path);
         assert_eq!(
             store.replay_parked(id).await.expect("replay"),
             ReplayOutcome::Applied
@@ -569,10 +546,7 @@ mod tests {
             ApplyOutcome::Refused(ParkReason::SourceRegressed, _)
         ));
         store.park(&parked(&regressed, 11)).await.expect("park");
-        let id: i64 = rusqlite::Connection::open(&path)
-            .expect("open")
-            .query_row("SELECT id FROM exactly_parked", [], |r| r.get(0))
-            .expect("parked row");
+        let id = parked_id(&path);
         assert_eq!(
             store.replay_parked(id).await.expect("replay"),
             ReplayOutcome::Applied
@@ -597,10 +571,7 @@ mod tests {
         for round in 0..20u128 {
             let record = sequence(1_000 + round);
             live.park(&parked(&record, round as i64)).await.expect("park");
-            let id: i64 = rusqlite::Connection::open(&path)
-                .expect("open")
-                .query_row("SELECT id FROM exactly_parked", [], |r| r.get(0))
-                .expect("parked row");
+            let id = parked_id(&path);
             let inbound = Inbound {
                 topic: "t",
                 partition: 0,

@@ -73,3 +73,44 @@ pub fn aggregate_deliveries() -> Vec<Delivery> {
 pub fn rejected(outcome: &ApplyOutcome) -> bool {
     matches!(outcome, ApplyOutcome::Failed(HandlerError::Rejected(why)) if why.contains("below zero"))
 }
+
+/// A WAL relay's record: sequence key `value` of `source`, from `epoch` when given.
+pub fn sequence(source: &str, value: u128, epoch: Option<u64>) -> Delivery {
+    Delivery {
+        key: IdempotencyKey::Sequence {
+            source: source.to_owned(),
+            value,
+        },
+        source_epoch: epoch,
+        ..delivery("A", 0, serde_json::json!({ "n": value as u64 }))
+    }
+}
+
+/// `delivery` parked as the consumer parks a record whose handler retries ran out: its headers
+/// as received (the source's epoch included), its payload.
+pub fn parked(delivery: &Delivery, topic: &str, partition: i32, offset: i64) -> exactly_core::ParkedMessage {
+    let mut headers: Vec<(String, Option<Vec<u8>>)> = delivery
+        .envelope
+        .to_headers(&delivery.key)
+        .into_iter()
+        .map(|(n, v)| (n, Some(v)))
+        .collect();
+    if let (IdempotencyKey::Sequence { source, .. }, Some(epoch)) = (&delivery.key, delivery.source_epoch) {
+        headers.push((
+            exactly_core::header::SOURCE.to_owned(),
+            Some(exactly_core::source_header(source, epoch).into_bytes()),
+        ));
+    }
+    exactly_core::ParkedMessage {
+        topic: topic.to_owned(),
+        partition,
+        offset,
+        reason: exactly_core::ParkReason::RetriesExhausted,
+        detail: "downstream is down".into(),
+        key_text: Some(delivery.key.to_string()),
+        record_key: None,
+        headers,
+        payload: Some(delivery.envelope.payload.clone()),
+        parked_at: UnixMillis(0),
+    }
+}
