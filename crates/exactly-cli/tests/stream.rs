@@ -906,3 +906,48 @@ fn a_commit_refused_by_a_group_that_moved_on_is_survived_in_both_guarantees() {
         running.stop();
     }
 }
+
+/// The restore mode is recorded per application on its first start, and a later start that
+/// would restore the changelog in the other mode is refused with the reason. Here the first
+/// start is exactly-once on this broker (which shows aborted records: markers mode), the second
+/// at-least-once (read-committed mode, no markers): restoring the markers changelog that way
+/// would apply aborted changes.
+#[test]
+fn a_changelog_written_in_one_restore_mode_refuses_the_other() {
+    let brokers = brokers();
+    let (input, output, app) = (unique("orders"), unique("agg-out"), unique("modes"));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let state = tempfile::tempdir().expect("dir");
+    let config = config_for(&brokers, &app, "0", &input, &output, state.path());
+    runtime
+        .block_on(exactly_kafka::ensure_topics(&brokers, &[&input], 1))
+        .expect("input topic");
+    runtime
+        .block_on(config.prepare_topics(1))
+        .expect("internal topics");
+    let counters = Arc::new(exactly_stream::StreamCounters::default());
+    let first = exactly_stream::Processor::new(config.clone(), counters.clone()).expect("first start");
+    drop(first);
+    let recorded: Vec<String> = read_topic(&brokers, &config.meta_topic(), 1, "read_committed")
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+        .collect();
+    assert_eq!(
+        recorded,
+        ["markers"],
+        "recorded once, in the mode this broker needs"
+    );
+    let again =
+        exactly_stream::Processor::new(config.clone(), counters.clone()).expect("the same mode starts");
+    drop(again);
+    let mut other = config;
+    other.guarantee = exactly_stream::Guarantee::AtLeastOnce;
+    let refused = match exactly_stream::Processor::new(other, counters) {
+        Ok(_) => panic!("a start in the other mode was not refused"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        refused.contains("written in markers restore mode") && refused.contains("read-committed"),
+        "{refused}"
+    );
+}

@@ -78,6 +78,53 @@ impl RestoreMode {
     pub fn writes_markers(self) -> bool {
         self == RestoreMode::Markers
     }
+
+    /// The persisted name (pinned: the application's meta topic stores it).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestoreMode::ReadCommitted => "read-committed",
+            RestoreMode::Markers => "markers",
+        }
+    }
+
+    /// The mode of a persisted name.
+    pub fn parse(text: &str) -> Option<RestoreMode> {
+        [RestoreMode::ReadCommitted, RestoreMode::Markers]
+            .into_iter()
+            .find(|m| m.as_str() == text)
+    }
+}
+
+/// A changelog written in one restore mode, about to be restored in another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the changelog was written in {written} restore mode, and this run would restore it in {now} mode: \
+     read-committed restore of a changelog that relied on markers applies aborted changes (counted twice), \
+     and markers restore of one written without markers drops every change (state rolled back). \
+     The broker or the processing guarantee changed: keep them, or start under a new application id"
+)]
+pub struct ModeMismatch {
+    /// The mode the changelog was written in.
+    pub written: &'static str,
+    /// The mode this run decided.
+    pub now: &'static str,
+}
+
+/// Settles the restore mode of an application whose changelog was written in `written` (as
+/// persisted; `None`: never recorded) when this run decided `decided`: the mode to run in and
+/// whether it must be recorded now, or a refusal. A mode is never changed under a changelog.
+pub fn settle_mode(
+    written: Option<RestoreMode>,
+    decided: RestoreMode,
+) -> Result<(RestoreMode, bool), ModeMismatch> {
+    match written {
+        None => Ok((decided, true)),
+        Some(mode) if mode == decided => Ok((mode, false)),
+        Some(mode) => Err(ModeMismatch {
+            written: mode.as_str(),
+            now: decided.as_str(),
+        }),
+    }
 }
 
 /// What the broker probe reads back, in order: a record it wrote in a transaction it aborted,
@@ -204,6 +251,20 @@ fn apply<K: Ord, V>(state: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_restore_mode_is_recorded_once_and_never_changed_under_a_changelog() {
+        use RestoreMode::*;
+        assert_eq!(settle_mode(None, Markers), Ok((Markers, true)));
+        assert_eq!(settle_mode(Some(Markers), Markers), Ok((Markers, false)));
+        let refused = settle_mode(Some(ReadCommitted), Markers).expect_err("refused");
+        assert_eq!((refused.written, refused.now), ("read-committed", "markers"));
+        for mode in [ReadCommitted, Markers] {
+            assert_eq!(RestoreMode::parse(mode.as_str()), Some(mode));
+        }
+        assert_eq!(ReadCommitted.as_str(), "read-committed", "persisted form");
+        assert_eq!(Markers.as_str(), "markers", "persisted form");
+    }
 
     proptest::proptest! {
         /// Other records anywhere, the aborted one shown or hidden: the verdict waits for the

@@ -106,6 +106,12 @@ impl StreamConfig {
         format!("{}-counts-changelog", self.application_id)
     }
 
+    /// The application's metadata (compacted, one partition): the restore mode its changelog
+    /// is written in, under the key `restore-mode`.
+    pub fn meta_topic(&self) -> String {
+        format!("{}-meta", self.application_id)
+    }
+
     /// The repartition topic of salted mode: `<application.id>-repartition`.
     pub fn repartition_topic(&self) -> String {
         format!("{}-repartition", self.application_id)
@@ -162,6 +168,10 @@ impl StreamConfig {
         let mut topics = vec![
             internal(self.changelog_topic(), true),
             internal(self.dead_letter_topic(), false),
+            exactly_kafka::InternalTopic {
+                partitions: 1,
+                ..internal(self.meta_topic(), true)
+            },
         ];
         if self.salted() {
             topics.push(internal(self.repartition_topic(), false));
@@ -502,18 +512,69 @@ pub fn rebuild_stores(
 /// them, one aborted probe transaction on the changelog says whether read_committed readers
 /// miss aborted records (Kafka) or see them (Tansu 0.6.0).
 pub fn probe_restore_mode(config: &StreamConfig) -> Result<RestoreMode, ProcessorError> {
-    if config.guarantee == Guarantee::AtLeastOnce {
-        return Ok(RestoreMode::ReadCommitted);
+    let decided = if config.guarantee == Guarantee::AtLeastOnce {
+        RestoreMode::ReadCommitted
+    } else {
+        let hides = exactly_kafka::broker_hides_aborted_records(&config.kafka, &config.changelog_topic())
+            .map_err(|e| ProcessorError(format!("abort probe: {e}")))?;
+        if !hides {
+            tracing::warn!(
+                "this broker shows aborted records to read_committed readers: changelogs are restored \
+                 through commit markers (Kafka hides them; see docs/guarantees.md)"
+            );
+        }
+        RestoreMode::for_broker(hides)
+    };
+    settle_restore_mode(config, decided)
+}
+
+/// The key of the restore mode in the application's meta topic.
+const MODE_KEY: &str = "restore-mode";
+
+/// Checks `decided` against the mode the application's changelog was written in (its meta
+/// topic), records it on the first start, and refuses a different one
+/// ([`exactly_core::changelog::settle_mode`]).
+fn settle_restore_mode(config: &StreamConfig, decided: RestoreMode) -> Result<RestoreMode, ProcessorError> {
+    let topic = config.meta_topic();
+    let mut written = None;
+    exactly_kafka::scan_topic(
+        &config.kafka,
+        &topic,
+        1,
+        "read_committed",
+        Duration::from_secs(30),
+        |m| {
+            if m.key() == Some(MODE_KEY.as_bytes()) {
+                written = Some(m.payload().unwrap_or_default().to_vec());
+            }
+        },
+    )
+    .map_err(|e| ProcessorError(format!("reading {topic}: {e}")))?;
+    let written = match written {
+        None => None,
+        Some(bytes) => Some(
+            RestoreMode::parse(&String::from_utf8_lossy(&bytes))
+                .ok_or_else(|| ProcessorError(format!("{topic}: {MODE_KEY} holds an unknown mode")))?,
+        ),
+    };
+    let (mode, record) = exactly_core::changelog::settle_mode(written, decided)
+        .map_err(|e| ProcessorError(format!("{}: {e}", config.application_id)))?;
+    if record {
+        let producer: ThreadedProducer<TokenContext> = producer_config(&config.kafka, true)
+            .create_with_context(TokenContext)
+            .map_err(fail("create meta producer"))?;
+        producer
+            .send(
+                BaseRecord::<str, str>::to(&topic)
+                    .key(MODE_KEY)
+                    .payload(mode.as_str()),
+            )
+            .map_err(|(e, _)| ProcessorError(format!("record the restore mode: {e}")))?;
+        producer
+            .flush(Duration::from_secs(30))
+            .map_err(fail("record the restore mode"))?;
     }
-    let hides = exactly_kafka::broker_hides_aborted_records(&config.kafka, &config.changelog_topic())
-        .map_err(|e| ProcessorError(format!("abort probe: {e}")))?;
-    if !hides {
-        tracing::warn!(
-            "this broker shows aborted records to read_committed readers: changelogs are restored \
-             through commit markers (Kafka hides them; see docs/guarantees.md)"
-        );
-    }
-    Ok(RestoreMode::for_broker(hides))
+    Ok(mode)
 }
 
 /// Reads changelog partitions `partitions` from the beginning to their end (read_committed).
