@@ -321,6 +321,8 @@ pub fn register_metrics(kind: ComponentKind) {
             "exactly_stream_dead_letters_total",
             "exactly_stream_offset_gap_refetches_total",
             "exactly_stream_offset_gaps_filled_total",
+            "exactly_stream_commits_refused_total",
+            "exactly_stream_restored_records_total",
         ],
     };
     for name in counters {
@@ -328,6 +330,7 @@ pub fn register_metrics(kind: ComponentKind) {
     }
     if kind == ComponentKind::Stream {
         metrics::gauge!("exactly_stream_tasks").set(0.0);
+        metrics::gauge!("exactly_stream_tasks_restoring").set(0.0);
     }
     if kind == ComponentKind::Consumer {
         for reason in [

@@ -398,6 +398,9 @@ impl Shared {
                 .last_restore_ms
                 .store(stats.elapsed.as_millis() as u64, Ordering::Relaxed);
             metrics::gauge!("exactly_stream_restore_seconds").set(stats.elapsed.as_secs_f64());
+            metrics::gauge!("exactly_stream_task_restore_seconds", "partition" => partition.to_string())
+                .set(stats.elapsed.as_secs_f64());
+            metrics::counter!("exactly_stream_restored_records_total").increment(stats.records as u64);
             tracing::info!(
                 "partition {partition}: restored {} entries from {} changelog records ({} uncommitted dropped) in {:?}",
                 stats.entries,
@@ -826,6 +829,8 @@ impl Processor {
     /// count again what the changelog already holds.
     fn retry_restores(&self) {
         let mut shared = lock(&self.shared);
+        // Tasks waiting for their state (an alert fires when one waits for long).
+        metrics::gauge!("exactly_stream_tasks_restoring").set(shared.unrestored.len() as f64);
         if shared.unrestored.is_empty() {
             return;
         }
