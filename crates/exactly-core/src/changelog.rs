@@ -127,38 +127,6 @@ pub fn settle_mode(
     }
 }
 
-/// What the broker probe reads back, in order: a record it wrote in a transaction it aborted,
-/// the record it then wrote in a transaction it committed (the sentinel), or anything else
-/// (other writers' records).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ProbeRead {
-    /// The aborted transaction's record.
-    Aborted,
-    /// The committed transaction's record, written after the abort by the same producer.
-    Sentinel,
-    /// Anything else on the partition.
-    Other,
-}
-
-/// Whether the broker hides aborted records from read_committed readers, proven from what such
-/// a reader returned (in order) after the probe: `None` until the sentinel was read. A
-/// read_committed reader returns the sentinel only once its transaction committed, which
-/// the same producer began after the abort completed: by then the aborted record's fate is
-/// decided, so a late abort marker or other writers racing the probe cannot make a broker that
-/// shows aborted records look like one that hides them. No sentinel, no verdict: absence of
-/// evidence is never taken for it.
-pub fn probe_verdict(reads: impl IntoIterator<Item = ProbeRead>) -> Option<bool> {
-    let mut aborted_seen = false;
-    for read in reads {
-        match read {
-            ProbeRead::Aborted => aborted_seen = true,
-            ProbeRead::Sentinel => return Some(!aborted_seen),
-            ProbeRead::Other => {}
-        }
-    }
-    None
-}
-
 /// One changelog record as restore reads it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChangelogEntry<K, V> {
@@ -251,6 +219,7 @@ fn apply<K: Ord, V>(state: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn a_restore_mode_is_recorded_once_and_never_changed_under_a_changelog() {
@@ -265,27 +234,6 @@ mod tests {
         assert_eq!(ReadCommitted.as_str(), "read-committed", "persisted form");
         assert_eq!(Markers.as_str(), "markers", "persisted form");
     }
-
-    proptest::proptest! {
-        /// Other records anywhere, the aborted one shown or hidden: the verdict waits for the
-        /// sentinel and says "shows" exactly when the aborted record came before it.
-        #[test]
-        fn the_probe_decides_only_on_the_sentinel(
-            others_before in 0usize..5, others_between in 0usize..5, shown: bool, sentinel_read: bool
-        ) {
-            let mut reads = vec![ProbeRead::Other; others_before];
-            if shown {
-                reads.push(ProbeRead::Aborted);
-            }
-            reads.extend(std::iter::repeat_n(ProbeRead::Other, others_between));
-            if sentinel_read {
-                reads.push(ProbeRead::Sentinel);
-            }
-            let verdict = probe_verdict(reads);
-            proptest::prop_assert_eq!(verdict, sentinel_read.then_some(!shown));
-        }
-    }
-    use proptest::prelude::*;
 
     /// One processing attempt: its changes, whether it committed, and whether the processor
     /// crashed right after it (a crash after a commit leaves that commit unmarked).
