@@ -95,6 +95,38 @@ impl RestoreMode {
     }
 }
 
+/// What the broker probe reads back, in order: a record it wrote in a transaction it aborted,
+/// the record it then wrote in a transaction it committed (the sentinel), or anything else
+/// (other writers' records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProbeRead {
+    /// The aborted transaction's record.
+    Aborted,
+    /// The committed transaction's record, written after the abort by the same producer.
+    Sentinel,
+    /// Anything else on the partition.
+    Other,
+}
+
+/// Whether the broker hides aborted records from read_committed readers, proven from what such
+/// a reader returned (in order) after the probe: `None` until the sentinel was read. A
+/// read_committed reader returns the sentinel only once its transaction committed, which the
+/// same producer began after the abort completed: by then the aborted record's fate is decided,
+/// so a late abort marker or other writers racing the probe cannot make a broker that shows
+/// aborted records look like one that hides them. No sentinel, no verdict: absence of evidence
+/// is never taken for it.
+pub fn probe_verdict(reads: impl IntoIterator<Item = ProbeRead>) -> Option<bool> {
+    let mut aborted_seen = false;
+    for read in reads {
+        match read {
+            ProbeRead::Aborted => aborted_seen = true,
+            ProbeRead::Sentinel => return Some(!aborted_seen),
+            ProbeRead::Other => {}
+        }
+    }
+    None
+}
+
 /// A changelog written in one restore mode, about to be restored in another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error(
@@ -205,6 +237,102 @@ impl<K: Ord + Clone, V: Clone> Restore<K, V> {
     }
 }
 
+/// [`Restore`] as a stream, for a restore that holds no more than it must: each change is handed
+/// back as soon as it is known to have committed, so the caller writes it to the store and
+/// forgets it, and a restore interrupted at any point resumes from [`StreamingRestore::resume_offset`].
+///
+/// - Read-committed mode holds nothing: every change read is handed back at once.
+/// - Marker mode holds the changes of the epoch being written that no marker proves yet: at most
+///   the last transaction that touched the partition, since each transaction of an epoch
+///   begins with the marker of the one before. When a change of another epoch is read, the
+///   held changes are dropped: their writer started a new epoch (after an abort or a crash) or
+///   lost the partition, and neither writes the old epoch's marker after the new epoch's first
+///   change (the marker a new epoch carries over comes first in its transaction). For every
+///   log one writer at a time writes, the state is [`Restore`]'s (proptested).
+///
+/// Offsets are the changelog's; `resume_offset` is the first offset whose change is still held
+/// (or the next one to read), so re-reading from there repeats nothing that is not a write of
+/// the same value in the same order.
+#[derive(Debug)]
+pub struct StreamingRestore<K, V> {
+    mode: RestoreMode,
+    /// Changes of `held_epoch` no marker proves yet, with their offsets, in log order.
+    held: Vec<(i64, TxnSeq, K, Option<V>)>,
+    held_epoch: Option<u64>,
+    /// Marker mode: the highest committed sequence per epoch.
+    committed: HashMap<u64, u64>,
+    next_offset: i64,
+    dropped: usize,
+}
+
+impl<K, V> StreamingRestore<K, V> {
+    /// A restore in `mode` that reads from `offset` (0, or where an interrupted one stopped).
+    pub fn new(mode: RestoreMode, offset: i64) -> Self {
+        StreamingRestore {
+            mode,
+            held: Vec::new(),
+            held_epoch: None,
+            committed: HashMap::new(),
+            next_offset: offset,
+            dropped: 0,
+        }
+    }
+
+    /// Reads the entry at `offset`; returns the changes now known to have committed, in log
+    /// order (a tombstone is `None`). `None` for `entry` is a record restore cannot use (it is
+    /// stepped over).
+    pub fn push(&mut self, offset: i64, entry: Option<ChangelogEntry<K, V>>) -> Vec<(K, Option<V>)> {
+        self.next_offset = self.next_offset.max(offset + 1);
+        let Some(entry) = entry else {
+            self.dropped += 1;
+            return Vec::new();
+        };
+        match (self.mode, entry) {
+            (RestoreMode::ReadCommitted, ChangelogEntry::Change { key, value, .. }) => vec![(key, value)],
+            (RestoreMode::ReadCommitted, ChangelogEntry::Committed { .. }) => Vec::new(),
+            (RestoreMode::Markers, ChangelogEntry::Change { txn, key, value }) => {
+                if self.committed.get(&txn.epoch).is_some_and(|&s| txn.seq <= s) {
+                    return vec![(key, value)];
+                }
+                if self.held_epoch != Some(txn.epoch) {
+                    self.dropped += self.held.len();
+                    self.held.clear();
+                    self.held_epoch = Some(txn.epoch);
+                }
+                self.held.push((offset, txn, key, value));
+                Vec::new()
+            }
+            (RestoreMode::Markers, ChangelogEntry::Committed { txn }) => {
+                let seq = self.committed.entry(txn.epoch).or_insert(txn.seq);
+                *seq = (*seq).max(txn.seq);
+                if self.held_epoch != Some(txn.epoch) {
+                    return Vec::new();
+                }
+                let (proven, still): (Vec<_>, Vec<_>) =
+                    std::mem::take(&mut self.held).into_iter().partition(|(_, t, _, _)| t.seq <= txn.seq);
+                self.held = still;
+                proven.into_iter().map(|(_, _, k, v)| (k, v)).collect()
+            }
+        }
+    }
+
+    /// Where a restore interrupted now resumes: the first change still held, or the next offset.
+    pub fn resume_offset(&self) -> i64 {
+        self.held.first().map_or(self.next_offset, |(offset, ..)| *offset)
+    }
+
+    /// Changes held, waiting for a marker (bounded by one transaction's changes).
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// How many records were dropped so far (aborted, unmarked, unusable); at the end, the held
+    /// changes count too.
+    pub fn dropped(&self) -> usize {
+        self.dropped + self.held.len()
+    }
+}
+
 fn apply<K: Ord, V>(state: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
     match value {
         Some(v) => {
@@ -220,6 +348,26 @@ fn apply<K: Ord, V>(state: &mut BTreeMap<K, V>, key: K, value: Option<V>) {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        /// Other records anywhere, the aborted one shown or hidden, the sentinel read or not yet
+        /// (a delayed reader, a late marker): the verdict waits for the sentinel and says
+        /// "shows" exactly when the aborted record came before it.
+        #[test]
+        fn the_probe_decides_only_on_the_sentinel(
+            others_before in 0usize..5, others_between in 0usize..5, shown: bool, sentinel_read: bool
+        ) {
+            let mut reads = vec![ProbeRead::Other; others_before];
+            if shown {
+                reads.push(ProbeRead::Aborted);
+            }
+            reads.extend(std::iter::repeat_n(ProbeRead::Other, others_between));
+            if sentinel_read {
+                reads.push(ProbeRead::Sentinel);
+            }
+            prop_assert_eq!(probe_verdict(reads), sentinel_read.then_some(!shown));
+        }
+    }
 
     #[test]
     fn a_restore_mode_is_recorded_once_and_never_changed_under_a_changelog() {
@@ -406,6 +554,67 @@ mod tests {
                 restore(RestoreMode::Markers, visible(&log, false))
             );
         }
+    }
+
+    /// Streams `entries` (offset = index) through a [`StreamingRestore`], interrupted after
+    /// `cut` entries and resumed from its resume offset, as a restore cut short by a rebalance
+    /// is; returns the state and the most changes ever held.
+    fn stream(mode: RestoreMode, entries: &[ChangelogEntry<u8, u32>], cut: usize) -> (BTreeMap<u8, u32>, usize) {
+        let mut state = BTreeMap::new();
+        let mut most_held = 0;
+        let mut restore = StreamingRestore::new(mode, 0);
+        let cut = cut.min(entries.len());
+        for (offset, e) in entries.iter().enumerate().take(cut) {
+            for (k, v) in restore.push(offset as i64, Some(e.clone())) {
+                apply(&mut state, k, v);
+            }
+            most_held = most_held.max(restore.held());
+        }
+        let from = restore.resume_offset();
+        let mut restore = StreamingRestore::new(mode, from);
+        for (offset, e) in entries.iter().enumerate().skip(from as usize) {
+            for (k, v) in restore.push(offset as i64, Some(e.clone())) {
+                apply(&mut state, k, v);
+            }
+            most_held = most_held.max(restore.held());
+        }
+        (state, most_held)
+    }
+
+    proptest! {
+        /// The streaming restore, cut anywhere and resumed, ends in the state the whole-log
+        /// restore does, in both modes and on both kinds of broker, and holds no more than one
+        /// transaction's changes.
+        #[test]
+        fn a_streaming_restore_resumed_anywhere_equals_the_whole_restore(history in attempts(), cut in 0usize..200) {
+            let largest = history.iter().map(|a| a.changes.len()).max().unwrap_or(0);
+            for (mode, hides) in [(RestoreMode::ReadCommitted, true), (RestoreMode::Markers, false), (RestoreMode::Markers, true)] {
+                let entries = visible(&write_log(&history, mode), hides);
+                let (state, most_held) = stream(mode, &entries, cut);
+                prop_assert_eq!(&state, &restore(mode, entries.clone()));
+                prop_assert!(most_held <= largest, "held {} > {}", most_held, largest);
+            }
+            // Kafka's cleaner under a read-committed restore.
+            let compacted = visible(&compact(&write_log(&history, RestoreMode::ReadCommitted)), true);
+            prop_assert_eq!(stream(RestoreMode::ReadCommitted, &compacted, cut).0, restore(RestoreMode::ReadCommitted, compacted));
+        }
+    }
+
+    #[test]
+    fn a_held_change_waits_for_its_marker_and_resumes_from_itself() {
+        let t = |epoch, seq| TxnSeq { epoch, seq };
+        let change = |txn, key: u8, value: u32| Some(ChangelogEntry::Change { txn, key, value: Some(value) });
+        let mut r = StreamingRestore::new(RestoreMode::Markers, 10);
+        assert!(r.push(10, change(t(1, 0), 1, 10)).is_empty());
+        assert_eq!(r.resume_offset(), 10, "the held change is read again on resume");
+        assert_eq!(r.push(11, None), vec![], "an unusable record is stepped over");
+        assert_eq!(r.push(12, Some(ChangelogEntry::Committed { txn: t(1, 0) })), vec![(1, Some(10))]);
+        assert_eq!(r.resume_offset(), 13);
+        // (1,1) is never marked: a change of epoch 2 drops it.
+        assert!(r.push(13, change(t(1, 1), 2, 20)).is_empty());
+        assert!(r.push(14, change(t(2, 0), 3, 30)).is_empty());
+        assert_eq!(r.dropped(), 3, "the unusable record, (1,1), and (2,0) still held");
+        assert_eq!(r.resume_offset(), 14);
     }
 
     /// The defect this module had: one marker key for every transaction. Once the cleaner kept

@@ -223,6 +223,105 @@ pub fn broker_hides_aborted_records(
     Ok(!visible)
 }
 
+/// How long the proven probe waits for its committed sentinel to become readable.
+const PROBE_WAIT: Duration = Duration::from_secs(60);
+
+/// Whether this broker hides records of aborted transactions from read_committed readers, as
+/// Kafka guarantees (Tansu 0.6.0 shows them). Proven, not inferred: a transactional producer
+/// (`transactional_id`, so that its start aborts what an earlier probe of the same id left
+/// open) writes a record to partition 0 of `topic` and aborts, then writes a sentinel and
+/// commits; a read_committed reader reads from the partition's end before the probe until the
+/// sentinel (see [`exactly_core::changelog::probe_verdict`]). `topic` must be one no other
+/// long transaction writes: an open one holds the sentinel back. Only the probe's own records
+/// are held, so a long partition costs no memory. An error, never a guess, when the sentinel
+/// does not show within a minute.
+pub fn prove_broker_hides_aborted_records(
+    kafka: &(impl Cluster + ?Sized),
+    topic: &str,
+    transactional_id: &str,
+) -> Result<bool, KafkaFlowError> {
+    use exactly_core::changelog::{probe_verdict, ProbeRead};
+    let kafka = kafka.settings();
+    let nonce = format!(
+        "exactly-abort-probe-{}-{}",
+        std::process::id(),
+        crate::relay::unique_suffix()
+    );
+    let (aborted, sentinel) = (format!("{nonce}-aborted"), format!("{nonce}-committed"));
+    let timeout = Duration::from_secs(30);
+    let producer: ThreadedProducer<crate::TokenContext> = producer_config(&*kafka, false)
+        .set("transactional.id", transactional_id)
+        .set("transaction.timeout.ms", "10000")
+        .set("message.timeout.ms", "10000")
+        .create_with_context(crate::TokenContext)
+        .map_err(KafkaFlowError::at("create probe producer"))?;
+    producer
+        .init_transactions(timeout)
+        .map_err(KafkaFlowError::at("probe: init transactions"))?;
+    let consumer = reader(&kafka)?;
+    let (_, start) = consumer
+        .fetch_watermarks(topic, 0, timeout)
+        .map_err(KafkaFlowError::at("probe: partition end"))?;
+    let write = |payload: &str| -> Result<(), KafkaFlowError> {
+        producer
+            .begin_transaction()
+            .map_err(KafkaFlowError::at("probe: begin"))?;
+        producer
+            .send(
+                BaseRecord::<str, str>::to(topic)
+                    .key("exactly-abort-probe")
+                    .payload(payload)
+                    .partition(0),
+            )
+            .map_err(|(e, _)| KafkaFlowError::Kafka {
+                context: "probe: send",
+                source: e,
+            })?;
+        producer
+            .flush(timeout)
+            .map_err(KafkaFlowError::at("probe: flush"))
+    };
+    write(&aborted)?;
+    producer
+        .abort_transaction(timeout)
+        .map_err(KafkaFlowError::at("probe: abort"))?;
+    write(&sentinel)?;
+    producer
+        .commit_transaction(timeout)
+        .map_err(KafkaFlowError::at("probe: commit"))?;
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, 0, Offset::Offset(start))
+        .map_err(KafkaFlowError::at("probe: assign"))?;
+    consumer
+        .assign(&list)
+        .map_err(KafkaFlowError::at("probe: assign"))?;
+    let mut reads = Vec::new();
+    let deadline = std::time::Instant::now() + PROBE_WAIT;
+    while std::time::Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                // Only the probe's own records are kept: others say nothing about it.
+                let payload = m.payload().unwrap_or_default();
+                if payload == aborted.as_bytes() {
+                    reads.push(ProbeRead::Aborted);
+                } else if payload == sentinel.as_bytes() {
+                    reads.push(ProbeRead::Sentinel);
+                }
+                if let Some(hides) = probe_verdict(reads.iter().copied()) {
+                    return Ok(hides);
+                }
+            }
+            Some(Err(e)) => tracing::debug!("probe read of {topic}: {e}"),
+            None => {}
+        }
+    }
+    Err(KafkaFlowError::Feed(format!(
+        "the abort probe's committed record on {topic} did not become readable within {PROBE_WAIT:?}, so \
+         whether this broker hides aborted records cannot be told (a transaction left open on the partition \
+         holds read_committed readers back); nothing was assumed"
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

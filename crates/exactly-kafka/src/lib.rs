@@ -30,12 +30,12 @@ pub use config::{
     static_membership, Cluster, KafkaSettings, PropertyError,
 };
 pub use consumer::{ConsumerConfig, ConsumerCounters, IdempotentConsumer};
-pub use eos::{broker_hides_aborted_records, is_fenced, progress_positions, ExactlyOnce, QuietEof};
+pub use eos::{broker_hides_aborted_records, is_fenced, prove_broker_hides_aborted_records, progress_positions, ExactlyOnce, QuietEof};
 pub use error::KafkaFlowError;
 pub use faults::{FaultPoint, Faults};
 pub use gap::{follow_gap_verdict, GapFollowed};
 pub use oauth::{generate as oauth_token, refresh as refresh_oauth_token, TokenContext, TokenError};
 pub use relay::{now, BatchReport, Relay, RelayConfig, RelayCounters};
-pub use scan::{read_assigned, scan_topic, EndWatch, END_IDLE};
+pub use scan::{read_assigned, read_to_stable_end, scan_topic, EndWatch, END_IDLE};
 pub use wal_relay::{WalRelay, WalRelayConfig, WalRelayCounters};
 pub use wire::{decode_message, decode_message_keyed_by, envelope_headers, record_headers};

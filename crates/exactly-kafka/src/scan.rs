@@ -152,6 +152,84 @@ where
     )))
 }
 
+/// Hands every record of partition `partition` of `topic` to `visit`, read_committed, from the
+/// beginning to its stable end: the read is over when nothing written is undecided (the last
+/// stable offset equals the high watermark) and the reader's position has reached it. No quiet
+/// period: a transaction still open holds the end back until it ends, and an error says so after
+/// `timeout`.
+pub fn read_to_stable_end<F>(
+    kafka: &(impl Cluster + ?Sized),
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+    mut visit: F,
+) -> Result<(), KafkaFlowError>
+where
+    F: FnMut(&BorrowedMessage<'_>),
+{
+    let group = format!(
+        "exactly-scan-{}-{}",
+        std::process::id(),
+        crate::relay::unique_suffix()
+    );
+    let committed: BaseConsumer<crate::QuietEof> = reader_config(kafka, &group, "read_committed")
+        .create_with_context(crate::QuietEof)
+        .map_err(KafkaFlowError::at("create topic reader"))?;
+    let written: BaseConsumer<crate::QuietEof> = reader_config(kafka, &group, "read_uncommitted")
+        .create_with_context(crate::QuietEof)
+        .map_err(KafkaFlowError::at("create topic end reader"))?;
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, partition, Offset::Beginning)
+        .map_err(KafkaFlowError::at("list partitions"))?;
+    committed
+        .assign(&list)
+        .map_err(KafkaFlowError::at("assign topic reader"))?;
+    let deadline = Instant::now() + timeout;
+    let mut at_end = false;
+    let mut read_to = 0i64;
+    let call = Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match committed.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                at_end = false;
+                read_to = read_to.max(m.offset() + 1);
+                visit(&m);
+                continue;
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => at_end = true,
+            Some(Err(e)) => tracing::debug!("reading {topic}: {e}"),
+            None => {}
+        }
+        if !at_end {
+            continue;
+        }
+        let (_, stable) = committed
+            .fetch_watermarks(topic, partition, call)
+            .map_err(KafkaFlowError::at("stable end"))?;
+        let (_, end) = written
+            .fetch_watermarks(topic, partition, call)
+            .map_err(KafkaFlowError::at("end"))?;
+        // librdkafka's position passes transaction markers, which are no records.
+        let position = committed
+            .position()
+            .ok()
+            .and_then(|l| l.find_partition(topic, partition).map(|e| e.offset()))
+            .and_then(|o| match o {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            })
+            .unwrap_or(0)
+            .max(read_to);
+        if stable >= end && position >= end {
+            return Ok(());
+        }
+    }
+    Err(KafkaFlowError::Feed(format!(
+        "did not reach the stable end of {topic}/{partition} within {timeout:?} (a transaction left open on it \
+         holds read_committed readers back until it ends)"
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

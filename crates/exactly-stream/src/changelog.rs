@@ -58,6 +58,21 @@ pub fn records_for(txn: TxnSeq, previous_committed: Option<TxnSeq>, batch: &Batc
         .collect()
 }
 
+/// What restore makes of one changelog record (key, value, `exactly-txn` header): a commit
+/// marker, a change, or `None` for a record it cannot use (no readable transaction).
+pub fn entry_of(key: &str, value: Option<&str>, txn: &str) -> Option<ChangelogEntry<String, String>> {
+    if is_marker_key(key) {
+        return value
+            .and_then(TxnSeq::from_header)
+            .map(|txn| ChangelogEntry::Committed { txn });
+    }
+    TxnSeq::from_header(txn).map(|txn| ChangelogEntry::Change {
+        txn,
+        key: key.to_owned(),
+        value: value.map(str::to_owned),
+    })
+}
+
 /// Reads changelog records in order and returns the committed state as one batch to commit into
 /// an empty store, the last transaction restored (marker mode), and how many records were
 /// dropped (aborted, not yet marked, or unreadable).

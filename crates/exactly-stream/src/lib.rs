@@ -5,7 +5,8 @@
 //! input offsets the state reflects and the stream time. Every [`Batch`] commits in one local
 //! transaction, and every change has a changelog form ([`Change::to_changelog`]) so the same
 //! batch can be written to a compacted changelog topic inside the Kafka transaction and restored
-//! from it with [`exactly_core::changelog::Restore`].
+//! from it, a slice at a time outside the rebalance, by the [`Restorer`]
+//! ([`exactly_core::changelog::StreamingRestore`]).
 //!
 //! [`WindowedCount`] is one task's counting: tumbling windows on event time, late records
 //! dropped and counted, inputs already counted in their window skipped, and the open
@@ -13,12 +14,14 @@
 
 pub mod changelog;
 mod processor;
+mod restore;
 mod store;
 mod task;
 
 pub use processor::{
-    probe_restore_mode, rebuild_store, rebuild_stores, GroupBy, Guarantee, Processor, ProcessorError,
-    RestoreStats, StreamConfig, StreamCounters, DEAD_ORIGIN_HEADER, DEAD_REASON_HEADER,
+    probe_restore_mode, GroupBy, Guarantee, Processor, ProcessorError, StreamConfig, StreamCounters,
+    DEAD_ORIGIN_HEADER, DEAD_REASON_HEADER,
 };
+pub use restore::{rebuild_store, RestoreStats, Restorer};
 pub use store::{Batch, Change, StateStore, StoreError};
 pub use task::{Counted, Input, WindowedCount, DEFAULT_MAX_EVENT_TIME_SKEW_MS};

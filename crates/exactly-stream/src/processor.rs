@@ -23,7 +23,7 @@ use exactly_core::window::{salted_key, unsalted_key, TumblingWindows};
 use exactly_core::{GapVerdict, OffsetGapCheck, UnixMillis};
 use exactly_kafka::TokenContext;
 use exactly_kafka::{
-    consumer_config, decode_message, follow_gap_verdict, producer_config, GapFollowed, QuietEof,
+    consumer_config, decode_message, follow_gap_verdict, producer_config, GapFollowed,
 };
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
@@ -34,7 +34,8 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::Offset;
 
-use crate::changelog::{records_for, restore, ChangelogRecord, TXN_HEADER};
+use crate::changelog::{records_for, TXN_HEADER};
+use crate::restore::{RestoreStats, Restorer};
 use crate::store::{Change, StateStore};
 use crate::task::{Counted, Input, WindowedCount};
 
@@ -203,13 +204,21 @@ pub struct StreamCounters {
     pub tasks: AtomicU64,
 }
 
-/// How often tasks whose restore failed are tried again.
+/// How often a task whose restore could not start is tried again.
 const RESTORE_RETRY: Duration = Duration::from_secs(1);
+/// The longest a processing-loop turn reads changelogs for, so the group consumer is polled often.
+const RESTORE_SLICE: Duration = Duration::from_millis(100);
 
 /// The processor failed for good.
 #[derive(Debug, thiserror::Error)]
 #[error("stream processor: {0}")]
 pub struct ProcessorError(String);
+
+impl ProcessorError {
+    pub(crate) fn new(message: impl Into<String>) -> Self {
+        ProcessorError(message.into())
+    }
+}
 
 fn fail(context: &str) -> impl Fn(KafkaError) -> ProcessorError + '_ {
     move |e| ProcessorError(format!("{context}: {e}"))
@@ -245,8 +254,9 @@ struct Shared {
     /// seeks back to).
     forwarded: BTreeMap<i32, i64>,
     forward_committed: BTreeMap<i32, i64>,
-    /// Counted partitions assigned here whose restore failed: paused until a retry succeeds.
-    unrestored: BTreeSet<i32>,
+    /// Counted partitions assigned here (tasks, and partitions whose store is being restored,
+    /// paused until it is current).
+    assigned: BTreeSet<i32>,
     /// A rebalance happened: the open transaction must be aborted and overlays discarded.
     rebalanced: bool,
     /// Partitions just put at a known offset (topic, partition, offset), for the processing
@@ -254,8 +264,6 @@ struct Shared {
     positioned: Vec<(String, i32, i64)>,
     config: StreamConfig,
     counters: Arc<StreamCounters>,
-    /// How changelogs are restored (and whether commit markers are written), from the probe.
-    restore_mode: RestoreMode,
 }
 
 struct TaskSlot {
@@ -297,7 +305,7 @@ impl ConsumerContext for RebalanceContext {
             for e in list.elements() {
                 if e.topic() == counted {
                     shared.tasks.remove(&e.partition());
-                    shared.unrestored.remove(&e.partition());
+                    shared.assigned.remove(&e.partition());
                 } else {
                     shared.forwarded.remove(&e.partition());
                     shared.forward_committed.remove(&e.partition());
@@ -315,21 +323,12 @@ impl ConsumerContext for RebalanceContext {
     ) {
         if err == rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
             self.pre_rebalance(base_consumer, &Rebalance::Assign(tpl));
-            // Each counted partition starts where its restored state says, not at the group's
-            // offset; a salted input partition (stateless forwarding) at the group's offset.
+            // A counted partition with its task here goes on where its state says; one new here
+            // waits, paused, while the processing loop restores its store (never in this
+            // callback, which would hold up the group); a salted input partition (stateless
+            // forwarding) starts at the group's offset.
             let mut shared = lock(&self.shared);
             let counted = shared.config.counted_topic();
-            let counted_partitions: Vec<i32> = tpl
-                .elements()
-                .iter()
-                .filter(|e| e.topic() == counted)
-                .map(|e| e.partition())
-                .collect();
-            if let Err(error) = shared.restore_tasks(&counted_partitions) {
-                tracing::error!(
-                    "restoring partitions {counted_partitions:?} failed; they wait, paused, for a retry: {error}"
-                );
-            }
             let mut positioned = TopicPartitionList::new();
             let mut waiting = TopicPartitionList::new();
             for e in tpl.elements() {
@@ -339,10 +338,12 @@ impl ConsumerContext for RebalanceContext {
                 } else if shared.tasks.contains_key(&partition) {
                     shared.resume_offset(partition)
                 } else {
-                    shared.unrestored.insert(partition);
                     waiting.add_partition(e.topic(), partition);
                     Offset::Beginning
                 };
+                if e.topic() == counted {
+                    shared.assigned.insert(partition);
+                }
                 if let Err(e) = positioned.add_partition_offset(e.topic(), partition, at) {
                     tracing::error!("cannot position partition {partition}: {e}");
                 }
@@ -377,51 +378,6 @@ impl Shared {
         metrics::gauge!("exactly_stream_tasks").set(n as f64);
     }
 
-    /// Makes sure a task exists for each of `partitions`, rebuilding the stores of those new to
-    /// this processor from the changelog together. On an error none of them is added; the
-    /// caller keeps them paused and tries again.
-    fn restore_tasks(&mut self, partitions: &[i32]) -> Result<(), ProcessorError> {
-        let missing: Vec<i32> = partitions
-            .iter()
-            .copied()
-            .filter(|p| !self.tasks.contains_key(p))
-            .collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
-        for (partition, store, stats) in rebuild_stores(&self.config, &missing, self.restore_mode)? {
-            // Salting happens before the repartition topic; the count sees salted keys as they are.
-            let count = WindowedCount::new(store, self.config.windows, 1)
-                .map_err(|e| ProcessorError(e.to_string()))?
-                .with_max_skew_ms(self.config.max_event_time_skew_ms);
-            self.counters
-                .last_restore_ms
-                .store(stats.elapsed.as_millis() as u64, Ordering::Relaxed);
-            metrics::gauge!("exactly_stream_restore_seconds").set(stats.elapsed.as_secs_f64());
-            metrics::gauge!("exactly_stream_task_restore_seconds", "partition" => partition.to_string())
-                .set(stats.elapsed.as_secs_f64());
-            metrics::counter!("exactly_stream_restored_records_total").increment(stats.records as u64);
-            tracing::info!(
-                "partition {partition}: restored {} entries from {} changelog records ({} uncommitted dropped) in {:?}",
-                stats.entries,
-                stats.records,
-                stats.dropped,
-                stats.elapsed
-            );
-            // Unmarked commits before this restore stay unmarked for good: their changes were
-            // not restored, their inputs are read again.
-            self.tasks.insert(
-                partition,
-                TaskSlot {
-                    count,
-                    unmarked: None,
-                    touched: false,
-                },
-            );
-        }
-        Ok(())
-    }
-
     /// Where task `partition` resumes reading its input: the offset its restored state
     /// reflects, or the beginning when it has none.
     fn resume_offset(&self, partition: i32) -> Offset {
@@ -441,84 +397,18 @@ impl Shared {
     }
 }
 
-/// What one restore did.
-#[derive(Debug, Clone, Copy)]
-pub struct RestoreStats {
-    /// Changelog records read.
-    pub records: usize,
-    /// Store entries restored.
-    pub entries: usize,
-    /// Records of transactions not known to have committed.
-    pub dropped: usize,
-    /// Reading and applying, end to end.
-    pub elapsed: Duration,
-    /// Of which reading the changelog from the broker.
-    pub read: Duration,
-    /// Of which writing the store.
-    pub write: Duration,
-}
-
-/// Rebuilds the store of task `partition` from its changelog partition, read to its end: the
-/// local file is discarded first (the changelog is the truth; a local file may be behind or
-/// ahead of it). `mode` says how committed changes are told from aborted ones
-/// ([`exactly_core::changelog`]).
-pub fn rebuild_store(
-    config: &StreamConfig,
-    partition: i32,
-    mode: RestoreMode,
-) -> Result<(StateStore, RestoreStats), ProcessorError> {
-    let (_, store, stats) = rebuild_stores(config, &[partition], mode)?
-        .pop()
-        .ok_or_else(|| ProcessorError(format!("partition {partition}: nothing restored")))?;
-    Ok((store, stats))
-}
-
-/// [`rebuild_store`] for several tasks at once: their changelog partitions are read together,
-/// so an assignment waits for one end-of-changelog check, not one per task.
-pub fn rebuild_stores(
-    config: &StreamConfig,
-    partitions: &[i32],
-    mode: RestoreMode,
-) -> Result<Vec<(i32, StateStore, RestoreStats)>, ProcessorError> {
-    let started = Instant::now();
-    let mut changelogs = read_changelogs(config, partitions)?;
-    let read_elapsed = started.elapsed();
-    std::fs::create_dir_all(&config.state_dir).map_err(|e| ProcessorError(format!("state dir: {e}")))?;
-    let mut stores = Vec::with_capacity(partitions.len());
-    for &partition in partitions {
-        let records = changelogs.remove(&partition).unwrap_or_default();
-        let read = records.len();
-        let writing = Instant::now();
-        let (batch, _last, dropped) = restore(mode, records);
-        let path = config.state_dir.join(format!("partition-{partition}.redb"));
-        let _ = std::fs::remove_file(&path);
-        let store = StateStore::open(&path).map_err(|e| ProcessorError(e.to_string()))?;
-        store.commit(&batch).map_err(|e| ProcessorError(e.to_string()))?;
-        let write = writing.elapsed();
-        stores.push((
-            partition,
-            store,
-            RestoreStats {
-                records: read,
-                entries: batch.changes.len(),
-                dropped,
-                elapsed: read_elapsed + write,
-                read: read_elapsed,
-                write,
-            },
-        ));
-    }
-    Ok(stores)
-}
-
 /// How to restore on `config`'s broker: without transactions nothing is ever aborted; with
-/// them, one aborted probe transaction on the changelog says whether read_committed readers
-/// miss aborted records (Kafka) or see them (Tansu 0.6.0).
+/// them, a proven probe on the application's meta topic (an aborted record, then a committed
+/// sentinel read back; [`exactly_kafka::prove_broker_hides_aborted_records`]) says whether
+/// read_committed readers miss aborted records (Kafka) or see them (Tansu 0.6.0).
 pub fn probe_restore_mode(config: &StreamConfig) -> Result<RestoreMode, ProcessorError> {
     let decided = if config.guarantee == Guarantee::AtLeastOnce {
         RestoreMode::ReadCommitted
     } else {
-        let hides = exactly_kafka::broker_hides_aborted_records(&config.kafka, &config.changelog_topic())
+        // Its own transactional id per instance: a probe killed half-way is aborted by the
+        // next start of the same instance, not left to hold the meta topic back.
+        let probe_id = format!("{}-{}-probe", config.application_id, config.instance);
+        let hides = exactly_kafka::prove_broker_hides_aborted_records(&config.kafka, &config.meta_topic(), &probe_id)
             .map_err(|e| ProcessorError(format!("abort probe: {e}")))?;
         if !hides {
             tracing::warn!(
@@ -540,18 +430,11 @@ const MODE_KEY: &str = "restore-mode";
 fn settle_restore_mode(config: &StreamConfig, decided: RestoreMode) -> Result<RestoreMode, ProcessorError> {
     let topic = config.meta_topic();
     let mut written = None;
-    exactly_kafka::scan_topic(
-        &config.kafka,
-        &topic,
-        1,
-        "read_committed",
-        Duration::from_secs(30),
-        |m| {
-            if m.key() == Some(MODE_KEY.as_bytes()) {
-                written = Some(m.payload().unwrap_or_default().to_vec());
-            }
-        },
-    )
+    exactly_kafka::read_to_stable_end(&config.kafka, &topic, 0, Duration::from_secs(60), |m| {
+        if m.key() == Some(MODE_KEY.as_bytes()) {
+            written = Some(m.payload().unwrap_or_default().to_vec());
+        }
+    })
     .map_err(|e| ProcessorError(format!("reading {topic}: {e}")))?;
     let written = match written {
         None => None,
@@ -578,44 +461,6 @@ fn settle_restore_mode(config: &StreamConfig, decided: RestoreMode) -> Result<Re
             .map_err(fail("record the restore mode"))?;
     }
     Ok(mode)
-}
-
-/// Reads changelog partitions `partitions` from the beginning to their end (read_committed).
-fn read_changelogs(
-    config: &StreamConfig,
-    partitions: &[i32],
-) -> Result<BTreeMap<i32, Vec<ChangelogRecord>>, ProcessorError> {
-    let consumer: BaseConsumer<QuietEof> = exactly_kafka::reader_config(
-        &config.kafka,
-        &format!("{}-restore", config.application_id),
-        "read_committed",
-    )
-    .create_with_context(QuietEof)
-    .map_err(fail("create restore consumer"))?;
-    let topic = config.changelog_topic();
-    let mut list = TopicPartitionList::new();
-    for &partition in partitions {
-        list.add_partition_offset(&topic, partition, Offset::Beginning)
-            .map_err(fail("restore assignment"))?;
-    }
-    consumer.assign(&list).map_err(fail("restore assignment"))?;
-    let mut records: BTreeMap<i32, Vec<ChangelogRecord>> = BTreeMap::new();
-    let count = partitions.len() as i32;
-    exactly_kafka::read_assigned(&consumer, &topic, count, Duration::from_secs(120), |m| {
-        let txn = m
-            .headers()
-            .and_then(|h| h.iter().find(|h| h.key == TXN_HEADER).and_then(|h| h.value))
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-            .unwrap_or_default();
-        records.entry(m.partition()).or_default().push(ChangelogRecord {
-            key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
-            value: m.payload().map(|v| String::from_utf8_lossy(v).into_owned()),
-            txn,
-        });
-        Ok(())
-    })
-    .map_err(|e| ProcessorError(format!("changelog partitions {partitions:?}: {e}")))?;
-    Ok(records)
 }
 
 /// A count input as it travels on the repartition topic (salted mode): the salted grouping key,
@@ -700,6 +545,10 @@ pub struct Processor {
     /// The offsets handed to this consumer, per partition, to read each gap in them twice.
     gaps: OffsetGapCheck<(String, i32)>,
     faults: exactly_kafka::Faults,
+    /// Restores the stores of tasks new here, a slice per loop turn.
+    restorer: Restorer,
+    /// Partitions whose restore could not start, and when it was last tried.
+    restore_failed: BTreeMap<i32, Instant>,
 }
 
 /// Why a commit was refused because this member no longer owns what it processed: the group
@@ -732,12 +581,11 @@ impl Processor {
             tasks: BTreeMap::new(),
             forwarded: BTreeMap::new(),
             forward_committed: BTreeMap::new(),
-            unrestored: BTreeSet::new(),
+            assigned: BTreeSet::new(),
             rebalanced: false,
             positioned: Vec::new(),
             config: config.clone(),
             counters: counters.clone(),
-            restore_mode,
         }));
         let mut client = consumer_config(&config.kafka, &config.application_id);
         exactly_kafka::static_membership(&mut client, config.group_instance_id.as_deref());
@@ -754,6 +602,7 @@ impl Processor {
         };
         consumer.subscribe(&topics).map_err(fail("subscribe"))?;
         let epoch = exactly_kafka::now().0.max(0) as u64;
+        let restorer = Restorer::new(&config, restore_mode)?;
         Ok(Processor {
             config,
             consumer,
@@ -765,6 +614,8 @@ impl Processor {
             restore_mode,
             gaps: OffsetGapCheck::default(),
             faults: exactly_kafka::Faults::none(),
+            restorer,
+            restore_failed: BTreeMap::new(),
         })
     }
 
@@ -777,13 +628,10 @@ impl Processor {
     /// Processes until `stop` turns true, then commits what is open.
     pub fn run(&mut self, stop: &AtomicBool) -> Result<(), ProcessorError> {
         let mut open_since: Option<Instant> = None;
-        let mut restore_tried = Instant::now();
         while !stop.load(Ordering::Relaxed) {
-            if restore_tried.elapsed() >= RESTORE_RETRY {
-                restore_tried = Instant::now();
-                self.retry_restores();
-                self.expect_positioned();
-            }
+            // A restore waits for the changelog's open transactions to end; this processor's
+            // own never writes to a partition being restored (a rebalance aborts it first).
+            self.restore_step()?;
             let message = self.consumer.poll(Duration::from_millis(20));
             if std::mem::take(&mut lock(&self.shared).rebalanced) {
                 // Partitions start anew where the group or their state puts them.
@@ -824,55 +672,129 @@ impl Processor {
         Ok(())
     }
 
-    /// Restores the tasks whose restore failed at their assignment, then starts them where
-    /// their state says. Until then they stay paused: counting them without their state would
-    /// count again what the changelog already holds.
-    fn retry_restores(&self) {
-        let mut shared = lock(&self.shared);
-        // Tasks waiting for their state (an alert fires when one waits for long).
-        metrics::gauge!("exactly_stream_tasks_restoring").set(shared.unrestored.len() as f64);
-        if shared.unrestored.is_empty() {
-            return;
+    /// One turn of the restores: starts those of tasks newly assigned, stops those of tasks
+    /// revoked, reads a slice of the changelogs, and starts the tasks whose stores are current
+    /// where their state says. Until then their input partitions stay paused: counting them
+    /// without their state would count again what the changelog already holds.
+    fn restore_step(&mut self) -> Result<(), ProcessorError> {
+        let (assigned, tasks): (BTreeSet<i32>, BTreeSet<i32>) = {
+            let shared = lock(&self.shared);
+            (shared.assigned.clone(), shared.tasks.keys().copied().collect())
+        };
+        let restoring: BTreeSet<i32> = self.restorer.restoring().collect();
+        for &partition in restoring.difference(&assigned) {
+            self.restorer.stop(partition);
         }
-        let waiting: Vec<i32> = shared.unrestored.iter().copied().collect();
-        if let Err(error) = shared.restore_tasks(&waiting) {
-            tracing::warn!("restoring partitions {waiting:?} failed again; they stay paused: {error}");
-            return;
-        }
-        shared.count_tasks();
-        let counted = shared.config.counted_topic();
-        let starts: Vec<(i32, Offset)> = waiting.iter().map(|&p| (p, shared.resume_offset(p))).collect();
-        drop(shared);
-        let mut started = TopicPartitionList::new();
-        for (partition, at) in starts {
-            match self
-                .consumer
-                .seek(&counted, partition, at, Duration::from_secs(10))
+        self.restore_failed.retain(|p, _| assigned.contains(p));
+        for &partition in assigned.difference(&tasks) {
+            if restoring.contains(&partition)
+                || self
+                    .restore_failed
+                    .get(&partition)
+                    .is_some_and(|t| t.elapsed() < RESTORE_RETRY)
             {
+                continue;
+            }
+            match self.restorer.start(partition) {
                 Ok(()) => {
-                    started.add_partition(&counted, partition);
-                    let mut shared = lock(&self.shared);
-                    shared.unrestored.remove(&partition);
-                    if let Offset::Offset(offset) = at {
-                        shared.positioned.push((counted.clone(), partition, offset));
-                    }
-                    drop(shared);
-                    tracing::info!("partition {partition}: restored on retry, starting at {at:?}");
+                    self.restore_failed.remove(&partition);
                 }
                 Err(e) => {
-                    tracing::warn!("partition {partition}: cannot position after its restore, retrying: {e}")
+                    tracing::warn!("partition {partition}: its restore cannot start yet; it stays paused: {e}");
+                    self.restore_failed.insert(partition, Instant::now());
                 }
             }
         }
-        if started.count() > 0 {
-            if let Err(e) = self.consumer.resume(&started) {
-                tracing::warn!("resuming restored partitions failed, retrying: {e}");
-                let mut shared = lock(&self.shared);
-                for e in started.elements() {
-                    shared.unrestored.insert(e.partition());
-                }
-            }
+        metrics::gauge!("exactly_stream_tasks_restoring")
+            .set((self.restorer.len() + self.restore_failed.len()) as f64);
+        if self.restorer.is_empty() {
+            return Ok(());
         }
+        let restored = match self.restorer.step(RESTORE_SLICE) {
+            Ok(restored) => restored,
+            Err(e) => {
+                // The broker did not answer: the restores go on at the next turn.
+                tracing::warn!("restore: {e}");
+                return Ok(());
+            }
+        };
+        for (partition, store, stats) in restored {
+            self.start_task(partition, store, stats)?;
+        }
+        self.expect_positioned();
+        Ok(())
+    }
+
+    /// A task whose store is current: it counts from the input offset its state reflects.
+    fn start_task(&mut self, partition: i32, store: StateStore, stats: RestoreStats) -> Result<(), ProcessorError> {
+        // Salting happens before the repartition topic; the count sees salted keys as they are.
+        let count = WindowedCount::new(store, self.config.windows, 1)
+            .map_err(|e| ProcessorError(e.to_string()))?
+            .with_max_skew_ms(self.config.max_event_time_skew_ms);
+        self.counters
+            .last_restore_ms
+            .store(stats.elapsed.as_millis() as u64, Ordering::Relaxed);
+        metrics::gauge!("exactly_stream_restore_seconds").set(stats.elapsed.as_secs_f64());
+        metrics::gauge!("exactly_stream_task_restore_seconds", "partition" => partition.to_string())
+            .set(stats.elapsed.as_secs_f64());
+        tracing::info!(
+            "partition {partition}: restored {} changes from {} changelog records (from offset {}, {} uncommitted or unusable dropped) in {:?}",
+            stats.entries,
+            stats.records,
+            stats.resumed_at,
+            stats.dropped,
+            stats.elapsed
+        );
+        let mut shared = lock(&self.shared);
+        if !shared.assigned.contains(&partition) {
+            // Revoked in the meantime.
+            return Ok(());
+        }
+        // Unmarked commits before this restore stay unmarked for good: their changes were not
+        // restored, their inputs are read again.
+        shared.tasks.insert(
+            partition,
+            TaskSlot {
+                count,
+                unmarked: None,
+                touched: false,
+            },
+        );
+        shared.count_tasks();
+        let counted = shared.config.counted_topic();
+        let at = shared.resume_offset(partition);
+        drop(shared);
+        let mut started = TopicPartitionList::new();
+        started
+            .add_partition_offset(&counted, partition, at)
+            .map_err(fail("position"))?;
+        // The partition is paused: seek, then resume. A seek librdkafka refuses (the partition
+        // not fetching yet) is tried again shortly; if it still fails, the task restores again.
+        let mut sought = self.consumer.seek(&counted, partition, at, Duration::from_secs(10));
+        for _ in 0..10 {
+            if sought.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            sought = self.consumer.seek(&counted, partition, at, Duration::from_secs(10));
+        }
+        if let Err(e) = sought {
+            tracing::warn!("partition {partition}: cannot seek to {at:?} after its restore ({e}); restoring it again");
+            lock(&self.shared).tasks.remove(&partition);
+            self.restore_failed.insert(partition, Instant::now());
+            return Ok(());
+        }
+        if let Err(e) = self.consumer.resume(&started) {
+            tracing::warn!("partition {partition}: resume after its restore failed ({e}); restoring it again");
+            lock(&self.shared).tasks.remove(&partition);
+            self.restore_failed.insert(partition, Instant::now());
+            return Ok(());
+        }
+        if let Offset::Offset(offset) = at {
+            lock(&self.shared).positioned.push((counted, partition, offset));
+        }
+        tracing::info!("partition {partition}: processing from {at:?}");
+        Ok(())
     }
 
     /// Hands the partitions just put at a known offset to the gap check.
@@ -1199,10 +1121,7 @@ impl Processor {
                     }
                 }
                 for partition in shared.tasks.keys() {
-                    let path = shared
-                        .config
-                        .state_dir
-                        .join(format!("partition-{partition}.redb"));
+                    let path = crate::restore::store_path(&shared.config.state_dir, *partition);
                     bytes += std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
                 }
                 metrics::gauge!("exactly_stream_store_bytes").set(bytes as f64);

@@ -11,8 +11,9 @@ const COUNTS: TableDefinition<'static, (i64, &str), u64> = TableDefinition::new(
 const SEEN: TableDefinition<'static, (i64, &str, &str), u8> = TableDefinition::new("seen");
 /// (topic, partition) → next input offset the state reflects.
 const OFFSETS: TableDefinition<'static, (&str, i32), i64> = TableDefinition::new("offsets");
-/// Named numbers: stream time.
+/// Named numbers: stream time, and the changelog offset an interrupted restore resumes from.
 const META: TableDefinition<'static, &str, i64> = TableDefinition::new("meta");
+const RESTORE_POSITION: &str = "restore_position";
 
 /// The store failed.
 #[derive(Debug, thiserror::Error)]
@@ -171,7 +172,26 @@ impl StateStore {
 
     /// Applies `batch` in one local transaction: all of it or none.
     pub fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
+        self.commit_restoring(batch, None)
+    }
+
+    /// Applies `batch` read from the changelog by a restore, with the changelog offset the
+    /// restore resumes from if it is cut short (`None`: the restore is complete, and the store
+    /// is a task's state from now on), in one local transaction.
+    pub fn commit_restoring(&self, batch: &Batch, resume_at: Option<i64>) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(at("begin"))?;
+        {
+            let mut meta = tx.open_table(META).map_err(at("open meta"))?;
+            match resume_at {
+                Some(offset) => {
+                    meta.insert(RESTORE_POSITION, offset)
+                        .map_err(at("write restore position"))?;
+                }
+                None => {
+                    meta.remove(RESTORE_POSITION).map_err(at("remove restore position"))?;
+                }
+            }
+        }
         {
             let mut counts = tx.open_table(COUNTS).map_err(at("open counts"))?;
             let mut seen = tx.open_table(SEEN).map_err(at("open seen"))?;
@@ -277,6 +297,17 @@ impl StateStore {
             out.push((topic.to_owned(), partition, v.value()));
         }
         Ok(out)
+    }
+
+    /// Where an interrupted restore of this store resumes reading its changelog; `None` for a
+    /// store whose restore completed (or never began), which is only used as a whole.
+    pub fn restore_position(&self) -> Result<Option<i64>, StoreError> {
+        let tx = self.db.begin_read().map_err(at("begin read"))?;
+        let meta = tx.open_table(META).map_err(at("open meta"))?;
+        Ok(meta
+            .get(RESTORE_POSITION)
+            .map_err(at("read restore position"))?
+            .map(|v| v.value()))
     }
 
     /// The stream time, if any record was processed.
