@@ -308,8 +308,9 @@ impl<K, V> StreamingRestore<K, V> {
                 if self.held_epoch != Some(txn.epoch) {
                     return Vec::new();
                 }
-                let (proven, still): (Vec<_>, Vec<_>) =
-                    std::mem::take(&mut self.held).into_iter().partition(|(_, t, _, _)| t.seq <= txn.seq);
+                let (proven, still): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
+                    .into_iter()
+                    .partition(|(_, t, _, _)| t.seq <= txn.seq);
                 self.held = still;
                 proven.into_iter().map(|(_, _, k, v)| (k, v)).collect()
             }
@@ -559,7 +560,11 @@ mod tests {
     /// Streams `entries` (offset = index) through a [`StreamingRestore`], interrupted after
     /// `cut` entries and resumed from its resume offset, as a restore cut short by a rebalance
     /// is; returns the state and the most changes ever held.
-    fn stream(mode: RestoreMode, entries: &[ChangelogEntry<u8, u32>], cut: usize) -> (BTreeMap<u8, u32>, usize) {
+    fn stream(
+        mode: RestoreMode,
+        entries: &[ChangelogEntry<u8, u32>],
+        cut: usize,
+    ) -> (BTreeMap<u8, u32>, usize) {
         let mut state = BTreeMap::new();
         let mut most_held = 0;
         let mut restore = StreamingRestore::new(mode, 0);
@@ -603,12 +608,21 @@ mod tests {
     #[test]
     fn a_held_change_waits_for_its_marker_and_resumes_from_itself() {
         let t = |epoch, seq| TxnSeq { epoch, seq };
-        let change = |txn, key: u8, value: u32| Some(ChangelogEntry::Change { txn, key, value: Some(value) });
+        let change = |txn, key: u8, value: u32| {
+            Some(ChangelogEntry::Change {
+                txn,
+                key,
+                value: Some(value),
+            })
+        };
         let mut r = StreamingRestore::new(RestoreMode::Markers, 10);
         assert!(r.push(10, change(t(1, 0), 1, 10)).is_empty());
         assert_eq!(r.resume_offset(), 10, "the held change is read again on resume");
         assert_eq!(r.push(11, None), vec![], "an unusable record is stepped over");
-        assert_eq!(r.push(12, Some(ChangelogEntry::Committed { txn: t(1, 0) })), vec![(1, Some(10))]);
+        assert_eq!(
+            r.push(12, Some(ChangelogEntry::Committed { txn: t(1, 0) })),
+            vec![(1, Some(10))]
+        );
         assert_eq!(r.resume_offset(), 13);
         // (1,1) is never marked: a change of epoch 2 drops it.
         assert!(r.push(13, change(t(1, 1), 2, 20)).is_empty());

@@ -30,7 +30,10 @@ pub use config::{
     static_membership, Cluster, KafkaSettings, PropertyError,
 };
 pub use consumer::{ConsumerConfig, ConsumerCounters, IdempotentConsumer};
-pub use eos::{broker_hides_aborted_records, is_fenced, prove_broker_hides_aborted_records, progress_positions, ExactlyOnce, QuietEof};
+pub use eos::{
+    broker_hides_aborted_records, is_fenced, progress_positions, prove_broker_hides_aborted_records,
+    ExactlyOnce, QuietEof,
+};
 pub use error::KafkaFlowError;
 pub use faults::{FaultPoint, Faults};
 pub use gap::{follow_gap_verdict, GapFollowed};

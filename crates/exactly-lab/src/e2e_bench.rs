@@ -526,7 +526,7 @@ async fn latencies(
 }
 
 /// This process's resident set (relay, consumer and writer all run in it).
-fn rss_kib() -> Option<u64> {
+pub(crate) fn rss_kib() -> Option<u64> {
     std::fs::read_to_string("/proc/self/status")
         .ok()?
         .lines()

@@ -22,9 +22,7 @@ use exactly_core::changelog::{RestoreMode, TxnSeq};
 use exactly_core::window::{salted_key, unsalted_key, TumblingWindows};
 use exactly_core::{GapVerdict, OffsetGapCheck, UnixMillis};
 use exactly_kafka::TokenContext;
-use exactly_kafka::{
-    consumer_config, decode_message, follow_gap_verdict, producer_config, GapFollowed,
-};
+use exactly_kafka::{consumer_config, decode_message, follow_gap_verdict, producer_config, GapFollowed};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
@@ -204,6 +202,8 @@ pub struct StreamCounters {
     pub tasks: AtomicU64,
 }
 
+/// The processor's `max.poll.interval.ms` (the rebalance timeout), unless the user sets one.
+const PROCESSOR_MAX_POLL_INTERVAL_MS: &str = "30000";
 /// How often a task whose restore could not start is tried again.
 const RESTORE_RETRY: Duration = Duration::from_secs(1);
 /// The longest a processing-loop turn reads changelogs for, so the group consumer is polled often.
@@ -243,6 +243,45 @@ fn new_producer(config: &StreamConfig) -> Result<ThreadedProducer<TokenContext>,
             .map_err(fail("init transactions"))?;
     }
     Ok(producer)
+}
+
+/// The processor's group consumer, subscribed to what it reads.
+fn new_consumer(
+    config: &StreamConfig,
+    shared: &Arc<Mutex<Shared>>,
+) -> Result<BaseConsumer<RebalanceContext>, ProcessorError> {
+    {
+        let mut client = consumer_config(&config.kafka, &config.application_id);
+        exactly_kafka::static_membership(&mut client, config.group_instance_id.as_deref());
+        // The rebalance timeout: how long a rebalance waits for a member that joined and died
+        // (Kafka counts it as joined until then; the issue saw a group wait 268 s). A processor
+        // polls between slices of at most a commit and a 100 ms restore step, so 30 s is
+        // ample; a member that does exceed it has its commit refused and goes on.
+        if config.kafka.client().get("max.poll.interval.ms").is_none() {
+            client.set("max.poll.interval.ms", PROCESSOR_MAX_POLL_INTERVAL_MS);
+        }
+        let consumer: BaseConsumer<RebalanceContext> = client
+            .create_with_context(RebalanceContext {
+                shared: shared.clone(),
+            })
+            .map_err(fail("create consumer"))?;
+        let repartition = config.repartition_topic();
+        let topics: Vec<&str> = if config.salted() {
+            vec![&config.input, &repartition]
+        } else {
+            vec![&config.input]
+        };
+        consumer.subscribe(&topics).map_err(fail("subscribe"))?;
+        tracing::info!(
+            "joining group {} as {}",
+            config.application_id,
+            config.group_instance_id.as_deref().map_or_else(
+                || "a dynamic member".to_owned(),
+                |id| format!("static member {id}")
+            )
+        );
+        Ok(consumer)
+    }
 }
 
 /// State shared with the rebalance callback.
@@ -321,7 +360,13 @@ impl ConsumerContext for RebalanceContext {
         err: rdkafka::types::RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
+        let partitions: Vec<String> = tpl
+            .elements()
+            .iter()
+            .map(|e| format!("{}/{}", e.topic(), e.partition()))
+            .collect();
         if err == rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS {
+            tracing::info!("the group assigned {partitions:?}");
             self.pre_rebalance(base_consumer, &Rebalance::Assign(tpl));
             // A counted partition with its task here goes on where its state says; one new here
             // waits, paused, while the processing loop restores its store (never in this
@@ -362,6 +407,7 @@ impl ConsumerContext for RebalanceContext {
                 }
             }
         } else {
+            tracing::info!("the group revoked {partitions:?}");
             let revoke = Rebalance::Revoke(tpl);
             self.pre_rebalance(base_consumer, &revoke);
             if let Err(e) = base_consumer.unassign() {
@@ -408,8 +454,9 @@ pub fn probe_restore_mode(config: &StreamConfig) -> Result<RestoreMode, Processo
         // Its own transactional id per instance: a probe killed half-way is aborted by the
         // next start of the same instance, not left to hold the meta topic back.
         let probe_id = format!("{}-{}-probe", config.application_id, config.instance);
-        let hides = exactly_kafka::prove_broker_hides_aborted_records(&config.kafka, &config.meta_topic(), &probe_id)
-            .map_err(|e| ProcessorError(format!("abort probe: {e}")))?;
+        let hides =
+            exactly_kafka::prove_broker_hides_aborted_records(&config.kafka, &config.meta_topic(), &probe_id)
+                .map_err(|e| ProcessorError(format!("abort probe: {e}")))?;
         if !hides {
             tracing::warn!(
                 "this broker shows aborted records to read_committed readers: changelogs are restored \
@@ -587,20 +634,7 @@ impl Processor {
             config: config.clone(),
             counters: counters.clone(),
         }));
-        let mut client = consumer_config(&config.kafka, &config.application_id);
-        exactly_kafka::static_membership(&mut client, config.group_instance_id.as_deref());
-        let consumer: BaseConsumer<RebalanceContext> = client
-            .create_with_context(RebalanceContext {
-                shared: shared.clone(),
-            })
-            .map_err(fail("create consumer"))?;
-        let repartition = config.repartition_topic();
-        let topics: Vec<&str> = if config.salted() {
-            vec![&config.input, &repartition]
-        } else {
-            vec![&config.input]
-        };
-        consumer.subscribe(&topics).map_err(fail("subscribe"))?;
+        let consumer = new_consumer(&config, &shared)?;
         let epoch = exactly_kafka::now().0.max(0) as u64;
         let restorer = Restorer::new(&config, restore_mode)?;
         Ok(Processor {
@@ -700,7 +734,9 @@ impl Processor {
                     self.restore_failed.remove(&partition);
                 }
                 Err(e) => {
-                    tracing::warn!("partition {partition}: its restore cannot start yet; it stays paused: {e}");
+                    tracing::warn!(
+                        "partition {partition}: its restore cannot start yet; it stays paused: {e}"
+                    );
                     self.restore_failed.insert(partition, Instant::now());
                 }
             }
@@ -726,7 +762,12 @@ impl Processor {
     }
 
     /// A task whose store is current: it counts from the input offset its state reflects.
-    fn start_task(&mut self, partition: i32, store: StateStore, stats: RestoreStats) -> Result<(), ProcessorError> {
+    fn start_task(
+        &mut self,
+        partition: i32,
+        store: StateStore,
+        stats: RestoreStats,
+    ) -> Result<(), ProcessorError> {
         // Salting happens before the repartition topic; the count sees salted keys as they are.
         let count = WindowedCount::new(store, self.config.windows, 1)
             .map_err(|e| ProcessorError(e.to_string()))?
@@ -770,22 +811,30 @@ impl Processor {
             .map_err(fail("position"))?;
         // The partition is paused: seek, then resume. A seek librdkafka refuses (the partition
         // not fetching yet) is tried again shortly; if it still fails, the task restores again.
-        let mut sought = self.consumer.seek(&counted, partition, at, Duration::from_secs(10));
+        let mut sought = self
+            .consumer
+            .seek(&counted, partition, at, Duration::from_secs(10));
         for _ in 0..10 {
             if sought.is_ok() {
                 break;
             }
             std::thread::sleep(Duration::from_millis(100));
-            sought = self.consumer.seek(&counted, partition, at, Duration::from_secs(10));
+            sought = self
+                .consumer
+                .seek(&counted, partition, at, Duration::from_secs(10));
         }
         if let Err(e) = sought {
-            tracing::warn!("partition {partition}: cannot seek to {at:?} after its restore ({e}); restoring it again");
+            tracing::warn!(
+                "partition {partition}: cannot seek to {at:?} after its restore ({e}); restoring it again"
+            );
             lock(&self.shared).tasks.remove(&partition);
             self.restore_failed.insert(partition, Instant::now());
             return Ok(());
         }
         if let Err(e) = self.consumer.resume(&started) {
-            tracing::warn!("partition {partition}: resume after its restore failed ({e}); restoring it again");
+            tracing::warn!(
+                "partition {partition}: resume after its restore failed ({e}); restoring it again"
+            );
             lock(&self.shared).tasks.remove(&partition);
             self.restore_failed.insert(partition, Instant::now());
             return Ok(());

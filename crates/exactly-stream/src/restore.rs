@@ -108,8 +108,19 @@ impl Restorer {
     pub fn new(config: &StreamConfig, mode: RestoreMode) -> Result<Self, ProcessorError> {
         let group = format!("{}-restore", config.application_id);
         let mut reader = exactly_kafka::reader_config(&config.kafka, &group, "read_committed");
-        // A bounded prefetch: the restore's memory does not grow with the changelog.
-        reader.set("queued.max.messages.kbytes", "16384");
+        // A bounded prefetch: the restore's memory does not grow with the changelog (the
+        // user's properties, if they name these, win). librdkafka prefetches until a partition
+        // holds queued.min.messages (100,000 by default) or the kbytes: with the default, a
+        // restore of 100 MiB held 60 MiB of fetch responses whatever the kbytes said.
+        for (name, value) in [
+            ("queued.max.messages.kbytes", "16384"),
+            ("queued.min.messages", "10000"),
+            ("fetch.max.bytes", "16777216"),
+        ] {
+            if reader.get(name).is_none() {
+                reader.set(name, value);
+            }
+        }
         let consumer: BaseConsumer<QuietEof> = reader
             .create_with_context(QuietEof)
             .map_err(fail("create restore consumer"))?;
@@ -165,7 +176,9 @@ impl Restorer {
         };
         let (store, from) = match resumable {
             Some((store, at)) => {
-                tracing::info!("partition {partition}: resuming its interrupted restore at changelog offset {at}");
+                tracing::info!(
+                    "partition {partition}: resuming its interrupted restore at changelog offset {at}"
+                );
                 (store, at)
             }
             None => {

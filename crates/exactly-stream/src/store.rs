@@ -14,6 +14,8 @@ const OFFSETS: TableDefinition<'static, (&str, i32), i64> = TableDefinition::new
 /// Named numbers: stream time, and the changelog offset an interrupted restore resumes from.
 const META: TableDefinition<'static, &str, i64> = TableDefinition::new("meta");
 const RESTORE_POSITION: &str = "restore_position";
+/// The page cache of one store file.
+const STORE_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 /// The store failed.
 #[derive(Debug, thiserror::Error)]
@@ -158,7 +160,11 @@ pub struct StateStore {
 impl StateStore {
     /// Opens or creates the store file.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path).map_err(at("open"))?;
+        // redb's default cache is 1 GiB per file; a task's working set is its open windows.
+        let db = Database::builder()
+            .set_cache_size(STORE_CACHE_BYTES)
+            .create(path)
+            .map_err(at("open"))?;
         let tx = db.begin_write().map_err(at("begin"))?;
         {
             tx.open_table(COUNTS).map_err(at("create counts"))?;
@@ -188,7 +194,8 @@ impl StateStore {
                         .map_err(at("write restore position"))?;
                 }
                 None => {
-                    meta.remove(RESTORE_POSITION).map_err(at("remove restore position"))?;
+                    meta.remove(RESTORE_POSITION)
+                        .map_err(at("remove restore position"))?;
                 }
             }
         }
