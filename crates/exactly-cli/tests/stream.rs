@@ -717,6 +717,25 @@ fn config_for(
     }
 }
 
+/// A new application `name…` on a new one-partition input, its topics created.
+fn one_partition_app(
+    brokers: &str,
+    name: &str,
+    instance: &str,
+    state: &std::path::Path,
+) -> exactly_stream::StreamConfig {
+    let (input, output, app) = (unique("orders"), unique("agg-out"), unique(name));
+    let config = config_for(brokers, &app, instance, &input, &output, state);
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime
+        .block_on(exactly_kafka::ensure_topics(brokers, &[&input], 1))
+        .expect("input topic");
+    runtime
+        .block_on(config.prepare_topics(1))
+        .expect("internal topics");
+    config
+}
+
 /// A processor running on its own thread until its stop flag is set.
 struct Running {
     counters: Arc<exactly_stream::StreamCounters>,
@@ -1094,16 +1113,8 @@ fn a_commit_refused_by_a_group_that_moved_on_is_survived_in_both_guarantees() {
 #[test]
 fn a_changelog_written_in_one_restore_mode_refuses_the_other() {
     let brokers = brokers();
-    let (input, output, app) = (unique("orders"), unique("agg-out"), unique("modes"));
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let state = tempfile::tempdir().expect("dir");
-    let config = config_for(&brokers, &app, "0", &input, &output, state.path());
-    runtime
-        .block_on(exactly_kafka::ensure_topics(&brokers, &[&input], 1))
-        .expect("input topic");
-    runtime
-        .block_on(config.prepare_topics(1))
-        .expect("internal topics");
+    let config = one_partition_app(&brokers, "modes", "0", state.path());
     let counters = Arc::new(exactly_stream::StreamCounters::default());
     let first = exactly_stream::Processor::new(config.clone(), counters.clone()).expect("first start");
     drop(first);
@@ -1201,16 +1212,13 @@ fn a_restore_waits_for_the_previous_owners_open_transaction_and_emits_nothing_tw
     use exactly_stream::{Batch, Change};
     use rdkafka::message::{Header, OwnedHeaders};
     let brokers = brokers();
-    let (input, output, app) = (unique("orders"), unique("agg-out"), unique("late-commit"));
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let state = tempfile::tempdir().expect("dir");
-    let config = config_for(&brokers, &app, "new", &input, &output, state.path());
-    runtime
-        .block_on(exactly_kafka::ensure_topics(&brokers, &[&input], 1))
-        .expect("input topic");
-    runtime
-        .block_on(config.prepare_topics(1))
-        .expect("internal topics");
+    let config = one_partition_app(&brokers, "late-commit", "new", state.path());
+    let (input, output, app) = (
+        config.input.clone(),
+        config.output.clone(),
+        config.application_id.clone(),
+    );
     let window = (exactly_kafka::now().0 / WINDOW) * WINDOW;
     let events: Vec<Envelope> = (0..10)
         .map(|i| Envelope {

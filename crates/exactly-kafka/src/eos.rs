@@ -177,26 +177,39 @@ pub fn progress_positions(
         .collect())
 }
 
-/// Writes a record in a transaction, aborts it, and reads the topic read_committed: true if the
-/// aborted record stays hidden, as Kafka guarantees. Tansu 0.6.0 shows it.
-pub fn broker_hides_aborted_records(
-    kafka: &(impl Cluster + ?Sized),
-    topic: &str,
-) -> Result<bool, KafkaFlowError> {
-    let kafka = kafka.settings();
-    let nonce = format!(
+/// A probe's own text, unique to this process and call.
+fn probe_nonce() -> String {
+    format!(
         "exactly-abort-probe-{}-{}",
         std::process::id(),
         crate::relay::unique_suffix()
-    );
-    let producer: ThreadedProducer<crate::TokenContext> = producer_config(&*kafka, false)
-        .set("transactional.id", &nonce)
+    )
+}
+
+/// A probe's transactional producer (`transactional_id`), initialised: its start aborts what an
+/// earlier producer of the same id left open.
+fn probe_producer(
+    kafka: &KafkaSettings,
+    transactional_id: &str,
+) -> Result<ThreadedProducer<crate::TokenContext>, KafkaFlowError> {
+    let producer: ThreadedProducer<crate::TokenContext> = producer_config(kafka, false)
+        .set("transactional.id", transactional_id)
+        .set("transaction.timeout.ms", "10000")
+        .set("message.timeout.ms", "10000")
         .create_with_context(crate::TokenContext)
         .map_err(KafkaFlowError::at("create probe producer"))?;
-    let timeout = Duration::from_secs(30);
     producer
-        .init_transactions(timeout)
+        .init_transactions(PROBE_CALL)
         .map_err(KafkaFlowError::at("probe: init transactions"))?;
+    Ok(producer)
+}
+
+/// Begins a transaction and writes `payload` to partition 0 of `topic` in it, flushed.
+fn probe_write(
+    producer: &ThreadedProducer<crate::TokenContext>,
+    topic: &str,
+    payload: &str,
+) -> Result<(), KafkaFlowError> {
     producer
         .begin_transaction()
         .map_err(KafkaFlowError::at("probe: begin"))?;
@@ -204,7 +217,7 @@ pub fn broker_hides_aborted_records(
         .send(
             BaseRecord::<str, str>::to(topic)
                 .key("exactly-abort-probe")
-                .payload(&nonce)
+                .payload(payload)
                 .partition(0),
         )
         .map_err(|(e, _)| KafkaFlowError::Kafka {
@@ -212,19 +225,35 @@ pub fn broker_hides_aborted_records(
             source: e,
         })?;
     producer
-        .flush(timeout)
-        .map_err(KafkaFlowError::at("probe: flush"))?;
+        .flush(PROBE_CALL)
+        .map_err(KafkaFlowError::at("probe: flush"))
+}
+
+/// Broker calls of a probe.
+const PROBE_CALL: Duration = Duration::from_secs(30);
+/// How long the proven probe waits for its committed sentinel to become readable.
+const PROBE_WAIT: Duration = Duration::from_secs(60);
+
+/// Writes a record in a transaction, aborts it, and reads the topic read_committed: true if the
+/// aborted record stays hidden, as Kafka guarantees. Tansu 0.6.0 shows it. (The exactly-once
+/// relay's probe; a stream processor proves it with
+/// [`prove_broker_hides_aborted_records`].)
+pub fn broker_hides_aborted_records(
+    kafka: &(impl Cluster + ?Sized),
+    topic: &str,
+) -> Result<bool, KafkaFlowError> {
+    let kafka = kafka.settings();
+    let nonce = probe_nonce();
+    let producer = probe_producer(&kafka, &nonce)?;
+    probe_write(&producer, topic, &nonce)?;
     producer
-        .abort_transaction(timeout)
+        .abort_transaction(PROBE_CALL)
         .map_err(KafkaFlowError::at("probe: abort"))?;
     let visible = read_all(&kafka, topic)?
         .iter()
         .any(|v| v.as_slice() == nonce.as_bytes());
     Ok(!visible)
 }
-
-/// How long the proven probe waits for its committed sentinel to become readable.
-const PROBE_WAIT: Duration = Duration::from_secs(60);
 
 /// Whether this broker hides records of aborted transactions from read_committed readers, as
 /// Kafka guarantees (Tansu 0.6.0 shows them). Proven, not inferred: a transactional producer
@@ -242,52 +271,20 @@ pub fn prove_broker_hides_aborted_records(
 ) -> Result<bool, KafkaFlowError> {
     use exactly_core::changelog::{probe_verdict, ProbeRead};
     let kafka = kafka.settings();
-    let nonce = format!(
-        "exactly-abort-probe-{}-{}",
-        std::process::id(),
-        crate::relay::unique_suffix()
-    );
+    let nonce = probe_nonce();
     let (aborted, sentinel) = (format!("{nonce}-aborted"), format!("{nonce}-committed"));
-    let timeout = Duration::from_secs(30);
-    let producer: ThreadedProducer<crate::TokenContext> = producer_config(&*kafka, false)
-        .set("transactional.id", transactional_id)
-        .set("transaction.timeout.ms", "10000")
-        .set("message.timeout.ms", "10000")
-        .create_with_context(crate::TokenContext)
-        .map_err(KafkaFlowError::at("create probe producer"))?;
-    producer
-        .init_transactions(timeout)
-        .map_err(KafkaFlowError::at("probe: init transactions"))?;
+    let producer = probe_producer(&kafka, transactional_id)?;
     let consumer = reader(&kafka)?;
     let (_, start) = consumer
-        .fetch_watermarks(topic, 0, timeout)
+        .fetch_watermarks(topic, 0, PROBE_CALL)
         .map_err(KafkaFlowError::at("probe: partition end"))?;
-    let write = |payload: &str| -> Result<(), KafkaFlowError> {
-        producer
-            .begin_transaction()
-            .map_err(KafkaFlowError::at("probe: begin"))?;
-        producer
-            .send(
-                BaseRecord::<str, str>::to(topic)
-                    .key("exactly-abort-probe")
-                    .payload(payload)
-                    .partition(0),
-            )
-            .map_err(|(e, _)| KafkaFlowError::Kafka {
-                context: "probe: send",
-                source: e,
-            })?;
-        producer
-            .flush(timeout)
-            .map_err(KafkaFlowError::at("probe: flush"))
-    };
-    write(&aborted)?;
+    probe_write(&producer, topic, &aborted)?;
     producer
-        .abort_transaction(timeout)
+        .abort_transaction(PROBE_CALL)
         .map_err(KafkaFlowError::at("probe: abort"))?;
-    write(&sentinel)?;
+    probe_write(&producer, topic, &sentinel)?;
     producer
-        .commit_transaction(timeout)
+        .commit_transaction(PROBE_CALL)
         .map_err(KafkaFlowError::at("probe: commit"))?;
     let mut list = TopicPartitionList::new();
     list.add_partition_offset(topic, 0, Offset::Offset(start))

@@ -65,6 +65,27 @@ impl EndWatch {
     }
 }
 
+/// A group id no one else uses: readers are assigned partitions, not subscribed.
+fn scan_group() -> String {
+    format!(
+        "exactly-scan-{}-{}",
+        std::process::id(),
+        crate::relay::unique_suffix()
+    )
+}
+
+/// A reader of whole partitions with `isolation`; reaching a partition's end is its goal, not an
+/// error worth a log line.
+fn topic_reader(
+    kafka: &(impl Cluster + ?Sized),
+    group: &str,
+    isolation: &str,
+) -> Result<BaseConsumer<crate::QuietEof>, KafkaFlowError> {
+    reader_config(kafka, group, isolation)
+        .create_with_context(crate::QuietEof)
+        .map_err(KafkaFlowError::at("create topic reader"))
+}
+
 /// Hands every record of `topic` (partitions 0..`partitions`) to `visit`, from the beginning up
 /// to the end, read with `isolation` (`read_committed` or `read_uncommitted`). Errors when some
 /// partition's end is not reached within `timeout`.
@@ -82,16 +103,7 @@ pub fn scan_topic<F>(
 where
     F: FnMut(&BorrowedMessage<'_>),
 {
-    // Assigned, not subscribed: the group only has to be unused.
-    let group = format!(
-        "exactly-scan-{}-{}",
-        std::process::id(),
-        crate::relay::unique_suffix()
-    );
-    // Reaching a partition's end is the goal here, not an error worth a log line.
-    let consumer: BaseConsumer<crate::QuietEof> = reader_config(kafka, &group, isolation)
-        .create_with_context(crate::QuietEof)
-        .map_err(KafkaFlowError::at("create topic reader"))?;
+    let consumer = topic_reader(kafka, &scan_group(), isolation)?;
     let mut list = TopicPartitionList::new();
     for p in 0..partitions {
         list.add_partition_offset(topic, p, Offset::Beginning)
@@ -167,17 +179,9 @@ pub fn read_to_stable_end<F>(
 where
     F: FnMut(&BorrowedMessage<'_>),
 {
-    let group = format!(
-        "exactly-scan-{}-{}",
-        std::process::id(),
-        crate::relay::unique_suffix()
-    );
-    let committed: BaseConsumer<crate::QuietEof> = reader_config(kafka, &group, "read_committed")
-        .create_with_context(crate::QuietEof)
-        .map_err(KafkaFlowError::at("create topic reader"))?;
-    let written: BaseConsumer<crate::QuietEof> = reader_config(kafka, &group, "read_uncommitted")
-        .create_with_context(crate::QuietEof)
-        .map_err(KafkaFlowError::at("create topic end reader"))?;
+    let group = scan_group();
+    let committed = topic_reader(kafka, &group, "read_committed")?;
+    let written = topic_reader(kafka, &group, "read_uncommitted")?;
     let mut list = TopicPartitionList::new();
     list.add_partition_offset(topic, partition, Offset::Beginning)
         .map_err(KafkaFlowError::at("list partitions"))?;

@@ -411,6 +411,37 @@ mod tests {
     }
 
     #[test]
+    fn a_restore_position_is_kept_until_the_restore_completes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        {
+            let store = StateStore::open(&path).expect("open");
+            assert_eq!(store.restore_position().expect("position"), None);
+            store
+                .commit_restoring(
+                    &Batch {
+                        changes: vec![count(0, "k", Some(1))],
+                    },
+                    Some(7),
+                )
+                .expect("commit");
+        }
+        // Reopened (the process was killed): the restore resumes at 7, with what it wrote.
+        let store = StateStore::open(&path).expect("reopen");
+        assert_eq!(store.restore_position().expect("position"), Some(7));
+        assert_eq!(store.count(UnixMillis(0), "k").expect("count"), 1);
+        store.commit_restoring(&Batch::default(), None).expect("complete");
+        assert_eq!(store.restore_position().expect("position"), None, "complete");
+        store.commit_restoring(&Batch::default(), Some(9)).expect("again");
+        store.commit(&Batch::default()).expect("a processing commit");
+        assert_eq!(
+            store.restore_position().expect("position"),
+            None,
+            "a store that processes is no restore in progress"
+        );
+    }
+
+    #[test]
     fn expiry_removes_old_windows_with_their_seen_keys() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = StateStore::open(&dir.path().join("s.redb")).expect("open");
