@@ -1205,6 +1205,13 @@ fn a_changelog_larger_than_the_restore_buffers_restores_in_bounded_memory() {
 /// no proven state, read orders 0–4 again and emit P-1's counts 1–5 a second time. Once the
 /// transaction commits, the restore ends with count 5 at input offset 5, and the only results
 /// emitted are 6–10.
+///
+/// Tansu shortfall, named: Tansu 0.6.0 reports a last stable offset of 0 while a transaction is
+/// open, so librdkafka never signals the partition's end there and the old quiet-period restore
+/// waited too, by accident (this test passes on it). On Kafka the end is signalled at the
+/// stable offset and the quiet period ended the restore early; that is shown in the core's
+/// model (`exactly_core::changelog` tests:
+/// `a_quiet_period_ends_a_restore_before_a_late_commit_and_the_stable_end_does_not`).
 #[test]
 fn a_restore_waits_for_the_previous_owners_open_transaction_and_emits_nothing_twice() {
     use exactly_core::changelog::TxnSeq;

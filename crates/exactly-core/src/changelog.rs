@@ -127,6 +127,34 @@ pub fn probe_verdict(reads: impl IntoIterator<Item = ProbeRead>) -> Option<bool>
     None
 }
 
+/// Where a restore stands when it has read all a read_committed reader could give it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestoreEnd {
+    /// Everything written is decided and read: the store is current.
+    Done,
+    /// A transaction is still open (the last stable offset is below the high watermark): its
+    /// records, and any after it, are not readable yet. The restore waits for it to end.
+    WaitingForOpenTransaction,
+    /// Records below the end are not read yet.
+    Reading,
+}
+
+/// Whether a restore that reads read_committed is over, from the partition's last stable offset
+/// (`stable`), its high watermark (`written`) and the reader's position (past transaction
+/// markers). Only "nothing undecided and everything read" ends it; a quiet period does not: a
+/// previous owner's transaction open across it would commit after the restore ended, and the
+/// new owner would resume from older state and emit its results again (proptested against a
+/// model of a log with transactions that end late).
+pub fn restore_end(stable: i64, written: i64, position: i64) -> RestoreEnd {
+    if stable < written {
+        RestoreEnd::WaitingForOpenTransaction
+    } else if position >= written {
+        RestoreEnd::Done
+    } else {
+        RestoreEnd::Reading
+    }
+}
+
 /// A changelog written in one restore mode, about to be restored in another.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error(
@@ -368,6 +396,85 @@ mod tests {
             }
             prop_assert_eq!(probe_verdict(reads), sentinel_read.then_some(!shown));
         }
+    }
+
+    /// A partition written by transactions that begin in order and end (commit or abort) late,
+    /// read by a read_committed reader a step at a time: the model of what Kafka serves. Each
+    /// transaction is (records, the step at which it ends).
+    fn late_log() -> impl Strategy<Value = Vec<(i64, usize)>> {
+        proptest::collection::vec((1i64..4, 0usize..12), 1..6)
+    }
+
+    proptest! {
+        /// Whenever [`restore_end`] says done, every record written is decided and read, so no
+        /// transaction open during the restore can commit after it.
+        #[test]
+        fn a_restore_ends_only_when_nothing_is_undecided(log in late_log()) {
+            let (starts, written) = offsets(&log);
+            let mut position = 0i64;
+            for step in 0..16usize {
+                let stable = stable_at(&log, &starts, written, step);
+                position = position.max(stable);
+                if restore_end(stable, written, position) == RestoreEnd::Done {
+                    prop_assert!(log.iter().all(|(_, ends)| *ends <= step), "done with a transaction open");
+                    prop_assert_eq!(position, written);
+                }
+            }
+            // Once every transaction ended, the restore ends.
+            prop_assert_eq!(restore_end(written, written, written), RestoreEnd::Done);
+        }
+    }
+
+    /// Each transaction's first offset (records, then its marker), and the high watermark.
+    fn offsets(log: &[(i64, usize)]) -> (Vec<i64>, i64) {
+        let mut starts = Vec::new();
+        let mut next = 0;
+        for (records, _) in log {
+            starts.push(next);
+            next += records + 1;
+        }
+        (starts, next)
+    }
+
+    /// The last stable offset at `step`: the first offset of the first transaction still open.
+    fn stable_at(log: &[(i64, usize)], starts: &[i64], written: i64, step: usize) -> i64 {
+        log.iter()
+            .zip(starts)
+            .find(|((_, ends), _)| *ends > step)
+            .map_or(written, |(_, start)| *start)
+    }
+
+    /// The review's defect, in the model: a previous owner's transaction that stays open longer
+    /// than a quiet period (3 steps here, 3 s in the old restore) ends a quiet-period restore
+    /// before its commit; `restore_end` waits for it. (Tansu 0.6.0 cannot show this: it reports
+    /// a last stable offset of 0 while a transaction is open, so librdkafka never signalled the
+    /// end and the old restore waited there by accident.)
+    #[test]
+    fn a_quiet_period_ends_a_restore_before_a_late_commit_and_the_stable_end_does_not() {
+        let log = [(3, 1), (2, 10)];
+        let (starts, written) = offsets(&log);
+        let (mut position, mut idle, mut quiet_done_at, mut stable_done_at) = (0, 0, None, None);
+        for step in 0..16 {
+            let stable = stable_at(&log, &starts, written, step);
+            if position < stable {
+                position = stable;
+                idle = 0;
+            } else {
+                idle += 1;
+            }
+            if idle >= 3 && quiet_done_at.is_none() {
+                quiet_done_at = Some(step);
+            }
+            if restore_end(stable, written, position) == RestoreEnd::Done && stable_done_at.is_none() {
+                stable_done_at = Some(step);
+            }
+        }
+        assert_eq!(
+            quiet_done_at,
+            Some(4),
+            "quiet at step 4, the second transaction open until 10"
+        );
+        assert_eq!(stable_done_at, Some(10), "done when it ends");
     }
 
     #[test]

@@ -224,7 +224,9 @@ where
             })
             .unwrap_or(0)
             .max(read_to);
-        if stable >= end && position >= end {
+        if exactly_core::changelog::restore_end(stable, end, position)
+            == exactly_core::changelog::RestoreEnd::Done
+        {
             return Ok(());
         }
     }

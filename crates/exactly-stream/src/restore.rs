@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use exactly_core::changelog::{RestoreMode, StreamingRestore};
+use exactly_core::changelog::{restore_end, RestoreEnd, RestoreMode, StreamingRestore};
 use exactly_kafka::QuietEof;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
@@ -329,7 +329,8 @@ impl Restorer {
                 .fetch_watermarks(&self.topic, partition, CALL_TIMEOUT)
                 .map_err(fail("changelog end"))?;
             task.stats.read += asked.elapsed();
-            if stable < written {
+            let end = restore_end(stable, written, reader_at);
+            if end == RestoreEnd::WaitingForOpenTransaction {
                 let since = *task.waiting_since.get_or_insert_with(Instant::now);
                 if !task.noticed && since.elapsed() >= WAIT_NOTICE {
                     task.noticed = true;
@@ -341,7 +342,7 @@ impl Restorer {
                 continue;
             }
             task.waiting_since = None;
-            if reader_at >= written {
+            if end == RestoreEnd::Done {
                 done.push(partition);
             }
         }
