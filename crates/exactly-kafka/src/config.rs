@@ -343,6 +343,15 @@ pub fn reader_config(kafka: &(impl Cluster + ?Sized), group_id: &str, isolation:
     // Readers catch up on whole partitions (restores, scans): larger fetches, fewer round trips.
     tuning_default(&mut config, "max.partition.fetch.bytes", "16777216");
     tuning_default(&mut config, "fetch.wait.max.ms", "10");
+    // A bounded prefetch, so memory does not grow with the partition: librdkafka prefetches
+    // until a partition holds queued.min.messages (100,000 by default) or the kbytes, and a
+    // restore of 100 MiB held 60 MiB of fetch responses with the default. A full queue then
+    // postpones the next fetch by fetch.queue.backoff.ms (1 s by default): with records of
+    // 500 B a restore read 5 MB/s against 90 MB/s.
+    tuning_default(&mut config, "queued.min.messages", "10000");
+    tuning_default(&mut config, "queued.max.messages.kbytes", "16384");
+    tuning_default(&mut config, "fetch.max.bytes", "16777216");
+    tuning_default(&mut config, "fetch.queue.backoff.ms", "10");
     config
 }
 

@@ -33,7 +33,10 @@ use crate::processor::{ProcessorError, StreamConfig};
 use crate::store::{Batch, Change, StateStore};
 
 /// Changes written to a store in one local transaction during a restore.
-const WRITE_BATCH: usize = 5_000;
+const WRITE_BATCH: usize = 10_000;
+/// Every this many write batches one is durable (fsync): a restore killed in between resumes
+/// from the last durable one; the others cost no fsync.
+const DURABLE_EVERY: u32 = 8;
 /// How often a task at the end of what it could read asks for the partition's ends.
 const END_CHECK: Duration = Duration::from_millis(100);
 /// After this long waiting for an open transaction, a task says so (once).
@@ -70,6 +73,8 @@ struct Restoring {
     position: i64,
     /// The partition's end was reported since the last record.
     at_end: bool,
+    /// Write batches since the last durable one.
+    since_durable: u32,
     last_check: Instant,
     /// Since when an open transaction holds the end back.
     waiting_since: Option<Instant>,
@@ -107,20 +112,9 @@ impl Restorer {
     /// A restorer of `config`'s changelog in `mode`.
     pub fn new(config: &StreamConfig, mode: RestoreMode) -> Result<Self, ProcessorError> {
         let group = format!("{}-restore", config.application_id);
-        let mut reader = exactly_kafka::reader_config(&config.kafka, &group, "read_committed");
-        // A bounded prefetch: the restore's memory does not grow with the changelog (the
-        // user's properties, if they name these, win). librdkafka prefetches until a partition
-        // holds queued.min.messages (100,000 by default) or the kbytes: with the default, a
-        // restore of 100 MiB held 60 MiB of fetch responses whatever the kbytes said.
-        for (name, value) in [
-            ("queued.max.messages.kbytes", "16384"),
-            ("queued.min.messages", "10000"),
-            ("fetch.max.bytes", "16777216"),
-        ] {
-            if reader.get(name).is_none() {
-                reader.set(name, value);
-            }
-        }
+        // The reader's prefetch is bounded (exactly_kafka::reader_config), so the restore's
+        // memory does not grow with the changelog.
+        let reader = exactly_kafka::reader_config(&config.kafka, &group, "read_committed");
         let consumer: BaseConsumer<QuietEof> = reader
             .create_with_context(QuietEof)
             .map_err(fail("create restore consumer"))?;
@@ -187,7 +181,7 @@ impl Restorer {
                 // Marked as restoring from the first moment, so a file left half-written is
                 // recognised as such.
                 store
-                    .commit_restoring(&Batch::default(), Some(0))
+                    .commit_restoring(&Batch::default(), Some(0), true)
                     .map_err(store_error)?;
                 (store, 0)
             }
@@ -212,6 +206,7 @@ impl Restorer {
                 batch: Batch::default(),
                 position: from,
                 at_end: false,
+                since_durable: 0,
                 last_check: now,
                 waiting_since: None,
                 noticed: false,
@@ -231,7 +226,7 @@ impl Restorer {
         let Some(mut task) = self.tasks.remove(&partition) else {
             return;
         };
-        if let Err(e) = flush(&mut task, false) {
+        if let Err(e) = flush(&mut task, Flush::Stopped) {
             tracing::warn!("partition {partition}: keeping its restore's progress failed: {e}");
         }
         self.unassign(partition);
@@ -278,7 +273,7 @@ impl Restorer {
                         }
                     }
                     if task.batch.changes.len() >= WRITE_BATCH {
-                        flush(task, false)?;
+                        flush(task, Flush::Batch)?;
                     }
                 }
                 Some(Err(KafkaError::PartitionEOF(p))) => {
@@ -349,7 +344,7 @@ impl Restorer {
         let mut restored = Vec::new();
         for partition in done {
             if let Some(mut task) = self.tasks.remove(&partition) {
-                flush(&mut task, true)?;
+                flush(&mut task, Flush::Complete)?;
                 self.unassign(partition);
                 task.stats.dropped += task.restore.dropped();
                 task.stats.elapsed = task.started.elapsed();
@@ -360,13 +355,30 @@ impl Restorer {
     }
 }
 
-/// Writes the task's batch with the offset its restore resumes from (`complete`: none, the
-/// store is current).
-fn flush(task: &mut Restoring, complete: bool) -> Result<(), ProcessorError> {
+/// Why a restore writes its batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flush {
+    /// The batch is full.
+    Batch,
+    /// The partition was revoked: durable, so the restore resumes here.
+    Stopped,
+    /// The store is current: durable, and no resume offset any more.
+    Complete,
+}
+
+/// Writes the task's batch with the offset its restore resumes from (none once complete).
+fn flush(task: &mut Restoring, why: Flush) -> Result<(), ProcessorError> {
     let writing = Instant::now();
     let batch = std::mem::take(&mut task.batch);
-    let resume = (!complete).then(|| task.restore.resume_offset());
-    task.store.commit_restoring(&batch, resume).map_err(store_error)?;
+    let resume = (why != Flush::Complete).then(|| task.restore.resume_offset());
+    task.since_durable += 1;
+    let durable = why != Flush::Batch || task.since_durable >= DURABLE_EVERY;
+    if durable {
+        task.since_durable = 0;
+    }
+    task.store
+        .commit_restoring(&batch, resume, durable)
+        .map_err(store_error)?;
     task.stats.entries += batch.changes.len();
     task.stats.write += writing.elapsed();
     Ok(())

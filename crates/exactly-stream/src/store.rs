@@ -178,14 +178,25 @@ impl StateStore {
 
     /// Applies `batch` in one local transaction: all of it or none.
     pub fn commit(&self, batch: &Batch) -> Result<(), StoreError> {
-        self.commit_restoring(batch, None)
+        self.commit_restoring(batch, None, true)
     }
 
     /// Applies `batch` read from the changelog by a restore, with the changelog offset the
     /// restore resumes from if it is cut short (`None`: the restore is complete, and the store
-    /// is a task's state from now on), in one local transaction.
-    pub fn commit_restoring(&self, batch: &Batch, resume_at: Option<i64>) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(at("begin"))?;
+    /// is a task's state from now on), in one local transaction. Not `durable`, it survives a
+    /// crash only once a later durable commit is made (a crash reverts the file to the last
+    /// durable commit, its resume offset included: still consistent), and costs no fsync.
+    pub fn commit_restoring(
+        &self,
+        batch: &Batch,
+        resume_at: Option<i64>,
+        durable: bool,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.db.begin_write().map_err(at("begin"))?;
+        if !durable {
+            tx.set_durability(redb::Durability::None)
+                .map_err(at("durability"))?;
+        }
         {
             let mut meta = tx.open_table(META).map_err(at("open meta"))?;
             match resume_at {
@@ -423,6 +434,7 @@ mod tests {
                         changes: vec![count(0, "k", Some(1))],
                     },
                     Some(7),
+                    true,
                 )
                 .expect("commit");
         }
@@ -430,9 +442,27 @@ mod tests {
         let store = StateStore::open(&path).expect("reopen");
         assert_eq!(store.restore_position().expect("position"), Some(7));
         assert_eq!(store.count(UnixMillis(0), "k").expect("count"), 1);
-        store.commit_restoring(&Batch::default(), None).expect("complete");
+        store
+            .commit_restoring(
+                &Batch {
+                    changes: vec![count(0, "k", Some(2))],
+                },
+                Some(8),
+                false,
+            )
+            .expect("a batch without fsync");
+        assert_eq!(
+            store.count(UnixMillis(0), "k").expect("count"),
+            2,
+            "visible at once"
+        );
+        store
+            .commit_restoring(&Batch::default(), None, true)
+            .expect("complete");
         assert_eq!(store.restore_position().expect("position"), None, "complete");
-        store.commit_restoring(&Batch::default(), Some(9)).expect("again");
+        store
+            .commit_restoring(&Batch::default(), Some(9), true)
+            .expect("again");
         store.commit(&Batch::default()).expect("a processing commit");
         assert_eq!(
             store.restore_position().expect("position"),
