@@ -1185,7 +1185,10 @@ fn a_changelog_larger_than_the_restore_buffers_restores_in_bounded_memory() {
     let growth_mib = figure("rss_peak_kib").saturating_sub(figure("rss_before_kib")) / 1024;
     eprintln!("restore of {changelog_mib} MiB of changelog: resident memory grew by {growth_mib} MiB");
     assert_eq!(figure("entries"), 200_000, "every key restored");
-    assert!(changelog_mib >= 100, "the changelog is {changelog_mib} MiB");
+    assert!(
+        changelog_mib >= 90,
+        "the changelog is {changelog_mib} MiB, meant to be about 99"
+    );
     // The store's page cache (32 MiB), the reader's buffers (4 MiB queued, 4 MiB fetched, at
     // most 1,000 records prefetched) and one write batch, with the allocator's slack. Measured:
     // 24 MiB; before the prefetch was bounded by count too, 133 MiB, and the restore before
