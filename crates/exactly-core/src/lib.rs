@@ -11,6 +11,8 @@
 //! - [`offset_gap`]: reading a gap in a partition's offsets twice, so a broker that served past
 //!   records it had not stored yet cannot make a consumer step over them.
 //! - [`window`]: tumbling windows with grace and retention, and hot-key salting.
+//! - [`windowing`]: the stream DSL's window kinds (tumbling, hopping, session) and when each closes.
+//! - [`aggregate`]: the aggregations of config-file stream jobs (count, sum, min, max, distinct).
 //! - [`check`]: the end-to-end checker of `exactly verify` (lost, duplicate, unseen,
 //!   non-monotonic, aborted read).
 //! - [`ports`]: the traits database adapters implement for relays and consumers.
@@ -33,6 +35,7 @@
 //! assert_eq!(key.to_string(), "seq:00000000000001000000000000000001:pg:demo");
 //! ```
 
+pub mod aggregate;
 pub mod changelog;
 pub mod check;
 pub mod debezium;
@@ -49,6 +52,7 @@ pub mod sql_template;
 pub mod time;
 pub mod wal;
 pub mod window;
+pub mod windowing;
 
 pub use dedupe::{DedupePolicy, DedupeRoute, EpochWatermark, KeySet, SequenceVerdict, Verdict, Watermark};
 pub use envelope::{

@@ -13,6 +13,7 @@
 //! transaction held in an overlay that an abort simply drops.
 
 pub mod changelog;
+pub mod dsl;
 mod processor;
 mod restore;
 mod store;
