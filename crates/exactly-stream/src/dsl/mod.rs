@@ -26,7 +26,7 @@
 //! - Sources: [`StreamsBuilder::stream`] with a [`Consumed`] (JSON, text, raw bytes, or
 //!   exactly's envelope: key = aggregate id, event time = `occurred_at`, event id = the
 //!   idempotency key), [`StreamsBuilder::table`] (the latest value per key).
-//! - Stateless: `filter`, `filter_not`, `map`, `map_values`, `flat_map`, `flat_map_values`,
+//! - Stateless: `filter`, `filter_not`, `map`, `try_map` (park a record with a reason), `map_values`, `flat_map`, `flat_map_values`,
 //!   `select_key`, `peek`, `split`, `merge`.
 //! - Grouping: `group_by_key` (repartitions only after a key change), `group_by` (always
 //!   through `<name>-repartition`, written in the task's transaction), so every result is the
@@ -40,12 +40,16 @@
 //! - Joins: stream–table (`join`, `left_join`) and windowed stream–stream (`join_windowed`).
 //! - Sinks: [`KStream::to`], [`KTable::to`] (deletions as tombstones).
 //!
+//! - Jobs as data ([`JobSpec`], `[stream.NAME.job]` in `exactly.toml`): count, sum, min,
+//!   max, count_distinct over tumbling, hopping or session windows, or a table.
+//!
 //! A [`Topology`] runs in memory ([`TestDriver`]).
 
 mod codec;
 mod consumed;
 mod driver;
 mod graph;
+mod job;
 mod join_ops;
 mod state;
 mod stream;
@@ -56,6 +60,7 @@ pub use codec::{Codec, Json, NoKey, Raw, Utf8};
 pub use consumed::{Consumed, Grouped, Produced};
 pub use driver::{partition_for, Parked, TestDriver};
 pub use graph::{InputRecord, OutputRecord, Processed, Subtopology, Topology, LATE_REASON};
+pub use job::{AggregateSpec, EmitSpec, FilterSpec, JobError, JobSpec, WindowSpec};
 pub use join_ops::JoinWindows;
 pub use state::{Entries, MemoryState, StateAccess, StateError};
 pub use stream::{

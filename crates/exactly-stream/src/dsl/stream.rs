@@ -262,6 +262,20 @@ impl<K: Data, V: Data> KStream<K, V> {
         })
     }
 
+    /// A new key and value per record, or the reason to park it (nothing of the record is
+    /// applied, and the partition goes on).
+    pub fn try_map<K2: Data, V2: Data>(
+        &self,
+        f: impl Fn(K, V) -> Result<(K2, V2), String> + Send + Sync + 'static,
+    ) -> KStream<K2, V2> {
+        self.stateless("try-map", true, move |r, out| {
+            let (k, v, t, id) = r.into_parts::<K, V>();
+            let (k2, v2) = f(k, v)?;
+            out.push((0, Rec::new(k2, v2, t, id)));
+            Ok(())
+        })
+    }
+
     /// A new value per record; the key stays.
     pub fn map_values<V2: Data>(&self, f: impl Fn(V) -> V2 + Send + Sync + 'static) -> KStream<K, V2> {
         self.stateless("map-values", false, move |r, out| {
