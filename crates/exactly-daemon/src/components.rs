@@ -254,6 +254,14 @@ pub async fn stream(
     gauges: Gauges,
     stop: watch::Receiver<bool>,
 ) -> Result<()> {
+    if settings.job.is_some() {
+        anyhow::bail!(
+            "stream {}: a [stream.NAME.job] table is checked by `exactly config check` and runs in memory \
+             (exactly_stream::dsl::TestDriver); the broker runtime runs the built-in orders job only, so \
+             remove the job table to run that one (docs/stream-dsl.md)",
+            settings.application_id
+        );
+    }
     gauges.start_probes(kafka, &["broker"], ComponentKind::Stream);
     tracing::info!(
         "{}: stream job {} from {} to {} (windows of {} ms, grace {} ms) on Kafka at {}",

@@ -508,6 +508,10 @@ fn validate(
         stream
             .config(&config.kafka)
             .map_err(|e| locate.error(&["stream", name, "window_ms"], format!("{e:#}")))?;
+        if let Some(job) = &stream.job {
+            job.topology(&stream.application_id)
+                .map_err(|e| locate.error(&["stream", name, "job"], format!("{e}")))?;
+        }
         if let Some(url) = &stream.sink_database {
             if !matches!(Database::parse(url), Database::Postgres(_)) {
                 return Err(locate.error(
@@ -621,6 +625,37 @@ batch_size = 100
 database = "ledger.db"
 topics = ["order-events"]
 "#;
+
+    #[test]
+    fn a_stream_job_table_loads_and_a_bad_one_is_refused_at_its_key() {
+        let text = r#"
+[kafka]
+brokers = "localhost:9092"
+
+[stream.orders-agg.job]
+input = "orders"
+key = "/product_id"
+filter = { pointer = "/status", equals = "paid" }
+window = { kind = "session", gap_ms = 600000, grace_ms = 60000 }
+aggregate = { count_distinct = "/customer_id" }
+emit = "final"
+output = "orders-per-product"
+"#;
+        let config = load_text(text, &[]).expect("loads");
+        let job = config.stream["orders-agg"].job.as_ref().expect("a job");
+        assert_eq!(job.emit, exactly_stream::dsl::EmitSpec::Final);
+        let error = load_text(&text.replace("gap_ms = 600000", "gap_ms = 0"), &[])
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            error.contains("stream.orders-agg.job") && error.contains("inactivity gap must be positive"),
+            "{error}"
+        );
+        let error = load_text(&text.replace("\"/product_id\"", "\"product_id\""), &[])
+            .expect_err("refused")
+            .to_string();
+        assert!(error.contains("is not a JSON pointer"), "{error}");
+    }
 
     #[test]
     fn a_file_with_two_sources_loads_with_defaults_and_names() {

@@ -617,6 +617,12 @@ pub struct StreamSettings {
     #[arg(long)]
     #[serde(default)]
     pub dynamic_membership: bool,
+    /// A job declared as data (`[stream.NAME.job]`: input, key, filter, window, aggregate,
+    /// emit, output), compiled into a DSL topology. `exactly config check` validates it; the
+    /// broker runtime runs the built-in job only for now (see docs/stream-dsl.md).
+    #[arg(skip)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<exactly_stream::dsl::JobSpec>,
 }
 
 impl StreamSettings {

@@ -57,8 +57,8 @@ proptest! {
         let spec: JobSpec = toml::from_str(JOB).expect("the job parses");
         let from_file = example::run(spec.topology("orders-agg").expect("builds"), &records);
         let from_rust = example::run(example::topology(), &records);
-        let sent = |d: &exactly_stream::dsl::TestDriver| -> Vec<(Option<Vec<u8>>, Option<Vec<u8>>)> {
-            d.outputs("orders-per-product").iter().map(|o| (o.key.clone(), o.value.clone())).collect()
+        let sent = |d: &exactly_stream::dsl::TestDriver| -> Vec<exactly_stream::dsl::OutputRecord> {
+            d.outputs("orders-per-product").into_iter().cloned().collect()
         };
         prop_assert_eq!(sent(&from_file), sent(&from_rust));
         prop_assert_eq!(from_file.duplicates(), from_rust.duplicates());
