@@ -19,5 +19,6 @@ mod run;
 mod sql_functions;
 mod sql_handler;
 mod stream;
+mod stream_jobs;
 mod tls;
 mod wal;

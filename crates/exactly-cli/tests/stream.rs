@@ -727,6 +727,7 @@ fn config_for(
         min_insync_replicas: 1,
         max_event_time_skew_ms: exactly_stream::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
         group_instance_id: None,
+        topology: None,
     }
 }
 

@@ -254,26 +254,34 @@ pub async fn stream(
     gauges: Gauges,
     stop: watch::Receiver<bool>,
 ) -> Result<()> {
-    if settings.job.is_some() {
-        anyhow::bail!(
-            "stream {}: a [stream.NAME.job] table is checked by `exactly config check` and runs in memory \
-             (exactly_stream::dsl::TestDriver); the broker runtime runs the built-in orders job only, so \
-             remove the job table to run that one (docs/stream-dsl.md)",
-            settings.application_id
-        );
-    }
     gauges.start_probes(kafka, &["broker"], ComponentKind::Stream);
+    let config = settings.config(kafka)?;
+    let what = match &settings.job {
+        Some(job) => format!(
+            "a job table: {} {:?}, emit {:?}",
+            job.aggregate.field(),
+            job.window,
+            job.emit
+        ),
+        None => format!(
+            "orders per {} per window of {} ms, grace {} ms",
+            if settings.group_by.is_empty() {
+                "aggregate id"
+            } else {
+                &settings.group_by
+            },
+            settings.window_ms,
+            settings.grace_ms
+        ),
+    };
     tracing::info!(
-        "{}: stream job {} from {} to {} (windows of {} ms, grace {} ms) on Kafka at {}",
+        "{}: stream job {} from {} to {} ({what}) on Kafka at {}",
         gauges.name("stream"),
         settings.application_id,
-        settings.input,
-        settings.output,
-        settings.window_ms,
-        settings.grace_ms,
+        config.input,
+        config.output,
         kafka.brokers
     );
-    let config = settings.config(kafka)?;
     let partitions = settings.partitions;
     config
         .prepare_topics(partitions)

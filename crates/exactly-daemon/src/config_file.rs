@@ -505,13 +505,22 @@ fn validate(
         }
     }
     for (name, stream) in &config.stream {
-        stream
+        if let Some(job) = &stream.job {
+            job.topology(crate::settings::JOB_NAME)
+                .map_err(|e| locate.error(&["stream", name, "job"], format!("{e}")))?;
+            if stream.sink_database.is_some() {
+                return Err(locate.error(
+                    &["stream", name, "sink_database"],
+                    "the PostgreSQL sink reads the built-in job's partial counts; a job table's results are final per key: read its output topic",
+                ));
+            }
+        }
+        let checked = stream
             .config(&config.kafka)
             .map_err(|e| locate.error(&["stream", name, "window_ms"], format!("{e:#}")))?;
-        if let Some(job) = &stream.job {
-            job.topology(&stream.application_id)
-                .map_err(|e| locate.error(&["stream", name, "job"], format!("{e}")))?;
-        }
+        checked
+            .check_topology()
+            .map_err(|e| locate.error(&["stream", name, "job"], format!("{e}")))?;
         if let Some(url) = &stream.sink_database {
             if !matches!(Database::parse(url), Database::Postgres(_)) {
                 return Err(locate.error(

@@ -618,12 +618,16 @@ pub struct StreamSettings {
     #[serde(default)]
     pub dynamic_membership: bool,
     /// A job declared as data (`[stream.NAME.job]`: input, key, filter, window, aggregate,
-    /// emit, output), compiled into a DSL topology. `exactly config check` validates it; the
-    /// broker runtime runs the built-in job only for now (see docs/stream-dsl.md).
+    /// emit, output), compiled into a DSL topology and run instead of the built-in orders job
+    /// (whose `input`, `output`, `group_by`, window and salt settings it replaces).
     #[arg(skip)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub job: Option<exactly_stream::dsl::JobSpec>,
 }
+
+/// The name of a job table's aggregation: its store, and the topics
+/// `<application_id>-aggregate-changelog` and `<application_id>-aggregate-repartition`.
+pub const JOB_NAME: &str = "aggregate";
 
 impl StreamSettings {
     /// The processor's `group.instance.id`, unless it joins as a dynamic member.
@@ -635,12 +639,21 @@ impl StreamSettings {
     pub fn config(&self, kafka: &exactly_kafka::KafkaSettings) -> Result<exactly_stream::StreamConfig> {
         let windows =
             exactly_core::window::TumblingWindows::new(self.window_ms, self.grace_ms, self.retention_ms)?;
+        // A job table runs its topology; its input and output are the job's.
+        let (topology, input, output) = match &self.job {
+            Some(job) => (
+                Some(std::sync::Arc::new(job.topology(JOB_NAME)?)),
+                job.input.clone(),
+                job.output.clone(),
+            ),
+            None => (None, self.input.clone(), self.output.clone()),
+        };
         Ok(exactly_stream::StreamConfig {
             kafka: kafka.clone(),
             application_id: self.application_id.clone(),
             instance: self.instance.clone(),
-            input: self.input.clone(),
-            output: self.output.clone(),
+            input,
+            output,
             group_by: if self.group_by.is_empty() {
                 exactly_stream::GroupBy::AggregateId
             } else {
@@ -663,6 +676,7 @@ impl StreamSettings {
             min_insync_replicas: self.min_insync_replicas,
             group_instance_id: self.group_instance_id(),
             max_event_time_skew_ms: self.max_event_time_skew_ms,
+            topology,
         })
     }
 }

@@ -149,6 +149,7 @@ fn run_job(
         min_insync_replicas: 1,
         max_event_time_skew_ms: exactly_stream::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
         group_instance_id: None,
+        topology: None,
     };
     let runtime = tokio::runtime::Handle::current();
     runtime.block_on(config.prepare_topics(3))?;
@@ -258,6 +259,7 @@ fn restore_figures(
         min_insync_replicas: 1,
         max_event_time_skew_ms: exactly_stream::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
         group_instance_id: None,
+        topology: None,
     };
     let runtime = tokio::runtime::Handle::current();
     runtime.block_on(exactly_kafka::ensure_topics(brokers, &[&config.input], 1))?;

@@ -18,6 +18,7 @@ mod processor;
 mod restore;
 mod store;
 mod task;
+mod topology_task;
 
 pub use processor::{
     probe_restore_mode, GroupBy, Guarantee, Processor, ProcessorError, StreamConfig, StreamCounters,
@@ -26,3 +27,4 @@ pub use processor::{
 pub use restore::{rebuild_store, RestoreStats, Restorer};
 pub use store::{Batch, Change, StateStore, StoreError};
 pub use task::{Counted, Input, WindowedCount, DEFAULT_MAX_EVENT_TIME_SKEW_MS};
+pub use topology_task::TopologyTask;

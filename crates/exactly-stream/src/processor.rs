@@ -33,9 +33,11 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::Offset;
 
 use crate::changelog::{records_for, TXN_HEADER};
+use crate::dsl::{InputRecord, MemoryState, Subtopology, Topology};
 use crate::restore::{RestoreStats, Restorer};
-use crate::store::{Change, StateStore};
+use crate::store::{Batch, Change, StateStore};
 use crate::task::{Counted, Input, WindowedCount};
+use crate::topology_task::TopologyTask;
 
 /// Header on a dead letter: why the input was not counted.
 pub const DEAD_REASON_HEADER: &str = "exactly-dead-reason";
@@ -97,12 +99,94 @@ pub struct StreamConfig {
     /// This processor's `group.instance.id` (static membership: a restart within the session
     /// timeout takes back its partitions without a rebalance); `None`: a dynamic member.
     pub group_instance_id: Option<String>,
+    /// A DSL topology to run instead of the built-in count (`group_by`, `windows`, `salts`
+    /// and `output` are then unused): one sub-topology reading `input`, or a stateless one
+    /// reading `input` and writing a repartition topic that a second one reads
+    /// ([`StreamConfig::check_topology`]).
+    pub topology: Option<Arc<Topology>>,
 }
 
 impl StreamConfig {
-    /// The changelog topic: `<application.id>-counts-changelog`.
+    /// The changelog topic: `<application.id>-counts-changelog`; for a topology
+    /// `<application.id>-<store>-changelog`, after the first store of its counted sub-topology.
     pub fn changelog_topic(&self) -> String {
-        format!("{}-counts-changelog", self.application_id)
+        match self.counted_subtopology().and_then(|s| s.stores.first().cloned()) {
+            Some(store) => format!("{}-{store}-changelog", self.application_id),
+            None => format!("{}-counts-changelog", self.application_id),
+        }
+    }
+
+    /// The sub-topology whose partitions are tasks with state (the one reading the counted
+    /// topic).
+    fn counted_subtopology(&self) -> Option<&Subtopology> {
+        let topology = self.topology.as_ref()?;
+        let subs = topology.subtopologies();
+        subs.iter()
+            .find(|s| !s.internal_sources.is_empty())
+            .or_else(|| subs.first())
+    }
+
+    /// Whether the runtime can run the topology: it reads `input` and nothing else from
+    /// outside, in one sub-topology, or in a stateless one that repartitions into a second.
+    /// Joins of two topics and chains of repartitions run in memory only for now.
+    pub fn check_topology(&self) -> Result<(), ProcessorError> {
+        let Some(topology) = &self.topology else {
+            return Ok(());
+        };
+        let refuse = |why: &str| {
+            Err(ProcessorError(format!(
+                "{}: the broker runtime cannot run this topology yet ({why}); it runs in memory (TestDriver)",
+                self.application_id
+            )))
+        };
+        if topology.input_topics() != [self.input.clone()] {
+            return refuse("it must read exactly one input topic");
+        }
+        let subs = topology.subtopologies();
+        match subs {
+            [only] if only.sources.len() == 1 => Ok(()),
+            [a, b] => {
+                let (first, second) = if a.internal_sources.is_empty() {
+                    (a, b)
+                } else {
+                    (b, a)
+                };
+                let stateless_repartition = first.stores.is_empty()
+                    && first.sources == [self.input.clone()]
+                    && second.sources.len() == 1
+                    && second.internal_sources == second.sources
+                    && first.sinks.contains(&second.sources[0]);
+                if stateless_repartition {
+                    Ok(())
+                } else {
+                    refuse("only one repartition, after stateless steps, is supported")
+                }
+            }
+            _ => refuse("it joins topics or repartitions more than once"),
+        }
+    }
+
+    /// Stage one forwards the input to a repartition topic that stage two processes: salting,
+    /// or a topology that regroups.
+    pub fn two_stage(&self) -> bool {
+        self.salted()
+            || self
+                .topology
+                .as_ref()
+                .is_some_and(|t| !t.internal_topics().is_empty())
+    }
+
+    /// A topic as the topology names it: internal ones without the `<application.id>-` prefix.
+    fn topology_topic<'t>(&self, topic: &'t str) -> &'t str {
+        topic
+            .strip_prefix(self.application_id.as_str())
+            .and_then(|t| t.strip_prefix('-'))
+            .filter(|t| {
+                self.topology
+                    .as_ref()
+                    .is_some_and(|top| top.internal_topics().iter().any(|i| i == t))
+            })
+            .unwrap_or(topic)
     }
 
     /// The application's metadata (compacted, one partition): the restore mode its changelog
@@ -111,9 +195,17 @@ impl StreamConfig {
         format!("{}-meta", self.application_id)
     }
 
-    /// The repartition topic of salted mode: `<application.id>-repartition`.
+    /// The repartition topic: `<application.id>-repartition` (salted mode), or the topology's
+    /// (`<application.id>-<name>-repartition`).
     pub fn repartition_topic(&self) -> String {
-        format!("{}-repartition", self.application_id)
+        match self
+            .topology
+            .as_ref()
+            .and_then(|t| t.internal_topics().into_iter().next())
+        {
+            Some(internal) => format!("{}-{internal}", self.application_id),
+            None => format!("{}-repartition", self.application_id),
+        }
     }
 
     /// Whether hot keys are salted (two stages through the repartition topic).
@@ -121,9 +213,9 @@ impl StreamConfig {
         self.salts > 1
     }
 
-    /// The topic whose partitions are counted: the repartition topic when salted, else the input.
+    /// The topic whose partitions are counted: the repartition topic in two stages, else the input.
     pub fn counted_topic(&self) -> String {
-        if self.salted() {
+        if self.two_stage() {
             self.repartition_topic()
         } else {
             self.input.clone()
@@ -149,12 +241,18 @@ impl StreamConfig {
                 .map_err(kafka)?;
             partitions = default_partitions;
         }
+        self.check_topology()?;
         let counted_partitions = if self.salted() {
             partitions.max(i32::try_from(self.salts).unwrap_or(i32::MAX))
         } else {
             partitions
         };
-        exactly_kafka::ensure_topics(&self.kafka, &[&self.output], counted_partitions)
+        let outputs = match &self.topology {
+            Some(t) => t.output_topics(),
+            None => vec![self.output.clone()],
+        };
+        let outputs: Vec<&str> = outputs.iter().map(String::as_str).collect();
+        exactly_kafka::ensure_topics(&self.kafka, &outputs, counted_partitions)
             .await
             .map_err(kafka)?;
         let internal = |name: String, compacted: bool| exactly_kafka::InternalTopic {
@@ -172,7 +270,7 @@ impl StreamConfig {
                 ..internal(self.meta_topic(), true)
             },
         ];
-        if self.salted() {
+        if self.two_stage() {
             topics.push(internal(self.repartition_topic(), false));
         }
         exactly_kafka::ensure_internal_topics(&self.kafka, &topics)
@@ -266,7 +364,7 @@ fn new_consumer(
             })
             .map_err(fail("create consumer"))?;
         let repartition = config.repartition_topic();
-        let topics: Vec<&str> = if config.salted() {
+        let topics: Vec<&str> = if config.two_stage() {
             vec![&config.input, &repartition]
         } else {
             vec![&config.input]
@@ -305,8 +403,47 @@ struct Shared {
     counters: Arc<StreamCounters>,
 }
 
+/// A task's state: the built-in count, or a topology's stores.
+enum TaskState {
+    Count(WindowedCount),
+    Topology(TopologyTask),
+}
+
+impl TaskState {
+    fn store(&self) -> &StateStore {
+        match self {
+            TaskState::Count(c) => c.store(),
+            TaskState::Topology(t) => t.store(),
+        }
+    }
+
+    fn take_batch(&mut self) -> Result<Batch, ProcessorError> {
+        match self {
+            TaskState::Count(c) => c.take_batch().map_err(|e| ProcessorError(e.to_string())),
+            TaskState::Topology(t) => Ok(t.take_batch()),
+        }
+    }
+
+    fn discard(&mut self) -> Result<(), ProcessorError> {
+        match self {
+            TaskState::Count(c) => c.discard().map_err(|e| ProcessorError(e.to_string())),
+            TaskState::Topology(t) => {
+                t.discard();
+                Ok(())
+            }
+        }
+    }
+
+    fn skip(&mut self, topic: &str, partition: i32, offset: i64) {
+        match self {
+            TaskState::Count(c) => c.skip(topic, partition, offset),
+            TaskState::Topology(t) => t.advance(topic, partition, offset),
+        }
+    }
+}
+
 struct TaskSlot {
-    count: WindowedCount,
+    count: TaskState,
     /// The last transaction of this task that committed and is not yet marked in its changelog.
     unmarked: Option<TxnSeq>,
     touched: bool,
@@ -769,9 +906,15 @@ impl Processor {
         stats: RestoreStats,
     ) -> Result<(), ProcessorError> {
         // Salting happens before the repartition topic; the count sees salted keys as they are.
-        let count = WindowedCount::new(store, self.config.windows, 1)
-            .map_err(|e| ProcessorError(e.to_string()))?
-            .with_max_skew_ms(self.config.max_event_time_skew_ms);
+        let count = if self.config.topology.is_some() {
+            TaskState::Topology(TopologyTask::new(store))
+        } else {
+            TaskState::Count(
+                WindowedCount::new(store, self.config.windows, 1)
+                    .map_err(|e| ProcessorError(e.to_string()))?
+                    .with_max_skew_ms(self.config.max_event_time_skew_ms),
+            )
+        };
         self.counters
             .last_restore_ms
             .store(stats.elapsed.as_millis() as u64, Ordering::Relaxed);
@@ -859,6 +1002,9 @@ impl Processor {
 
     /// Routes a record: salted input goes to the repartition topic; everything else is counted.
     fn process(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Result<(), ProcessorError> {
+        if let Some(topology) = &self.config.topology {
+            return self.process_topology(topology, m);
+        }
         if self.config.salted() && m.topic() == self.config.input {
             return self.forward(m);
         }
@@ -874,6 +1020,97 @@ impl Processor {
             }
         };
         self.count(m, counted)
+    }
+
+    /// Runs a record through the topology: in its task (the counted topic), or, in stage one,
+    /// statelessly; its outputs go out in the open transaction, repartitioned records to the
+    /// application's internal topic; a record the topology refuses is parked.
+    fn process_topology(
+        &self,
+        topology: &Topology,
+        m: &rdkafka::message::BorrowedMessage<'_>,
+    ) -> Result<(), ProcessorError> {
+        let partition = m.partition();
+        let header_list: Vec<(&str, Option<&[u8]>)> = m
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key, h.value)).collect())
+            .unwrap_or_default();
+        let input = InputRecord {
+            topic: self.config.topology_topic(m.topic()),
+            partition,
+            offset: m.offset(),
+            key: m.key(),
+            value: m.payload(),
+            headers: &header_list,
+            timestamp: m.timestamp().to_millis(),
+        };
+        let in_task = m.topic() == self.config.counted_topic();
+        let processed = {
+            let mut shared = lock(&self.shared);
+            if in_task {
+                let Some(slot) = shared.tasks.get_mut(&partition) else {
+                    // Not (or no longer) assigned here.
+                    return Ok(());
+                };
+                slot.touched = true;
+                let TaskState::Topology(task) = &mut slot.count else {
+                    return Err(ProcessorError("a built-in task got a topology's record".into()));
+                };
+                let processed = topology
+                    .process(&input, task)
+                    .map_err(|e| ProcessorError(format!("partition {partition}: {e}")))?;
+                task.advance(m.topic(), partition, m.offset());
+                processed
+            } else {
+                shared.forward_committed.entry(partition).or_insert(m.offset());
+                shared.forwarded.insert(partition, m.offset() + 1);
+                topology
+                    .process(&input, &mut MemoryState::default())
+                    .map_err(|e| ProcessorError(format!("partition {partition}: {e}")))?
+            }
+        };
+        if processed.late > 0 {
+            self.counters.late.fetch_add(processed.late, Ordering::Relaxed);
+            metrics::counter!("exactly_stream_late_dropped_total").increment(processed.late);
+        }
+        if processed.duplicates > 0 {
+            self.counters
+                .duplicates
+                .fetch_add(processed.duplicates, Ordering::Relaxed);
+            metrics::counter!("exactly_stream_duplicates_total").increment(processed.duplicates);
+        }
+        if let Some(reason) = processed.parked {
+            return self.unreadable(m, &reason);
+        }
+        if in_task {
+            self.counters.counted.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("exactly_stream_records_total").increment(1);
+        }
+        for out in processed.outputs {
+            let topic = if out.internal {
+                format!("{}-{}", self.config.application_id, out.topic)
+            } else {
+                out.topic
+            };
+            let mut headers = OwnedHeaders::new();
+            for (k, v) in &out.headers {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+            let mut record = BaseRecord::<[u8], [u8]>::to(&topic)
+                .headers(headers)
+                .timestamp(out.timestamp);
+            if let Some(key) = &out.key {
+                record = record.key(key);
+            }
+            if let Some(value) = &out.value {
+                record = record.payload(value);
+            }
+            self.send(record)?;
+        }
+        Ok(())
     }
 
     /// What the count needs from an input record: its grouping key, idempotency key and event
@@ -942,7 +1179,12 @@ impl Processor {
                 return Ok(());
             };
             slot.touched = true;
-            slot.count
+            let TaskState::Count(count) = &mut slot.count else {
+                return Err(ProcessorError(
+                    "a topology task got a record of the built-in job".into(),
+                ));
+            };
+            count
                 .process(Input {
                     topic: m.topic(),
                     partition,
@@ -1094,10 +1336,7 @@ impl Processor {
                 if !std::mem::take(&mut slot.touched) {
                     continue;
                 }
-                let batch = slot
-                    .count
-                    .take_batch()
-                    .map_err(|e| ProcessorError(e.to_string()))?;
+                let batch = slot.count.take_batch()?;
                 for change in &batch.changes {
                     if let Change::Offset {
                         topic,
@@ -1229,7 +1468,7 @@ impl Processor {
         let mut shared = lock(&self.shared);
         shared.forwarded.clear();
         let input = shared.config.input.clone();
-        if shared.config.salted() {
+        if shared.config.two_stage() {
             for (partition, offset) in &shared.forward_committed {
                 if let Err(e) = self.consumer.seek(
                     &input,
@@ -1246,7 +1485,7 @@ impl Processor {
         let counted = shared.config.counted_topic();
         for (partition, slot) in shared.tasks.iter_mut() {
             slot.touched = false;
-            slot.count.discard().map_err(|e| ProcessorError(e.to_string()))?;
+            slot.count.discard()?;
             let offset = slot
                 .count
                 .store()

@@ -2,6 +2,8 @@
 
 use std::path::Path;
 
+use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::Engine;
 use exactly_core::UnixMillis;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -11,6 +13,8 @@ const COUNTS: TableDefinition<'static, (i64, &str), u64> = TableDefinition::new(
 const SEEN: TableDefinition<'static, (i64, &str, &str), u8> = TableDefinition::new("seen");
 /// (topic, partition) → next input offset the state reflects.
 const OFFSETS: TableDefinition<'static, (&str, i32), i64> = TableDefinition::new("offsets");
+/// (store name, key) → value: the stores of a DSL topology's task.
+const ENTRIES: TableDefinition<'static, (&str, &[u8]), &[u8]> = TableDefinition::new("entries");
 /// Named numbers: stream time, and the changelog offset an interrupted restore resumes from.
 const META: TableDefinition<'static, &str, i64> = TableDefinition::new("meta");
 const RESTORE_POSITION: &str = "restore_position";
@@ -67,6 +71,15 @@ pub enum Change {
     },
     /// The largest event time seen.
     StreamTime(UnixMillis),
+    /// An entry of a DSL topology's store; None removes it.
+    Entry {
+        /// The store (an operator's name).
+        store: String,
+        /// Key bytes.
+        key: Vec<u8>,
+        /// Value bytes.
+        value: Option<Vec<u8>>,
+    },
 }
 
 impl Change {
@@ -98,6 +111,12 @@ impl Change {
                 offset,
             } => (format!("o|{partition}|{topic}"), Some(offset.to_string())),
             Change::StreamTime(t) => ("t".to_owned(), Some(t.0.to_string())),
+            // Store names are [A-Za-z0-9._-] (the builder checks), so '|' ends one; the key
+            // and value are bytes, written as base64.
+            Change::Entry { store, key, value } => (
+                format!("e|{store}|{}", BASE64.encode(key)),
+                value.as_ref().map(|v| BASE64.encode(v)),
+            ),
         }
     }
 
@@ -140,6 +159,17 @@ impl Change {
                 })
             }
             "t" => Some(Change::StreamTime(UnixMillis(value?.parse().ok()?))),
+            "e" => {
+                let (store, key) = rest.split_once('|')?;
+                Some(Change::Entry {
+                    store: store.to_owned(),
+                    key: BASE64.decode(key).ok()?,
+                    value: match value {
+                        Some(v) => Some(BASE64.decode(v).ok()?),
+                        None => None,
+                    },
+                })
+            }
             _ => None,
         }
     }
@@ -171,6 +201,7 @@ impl StateStore {
             tx.open_table(SEEN).map_err(at("create seen"))?;
             tx.open_table(OFFSETS).map_err(at("create offsets"))?;
             tx.open_table(META).map_err(at("create meta"))?;
+            tx.open_table(ENTRIES).map_err(at("create entries"))?;
         }
         tx.commit().map_err(at("commit"))?;
         Ok(StateStore { db })
@@ -215,6 +246,7 @@ impl StateStore {
             let mut seen = tx.open_table(SEEN).map_err(at("open seen"))?;
             let mut offsets = tx.open_table(OFFSETS).map_err(at("open offsets"))?;
             let mut meta = tx.open_table(META).map_err(at("open meta"))?;
+            let mut entries = tx.open_table(ENTRIES).map_err(at("open entries"))?;
             for change in &batch.changes {
                 match change {
                     Change::Count {
@@ -260,10 +292,61 @@ impl StateStore {
                     Change::StreamTime(t) => {
                         meta.insert("stream_time", t.0).map_err(at("write stream time"))?;
                     }
+                    Change::Entry {
+                        store,
+                        key,
+                        value: Some(v),
+                    } => {
+                        entries
+                            .insert((store.as_str(), key.as_slice()), v.as_slice())
+                            .map_err(at("write entry"))?;
+                    }
+                    Change::Entry {
+                        store,
+                        key,
+                        value: None,
+                    } => {
+                        entries
+                            .remove((store.as_str(), key.as_slice()))
+                            .map_err(at("remove entry"))?;
+                    }
                 }
             }
         }
         tx.commit().map_err(at("commit"))
+    }
+
+    /// The value at `key` in a topology store.
+    pub fn entry(&self, store: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let tx = self.db.begin_read().map_err(at("begin read"))?;
+        let entries = tx.open_table(ENTRIES).map_err(at("open entries"))?;
+        Ok(entries
+            .get((store, key))
+            .map_err(at("read entry"))?
+            .map(|v| v.value().to_vec()))
+    }
+
+    /// The entries of a topology store with `from <= key < to`, in key order.
+    pub fn entries(
+        &self,
+        store: &str,
+        from: &[u8],
+        to: &[u8],
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        if from >= to {
+            return Ok(Vec::new());
+        }
+        let tx = self.db.begin_read().map_err(at("begin read"))?;
+        let entries = tx.open_table(ENTRIES).map_err(at("open entries"))?;
+        let mut out = Vec::new();
+        for item in entries
+            .range((store, from)..(store, to))
+            .map_err(at("range entries"))?
+        {
+            let (k, v) = item.map_err(at("read entry"))?;
+            out.push((k.value().1.to_vec(), v.value().to_vec()));
+        }
+        Ok(out)
     }
 
     /// The count of `key` in the window starting at `window_start` (0 when absent).
@@ -513,6 +596,7 @@ mod tests {
                 Change::Seen { window_start: UnixMillis(start), key: key.clone(), idempotency_key: id.clone(), seen },
                 Change::Offset { topic: key.clone(), partition, offset },
                 Change::StreamTime(UnixMillis(start)),
+                Change::Entry { store: "agg-1".into(), key: key.clone().into_bytes(), value: c.map(|c| c.to_be_bytes().to_vec()) },
             ];
             for change in changes {
                 let (k, v) = change.to_changelog();

@@ -291,7 +291,11 @@ impl JobSpec {
     /// The events as (grouping key, payload JSON); a payload that is not JSON, or without the
     /// key, is parked with the reason.
     fn aggregation_values(&self, events: KStream<String, Envelope>) -> KStream<String, Value> {
-        let key = self.key.clone().filter(|k| !k.is_empty());
+        let Some(key) = self.key.clone().filter(|k| !k.is_empty()) else {
+            // Grouped by the aggregate id, the record key: no repartition.
+            return events.try_map_values(|_, e| payload_json(&e));
+        };
+        let key = Some(key);
         events.try_map(move |aggregate_id, e| {
             let payload = payload_json(&e)?;
             let group = match &key {

@@ -276,6 +276,19 @@ impl<K: Data, V: Data> KStream<K, V> {
         })
     }
 
+    /// A new value per record, or the reason to park it; the key stays.
+    pub fn try_map_values<V2: Data>(
+        &self,
+        f: impl Fn(&K, V) -> Result<V2, String> + Send + Sync + 'static,
+    ) -> KStream<K, V2> {
+        self.stateless("try-map-values", false, move |r, out| {
+            let (k, v, t, id) = r.into_parts::<K, V>();
+            let v2 = f(&k, v)?;
+            out.push((0, Rec::new(k, v2, t, id)));
+            Ok(())
+        })
+    }
+
     /// A new value per record; the key stays.
     pub fn map_values<V2: Data>(&self, f: impl Fn(V) -> V2 + Send + Sync + 'static) -> KStream<K, V2> {
         self.stateless("map-values", false, move |r, out| {
