@@ -104,7 +104,8 @@ enum Command {
         #[arg(long)]
         no_metrics: bool,
     },
-    /// Exactly-once windowed counts (the orders-agg example): input topic → output topic.
+    /// Exactly-once windowed counts (the built-in orders-agg job): input topic → output topic.
+    /// Jobs of your own: a [stream.NAME.job] table under `exactly run` (docs/stream-dsl.md).
     Stream {
         #[command(flatten)]
         stream: StreamSettings,

@@ -257,3 +257,60 @@ output = "{output}"
         "each closed window once, with its distinct paid orders"
     );
 }
+
+/// An application the built-in job ran is refused to a job table (and the other way round),
+/// with the reason: the new job would keep its state in another changelog while the group's
+/// committed offsets put it part-way through the input.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_table_on_an_application_the_built_in_job_ran_is_refused() {
+    let brokers = brokers();
+    let (input, app) = (unique("job-orders"), unique("job-migrate"));
+    exactly_kafka::ensure_topics(&brokers, &[&input], 1)
+        .await
+        .expect("topics");
+    let state = tempfile::tempdir().expect("tempdir");
+    let built_in = exactly_stream::StreamConfig {
+        kafka: exactly_kafka::KafkaSettings::new(&brokers),
+        application_id: app.clone(),
+        instance: "0".into(),
+        input: input.clone(),
+        output: unique("job-out"),
+        group_by: exactly_stream::GroupBy::PayloadField("product_id".into()),
+        windows: exactly_core::window::TumblingWindows::new(WINDOW, 0, 0).expect("windows"),
+        salts: 1,
+        commit_interval: Duration::from_millis(100),
+        guarantee: exactly_stream::Guarantee::ExactlyOnce,
+        state_dir: state.path().to_owned(),
+        replication_factor: 1,
+        min_insync_replicas: 1,
+        max_event_time_skew_ms: exactly_stream::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
+        group_instance_id: None,
+        topology: None,
+    };
+    built_in
+        .prepare_topics(1)
+        .await
+        .expect("the built-in job's topics");
+    let spec: exactly_stream::dsl::JobSpec = toml::from_str(&format!(
+        "input = \"{input}\"\nkey = \"/product_id\"\nwindow = {{ kind = \"tumbling\", size_ms = {WINDOW} }}\naggregate = \"count\"\noutput = \"{}\"\n",
+        unique("job-out")
+    ))
+    .expect("a job");
+    let job = exactly_stream::StreamConfig {
+        topology: Some(std::sync::Arc::new(
+            spec.topology(exactly_stream::dsl::JOB_NAME).expect("topology"),
+        )),
+        ..built_in.clone()
+    };
+    let error = job.prepare_topics(1).await.expect_err("refused").to_string();
+    assert!(
+        error.contains(&format!("{app}-counts-changelog exists")) && error.contains("new application_id"),
+        "{error}"
+    );
+    // A new application id is fine.
+    let fresh = exactly_stream::StreamConfig {
+        application_id: unique("job-migrate"),
+        ..job
+    };
+    fresh.prepare_topics(1).await.expect("a new application");
+}

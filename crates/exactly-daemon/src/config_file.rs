@@ -506,7 +506,7 @@ fn validate(
     }
     for (name, stream) in &config.stream {
         if let Some(job) = &stream.job {
-            job.topology(crate::settings::JOB_NAME)
+            job.topology(exactly_stream::dsl::JOB_NAME)
                 .map_err(|e| locate.error(&["stream", name, "job"], format!("{e}")))?;
             if stream.sink_database.is_some() {
                 return Err(locate.error(

@@ -625,10 +625,6 @@ pub struct StreamSettings {
     pub job: Option<exactly_stream::dsl::JobSpec>,
 }
 
-/// The name of a job table's aggregation: its store, and the topics
-/// `<application_id>-aggregate-changelog` and `<application_id>-aggregate-repartition`.
-pub const JOB_NAME: &str = "aggregate";
-
 impl StreamSettings {
     /// The processor's `group.instance.id`, unless it joins as a dynamic member.
     pub fn group_instance_id(&self) -> Option<String> {
@@ -642,7 +638,7 @@ impl StreamSettings {
         // A job table runs its topology; its input and output are the job's.
         let (topology, input, output) = match &self.job {
             Some(job) => (
-                Some(std::sync::Arc::new(job.topology(JOB_NAME)?)),
+                Some(std::sync::Arc::new(job.topology(exactly_stream::dsl::JOB_NAME)?)),
                 job.input.clone(),
                 job.output.clone(),
             ),

@@ -166,6 +166,35 @@ impl StreamConfig {
         }
     }
 
+    /// Refuses to start on an application whose changelog another kind of job wrote (the
+    /// built-in count's `<app>-counts-changelog` under a topology, or a topology's under the
+    /// built-in count): its state would be ignored while the group's committed input offsets
+    /// are not, so the new job would silently start part-way through the input.
+    fn refuse_other_jobs_changelog(&self) -> Result<(), ProcessorError> {
+        let mine = self.changelog_topic();
+        let legacy = format!("{}-counts-changelog", self.application_id);
+        let other = if self.topology.is_some() {
+            legacy
+        } else {
+            format!("{}-{}-changelog", self.application_id, crate::dsl::JOB_NAME)
+        };
+        if other == mine {
+            return Ok(());
+        }
+        let exists = exactly_kafka::partition_count(&self.kafka, &other)
+            .map_err(|e| ProcessorError(e.to_string()))?
+            > 0;
+        if exists {
+            return Err(ProcessorError(format!(
+                "application {} was run by another kind of job (its changelog {other} exists); this job keeps its \
+                 state in {mine} and would start where the group's offsets are, not from its input's beginning: \
+                 give it a new application_id, or delete the old application's topics and consumer group first",
+                self.application_id
+            )));
+        }
+        Ok(())
+    }
+
     /// Stage one forwards the input to a repartition topic that stage two processes: salting,
     /// or a topology that regroups.
     pub fn two_stage(&self) -> bool {
@@ -242,6 +271,7 @@ impl StreamConfig {
             partitions = default_partitions;
         }
         self.check_topology()?;
+        self.refuse_other_jobs_changelog()?;
         let counted_partitions = if self.salted() {
             partitions.max(i32::try_from(self.salts).unwrap_or(i32::MAX))
         } else {

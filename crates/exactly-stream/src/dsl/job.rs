@@ -25,6 +25,11 @@ use super::graph::Topology;
 use super::stream::{BuildError, KStream, KTable, StreamsBuilder};
 use super::window_ops::{Emit, Windowed};
 
+/// The name a job table's aggregation runs under (`JobSpec::topology(JOB_NAME)` in
+/// `exactly run`): its store, and the topics `<application_id>-aggregate-changelog` and
+/// `<application_id>-aggregate-repartition`.
+pub const JOB_NAME: &str = "aggregate";
+
 /// A windowed (or table) aggregation over an outbox topic.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
