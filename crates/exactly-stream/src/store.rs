@@ -327,12 +327,7 @@ impl StateStore {
     }
 
     /// The entries of a topology store with `from <= key < to`, in key order.
-    pub fn entries(
-        &self,
-        store: &str,
-        from: &[u8],
-        to: &[u8],
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn entries(&self, store: &str, from: &[u8], to: &[u8]) -> Result<crate::dsl::Entries, StoreError> {
         if from >= to {
             return Ok(Vec::new());
         }
