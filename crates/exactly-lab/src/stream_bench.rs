@@ -43,6 +43,33 @@ pub struct StreamBench {
     /// Commit interval of the exactly-once run.
     #[arg(long, default_value_t = 100)]
     pub commit_interval_ms: u64,
+    /// DSL job tables to run besides the built-in job, each at least once and exactly once
+    /// (count per product, regrouped through a repartition topic, a result on every update),
+    /// against a plain read + produce of the same records: tumbling, hopping, session; none to
+    /// skip them.
+    #[arg(long, value_delimiter = ',', default_value = "tumbling,hopping,session")]
+    pub window_kinds: Vec<String>,
+    /// The job tables' emit mode: `final` (one result per window when it closes; with the
+    /// bench's day of grace none closes during the run, so this measures the processing) or
+    /// `update` (a result per window per record: hopping sends five per record).
+    #[arg(long, default_value = "final")]
+    pub emit: String,
+}
+
+/// The job table of a window kind the bench runs.
+fn bench_job(kind: &str, emit: &str, input: &str, output: &str) -> Result<exactly_stream::dsl::JobSpec> {
+    if !matches!(emit, "final" | "update") {
+        bail!("unknown emit mode {emit:?}: final or update");
+    }
+    let window = match kind {
+        "tumbling" => "{ kind = \"tumbling\", size_ms = 300000, grace_ms = 86400000 }",
+        "hopping" => "{ kind = \"hopping\", size_ms = 300000, advance_ms = 60000, grace_ms = 86400000 }",
+        "session" => "{ kind = \"session\", gap_ms = 60000, grace_ms = 86400000 }",
+        other => bail!("unknown window kind {other:?}: tumbling, hopping or session"),
+    };
+    Ok(toml::from_str(&format!(
+        "input = \"{input}\"\nkey = \"/product_id\"\nwindow = {window}\naggregate = \"count\"\nemit = \"{emit}\"\noutput = \"{output}\"\n"
+    ))?)
 }
 
 const WINDOW_MS: i64 = 300_000;
@@ -112,6 +139,8 @@ fn produce_orders(brokers: &str, topic: &str, events: u64) -> Result<u64> {
 }
 
 struct Run {
+    /// The built-in job, or a job table's window kind.
+    job: String,
     guarantee: Guarantee,
     seconds: f64,
     records: u64,
@@ -127,10 +156,18 @@ fn run_job(
     guarantee: Guarantee,
     commit_interval: Duration,
     run_id: i64,
+    kind: Option<(&str, &str)>,
 ) -> Result<Run> {
     let name = match guarantee {
         Guarantee::ExactlyOnce => "eos",
         Guarantee::AtLeastOnce => "alos",
+    };
+    let output = format!("bench-agg-out-{name}-{run_id}");
+    let topology = match kind {
+        Some((kind, emit)) => Some(Arc::new(
+            bench_job(kind, emit, input, &output)?.topology(exactly_stream::dsl::JOB_NAME)?,
+        )),
+        None => None,
     };
     let state = tempfile::tempdir().context("state dir")?;
     let config = StreamConfig {
@@ -138,7 +175,7 @@ fn run_job(
         application_id: format!("bench-agg-{name}-{run_id}"),
         instance: "0".into(),
         input: input.to_owned(),
-        output: format!("bench-agg-out-{name}-{run_id}"),
+        output,
         group_by: GroupBy::PayloadField("product_id".into()),
         windows: TumblingWindows::new(WINDOW_MS, 86_400_000, 172_800_000)?,
         salts: 1,
@@ -149,7 +186,7 @@ fn run_job(
         min_insync_replicas: 1,
         max_event_time_skew_ms: exactly_stream::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
         group_instance_id: None,
-        topology: None,
+        topology,
     };
     let runtime = tokio::runtime::Handle::current();
     runtime.block_on(config.prepare_topics(3))?;
@@ -157,7 +194,15 @@ fn run_job(
     let stop = Arc::new(AtomicBool::new(false));
     let (c, s) = (counters.clone(), stop.clone());
     let job = std::thread::spawn(move || Processor::new(config, c)?.run(&s));
-    let done = |c: &StreamCounters| c.counted.load(Ordering::Relaxed) + c.duplicates.load(Ordering::Relaxed);
+    // A topology counts every record its tasks processed; the built-in job its counted ones.
+    let job_table = kind.is_some();
+    let done = move |c: &StreamCounters| {
+        if job_table {
+            c.counted.load(Ordering::Relaxed)
+        } else {
+            c.counted.load(Ordering::Relaxed) + c.duplicates.load(Ordering::Relaxed)
+        }
+    };
     let deadline = Instant::now() + Duration::from_secs(600);
     while done(&counters) == 0 {
         if Instant::now() > deadline || job.is_finished() {
@@ -179,6 +224,7 @@ fn run_job(
         bail!("the {name} job processed {records} of {sent} records within 600 s");
     }
     Ok(Run {
+        job: kind.map_or("orders-agg", |(k, _)| k).to_owned(),
         guarantee,
         seconds,
         records,
@@ -449,6 +495,7 @@ async fn jobs(brokers: &str, options: &StreamBench, run_id: i64) -> Result<()> {
                 guarantee,
                 interval,
                 run_id + runs.len() as i64,
+                None,
             )?);
         }
         Ok(runs)
@@ -483,5 +530,126 @@ async fn jobs(brokers: &str, options: &StreamBench, run_id: i64) -> Result<()> {
         "exactly-once / at-least-once",
         eos / alos.max(1e-9)
     );
+    if !options.window_kinds.is_empty() {
+        job_tables(&brokers, &input, sent, options, run_id).await?;
+    }
+    Ok(())
+}
+
+/// Reads every record of `input` (read_committed) and produces it to a new topic, no
+/// transactions: what the broker and librdkafka move through one process, the limit of any
+/// job on the same records. Records per second from the first record read to the last sent.
+fn pipe(brokers: &str, input: &str, sent: u64, run_id: i64) -> Result<f64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::Message;
+    let kafka = exactly_kafka::KafkaSettings::new(brokers);
+    let output = format!("bench-pipe-{run_id}");
+    let consumer: BaseConsumer =
+        exactly_kafka::reader_config(&kafka, &format!("bench-pipe-{run_id}"), "read_committed")
+            .create()
+            .context("pipe consumer")?;
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    for p in 0..3 {
+        partitions.add_partition_offset(input, p, rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&partitions)?;
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+        exactly_kafka::producer_config(brokers, false).create()?;
+    let (mut read, mut started) = (0u64, None);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while read < sent && Instant::now() < deadline {
+        let m = match consumer.poll(Duration::from_millis(100)) {
+            None | Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) => continue,
+            Some(m) => m?,
+        };
+        started.get_or_insert_with(Instant::now);
+        let mut record = BaseRecord::<[u8], [u8]>::to(&output);
+        if let Some(k) = m.key() {
+            record = record.key(k);
+        }
+        if let Some(v) = m.payload() {
+            record = record.payload(v);
+        }
+        if let Some(h) = m.headers() {
+            record = record.headers(h.detach());
+        }
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+        read += 1;
+    }
+    producer.flush(Duration::from_secs(120))?;
+    let seconds = started.map_or(0.0, |s| s.elapsed().as_secs_f64());
+    if read < sent {
+        bail!("the pipe read {read} of {sent} records within 600 s");
+    }
+    Ok(read as f64 / seconds.max(1e-9))
+}
+
+/// Each window kind's job table at least once and exactly once, and the pipe, on `input`.
+async fn job_tables(brokers: &str, input: &str, sent: u64, options: &StreamBench, run_id: i64) -> Result<()> {
+    let (b, i, kinds, interval, emit) = (
+        brokers.to_owned(),
+        input.to_owned(),
+        options.window_kinds.clone(),
+        Duration::from_millis(options.commit_interval_ms),
+        options.emit.clone(),
+    );
+    for kind in &kinds {
+        bench_job(kind, &emit, "x", "y")?;
+    }
+    let (pipe_rate, runs) = tokio::task::spawn_blocking(move || -> Result<(f64, Vec<Run>)> {
+        eprintln!("bench: plain read + produce of {sent} records");
+        let pipe_rate = pipe(&b, &i, sent, run_id + 100)?;
+        let mut runs = Vec::new();
+        for kind in &kinds {
+            for guarantee in [Guarantee::AtLeastOnce, Guarantee::ExactlyOnce] {
+                eprintln!("bench: {kind} job table, {guarantee:?}, over {sent} records");
+                runs.push(run_job(
+                    &b,
+                    &i,
+                    sent,
+                    guarantee,
+                    interval,
+                    run_id + 200 + runs.len() as i64,
+                    Some((kind, &emit)),
+                )?);
+            }
+        }
+        Ok((pipe_rate, runs))
+    })
+    .await??;
+    println!();
+    println!(
+        "  job tables: count per product (regrouped through a repartition topic, emit {}), \
+         {sent} input records, 3 partitions, commit interval {} ms; the 2 cores are shared by the broker and exactly",
+        options.emit, options.commit_interval_ms
+    );
+    println!(
+        "  {:<34} {:>10.0} records/s",
+        "plain read + produce (the pipe)", pipe_rate
+    );
+    for kind in &options.window_kinds {
+        let rate = |g: Guarantee| {
+            runs.iter()
+                .find(|r| &r.job == kind && r.guarantee == g)
+                .map_or(0.0, |r| r.records as f64 / r.seconds.max(1e-9))
+        };
+        let (alos, eos) = (rate(Guarantee::AtLeastOnce), rate(Guarantee::ExactlyOnce));
+        println!(
+            "  {:<12} at-least-once {:>8.0}/s  exactly-once {:>8.0}/s  eos/alos {:>5.2}x (goal >= 0.9x)  eos/pipe {:>5.2}x (goal >= 0.5x)",
+            kind,
+            alos,
+            eos,
+            eos / alos.max(1e-9),
+            eos / pipe_rate.max(1e-9)
+        );
+    }
     Ok(())
 }
