@@ -431,3 +431,220 @@ async fn two_processors_of_a_regrouping_job_rebalance_and_every_result_is_final_
         "each closed window once, with its distinct paid orders"
     );
 }
+
+/// The stream–table join's processor, in a child process the join test SIGKILLs: this test
+/// binary run again with `EXACTLY_JOIN_WORKER` set (`--exact` this test). Without it, nothing.
+#[test]
+fn join_worker() {
+    let Ok(spec) = std::env::var("EXACTLY_JOIN_WORKER") else {
+        return;
+    };
+    let parts: Vec<&str> = spec.split('|').collect();
+    let [brokers, app, orders, products, output, state, progress] = parts[..] else {
+        panic!("EXACTLY_JOIN_WORKER: {spec}");
+    };
+    let config = exactly_stream::StreamConfig {
+        topology: Some(std::sync::Arc::new(enrichment(orders, products, output))),
+        ..join_config(brokers, app, orders, std::path::Path::new(state))
+    };
+    let counters = std::sync::Arc::new(exactly_stream::StreamCounters::default());
+    let (c, progress) = (counters.clone(), progress.to_owned());
+    std::thread::spawn(move || loop {
+        let n = c.counted.load(std::sync::atomic::Ordering::Relaxed);
+        let _ = std::fs::write(&progress, n.to_string());
+        std::thread::sleep(Duration::from_millis(20));
+    });
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    exactly_stream::Processor::new(config, counters)
+        .expect("processor")
+        .run(&stop)
+        .expect("run");
+}
+
+fn join_config(
+    brokers: &str,
+    app: &str,
+    orders: &str,
+    state: &std::path::Path,
+) -> exactly_stream::StreamConfig {
+    exactly_stream::StreamConfig {
+        kafka: exactly_kafka::KafkaSettings::new(brokers),
+        application_id: app.to_owned(),
+        instance: "0".into(),
+        input: orders.to_owned(),
+        output: String::new(),
+        group_by: exactly_stream::GroupBy::AggregateId,
+        windows: exactly_core::window::TumblingWindows::new(WINDOW, 0, 0).expect("windows"),
+        salts: 1,
+        commit_interval: Duration::from_millis(100),
+        guarantee: exactly_stream::Guarantee::ExactlyOnce,
+        state_dir: state.to_owned(),
+        replication_factor: 1,
+        min_insync_replicas: 1,
+        max_event_time_skew_ms: exactly_stream::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
+        group_instance_id: None,
+        topology: None,
+    }
+}
+
+/// Orders (key: product id, value: quantity) enriched with the product's name from a table.
+fn enrichment(orders: &str, products: &str, output: &str) -> exactly_stream::dsl::Topology {
+    use exactly_stream::dsl::{Consumed, Json, Produced, StreamsBuilder, Utf8};
+    let builder = StreamsBuilder::new();
+    let names = builder.table(products, Consumed::<String, String>::with(Utf8, Json));
+    builder
+        .stream(orders, Consumed::<String, serde_json::Value>::with(Utf8, Json))
+        .left_join(&names, |product, order, name| {
+            serde_json::json!({ "order": order["id"], "product": product, "qty": order["qty"], "name": name })
+        })
+        .select_key(|_, v| v["order"].as_str().unwrap_or_default().to_owned())
+        .to(output, Produced::with(Utf8, Json));
+    builder.build().expect("the enrichment topology")
+}
+
+/// A stream–table join on the broker: 200 products loaded into the table, then 10,000 orders
+/// while the processor is SIGKILLed 3 times (its state directory wiped before the second
+/// restart, so the table is restored from its changelog): every order is enriched once with its
+/// product's name, and with nothing else.
+///
+/// Tansu shortfall, named: as in the job tests above, an enrichment sent in a transaction a
+/// kill aborted is visible on Tansu; it carries the same value, so the test asserts one distinct
+/// value per order.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stream_table_join_killed_3_times_enriches_every_order_once() {
+    const PRODUCTS: usize = 200;
+    const ORDERS: usize = 10_000;
+    let brokers = brokers();
+    let (orders, products, output, app) = (
+        unique("join-orders"),
+        unique("join-products"),
+        unique("join-out"),
+        unique("join-app"),
+    );
+    exactly_kafka::ensure_topics(&brokers, &[&orders, &products], 3)
+        .await
+        .expect("topics");
+    let producer: ThreadedProducer<DefaultProducerContext> = exactly_kafka::producer_config(&brokers, false)
+        .create()
+        .expect("producer");
+    let send = |topic: &str, key: &str, value: &str| {
+        let mut record = BaseRecord::to(topic).key(key).payload(value);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+        }
+    };
+    for p in 0..PRODUCTS {
+        send(&products, &format!("P-{p}"), &format!("\"product {p}\""));
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+    let config = join_config(&brokers, &app, &orders, std::path::Path::new("/unused"));
+    exactly_stream::StreamConfig {
+        topology: Some(std::sync::Arc::new(enrichment(&orders, &products, &output))),
+        ..config
+    }
+    .prepare_topics(3)
+    .await
+    .expect("topics");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = dir.path().join("state");
+    let progress = dir.path().join("progress");
+    let spec = [
+        brokers.as_str(),
+        &app,
+        &orders,
+        &products,
+        &output,
+        state.to_str().expect("utf-8"),
+        progress.to_str().expect("utf-8"),
+    ]
+    .join("|");
+    let spawn = || {
+        let _ = std::fs::remove_file(&progress);
+        Job(Command::new(std::env::current_exe().expect("this test binary"))
+            .args(["--exact", "stream_jobs::join_worker", "--nocapture"])
+            .env("EXACTLY_JOIN_WORKER", &spec)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the join worker"))
+    };
+    let processed = || -> u64 {
+        std::fs::read_to_string(&progress)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let until = |at: u64, what: String| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while processed() < at {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: only {} records in 120 s",
+                processed()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let mut job = spawn();
+    // The table first: every order below finds its product.
+    until(PRODUCTS as u64, "the table".into());
+    let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+    let mut expected = BTreeMap::new();
+    for i in 0..ORDERS {
+        let product = format!("P-{}", rng.random_range(0..PRODUCTS));
+        let qty = rng.random_range(1..10);
+        send(
+            &orders,
+            &product,
+            &serde_json::json!({ "id": format!("O-{i}"), "qty": qty }).to_string(),
+        );
+        expected.insert(
+            format!("O-{i}"),
+            BTreeSet::from([serde_json::json!({
+                "order": format!("O-{i}"), "product": product, "qty": qty,
+                "name": format!("product {}", &product[2..])
+            })
+            .to_string()]),
+        );
+    }
+    producer.flush(Duration::from_secs(60)).expect("flush");
+    for kill in 0..3 {
+        until(rng.random_range(300..2_000), format!("kill {kill}"));
+        drop(job);
+        if kill == 1 {
+            std::fs::remove_dir_all(&state).expect("wipe the state");
+        }
+        job = spawn();
+    }
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let mut got: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (b, o) = (brokers.clone(), output.clone());
+        let Ok(read) = std::panic::catch_unwind(move || read_topic(&b, &o, 3, "read_committed")) else {
+            continue;
+        };
+        got.clear();
+        for r in read {
+            let key = String::from_utf8(r.key.expect("a key")).expect("utf-8");
+            let value: serde_json::Value = serde_json::from_slice(&r.payload).expect("json");
+            got.entry(key).or_default().insert(value.to_string());
+        }
+        if got.len() >= ORDERS {
+            break;
+        }
+    }
+    drop(job);
+    assert_eq!(
+        got, expected,
+        "every order enriched once, with its product's name"
+    );
+}

@@ -139,10 +139,16 @@ impl StreamConfig {
                 self.application_id
             )))
         };
-        if topology.input_topics() != [self.input.clone()] {
-            return refuse("it must read exactly one input topic");
-        }
         let subs = topology.subtopologies();
+        if let [only] = subs {
+            // Joins: one sub-topology reading co-partitioned topics, `input` among them.
+            if only.internal_sources.is_empty() && only.sources.contains(&self.input) {
+                return Ok(());
+            }
+        }
+        if topology.input_topics() != [self.input.clone()] {
+            return refuse("it must read exactly one input topic, or join co-partitioned topics in one step");
+        }
         match subs {
             [only] if only.sources.len() == 1 => Ok(()),
             [a, b] => {
@@ -251,6 +257,18 @@ impl StreamConfig {
         }
     }
 
+    /// Every topic whose partitions a task reads: the counted topic, and for a topology that
+    /// joins, the other topics of its one sub-topology (co-partitioned: task n reads partition n
+    /// of each).
+    pub fn counted_topics(&self) -> Vec<String> {
+        match self.topology.as_ref().map(|t| t.subtopologies()) {
+            Some([only]) if only.sources.len() > 1 && only.internal_sources.is_empty() => {
+                only.sources.clone()
+            }
+            _ => vec![self.counted_topic()],
+        }
+    }
+
     /// Where unreadable inputs are parked: `<application.id>-dead-letters`.
     pub fn dead_letter_topic(&self) -> String {
         format!("{}-dead-letters", self.application_id)
@@ -272,6 +290,17 @@ impl StreamConfig {
         }
         self.check_topology()?;
         self.refuse_other_jobs_changelog()?;
+        for topic in self.counted_topics().iter().filter(|t| **t != self.input) {
+            let theirs = exactly_kafka::partition_count(&self.kafka, topic).map_err(kafka)?;
+            let ours = exactly_kafka::partition_count(&self.kafka, &self.input).map_err(kafka)?;
+            if theirs != ours {
+                return Err(ProcessorError(format!(
+                    "{topic} has {theirs} partitions and {} has {ours}: a join reads partition n of both in one task, \
+                     so they must be co-partitioned (same key, same partition count)",
+                    self.input
+                )));
+            }
+        }
         let counted_partitions = if self.salted() {
             partitions.max(i32::try_from(self.salts).unwrap_or(i32::MAX))
         } else {
@@ -388,16 +417,22 @@ fn new_consumer(
         if config.kafka.client().get("max.poll.interval.ms").is_none() {
             client.set("max.poll.interval.ms", PROCESSOR_MAX_POLL_INTERVAL_MS);
         }
+        // A join's task reads partition n of each co-partitioned topic: the range assignor
+        // gives one member the same partition numbers of topics with equal partition counts.
+        if config.counted_topics().len() > 1 {
+            client.set("partition.assignment.strategy", "range");
+        }
         let consumer: BaseConsumer<RebalanceContext> = client
             .create_with_context(RebalanceContext {
                 shared: shared.clone(),
             })
             .map_err(fail("create consumer"))?;
         let repartition = config.repartition_topic();
+        let counted = config.counted_topics();
         let topics: Vec<&str> = if config.two_stage() {
             vec![&config.input, &repartition]
         } else {
-            vec![&config.input]
+            counted.iter().map(String::as_str).collect()
         };
         consumer.subscribe(&topics).map_err(fail("subscribe"))?;
         tracing::info!(
@@ -507,9 +542,9 @@ impl ConsumerContext for RebalanceContext {
         let mut shared = lock(&self.shared);
         shared.rebalanced = true;
         if let Rebalance::Revoke(list) = rebalance {
-            let counted = shared.config.counted_topic();
+            let counted = shared.config.counted_topics();
             for e in list.elements() {
-                if e.topic() == counted {
+                if counted.iter().any(|t| t == e.topic()) {
                     shared.tasks.remove(&e.partition());
                     shared.assigned.remove(&e.partition());
                 } else {
@@ -540,20 +575,21 @@ impl ConsumerContext for RebalanceContext {
             // callback, which would hold up the group); a salted input partition (stateless
             // forwarding) starts at the group's offset.
             let mut shared = lock(&self.shared);
-            let counted = shared.config.counted_topic();
+            let counted = shared.config.counted_topics();
             let mut positioned = TopicPartitionList::new();
             let mut waiting = TopicPartitionList::new();
             for e in tpl.elements() {
                 let partition = e.partition();
-                let at = if e.topic() != counted {
+                let in_task = counted.iter().any(|t| t == e.topic());
+                let at = if !in_task {
                     Offset::Stored
                 } else if shared.tasks.contains_key(&partition) {
-                    shared.resume_offset(partition)
+                    shared.resume_offset(e.topic(), partition)
                 } else {
                     waiting.add_partition(e.topic(), partition);
                     Offset::Beginning
                 };
-                if e.topic() == counted {
+                if in_task {
                     shared.assigned.insert(partition);
                 }
                 if let Err(e) = positioned.add_partition_offset(e.topic(), partition, at) {
@@ -591,10 +627,9 @@ impl Shared {
         metrics::gauge!("exactly_stream_tasks").set(n as f64);
     }
 
-    /// Where task `partition` resumes reading its input: the offset its restored state
-    /// reflects, or the beginning when it has none.
-    fn resume_offset(&self, partition: i32) -> Offset {
-        let counted = self.config.counted_topic();
+    /// Where task `partition` resumes reading `counted` (one of its topics): the offset its
+    /// restored state reflects, or the beginning when it has none.
+    fn resume_offset(&self, counted: &str, partition: i32) -> Offset {
         self.tasks
             .get(&partition)
             .and_then(|t| {
@@ -975,27 +1010,43 @@ impl Processor {
             },
         );
         shared.count_tasks();
-        let counted = shared.config.counted_topic();
-        let at = shared.resume_offset(partition);
+        let positions: Vec<(String, Offset)> = shared
+            .config
+            .counted_topics()
+            .into_iter()
+            .map(|t| {
+                let at = shared.resume_offset(&t, partition);
+                (t, at)
+            })
+            .collect();
         drop(shared);
         let mut started = TopicPartitionList::new();
-        started
-            .add_partition_offset(&counted, partition, at)
-            .map_err(fail("position"))?;
-        // The partition is paused: seek, then resume. A seek librdkafka refuses (the partition
+        for (counted, at) in &positions {
+            started
+                .add_partition_offset(counted, partition, *at)
+                .map_err(fail("position"))?;
+        }
+        // The partitions are paused: seek, then resume. A seek librdkafka refuses (the partition
         // not fetching yet) is tried again shortly; if it still fails, the task restores again.
-        let mut sought = self
-            .consumer
-            .seek(&counted, partition, at, Duration::from_secs(10));
-        for _ in 0..10 {
-            if sought.is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        let mut sought = Ok(());
+        for (counted, at) in &positions {
             sought = self
                 .consumer
-                .seek(&counted, partition, at, Duration::from_secs(10));
+                .seek(counted, partition, *at, Duration::from_secs(10));
+            for _ in 0..10 {
+                if sought.is_ok() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+                sought = self
+                    .consumer
+                    .seek(counted, partition, *at, Duration::from_secs(10));
+            }
+            if sought.is_err() {
+                break;
+            }
         }
+        let at = positions.first().map_or(Offset::Beginning, |(_, at)| *at);
         if let Err(e) = sought {
             tracing::warn!(
                 "partition {partition}: cannot seek to {at:?} after its restore ({e}); restoring it again"
@@ -1012,8 +1063,10 @@ impl Processor {
             self.restore_failed.insert(partition, Instant::now());
             return Ok(());
         }
-        if let Offset::Offset(offset) = at {
-            lock(&self.shared).positioned.push((counted, partition, offset));
+        for (counted, at) in positions {
+            if let Offset::Offset(offset) = at {
+                lock(&self.shared).positioned.push((counted, partition, offset));
+            }
         }
         tracing::info!("partition {partition}: processing from {at:?}");
         Ok(())
@@ -1074,7 +1127,7 @@ impl Processor {
             headers: &header_list,
             timestamp: m.timestamp().to_millis(),
         };
-        let in_task = m.topic() == self.config.counted_topic();
+        let in_task = self.config.counted_topics().iter().any(|t| t == m.topic());
         let processed = {
             let mut shared = lock(&self.shared);
             if in_task {
@@ -1289,7 +1342,7 @@ impl Processor {
         self.counters.unreadable.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("exactly_stream_dead_letters_total").increment(1);
         let mut shared = lock(&self.shared);
-        if m.topic() == self.config.counted_topic() {
+        if self.config.counted_topics().iter().any(|t| t == m.topic()) {
             if let Some(slot) = shared.tasks.get_mut(&m.partition()) {
                 slot.touched = true;
                 slot.count.skip(m.topic(), m.partition(), m.offset());
@@ -1512,26 +1565,29 @@ impl Processor {
                 }
             }
         }
-        let counted = shared.config.counted_topic();
+        let counted_topics = shared.config.counted_topics();
         for (partition, slot) in shared.tasks.iter_mut() {
             slot.touched = false;
             slot.count.discard()?;
-            let offset = slot
+            let offsets = slot
                 .count
                 .store()
                 .offsets()
-                .map_err(|e| ProcessorError(e.to_string()))?
-                .into_iter()
-                .find(|(t, p, _)| *t == counted && p == partition)
-                .map_or(Offset::Beginning, |(_, _, o)| Offset::Offset(o));
-            match self
-                .consumer
-                .seek(&counted, *partition, offset, Duration::from_secs(10))
-            {
-                Err(e) => tracing::warn!("seek back of partition {partition} failed: {e}"),
-                Ok(()) => {
-                    if let Offset::Offset(offset) = offset {
-                        self.gaps.expect(&(counted.clone(), *partition), offset);
+                .map_err(|e| ProcessorError(e.to_string()))?;
+            for counted in &counted_topics {
+                let offset = offsets
+                    .iter()
+                    .find(|(t, p, _)| t == counted && p == partition)
+                    .map_or(Offset::Beginning, |(_, _, o)| Offset::Offset(*o));
+                match self
+                    .consumer
+                    .seek(counted, *partition, offset, Duration::from_secs(10))
+                {
+                    Err(e) => tracing::warn!("seek back of {counted}/{partition} failed: {e}"),
+                    Ok(()) => {
+                        if let Offset::Offset(offset) = offset {
+                            self.gaps.expect(&(counted.clone(), *partition), offset);
+                        }
                     }
                 }
             }
