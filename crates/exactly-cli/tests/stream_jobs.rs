@@ -214,6 +214,7 @@ fn write_config(
     kind: Kind,
     instance: &str,
     metrics: &str,
+    threads: u32,
 ) -> std::path::PathBuf {
     let brokers = brokers();
     let config = dir.join(format!("exactly-{instance}.toml"));
@@ -233,6 +234,7 @@ instance = "{instance}"
 state_dir = "{state}"
 commit_interval_ms = 100
 dynamic_membership = true
+num_stream_threads = {threads}
 
 [stream.orders-agg.job]
 input = "{input}"
@@ -341,14 +343,14 @@ fn wanted(expected: &BTreeMap<(String, i64), u64>) -> BTreeMap<(String, i64), BT
 /// it is the same result (the retry replays the same input onto the same committed state, and
 /// repartitioned records from aborted transactions are recognised by their event id), so the
 /// test asserts one distinct value per window, not one record. On Kafka the record is hidden.
-async fn killed_3_times(kind: Kind, seed: u64) {
+async fn killed_3_times(kind: Kind, seed: u64, threads: u32) {
     let s = scenario(kind, seed);
     exactly_kafka::ensure_topics(&brokers(), &[&s.input], 3)
         .await
         .expect("topics");
     let dir = tempfile::tempdir().expect("tempdir");
     let metrics = free_address();
-    let config = write_config(dir.path(), &s, kind, "0", &metrics);
+    let config = write_config(dir.path(), &s, kind, "0", &metrics, threads);
     let mut job = spawn(&config);
     let (b, i, sent) = (brokers(), s.input.clone(), s.sent.clone());
     let producing = tokio::task::spawn_blocking(move || produce(&b, &i, &sent));
@@ -371,21 +373,32 @@ async fn killed_3_times(kind: Kind, seed: u64) {
         wanted(&s.expected),
         "each closed window once, with its distinct paid orders"
     );
+    if threads > 1 {
+        // Every thread held tasks: each has task stores of its own.
+        for n in 0..threads {
+            let stores = std::fs::read_dir(dir.path().join("state-0").join(format!("thread-{n}")))
+                .map(|d| d.flatten().count())
+                .unwrap_or(0);
+            assert!(stores > 0, "stream thread {n} held no task");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_tumbling_job_table_killed_3_times_sends_exact_final_results_per_key() {
-    killed_3_times(Kind::Tumbling, 11).await;
+    killed_3_times(Kind::Tumbling, 11, 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_hopping_job_table_killed_3_times_sends_exact_final_results_per_key() {
-    killed_3_times(Kind::Hopping, 12).await;
+    killed_3_times(Kind::Hopping, 12, 1).await;
 }
 
+/// With two stream threads (`num_stream_threads = 2`): two members of the group in one process,
+/// killed together.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_session_job_table_killed_3_times_sends_exact_final_results_per_key() {
-    killed_3_times(Kind::Session, 13).await;
+async fn a_session_job_table_on_two_threads_killed_3_times_sends_exact_final_results_per_key() {
+    killed_3_times(Kind::Session, 13, 2).await;
 }
 
 /// Two processors of one regrouping job: the second joins mid-run (the group rebalances and
@@ -409,8 +422,8 @@ async fn two_processors_of_a_regrouping_job_rebalance_and_every_result_is_final_
     let dir = tempfile::tempdir().expect("tempdir");
     let (ma, mb) = (free_address(), free_address());
     let (ca, cb) = (
-        write_config(dir.path(), &s, kind, "a", &ma),
-        write_config(dir.path(), &s, kind, "b", &mb),
+        write_config(dir.path(), &s, kind, "a", &ma, 1),
+        write_config(dir.path(), &s, kind, "b", &mb, 1),
     );
     let first = spawn(&ca);
     let (b, i, sent) = (brokers(), s.input.clone(), s.sent.clone());
@@ -647,4 +660,61 @@ async fn a_stream_table_join_killed_3_times_enriches_every_order_once() {
         got, expected,
         "every order enriched once, with its product's name"
     );
+}
+
+/// An application the built-in job ran is refused to a job table (and the other way round),
+/// with the reason: the new job would keep its state in another changelog while the group's
+/// committed offsets put it part-way through the input.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_job_table_on_an_application_the_built_in_job_ran_is_refused() {
+    let brokers = brokers();
+    let (input, app) = (unique("job-orders"), unique("job-migrate"));
+    exactly_kafka::ensure_topics(&brokers, &[&input], 1)
+        .await
+        .expect("topics");
+    let state = tempfile::tempdir().expect("tempdir");
+    let built_in = exactly_stream::StreamConfig {
+        kafka: exactly_kafka::KafkaSettings::new(&brokers),
+        application_id: app.clone(),
+        instance: "0".into(),
+        input: input.clone(),
+        output: unique("job-out"),
+        group_by: exactly_stream::GroupBy::PayloadField("product_id".into()),
+        windows: exactly_core::window::TumblingWindows::new(WINDOW, 0, 0).expect("windows"),
+        salts: 1,
+        commit_interval: Duration::from_millis(100),
+        guarantee: exactly_stream::Guarantee::ExactlyOnce,
+        state_dir: state.path().to_owned(),
+        replication_factor: 1,
+        min_insync_replicas: 1,
+        max_event_time_skew_ms: exactly_stream::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
+        group_instance_id: None,
+        topology: None,
+    };
+    built_in
+        .prepare_topics(1)
+        .await
+        .expect("the built-in job's topics");
+    let spec: exactly_stream::dsl::JobSpec = toml::from_str(&format!(
+        "input = \"{input}\"\nkey = \"/product_id\"\nwindow = {{ kind = \"tumbling\", size_ms = {WINDOW} }}\naggregate = \"count\"\noutput = \"{}\"\n",
+        unique("job-out")
+    ))
+    .expect("a job");
+    let job = exactly_stream::StreamConfig {
+        topology: Some(std::sync::Arc::new(
+            spec.topology(exactly_stream::dsl::JOB_NAME).expect("topology"),
+        )),
+        ..built_in.clone()
+    };
+    let error = job.prepare_topics(1).await.expect_err("refused").to_string();
+    assert!(
+        error.contains(&format!("{app}-counts-changelog exists")) && error.contains("new application_id"),
+        "{error}"
+    );
+    // A new application id is fine.
+    let fresh = exactly_stream::StreamConfig {
+        application_id: unique("job-migrate"),
+        ..job
+    };
+    fresh.prepare_topics(1).await.expect("a new application");
 }

@@ -312,13 +312,37 @@ pub async fn stream(
         }
         flag.store(true, std::sync::atomic::Ordering::Relaxed);
     });
-    tokio::task::spawn_blocking(move || {
-        let mut processor = exactly_stream::Processor::new(config, counters)?;
-        processor.run(&stop_flag)
-    })
-    .await
-    .context("stream processor task")?
-    .context("stream processor stopped")?;
+    // Kafka Streams' stream threads: each its own member of the group, with its own consumer,
+    // transactional producer, tasks and stores; the counters are shared.
+    let threads = settings.num_stream_threads.max(1);
+    let mut running = Vec::new();
+    for n in 0..threads {
+        let config = if threads == 1 {
+            config.clone()
+        } else {
+            exactly_stream::StreamConfig {
+                instance: format!("{}-{n}", config.instance),
+                state_dir: config.state_dir.join(format!("thread-{n}")),
+                group_instance_id: config.group_instance_id.as_ref().map(|id| format!("{id}-{n}")),
+                ..config.clone()
+            }
+        };
+        let (counters, stop_flag) = (counters.clone(), stop_flag.clone());
+        running.push(tokio::task::spawn_blocking(move || {
+            let result = exactly_stream::Processor::new(config, counters).and_then(|mut p| p.run(&stop_flag));
+            if result.is_err() {
+                // One thread failing stops the others: the process exits and is restarted whole.
+                stop_flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            result
+        }));
+    }
+    for (n, thread) in running.into_iter().enumerate() {
+        thread
+            .await
+            .with_context(|| format!("stream thread {n}"))?
+            .with_context(|| format!("stream thread {n} stopped"))?;
+    }
     if let Some(sink) = sink {
         sink.await.context("sink task")?.context("sink stopped")?;
     }

@@ -71,6 +71,9 @@ pub mod defaults {
     pub fn instance() -> String {
         "0".into()
     }
+    pub fn threads() -> u32 {
+        1
+    }
     pub fn input() -> String {
         "coupon-events".into()
     }
@@ -617,6 +620,12 @@ pub struct StreamSettings {
     #[arg(long)]
     #[serde(default)]
     pub dynamic_membership: bool,
+    /// Processing threads in this process (Kafka Streams' `num.stream.threads`): each has its
+    /// own consumer, producer and tasks, and joins the group as `<instance>-<n>` with its
+    /// stores under `<state_dir>/thread-<n>` (with one thread: `<instance>`, `<state_dir>`).
+    #[arg(long, default_value_t = defaults::threads())]
+    #[serde(default = "defaults::threads")]
+    pub num_stream_threads: u32,
     /// A job declared as data (`[stream.NAME.job]`: input, key, filter, window, aggregate,
     /// emit, output), compiled into a DSL topology and run instead of the built-in orders job
     /// (whose `input`, `output`, `group_by`, window and salt settings it replaces).
