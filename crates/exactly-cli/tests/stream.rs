@@ -15,7 +15,8 @@ use crate::support::EXACTLY;
 
 const WINDOW: i64 = 300_000;
 
-struct StreamProcess(Child);
+/// A child process, killed when dropped (SIGKILL: a crash at whatever point it was).
+pub struct StreamProcess(pub Child);
 
 impl StreamProcess {
     /// A stand-in while a killed processor is replaced.
@@ -99,7 +100,7 @@ fn spawn_member(
 }
 
 /// A metric's value from a Prometheus endpoint (None while it is not up or not reported yet).
-fn scrape(addr: &str, metric: &str) -> Option<f64> {
+pub fn scrape(addr: &str, metric: &str) -> Option<f64> {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -111,7 +112,7 @@ fn scrape(addr: &str, metric: &str) -> Option<f64> {
         .and_then(|l| l.split_whitespace().last()?.parse().ok())
 }
 
-fn free_address() -> String {
+pub fn free_address() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.local_addr().expect("address").to_string()
 }
@@ -702,7 +703,7 @@ async fn upsert_sink_keeps_the_largest_result_when_outputs_repeat_or_reorder() {
     }
 }
 
-fn config_for(
+pub fn config_for(
     brokers: &str,
     app: &str,
     instance: &str,

@@ -3,7 +3,7 @@
 //! restarted, with exact final results per key.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use exactly_core::{Envelope, IdempotencyKey, UnixMillis};
@@ -11,36 +11,10 @@ use exactly_testkit::{brokers, read_topic, unique};
 use rand::{Rng, SeedableRng};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
+use crate::stream::{free_address, scrape, StreamProcess as Job};
 use crate::support::EXACTLY;
 
 const WINDOW: i64 = 300_000;
-
-struct Job(Child);
-
-impl Drop for Job {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// A metric's value from a Prometheus endpoint (None while it is not up or not reported yet).
-fn scrape(addr: &str, metric: &str) -> Option<f64> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).ok()?;
-    body.lines()
-        .find(|l| l.starts_with(metric) && l[metric.len()..].starts_with(' '))
-        .and_then(|l| l.split_whitespace().last()?.parse().ok())
-}
-
-fn free_address() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("address").to_string()
-}
 
 /// Orders in event-time order on one input partition (so nothing is late: the job's stream
 /// time only moves forward, and the results do not depend on how partitions interleave).
@@ -50,22 +24,32 @@ fn produce(brokers: &str, topic: &str, events: &[Envelope]) {
         .expect("producer");
     for e in events {
         let headers = exactly_kafka::record_headers(&e.to_headers(&IdempotencyKey::UuidV7(e.event_id)));
-        let mut record = BaseRecord::to(topic)
-            .partition(0)
-            .key(e.aggregate_id.as_bytes())
-            .payload(&e.payload)
-            .headers(headers);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(2));
-                }
+        send(
+            &producer,
+            BaseRecord::to(topic)
+                .partition(0)
+                .key(e.aggregate_id.as_bytes())
+                .payload(&e.payload)
+                .headers(headers),
+        );
+    }
+    producer.flush(Duration::from_secs(60)).expect("flush");
+}
+
+/// Sends a record, waiting while the producer's queue is full.
+fn send<K: rdkafka::message::ToBytes + ?Sized, P: rdkafka::message::ToBytes + ?Sized>(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    mut record: BaseRecord<'_, K, P>,
+) {
+    loop {
+        match producer.send(record) {
+            Ok(()) => return,
+            Err((_, r)) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(2));
             }
         }
     }
-    producer.flush(Duration::from_secs(60)).expect("flush");
 }
 
 /// The job's output as (product, window start) → every count value sent for it.
@@ -480,24 +464,7 @@ fn join_config(
     orders: &str,
     state: &std::path::Path,
 ) -> exactly_stream::StreamConfig {
-    exactly_stream::StreamConfig {
-        kafka: exactly_kafka::KafkaSettings::new(brokers),
-        application_id: app.to_owned(),
-        instance: "0".into(),
-        input: orders.to_owned(),
-        output: String::new(),
-        group_by: exactly_stream::GroupBy::AggregateId,
-        windows: exactly_core::window::TumblingWindows::new(WINDOW, 0, 0).expect("windows"),
-        salts: 1,
-        commit_interval: Duration::from_millis(100),
-        guarantee: exactly_stream::Guarantee::ExactlyOnce,
-        state_dir: state.to_owned(),
-        replication_factor: 1,
-        min_insync_replicas: 1,
-        max_event_time_skew_ms: exactly_stream::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
-        group_instance_id: None,
-        topology: None,
-    }
+    crate::stream::config_for(brokers, app, "0", orders, "", state)
 }
 
 /// Orders (key: product id, value: quantity) enriched with the product's name from a table.
@@ -540,18 +507,8 @@ async fn a_stream_table_join_killed_3_times_enriches_every_order_once() {
     let producer: ThreadedProducer<DefaultProducerContext> = exactly_kafka::producer_config(&brokers, false)
         .create()
         .expect("producer");
-    let send = |topic: &str, key: &str, value: &str| {
-        let mut record = BaseRecord::to(topic).key(key).payload(value);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, r)) => {
-                    record = r;
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-            }
-        }
-    };
+    let send =
+        |topic: &str, key: &str, value: &str| send(&producer, BaseRecord::to(topic).key(key).payload(value));
     for p in 0..PRODUCTS {
         send(&products, &format!("P-{p}"), &format!("\"product {p}\""));
     }
@@ -673,24 +630,7 @@ async fn a_job_table_on_an_application_the_built_in_job_ran_is_refused() {
         .await
         .expect("topics");
     let state = tempfile::tempdir().expect("tempdir");
-    let built_in = exactly_stream::StreamConfig {
-        kafka: exactly_kafka::KafkaSettings::new(&brokers),
-        application_id: app.clone(),
-        instance: "0".into(),
-        input: input.clone(),
-        output: unique("job-out"),
-        group_by: exactly_stream::GroupBy::PayloadField("product_id".into()),
-        windows: exactly_core::window::TumblingWindows::new(WINDOW, 0, 0).expect("windows"),
-        salts: 1,
-        commit_interval: Duration::from_millis(100),
-        guarantee: exactly_stream::Guarantee::ExactlyOnce,
-        state_dir: state.path().to_owned(),
-        replication_factor: 1,
-        min_insync_replicas: 1,
-        max_event_time_skew_ms: exactly_stream::DEFAULT_MAX_EVENT_TIME_SKEW_MS,
-        group_instance_id: None,
-        topology: None,
-    };
+    let built_in = crate::stream::config_for(&brokers, &app, "0", &input, &unique("job-out"), state.path());
     built_in
         .prepare_topics(1)
         .await
