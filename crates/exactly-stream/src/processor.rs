@@ -1127,6 +1127,12 @@ impl Processor {
             value: m.payload(),
             headers: &header_list,
             timestamp: m.timestamp().to_millis(),
+            // As the built-in job: far-future event times are parked, not counted.
+            latest_event_time: Some(
+                exactly_kafka::now()
+                    .0
+                    .saturating_add(self.config.max_event_time_skew_ms),
+            ),
         };
         let in_task = self.config.counted_topics().iter().any(|t| t == m.topic());
         let processed = {

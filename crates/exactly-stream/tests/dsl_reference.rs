@@ -481,3 +481,34 @@ fn state_is_removed_once_windows_close() {
     assert!(driver.state_entries() < 120, "{} entries", driver.state_entries());
     assert_eq!(driver.outputs("out").len(), 7 * 99, "every closed window once");
 }
+
+#[test]
+fn a_far_future_event_time_is_parked_and_does_not_make_later_records_late() {
+    let builder = StreamsBuilder::new();
+    builder
+        .stream(
+            "events",
+            Consumed::<String, i64>::with(Utf8, Json).with_timestamp(|_, t| *t),
+        )
+        .group_by_key(Grouped::json())
+        .windowed_by(TimeWindows::tumbling(10, 0).expect("valid"))
+        .count()
+        .to_stream()
+        .to("out", Produced::json());
+    let mut driver = TestDriver::new(builder.build().expect("topology"), 1).with_latest_event_time(1_000);
+    for t in [5, 1_000_000, 6] {
+        driver
+            .pipe_to("events", 0, Some(b"k"), Some(t.to_string().as_bytes()), &[], 0)
+            .expect("processed");
+    }
+    assert_eq!(driver.parked().len(), 1);
+    assert_eq!(driver.parked()[0].offset, 1);
+    assert!(driver.parked()[0]
+        .reason
+        .contains("later than the wall clock allows"));
+    assert_eq!(driver.late(), 0, "the far-future record did not move stream time");
+    assert_eq!(
+        windowed_results(&driver).get(&("k".into(), 0, 10)),
+        Some(&json!(2))
+    );
+}

@@ -53,9 +53,17 @@ pub struct TestDriver {
     parked: Vec<Parked>,
     late: u64,
     duplicates: u64,
+    latest_event_time: Option<i64>,
 }
 
 impl TestDriver {
+    /// Records with an event time after `latest` are parked (the broker runtime's wall clock
+    /// plus allowed skew, fixed here).
+    pub fn with_latest_event_time(mut self, latest: i64) -> Self {
+        self.latest_event_time = Some(latest);
+        self
+    }
+
     /// Every topic has `partitions` partitions.
     pub fn new(topology: Topology, partitions: i32) -> Self {
         TestDriver {
@@ -67,6 +75,7 @@ impl TestDriver {
             parked: Vec::new(),
             late: 0,
             duplicates: 0,
+            latest_event_time: None,
         }
     }
 
@@ -149,6 +158,7 @@ impl TestDriver {
             value,
             headers,
             timestamp: Some(timestamp),
+            latest_event_time: self.latest_event_time,
         };
         let processed = self.topology.process(&input, state)?;
         self.late += processed.late;

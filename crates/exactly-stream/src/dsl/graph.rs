@@ -94,6 +94,10 @@ pub struct InputRecord<'a> {
     pub headers: &'a [(&'a str, Option<&'a [u8]>)],
     /// The record's timestamp.
     pub timestamp: Option<i64>,
+    /// The latest event time accepted (the wall clock plus the allowed skew); a record whose
+    /// event time is later is parked instead of moving stream time, which would make every later
+    /// record of its task late. None: no limit (the in-memory runner's default).
+    pub latest_event_time: Option<i64>,
 }
 
 /// A record the topology sends.
@@ -318,6 +322,14 @@ impl Topology {
         };
         let rec = match &self.nodes[source].op {
             Op::Source { decode, .. } => match decode(input) {
+                Ok(rec) if input.latest_event_time.is_some_and(|latest| rec.time.0 > latest) => {
+                    done.parked = Some(format!(
+                        "event time {} ms is later than the wall clock allows ({} ms, the allowed skew included)",
+                        rec.time.0,
+                        input.latest_event_time.unwrap_or_default()
+                    ));
+                    return Ok(done);
+                }
                 Ok(rec) => rec,
                 Err(reason) => {
                     done.parked = Some(reason);
