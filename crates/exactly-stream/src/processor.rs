@@ -100,9 +100,9 @@ pub struct StreamConfig {
     /// timeout takes back its partitions without a rebalance); `None`: a dynamic member.
     pub group_instance_id: Option<String>,
     /// A DSL topology to run instead of the built-in count (`group_by`, `windows`, `salts`
-    /// and `output` are then unused): one sub-topology reading `input`, or a stateless one
-    /// reading `input` and writing a repartition topic that a second one reads
-    /// ([`StreamConfig::check_topology`]).
+    /// and `output` are then unused): one sub-topology reading `input` (and, for a join, other
+    /// co-partitioned topics), or a stateless one reading `input` and writing a repartition
+    /// topic that a second one reads ([`StreamConfig::check_topology`]).
     pub topology: Option<Arc<Topology>>,
 }
 
@@ -126,9 +126,9 @@ impl StreamConfig {
             .or_else(|| subs.first())
     }
 
-    /// Whether the runtime can run the topology: it reads `input` and nothing else from
-    /// outside, in one sub-topology, or in a stateless one that repartitions into a second.
-    /// Joins of two topics and chains of repartitions run in memory only for now.
+    /// Whether the runtime can run the topology: one sub-topology reading `input` (a join:
+    /// with other co-partitioned topics), or a stateless one reading `input` that repartitions
+    /// into a second. Chains of repartitions and joins after a regrouping run in memory only.
     pub fn check_topology(&self) -> Result<(), ProcessorError> {
         let Some(topology) = &self.topology else {
             return Ok(());
