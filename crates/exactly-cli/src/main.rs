@@ -128,6 +128,11 @@ enum Command {
         #[command(subcommand)]
         what: ConfigCommand,
     },
+    /// Sinks: topics into a table, exactly once (docs/delta.md).
+    Sink {
+        #[command(subcommand)]
+        what: SinkCommand,
+    },
     /// Window results from a topic into PostgreSQL order_counts (UPSERT, larger count wins).
     SinkCounts {
         #[arg(long, env = "EXACTLY_DATABASE")]
@@ -179,6 +184,22 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum SinkCommand {
+    /// Topics into a Delta Lake table: the data and the Kafka positions commit together in the
+    /// Delta log, so a restart, a rebalance or a second writer never writes a record twice.
+    Delta {
+        #[command(flatten)]
+        sink: settings::DeltaSinkSettings,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[arg(long, default_value = "127.0.0.1:9467")]
+        metrics_addr: SocketAddr,
+        #[arg(long)]
+        no_metrics: bool,
+    },
+}
+
 fn main() -> ExitCode {
     exactly_lab::register_story_handlers();
     let matches = Cli::command().get_matches();
@@ -191,7 +212,11 @@ fn main() -> ExitCode {
     };
     let long_running = matches!(
         cli.command,
-        Command::Relay { .. } | Command::Consume { .. } | Command::Stream { .. } | Command::Run { .. }
+        Command::Relay { .. }
+            | Command::Consume { .. }
+            | Command::Stream { .. }
+            | Command::Run { .. }
+            | Command::Sink { .. }
     );
     init_logs(cli.log_format, long_running && !cli.quiet);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -279,7 +304,11 @@ fn refuse_ignored_relay_flags(matches: &ArgMatches) -> Result<(), clap::Error> {
 async fn run(cli: Cli) -> Result<ExitCode> {
     let long_running = matches!(
         cli.command,
-        Command::Relay { .. } | Command::Consume { .. } | Command::Stream { .. } | Command::Run { .. }
+        Command::Relay { .. }
+            | Command::Consume { .. }
+            | Command::Stream { .. }
+            | Command::Run { .. }
+            | Command::Sink { .. }
     );
     if long_running {
         exactly_daemon::progress::report_progress(std::time::Duration::from_secs(10));
@@ -335,6 +364,22 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             memory::bound_resident_memory();
             check_kafka(&kafka).await?;
             components::consume(consumer, &kafka, gauges, stop_on_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sink {
+            what:
+                SinkCommand::Delta {
+                    sink,
+                    kafka,
+                    metrics_addr,
+                    no_metrics,
+                },
+        } => {
+            let kafka = kafka.settings()?;
+            serve_metrics_unless(no_metrics, metrics_addr, "delta sink")?;
+            memory::bound_resident_memory();
+            check_kafka(&kafka).await?;
+            exactly_daemon::delta_sink::delta_sink(&sink, &kafka, stop_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { args } => {

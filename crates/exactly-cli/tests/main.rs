@@ -9,6 +9,7 @@ mod support;
 mod cli;
 mod consumer;
 mod debezium;
+mod delta;
 mod demo;
 mod eos;
 mod health;

@@ -228,6 +228,11 @@ impl KeySet {
         forgotten
     }
 
+    /// Whether `key` is remembered (as a duplicate), without recording it.
+    pub fn contains(&self, key: &IdempotencyKey) -> bool {
+        self.seen.contains_key(key)
+    }
+
     /// Keys currently remembered.
     pub fn len(&self) -> usize {
         self.seen.len()

@@ -37,6 +37,7 @@
 pub mod components;
 pub mod config_file;
 pub mod database;
+pub mod delta_sink;
 pub mod handlers;
 pub mod health;
 pub mod memory;

@@ -17,6 +17,21 @@ use crate::handlers::HandlerChoice;
 pub mod defaults {
     // Each function is the default of the setting of its name.
     #![allow(missing_docs)]
+    pub fn partition_by() -> String {
+        exactly_delta::EVENT_DATE.to_owned()
+    }
+    pub fn flush_records() -> usize {
+        100_000
+    }
+    pub fn flush_interval_ms() -> u64 {
+        60_000
+    }
+    pub fn target_file_size() -> u64 {
+        128 * 1024 * 1024
+    }
+    pub fn dedupe_horizon_ms() -> i64 {
+        3_600_000
+    }
     pub fn max_lag_records() -> i64 {
         100_000
     }
@@ -708,6 +723,138 @@ impl KafkaArgs {
             &self.brokers,
             self.kafka_properties.iter().cloned(),
         )?)
+    }
+}
+
+/// The Delta Lake sink: `exactly sink delta`, or a `[sink.NAME]` table (docs/delta.md).
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeltaSinkSettings {
+    /// The sink's name: its consumer group and the id of its positions in the Delta log (in a
+    /// file: the table's name unless set).
+    #[arg(long, default_value = "delta-sink")]
+    #[serde(default)]
+    pub name: String,
+    /// The consumer group (empty: the name). Positions are the name's whatever the group:
+    /// sinks of one name in two groups race for the same positions, and one loses each race.
+    #[arg(long, default_value = "")]
+    #[serde(default)]
+    pub group: String,
+    /// Distinguishes members of one sink: the static member id is `<group>-<instance>`.
+    #[arg(long, default_value_t = defaults::instance())]
+    #[serde(default = "defaults::instance")]
+    pub instance: String,
+    /// Topics to read (read_committed); repeat the flag for several.
+    #[arg(long = "topic", required = true)]
+    pub topics: Vec<String>,
+    /// The Delta table: a local path, or an object-store URL (s3://, gs://, az://) with
+    /// `storage_option`s.
+    #[arg(long)]
+    pub table: String,
+    /// Object-store settings for delta-rs, `KEY=VALUE`; a value `env:NAME` is read from the
+    /// environment variable NAME (keep credentials out of files and command lines).
+    #[arg(long = "storage-option", value_name = "KEY=VALUE")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub storage_options: Vec<String>,
+    /// `envelope`: exactly's events (headers required, repeats removed by idempotency key);
+    /// `plain`: any record (a stream job's results), with its key and timestamp.
+    #[arg(long, default_value_t = exactly_delta::InputKind::Envelope)]
+    #[serde(default)]
+    pub input: exactly_delta::InputKind,
+    /// Payload columns, `name:type[:pointer][:required]` (types: string, long, integer, double,
+    /// boolean, timestamp, date, json); none: the payload as one JSON string column.
+    #[arg(long = "column", value_name = "NAME:TYPE[:POINTER][:required]")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub columns: Vec<exactly_delta::Column>,
+    /// The partition column: `event_date` (the event's UTC date), a declared column, or
+    /// empty for none.
+    #[arg(long, default_value_t = defaults::partition_by())]
+    #[serde(default = "defaults::partition_by")]
+    pub partition_by: String,
+    /// Append when this many records are buffered.
+    #[arg(long, default_value_t = defaults::flush_records())]
+    #[serde(default = "defaults::flush_records")]
+    pub flush_records: usize,
+    /// Append at least this often while records are buffered.
+    #[arg(long, default_value_t = defaults::flush_interval_ms())]
+    #[serde(default = "defaults::flush_interval_ms")]
+    pub flush_interval_ms: u64,
+    /// Parquet files are cut at about this many bytes.
+    #[arg(long, default_value_t = defaults::target_file_size())]
+    #[serde(default = "defaults::target_file_size")]
+    pub target_file_size: u64,
+    /// A repeated idempotency key is skipped for this long after the file holding it was
+    /// added (envelope input; the keys are kept in memory).
+    #[arg(long, default_value_t = defaults::dedupe_horizon_ms())]
+    #[serde(default = "defaults::dedupe_horizon_ms")]
+    pub dedupe_horizon_ms: i64,
+    /// Where records that do not fit are parked (empty: `<name>-dead-letters`).
+    #[arg(long, default_value = "")]
+    #[serde(default)]
+    pub dead_letter_topic: String,
+    /// Lab only: die (SIGKILL) the n-th time an append's files are written and its log entry
+    /// is not.
+    #[arg(long, hide = true)]
+    #[serde(skip)]
+    pub kill_between_files_and_log: Option<u64>,
+}
+
+impl DeltaSinkSettings {
+    /// The sink's configuration; `env:` storage options resolved.
+    pub fn config(&self, kafka: &exactly_kafka::KafkaSettings) -> Result<exactly_delta::SinkConfig> {
+        let mut storage_options = std::collections::HashMap::new();
+        for option in &self.storage_options {
+            // The option itself is not shown: it may be a credential typed without its key.
+            let Some((key, value)) = option.split_once('=') else {
+                bail!("a storage option is not KEY=VALUE");
+            };
+            let value = match value.strip_prefix("env:") {
+                Some(var) => std::env::var(var).map_err(|_| {
+                    anyhow::anyhow!("storage option {key}: the environment variable {var} is not set")
+                })?,
+                None => value.to_owned(),
+            };
+            storage_options.insert(key.to_owned(), value);
+        }
+        let layout = exactly_delta::Layout {
+            input: self.input,
+            columns: self.columns.clone(),
+            partition_by: (!self.partition_by.is_empty()).then(|| self.partition_by.clone()),
+        };
+        layout
+            .validate()
+            .map_err(|e| anyhow::anyhow!("the sink's columns: {e}"))?;
+        if self.name.is_empty() || self.topics.is_empty() || self.table.is_empty() {
+            bail!("a Delta sink needs a name, at least one topic and a table");
+        }
+        let group = if self.group.is_empty() {
+            self.name.clone()
+        } else {
+            self.group.clone()
+        };
+        Ok(exactly_delta::SinkConfig {
+            kafka: kafka.clone(),
+            topics: self.topics.clone(),
+            table_uri: self.table.clone(),
+            storage_options,
+            name: self.name.clone(),
+            group: group.clone(),
+            instance_id: Some(format!("{group}-{}", self.instance)),
+            layout,
+            flush_records: self.flush_records.max(1),
+            flush_interval: Duration::from_millis(self.flush_interval_ms.max(1)),
+            target_file_size: self.target_file_size.max(1024),
+            dedupe_horizon_ms: self.dedupe_horizon_ms.max(0),
+            dead_letter_topic: if self.dead_letter_topic.is_empty() {
+                format!("{}-dead-letters", self.name)
+            } else {
+                self.dead_letter_topic.clone()
+            },
+            faults: crate::process::kill_at(
+                exactly_kafka::FaultPoint::DeltaAfterFilesBeforeLog,
+                self.kill_between_files_and_log,
+            ),
+        })
     }
 }
 

@@ -27,6 +27,9 @@ pub enum FaultPoint {
     /// (IllegalGeneration: a rebalance between the last poll and the commit). Not a crash: the
     /// processor drops what it did not commit and goes on.
     StreamCommitRefused,
+    /// Delta sink: the Parquet files of an append are written, the log entry that would
+    /// reference them (with the positions) is not.
+    DeltaAfterFilesBeforeLog,
 }
 
 /// Decides at each fault point whether to crash there.

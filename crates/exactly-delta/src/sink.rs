@@ -1,0 +1,580 @@
+//! The sink's loop: poll records, turn each into a row (or park it), and append a batch to the
+//! table with the positions it reached, by size or by time.
+//!
+//! Positions come from the Delta log, never from the group: on start and after every rebalance
+//! the buffer is dropped, the log read again, and the first record of each partition checked
+//! against the log's position (earlier records are in the table already and are skipped; a
+//! later one is sought back to it). A failed or lost append does the same. The group's
+//! committed offsets follow each append, for lag only.
+//!
+//! Dedupe: an envelope record whose idempotency key is in a file added within the horizon
+//! (`dedupe_horizon_ms`, by the file's modification time), or earlier in the same batch, is
+//! skipped. Keys of files other writers added are read back from the table (the key column
+//! only) on start and after every rebalance; keys are kept in memory for the horizon.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use exactly_core::{IdempotencyKey, KeySet, OffsetGapCheck, UnixMillis};
+use exactly_kafka::{FaultPoint, Faults, GapFollowed, KafkaSettings};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::watch;
+
+use crate::schema::{InputKind, Layout, Origin, PlainRecord, Row};
+use crate::table::{AppendError, DeltaTarget};
+use crate::DeltaSinkError;
+
+/// Everything a Delta sink needs.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    /// The cluster.
+    pub kafka: KafkaSettings,
+    /// Topics to read.
+    pub topics: Vec<String>,
+    /// The table: a local path or an object-store URL.
+    pub table_uri: String,
+    /// Object-store settings (credentials, region, endpoint), handed to delta-rs.
+    pub storage_options: HashMap<String, String>,
+    /// The sink's name: its positions' application ids in the log.
+    pub name: String,
+    /// Its consumer group (the name, unless two sinks are meant to race for one table).
+    pub group: String,
+    /// Static membership (`group.instance.id`).
+    pub instance_id: Option<String>,
+    /// Columns and partitioning.
+    pub layout: Layout,
+    /// Append when this many records are buffered.
+    pub flush_records: usize,
+    /// Append at least this often while records are buffered.
+    pub flush_interval: Duration,
+    /// Parquet files are cut at about this size.
+    pub target_file_size: u64,
+    /// Repeats of a key are skipped for this long after its file was added.
+    pub dedupe_horizon_ms: i64,
+    /// Where records that do not fit are parked.
+    pub dead_letter_topic: String,
+    /// The lab's kill points.
+    pub faults: Faults,
+}
+
+/// What the sink did, for progress and metrics.
+#[derive(Debug, Default)]
+pub struct SinkCounters {
+    /// Rows committed to the table.
+    pub written: AtomicU64,
+    /// Appends committed.
+    pub commits: AtomicU64,
+    /// Appends that lost to another writer.
+    pub conflicts: AtomicU64,
+    /// Repeats skipped.
+    pub duplicates: AtomicU64,
+    /// Records parked.
+    pub parked: AtomicU64,
+    /// Parquet bytes committed.
+    pub bytes: AtomicU64,
+    /// Parquet files committed.
+    pub files: AtomicU64,
+}
+
+/// Notes every rebalance; the loop re-reads the log's positions after one.
+struct SinkContext {
+    rebalanced: AtomicBool,
+}
+
+impl ClientContext for SinkContext {
+    const ENABLE_REFRESH_OAUTH_TOKEN: bool = true;
+
+    fn generate_oauth_token(
+        &self,
+        oauthbearer_config: Option<&str>,
+    ) -> Result<rdkafka::client::OAuthToken, Box<dyn std::error::Error>> {
+        exactly_kafka::refresh_oauth_token(oauthbearer_config)
+    }
+
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        if let Some(lag) = exactly_kafka::export_consumer_lag(&statistics, "exactly_delta_lag_records") {
+            metrics::gauge!("exactly_delta_lag_records").set(lag as f64);
+        }
+    }
+}
+
+impl ConsumerContext for SinkContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) | Rebalance::Revoke(list) => {
+                let what = if matches!(rebalance, Rebalance::Assign(_)) {
+                    "assigned"
+                } else {
+                    "revoked"
+                };
+                let parts: Vec<String> = list
+                    .elements()
+                    .iter()
+                    .map(|e| format!("{}/{}", e.topic(), e.partition()))
+                    .collect();
+                tracing::info!("delta sink: the group {what} {parts:?}");
+            }
+            Rebalance::Error(e) => tracing::warn!("delta sink: rebalance error: {e}"),
+        }
+        self.rebalanced.store(true, Ordering::SeqCst);
+    }
+}
+
+type Tp = (String, i32);
+
+/// The buffer and what the loop knows of each partition since the last (re)sync.
+struct Batch {
+    rows: Vec<Row>,
+    keys: HashSet<IdempotencyKey>,
+    parked: Vec<Parked>,
+    /// The next offset per partition after what the buffer holds (or skipped).
+    next: HashMap<Tp, i64>,
+    /// Partitions whose position moved since the last append.
+    moved: HashSet<Tp>,
+    /// The log's position each partition's buffered records start from: an append is made
+    /// only while the log still says so (another writer may have moved it, and a commit
+    /// rebased over that writer's commits would not see it).
+    base: HashMap<Tp, i64>,
+    /// Partitions checked against the log since the last sync.
+    positioned: HashSet<Tp>,
+    gaps: OffsetGapCheck<Tp>,
+    since: Option<Instant>,
+}
+
+struct Parked {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    reason: String,
+}
+
+impl Batch {
+    fn new() -> Self {
+        Batch {
+            rows: Vec::new(),
+            keys: HashSet::new(),
+            parked: Vec::new(),
+            next: HashMap::new(),
+            moved: HashSet::new(),
+            base: HashMap::new(),
+            positioned: HashSet::new(),
+            gaps: OffsetGapCheck::default(),
+            since: None,
+        }
+    }
+}
+
+/// Runs the sink until `stop`: what is buffered then is dropped (it is read again on the next
+/// start), so a stop never writes a partial batch.
+pub async fn run(
+    config: SinkConfig,
+    counters: Arc<SinkCounters>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), DeltaSinkError> {
+    config.layout.validate().map_err(DeltaSinkError::Layout)?;
+    let mut target = DeltaTarget::open(
+        &config.table_uri,
+        &config.storage_options,
+        &config.layout,
+        &config.name,
+    )
+    .await?
+    .with_target_file_size(config.target_file_size);
+    exactly_kafka::ensure_topics(&config.kafka, &[&config.dead_letter_topic], 1)
+        .await
+        .map_err(DeltaSinkError::DeadLetterTopic)?;
+    let mut client = exactly_kafka::consumer_config(&config.kafka, &config.group);
+    exactly_kafka::static_membership(&mut client, config.instance_id.as_deref());
+    let consumer: StreamConsumer<SinkContext> = client.create_with_context(SinkContext {
+        rebalanced: AtomicBool::new(false),
+    })?;
+    let topics: Vec<&str> = config.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
+    let producer: FutureProducer<exactly_kafka::TokenContext> =
+        exactly_kafka::producer_config(&config.kafka, false)
+            .create_with_context(exactly_kafka::TokenContext)?;
+    let mut keys = KeySet::new(config.dedupe_horizon_ms);
+    let mut loaded = HashSet::new();
+    load_keys(&target, &config, &mut keys, &mut loaded).await?;
+    let mut batch = Batch::new();
+    tracing::info!(
+        "delta sink {} from {:?} into {} at version {:?}",
+        config.name,
+        config.topics,
+        config.table_uri,
+        target.version()
+    );
+    loop {
+        let due = batch.since.map(|s| s + config.flush_interval);
+        let received = tokio::select! {
+            _ = stop.changed() => return Ok(()),
+            _ = sleep_until(due) => None,
+            m = consumer.recv() => Some(m),
+        };
+        if consumer.context().rebalanced.swap(false, Ordering::SeqCst) {
+            resync(
+                &mut target,
+                &config,
+                &mut batch,
+                &mut keys,
+                &mut loaded,
+                &mut stop,
+            )
+            .await?;
+            position_assigned(&consumer, &target, &mut batch).await?;
+            // The record that came with the rebalance is judged like any other below.
+        }
+        match received {
+            Some(Ok(m)) => take(&consumer, &target, &config, &keys, &mut batch, &m).await?,
+            Some(Err(e)) => {
+                tracing::warn!("delta sink: {e}");
+                continue;
+            }
+            None => {}
+        }
+        let full = batch.rows.len() + batch.parked.len() >= config.flush_records;
+        let late = batch.since.is_some_and(|s| s.elapsed() >= config.flush_interval);
+        if (full || late) && !batch.moved.is_empty() {
+            match append(&mut target, &config, &counters, &producer, &mut batch, &mut keys).await {
+                Ok(()) => commit_group_offsets(&consumer, &batch),
+                Err(lost) => {
+                    tracing::warn!("delta sink: {lost}; reading the positions from the log again");
+                    if matches!(lost, AppendError::Failed(_)) {
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                    }
+                    resync(
+                        &mut target,
+                        &config,
+                        &mut batch,
+                        &mut keys,
+                        &mut loaded,
+                        &mut stop,
+                    )
+                    .await?;
+                    position_assigned(&consumer, &target, &mut batch).await?;
+                }
+            }
+        }
+    }
+}
+
+/// Seeks every assigned partition to the log's position (the beginning where the log has
+/// none), so the records a dropped buffer held are read again even from a partition that gets
+/// nothing new. A seek the client refuses (a partition not fetching yet) leaves the partition
+/// to be positioned by its first record.
+async fn position_assigned(
+    consumer: &StreamConsumer<SinkContext>,
+    target: &DeltaTarget,
+    batch: &mut Batch,
+) -> Result<(), DeltaSinkError> {
+    let assigned = consumer.assignment()?;
+    for e in assigned.elements() {
+        let tp: Tp = (e.topic().to_owned(), e.partition());
+        let p = position_of(target, &tp).await?;
+        if consumer
+            .seek(&tp.0, tp.1, Offset::Offset(p), Duration::from_secs(10))
+            .is_err()
+        {
+            continue;
+        }
+        batch.positioned.insert(tp.clone());
+        batch.gaps.expect(&tp, p);
+        batch.base.insert(tp.clone(), p);
+        batch.next.insert(tp, p);
+    }
+    Ok(())
+}
+
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Drops the buffer, reads the log's newest version and the keys of files added since.
+async fn resync(
+    target: &mut DeltaTarget,
+    config: &SinkConfig,
+    batch: &mut Batch,
+    keys: &mut KeySet,
+    loaded: &mut HashSet<String>,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), DeltaSinkError> {
+    *batch = Batch::new();
+    loop {
+        match target.refresh().await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!("delta sink: reading the log (will retry): {e}");
+                tokio::select! {
+                    _ = stop.changed() => return Ok(()),
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+    load_keys(target, config, keys, loaded).await
+}
+
+async fn load_keys(
+    target: &DeltaTarget,
+    config: &SinkConfig,
+    keys: &mut KeySet,
+    loaded: &mut HashSet<String>,
+) -> Result<(), DeltaSinkError> {
+    let now = exactly_kafka::now();
+    let since = now.0.saturating_sub(config.dedupe_horizon_ms);
+    let recent = target.recent_keys(&config.layout, since, loaded).await?;
+    let n = recent.len();
+    for (at, text) in recent {
+        if let Ok(key) = text.parse::<IdempotencyKey>() {
+            keys.observe(&key, UnixMillis(at.min(now.0)));
+        }
+    }
+    if n > 0 {
+        tracing::info!("delta sink: {n} idempotency keys read back from the table's recent files");
+    }
+    Ok(())
+}
+
+/// Where the log says a partition's next record is: the beginning of the partition when this
+/// sink never wrote it (the log is the only truth; a group offset without a position in the
+/// log, from a table since replaced, is not trusted).
+async fn position_of(target: &DeltaTarget, tp: &Tp) -> Result<i64, DeltaSinkError> {
+    let position = target.position(&tp.0, tp.1).await.map_err(DeltaSinkError::Read)?;
+    Ok(position.unwrap_or(0))
+}
+
+/// One record: checked against the log's position and the offsets before it, then buffered as
+/// a row, skipped as a repeat, or parked.
+async fn take(
+    consumer: &StreamConsumer<SinkContext>,
+    target: &DeltaTarget,
+    config: &SinkConfig,
+    keys: &KeySet,
+    batch: &mut Batch,
+    m: &BorrowedMessage<'_>,
+) -> Result<(), DeltaSinkError> {
+    let tp: Tp = (m.topic().to_owned(), m.partition());
+    if batch.positioned.insert(tp.clone()) {
+        let p = position_of(target, &tp).await?;
+        batch.gaps.expect(&tp, p);
+        batch.base.insert(tp.clone(), p);
+        batch.next.insert(tp.clone(), p);
+        if m.offset() < p {
+            // The group's offset is behind the log (a stop between an append and the group
+            // commit): go to the log's position at once. (Past it, the gap rule reads back.)
+            let _ = consumer.seek(&tp.0, tp.1, Offset::Offset(p), Duration::from_secs(10));
+        }
+    }
+    if batch.next.get(&tp).is_some_and(|next| m.offset() < *next) {
+        return Ok(());
+    }
+    let verdict = batch.gaps.observe(&tp, m.offset());
+    match exactly_kafka::follow_gap_verdict(consumer, m, verdict) {
+        GapFollowed::Take => {}
+        GapFollowed::Rereading => return Ok(()),
+        GapFollowed::SeekFailed => {
+            batch.gaps.refetch_failed(&tp);
+            return Ok(());
+        }
+    }
+    batch.next.insert(tp.clone(), m.offset() + 1);
+    batch.moved.insert(tp.clone());
+    batch.since.get_or_insert_with(Instant::now);
+    let origin = Origin {
+        topic: m.topic(),
+        partition: m.partition(),
+        offset: m.offset(),
+    };
+    let payload = m.payload().unwrap_or_default();
+    let row = match config.layout.input {
+        InputKind::Envelope => match exactly_kafka::decode_message(m) {
+            Err(e) => Err(format!("not an exactly event: {e}")),
+            Ok(delivery) => {
+                if keys.contains(&delivery.key) || batch.keys.contains(&delivery.key) {
+                    return Ok(());
+                }
+                let row = config.layout.envelope_row(&delivery, origin);
+                if row.is_ok() {
+                    batch.keys.insert(delivery.key);
+                }
+                row
+            }
+        },
+        InputKind::Plain => {
+            let record = PlainRecord {
+                key: m.key(),
+                timestamp_ms: m.timestamp().to_millis(),
+                payload,
+            };
+            config.layout.plain_row(record, origin, exactly_kafka::now().0)
+        }
+    };
+    match row {
+        Ok(row) => batch.rows.push(row),
+        Err(reason) => batch.parked.push(Parked {
+            topic: tp.0,
+            partition: tp.1,
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: payload.to_vec(),
+            reason,
+        }),
+    }
+    Ok(())
+}
+
+/// Parks what does not fit (acknowledged before the append), then appends the rows with the
+/// positions they reached.
+async fn append(
+    target: &mut DeltaTarget,
+    config: &SinkConfig,
+    counters: &SinkCounters,
+    producer: &FutureProducer<exactly_kafka::TokenContext>,
+    batch: &mut Batch,
+    keys: &mut KeySet,
+) -> Result<(), AppendError> {
+    for tp in &batch.moved {
+        let log = position_of(target, tp)
+            .await
+            .map_err(|e| AppendError::Failed(deltalake::DeltaTableError::Generic(e.to_string())))?;
+        if batch.base.get(tp) != Some(&log) {
+            counters.conflicts.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("exactly_delta_commit_conflicts_total").increment(1);
+            return Err(AppendError::Conflict(format!(
+                "{}/{}: the log moved to {log} while this sink read from {:?}",
+                tp.0,
+                tp.1,
+                batch.base.get(tp)
+            )));
+        }
+    }
+    for p in &batch.parked {
+        park(producer, &config.dead_letter_topic, p)
+            .await
+            .map_err(|e| AppendError::Failed(deltalake::DeltaTableError::Generic(format!("parking: {e}"))))?;
+    }
+    let rows = config
+        .layout
+        .batch(&batch.rows)
+        .map_err(|e| AppendError::Failed(e.into()))?;
+    let positions: Vec<(String, i32, i64)> = batch
+        .moved
+        .iter()
+        .filter_map(|tp| batch.next.get(tp).map(|n| (tp.0.clone(), tp.1, *n)))
+        .collect();
+    let faults = config.faults.clone();
+    let started = Instant::now();
+    let appended = target
+        .append(rows, &positions, || {
+            faults.fires(FaultPoint::DeltaAfterFilesBeforeLog);
+        })
+        .await;
+    let appended = match appended {
+        Ok(a) => a,
+        Err(e) => {
+            if matches!(e, AppendError::Conflict(_)) {
+                counters.conflicts.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("exactly_delta_commit_conflicts_total").increment(1);
+            }
+            return Err(e);
+        }
+    };
+    let now = exactly_kafka::now();
+    for key in batch.keys.drain() {
+        keys.observe(&key, now);
+    }
+    let (rows, parked) = (batch.rows.len() as u64, batch.parked.len() as u64);
+    counters.written.fetch_add(rows, Ordering::Relaxed);
+    counters.parked.fetch_add(parked, Ordering::Relaxed);
+    counters.commits.fetch_add(1, Ordering::Relaxed);
+    counters.files.fetch_add(appended.files as u64, Ordering::Relaxed);
+    counters
+        .bytes
+        .fetch_add(appended.bytes.max(0) as u64, Ordering::Relaxed);
+    metrics::counter!("exactly_delta_records_written_total").increment(rows);
+    metrics::counter!("exactly_delta_records_parked_total").increment(parked);
+    metrics::counter!("exactly_delta_commits_total").increment(1);
+    metrics::counter!("exactly_delta_files_written_total").increment(appended.files as u64);
+    metrics::counter!("exactly_delta_bytes_written_total").increment(appended.bytes.max(0) as u64);
+    metrics::histogram!("exactly_delta_commit_seconds").record(started.elapsed().as_secs_f64());
+    metrics::gauge!("exactly_delta_table_version").set(appended.version as f64);
+    tracing::debug!(
+        "delta sink: version {}: {rows} rows, {parked} parked, {} files ({} bytes)",
+        appended.version,
+        appended.files,
+        appended.bytes
+    );
+    for tp in batch.moved.drain() {
+        if let Some(next) = batch.next.get(&tp) {
+            batch.base.insert(tp, *next);
+        }
+    }
+    batch.rows.clear();
+    batch.parked.clear();
+    batch.since = None;
+    Ok(())
+}
+
+async fn park(
+    producer: &FutureProducer<exactly_kafka::TokenContext>,
+    topic: &str,
+    p: &Parked,
+) -> Result<(), rdkafka::error::KafkaError> {
+    tracing::warn!(
+        "{}/{}@{} parked on {topic}: {}",
+        p.topic,
+        p.partition,
+        p.offset,
+        p.reason
+    );
+    let (partition, offset) = (p.partition.to_string(), p.offset.to_string());
+    let headers = OwnedHeaders::new()
+        .insert(Header {
+            key: "exactly-parked-reason",
+            value: Some(p.reason.as_bytes()),
+        })
+        .insert(Header {
+            key: "exactly-origin-topic",
+            value: Some(p.topic.as_bytes()),
+        })
+        .insert(Header {
+            key: "exactly-origin-partition",
+            value: Some(partition.as_bytes()),
+        })
+        .insert(Header {
+            key: "exactly-origin-offset",
+            value: Some(offset.as_bytes()),
+        });
+    let mut record = FutureRecord::to(topic).payload(&p.payload).headers(headers);
+    if let Some(key) = &p.key {
+        record = record.key(key);
+    }
+    producer
+        .send(record, Duration::from_secs(30))
+        .await
+        .map(|_| ())
+        .map_err(|(e, _)| e)
+}
+
+/// The group's offsets follow the log (for lag and for a faster start); the log decides.
+fn commit_group_offsets(consumer: &StreamConsumer<SinkContext>, batch: &Batch) {
+    let mut list = TopicPartitionList::new();
+    for ((topic, partition), next) in &batch.next {
+        let _ = list.add_partition_offset(topic, *partition, Offset::Offset(*next));
+    }
+    if list.count() > 0 {
+        if let Err(e) = consumer.commit(&list, CommitMode::Async) {
+            tracing::debug!("delta sink: committing the group's offsets: {e}");
+        }
+    }
+}
