@@ -133,6 +133,11 @@ enum Command {
         #[command(subcommand)]
         what: SinkCommand,
     },
+    /// A Delta sink's table: compact small files, vacuum unreferenced ones.
+    Delta {
+        #[command(subcommand)]
+        what: DeltaCommand,
+    },
     /// Window results from a topic into PostgreSQL order_counts (UPSERT, larger count wins).
     SinkCounts {
         #[arg(long, env = "EXACTLY_DATABASE")]
@@ -197,6 +202,39 @@ enum SinkCommand {
         metrics_addr: SocketAddr,
         #[arg(long)]
         no_metrics: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeltaCommand {
+    /// Rewrites each partition's small files into files of about the target size, in one
+    /// OPTIMIZE commit (safe while sinks append).
+    Compact {
+        /// The table: a local path or an object-store URL.
+        #[arg(long)]
+        table: String,
+        #[arg(long = "storage-option", value_name = "KEY=VALUE")]
+        storage_options: Vec<String>,
+        /// Files smaller than half of this are rewritten.
+        #[arg(long, default_value_t = settings::defaults::target_file_size())]
+        target_file_size: u64,
+        /// A partition is rewritten once it has this many small files.
+        #[arg(long, default_value_t = 4)]
+        min_files: usize,
+    },
+    /// Deletes the files no version within the retention references.
+    Vacuum {
+        /// The table: a local path or an object-store URL.
+        #[arg(long)]
+        table: String,
+        #[arg(long = "storage-option", value_name = "KEY=VALUE")]
+        storage_options: Vec<String>,
+        /// Versions this recent keep their files (Delta's default: 168 hours).
+        #[arg(long, default_value_t = 168)]
+        retention_hours: u64,
+        /// Only list what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -380,6 +418,45 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             memory::bound_resident_memory();
             check_kafka(&kafka).await?;
             exactly_daemon::delta_sink::delta_sink(&sink, &kafka, stop_on_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Delta {
+            what:
+                DeltaCommand::Compact {
+                    table,
+                    storage_options,
+                    target_file_size,
+                    min_files,
+                },
+        } => {
+            let options = settings::storage_options(&storage_options)?;
+            let done = exactly_delta::compact(&table, &options, target_file_size, min_files).await?;
+            match done.version {
+                Some(v) => println!(
+                    "compacted {} partition(s): {} files into {} (version {v})",
+                    done.partitions, done.removed, done.added
+                ),
+                None => println!("nothing to compact"),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Delta {
+            what:
+                DeltaCommand::Vacuum {
+                    table,
+                    storage_options,
+                    retention_hours,
+                    dry_run,
+                },
+        } => {
+            let options = settings::storage_options(&storage_options)?;
+            let retention = std::time::Duration::from_secs(retention_hours.saturating_mul(3600));
+            let files = exactly_delta::vacuum(&table, &options, retention, dry_run).await?;
+            let verb = if dry_run { "would delete" } else { "deleted" };
+            println!("{verb} {} file(s)", files.len());
+            for f in files {
+                println!("  {f}");
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Run { args } => {

@@ -138,6 +138,19 @@ async fn rows_now(uri: &str) -> usize {
     }
 }
 
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
 fn keys_written_more_than_once(rows: &Rows) -> Vec<(&String, &Vec<(i32, i64)>)> {
     rows.iter().filter(|(_, at)| at.len() > 1).take(5).collect()
 }
@@ -193,12 +206,20 @@ async fn a_delta_sink_killed_4_times_holds_every_event_once() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         drop(sink);
-        sink = if kill == 1 {
+        if kill == 1 {
             // Dies by itself on its third append, after the files and before the log entry.
-            spawn_sink(&topic, &uri, &name, &["--kill-between-files-and-log", "3"])
-        } else {
-            spawn_sink(&topic, &uri, &name, &[])
-        };
+            let mut dying = spawn_sink(&topic, &uri, &name, &["--kill-between-files-and-log", "3"]);
+            let deadline = Instant::now() + Duration::from_secs(120);
+            let status = loop {
+                if let Some(status) = dying.0.try_wait().expect("wait") {
+                    break status;
+                }
+                assert!(Instant::now() < deadline, "the sink did not reach its kill point");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            assert!(!status.success(), "killed between files and log: {status}");
+        }
+        sink = spawn_sink(&topic, &uri, &name, &[]);
     }
     let (rows, files) = settled(&uri, EVENTS).await;
     drop(sink);
@@ -215,6 +236,58 @@ async fn a_delta_sink_killed_4_times_holds_every_event_once() {
         keys_written_more_than_once(&rows)
     );
     assert!(files > 0);
+
+    // Compaction rewrites the small files without changing a row; vacuum then deletes the
+    // compacted-away files and the orphans the kill between files and log left, and every
+    // file the log still references is there.
+    let on_disk = |dir: &std::path::Path| -> usize {
+        walk(dir)
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+            .count()
+    };
+    let before_disk = on_disk(&table);
+    let compact = Command::new(EXACTLY)
+        .args([
+            "delta",
+            "compact",
+            "--table",
+            &uri,
+            "--target-file-size",
+            "100000000",
+            "--min-files",
+            "2",
+        ])
+        .output()
+        .expect("exactly delta compact");
+    assert!(
+        compact.status.success(),
+        "{}",
+        String::from_utf8_lossy(&compact.stderr)
+    );
+    let (compacted, fewer) = table_rows(&uri).await;
+    assert_eq!(compacted, rows, "compaction changes no row");
+    assert!(fewer < files, "{fewer} files after compaction, {files} before");
+    let vacuum = Command::new(EXACTLY)
+        .args(["delta", "vacuum", "--table", &uri, "--retention-hours", "0"])
+        .output()
+        .expect("exactly delta vacuum");
+    assert!(
+        vacuum.status.success(),
+        "{}",
+        String::from_utf8_lossy(&vacuum.stderr)
+    );
+    let (vacuumed, left) = table_rows(&uri).await;
+    assert_eq!(
+        (vacuumed, left),
+        (rows, fewer),
+        "vacuum deletes no referenced file"
+    );
+    assert_eq!(
+        on_disk(&table),
+        fewer,
+        "only referenced files are left (were {before_disk})"
+    );
     let dead: BTreeMap<String, String> =
         read_topic(&brokers(), &format!("{name}-dead-letters"), 1, "read_committed")
             .into_iter()

@@ -799,23 +799,30 @@ pub struct DeltaSinkSettings {
     pub kill_between_files_and_log: Option<u64>,
 }
 
+/// Object-store options `KEY=VALUE` for delta-rs, a value `env:NAME` read from the
+/// environment.
+pub fn storage_options(options: &[String]) -> Result<std::collections::HashMap<String, String>> {
+    let mut resolved = std::collections::HashMap::new();
+    for option in options {
+        // The option itself is not shown: it may be a credential typed without its key.
+        let Some((key, value)) = option.split_once('=') else {
+            bail!("a storage option is not KEY=VALUE");
+        };
+        let value = match value.strip_prefix("env:") {
+            Some(var) => std::env::var(var).map_err(|_| {
+                anyhow::anyhow!("storage option {key}: the environment variable {var} is not set")
+            })?,
+            None => value.to_owned(),
+        };
+        resolved.insert(key.to_owned(), value);
+    }
+    Ok(resolved)
+}
+
 impl DeltaSinkSettings {
     /// The sink's configuration; `env:` storage options resolved.
     pub fn config(&self, kafka: &exactly_kafka::KafkaSettings) -> Result<exactly_delta::SinkConfig> {
-        let mut storage_options = std::collections::HashMap::new();
-        for option in &self.storage_options {
-            // The option itself is not shown: it may be a credential typed without its key.
-            let Some((key, value)) = option.split_once('=') else {
-                bail!("a storage option is not KEY=VALUE");
-            };
-            let value = match value.strip_prefix("env:") {
-                Some(var) => std::env::var(var).map_err(|_| {
-                    anyhow::anyhow!("storage option {key}: the environment variable {var} is not set")
-                })?,
-                None => value.to_owned(),
-            };
-            storage_options.insert(key.to_owned(), value);
-        }
+        let storage_options = storage_options(&self.storage_options)?;
         let layout = exactly_delta::Layout {
             input: self.input,
             columns: self.columns.clone(),

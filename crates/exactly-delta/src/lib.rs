@@ -10,10 +10,12 @@
 //! within the dedupe horizon ([`sink`]). Records that do not fit the layout ([`schema`]) go to
 //! the dead-letter topic with their reason before the append that moves past them.
 
+pub mod maintain;
 pub mod schema;
 pub mod sink;
 pub mod table;
 
+pub use maintain::{compact, vacuum, Compacted};
 pub use schema::{Column, ColumnType, InputKind, Layout, EVENT_DATE};
 pub use sink::{run, SinkConfig, SinkCounters};
 pub use table::{AppendError, Appended, DeltaTarget};

@@ -272,7 +272,7 @@ impl DeltaTarget {
     }
 
     /// One data file's rows (partition columns are not in the files), all columns or one.
-    async fn read_file(
+    pub(crate) async fn read_file(
         &self,
         path: &deltalake::Path,
         column: Option<&str>,
@@ -318,6 +318,11 @@ impl DeltaTarget {
     /// The table, to read.
     pub fn table(&self) -> &DeltaTable {
         &self.table
+    }
+
+    /// The table, for delta-rs's own operations.
+    pub fn into_table(self) -> DeltaTable {
+        self.table
     }
 }
 
