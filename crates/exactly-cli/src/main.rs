@@ -471,11 +471,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let config = config_file::load(&args, std::env::vars())?;
             print!("{}", config_file::redacted(&config));
             eprintln!(
-                "exactly: {} is valid: {} source(s), {} consumer(s), {} stream job(s)",
+                "exactly: {} is valid: {} source(s), {} consumer(s), {} stream job(s), {} sink(s)",
                 args.config.display(),
                 config.source.len(),
                 config.consumer.len(),
-                config.stream.len()
+                config.stream.len(),
+                config.sink.len()
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -11,7 +11,7 @@ use exactly_kafka::KafkaSettings;
 use serde::{Deserialize, Serialize};
 
 use crate::database::Database;
-use crate::settings::{ConsumeSettings, RelayMode, RelaySettings, StreamSettings};
+use crate::settings::{ConsumeSettings, DeltaSinkSettings, RelayMode, RelaySettings, StreamSettings};
 
 /// The whole file.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -31,6 +31,9 @@ pub struct ConfigFile {
     /// Stream jobs, by name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub stream: BTreeMap<String, StreamSettings>,
+    /// Delta Lake sinks, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sink: BTreeMap<String, DeltaSinkSettings>,
 }
 
 /// `[metrics]`.
@@ -185,6 +188,11 @@ pub fn load(
             stream.application_id = name.clone();
         }
     }
+    for (name, sink) in &mut config.sink {
+        if sink.name.is_empty() {
+            sink.name = name.clone();
+        }
+    }
     validate(&config, &locate, &raw_keys(&text))?;
     // Show and use the slot a WAL source will take.
     for source in config.source.values_mut() {
@@ -305,7 +313,7 @@ fn raw_keys(text: &str) -> BTreeMap<(String, String), Vec<String>> {
     let Ok(table) = toml::from_str::<toml::Table>(text) else {
         return keys;
     };
-    for section in ["source", "consumer", "stream"] {
+    for section in ["source", "consumer", "stream", "sink"] {
         if let Some(toml::Value::Table(components)) = table.get(section) {
             for (name, value) in components {
                 if let toml::Value::Table(settings) = value {
@@ -411,10 +419,14 @@ fn validate(
     locate: &Locator<'_>,
     raw_keys: &BTreeMap<(String, String), Vec<String>>,
 ) -> Result<(), ConfigError> {
-    if config.source.is_empty() && config.consumer.is_empty() && config.stream.is_empty() {
+    if config.source.is_empty()
+        && config.consumer.is_empty()
+        && config.stream.is_empty()
+        && config.sink.is_empty()
+    {
         return Err(locate.error(
             &[],
-            "the file describes nothing to run: add a [source.NAME], [consumer.NAME] or [stream.NAME] table",
+            "the file describes nothing to run: add a [source.NAME], [consumer.NAME], [stream.NAME] or [sink.NAME] table",
         ));
     }
     if config.kafka.brokers.trim().is_empty() {
@@ -530,6 +542,15 @@ fn validate(
             }
         }
     }
+    for (name, sink) in &config.sink {
+        let key = if sink.columns.is_empty() {
+            "partition_by"
+        } else {
+            "columns"
+        };
+        sink.config(&config.kafka)
+            .map_err(|e| locate.error(&["sink", name, key], format!("{e:#}")))?;
+    }
     Ok(())
 }
 
@@ -572,6 +593,19 @@ pub fn redacted(config: &ConfigFile) -> String {
         if let Some(url) = &mut stream.sink_database {
             *url = exactly_postgres::redact_url(url);
         }
+    }
+    // Object-store options are credentials as often as not: only their keys are shown.
+    for sink in shown.sink.values_mut() {
+        for option in &mut sink.storage_options {
+            if let Some((key, value)) = option.split_once('=') {
+                if !value.starts_with("env:") {
+                    *option = format!("{key}=<redacted>");
+                }
+            } else {
+                *option = "<redacted>".into();
+            }
+        }
+        sink.table = exactly_postgres::redact_url(&sink.table);
     }
     let mut table = match toml::Table::try_from(&shown) {
         Ok(table) => table,

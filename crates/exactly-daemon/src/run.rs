@@ -58,7 +58,15 @@ pub async fn run(config: ConfigFile) -> Result<()> {
             (format!("stream {name}"), result)
         });
     }
+    for (name, settings) in config.sink.clone() {
+        let (kafka, stop) = (config.kafka.clone(), stop.clone());
+        components.spawn(async move {
+            let result = crate::delta_sink::delta_sink(&settings, &kafka, stop).await;
+            (format!("sink {name}"), result)
+        });
+    }
     tracing::info!(
+        sinks = config.sink.len(),
         sources = config.source.len(),
         consumers = config.consumer.len(),
         streams = config.stream.len(),

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use exactly_core::{IdempotencyKey, KeySet, OffsetGapCheck, UnixMillis};
 use exactly_kafka::{FaultPoint, Faults, GapFollowed, KafkaSettings};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
@@ -232,7 +232,11 @@ pub async fn run(
             // The record that came with the rebalance is judged like any other below.
         }
         match received {
-            Some(Ok(m)) => take(&consumer, &target, &config, &keys, &mut batch, &m).await?,
+            Some(Ok(m)) => {
+                // Owned: the row is built across awaits (the log's position of a partition new here).
+                let m = m.detach();
+                take(&consumer, &target, &config, &keys, &mut batch, &m).await?
+            }
             Some(Err(e)) => {
                 tracing::warn!("delta sink: {e}");
                 continue;
@@ -274,9 +278,13 @@ async fn position_assigned(
     target: &DeltaTarget,
     batch: &mut Batch,
 ) -> Result<(), DeltaSinkError> {
-    let assigned = consumer.assignment()?;
-    for e in assigned.elements() {
-        let tp: Tp = (e.topic().to_owned(), e.partition());
+    let assigned: Vec<Tp> = consumer
+        .assignment()?
+        .elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect();
+    for tp in assigned {
         let p = position_of(target, &tp).await?;
         if consumer
             .seek(&tp.0, tp.1, Offset::Offset(p), Duration::from_secs(10))
@@ -361,7 +369,7 @@ async fn take(
     config: &SinkConfig,
     keys: &KeySet,
     batch: &mut Batch,
-    m: &BorrowedMessage<'_>,
+    m: &OwnedMessage,
 ) -> Result<(), DeltaSinkError> {
     let tp: Tp = (m.topic().to_owned(), m.partition());
     if batch.positioned.insert(tp.clone()) {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use exactly_core::GapVerdict;
 use rdkafka::consumer::{Consumer, ConsumerContext};
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::Message;
 use rdkafka::Offset;
 
 /// What became of the record a verdict was about.
@@ -24,7 +24,7 @@ pub enum GapFollowed {
 /// gap's first offset (librdkafka drops what it fetched from there before the seek).
 pub fn follow_gap_verdict<C: ConsumerContext>(
     consumer: &impl Consumer<C>,
-    message: &BorrowedMessage<'_>,
+    message: &impl Message,
     verdict: GapVerdict,
 ) -> GapFollowed {
     let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
