@@ -19,7 +19,7 @@ use exactly_daemon::process::{check_kafka, stop_on_signal};
 use exactly_daemon::settings::{self, ConsumeSettings, KafkaArgs, RelayMode, RelaySettings, StreamSettings};
 use exactly_daemon::{memory, run, sink, telemetry};
 use exactly_lab::demo::{run_demo, DemoOptions};
-use exactly_lab::{bench, consumer_bench, e2e_bench, soak, stream_bench, verify};
+use exactly_lab::{bench, consumer_bench, delta_bench, e2e_bench, soak, stream_bench, verify};
 
 #[derive(Parser)]
 #[command(
@@ -68,6 +68,9 @@ enum BenchKind {
     /// Commit-to-effect latency through each relay and an idempotent consumer, at fixed commit
     /// rates (HDR histograms; CSV and PNG).
     E2e(e2e_bench::E2eBench),
+    /// The Delta sink into a local table vs a plain read of the same topic, and the Parquet
+    /// bytes per record.
+    SinkDelta(delta_bench::DeltaBench),
 }
 
 // Parsed once per process: the size of the largest variant does not matter.
@@ -484,6 +487,12 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             what: BenchKind::Relay(options),
         } => {
             bench::relay_bench(options).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            what: BenchKind::SinkDelta(options),
+        } => {
+            delta_bench::delta_bench(options).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {

@@ -383,7 +383,7 @@ fn the_documented_config_is_the_docs_file_and_it_validates() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     assert!(
-        stderr.contains("2 source(s), 1 consumer(s), 2 stream job(s)"),
+        stderr.contains("2 source(s), 1 consumer(s), 2 stream job(s), 1 sink(s)"),
         "{stderr}"
     );
 }

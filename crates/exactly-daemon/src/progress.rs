@@ -15,6 +15,8 @@ struct Totals {
     lag: f64,
     stream_records: f64,
     stream_commits: f64,
+    lake_rows: f64,
+    lake_commits: f64,
 }
 
 /// Sums each counter of the Prometheus text over its labels.
@@ -33,9 +35,13 @@ fn totals(text: &str) -> Totals {
             "exactly_consumer_applied_total" => &mut totals.applied,
             "exactly_consumer_dedupe_hits_total" => &mut totals.repeats,
             "exactly_consumer_parked_total" => &mut totals.parked,
-            "exactly_consumer_lag_records" | "exactly_stream_lag_records" => &mut totals.lag,
+            "exactly_consumer_lag_records" | "exactly_stream_lag_records" | "exactly_delta_lag_records" => {
+                &mut totals.lag
+            }
             "exactly_stream_records_total" => &mut totals.stream_records,
             "exactly_stream_commits_total" => &mut totals.stream_commits,
+            "exactly_delta_records_written_total" => &mut totals.lake_rows,
+            "exactly_delta_commits_total" => &mut totals.lake_commits,
             _ => continue,
         };
         *slot += value;
@@ -80,6 +86,14 @@ fn line(now: &Totals, before: &Totals, every: Duration) -> Option<String> {
             now.stream_records,
             rate(now.stream_records, before.stream_records),
             now.stream_commits
+        ));
+    }
+    if now.lake_commits > 0.0 {
+        parts.push(format!(
+            "delta rows {} ({}), appends {}",
+            now.lake_rows,
+            rate(now.lake_rows, before.lake_rows),
+            now.lake_commits
         ));
     }
     parts.push(format!("lag {}", now.lag));

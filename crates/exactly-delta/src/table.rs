@@ -86,8 +86,18 @@ impl DeltaTarget {
                 .map_err(|e| DeltaSinkError::table(uri, e))
         };
         let mut last = None;
+        // A local directory without a log is no table yet: create it without asking delta-rs
+        // to load it (which logs an error for the empty log).
+        let mut fresh =
+            url.scheme() == "file" && url.to_file_path().is_ok_and(|p| !p.join("_delta_log").exists());
         for _ in 0..3 {
-            match builder()?.load().await {
+            let loaded = if fresh {
+                fresh = false;
+                Err(DeltaTableError::NotATable(uri.to_owned()))
+            } else {
+                builder()?.load().await
+            };
+            match loaded {
                 Ok(table) => {
                     check_columns(&table, layout, uri)?;
                     return Ok(Self::new(table, sink));

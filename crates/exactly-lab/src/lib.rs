@@ -19,6 +19,7 @@ pub mod backend;
 pub mod bench;
 pub mod broker;
 pub mod consumer_bench;
+pub mod delta_bench;
 pub mod demo;
 pub mod e2e_bench;
 pub mod fault_proxy;
