@@ -386,12 +386,17 @@ impl Layout {
             Cell::Int(origin.partition),
             Cell::Long(origin.offset),
         ]);
-        let value: serde_json::Value =
-            serde_json::from_slice(payload).map_err(|e| format!("the payload is not JSON: {e}"))?;
         if self.columns.is_empty() {
-            cells.push(Cell::Text(value.to_string()));
+            // Checked, and kept as it came (a parse into values and back would cost more than
+            // the rest of the row).
+            serde_json::from_slice::<serde::de::IgnoredAny>(payload)
+                .map_err(|e| format!("the payload is not JSON: {e}"))?;
+            let text = std::str::from_utf8(payload).map_err(|e| format!("the payload is not UTF-8: {e}"))?;
+            cells.push(Cell::Text(text.to_owned()));
             return Ok(());
         }
+        let value: serde_json::Value =
+            serde_json::from_slice(payload).map_err(|e| format!("the payload is not JSON: {e}"))?;
         for column in &self.columns {
             let found = value.pointer(&column.pointer()).filter(|v| !v.is_null());
             let cell = match found {
@@ -547,7 +552,8 @@ mod tests {
     fn the_payload_is_one_json_column_unless_columns_are_declared() {
         let l = layout("");
         let r = row(&l, r#"{"b":1, "a":[true]}"#).expect("fits");
-        assert_eq!(r.0[5], Cell::Text(r#"{"a":[true],"b":1}"#.into()));
+        assert_eq!(r.0[5], Cell::Text(r#"{"b":1, "a":[true]}"#.into()), "as it came");
+        assert!(row(&l, r#"{"b":1"#).expect_err("cut short").contains("not JSON"));
         let batch = l.batch(&[r]).expect("a batch");
         assert_eq!(batch.schema().field(5).name(), "payload");
     }

@@ -515,10 +515,11 @@ async fn append(
     metrics::histogram!("exactly_delta_commit_seconds").record(started.elapsed().as_secs_f64());
     metrics::gauge!("exactly_delta_table_version").set(appended.version as f64);
     tracing::debug!(
-        "delta sink: version {}: {rows} rows, {parked} parked, {} files ({} bytes)",
+        "delta sink: version {}: {rows} rows, {parked} parked, {} files ({} bytes) in {:?}",
         appended.version,
         appended.files,
-        appended.bytes
+        appended.bytes,
+        started.elapsed()
     );
     for tp in batch.moved.drain() {
         if let Some(next) = batch.next.get(&tp) {
