@@ -162,6 +162,7 @@ fn keys_written_more_than_once(rows: &Rows) -> Vec<(&String, &Vec<(i32, i64)>)> 
 /// 4 records are on the dead-letter topic with their reason.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_delta_sink_killed_4_times_holds_every_event_once() {
+    let _one = crate::support::one_kill_test_at_a_time();
     const EVENTS: usize = 3_000;
     let (topic, name) = (unique("delta-in"), unique("delta-sink"));
     exactly_kafka::ensure_topics(&brokers(), &[&topic], PARTITIONS)
@@ -317,6 +318,7 @@ async fn a_delta_sink_killed_4_times_holds_every_event_once() {
 /// Every event once.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_sinks_racing_for_one_table_write_each_event_once() {
+    let _one = crate::support::one_kill_test_at_a_time();
     const EVENTS: usize = 2_000;
     let (topic, name) = (unique("delta-race"), unique("delta-racer"));
     exactly_kafka::ensure_topics(&brokers(), &[&topic], PARTITIONS)

@@ -3,6 +3,9 @@
 
 // Test helpers are `pub` for sibling modules only.
 #![allow(unreachable_pub, missing_docs)]
+// `support::one_kill_test_at_a_time` is a plain mutex held for a whole test, awaits included:
+// each test has a runtime of its own, so holding it blocks only that test's thread.
+#![allow(clippy::await_holding_lock)]
 
 mod support;
 

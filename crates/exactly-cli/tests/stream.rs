@@ -185,6 +185,7 @@ fn merged_counts(brokers: &str, topic: &str, partitions: i32) -> HashMap<(String
 /// counts computed directly from the distinct input.
 #[tokio::test(flavor = "multi_thread")]
 async fn stream_processor_killed_3_times_counts_exactly() {
+    let _one = crate::support::one_kill_test_at_a_time();
     const EVENTS: usize = 100_000;
     let brokers = brokers();
     let (input, output, app) = (unique("orders"), unique("agg-out"), unique("orders-agg"));
@@ -566,6 +567,7 @@ fn far_future_and_extreme_event_times_go_to_the_dead_letter_topic() {
 /// merged downstream equal the input exactly.
 #[test]
 fn a_hot_key_is_counted_by_two_processors_and_merges_exactly() {
+    let _one = crate::support::one_kill_test_at_a_time();
     const ORDERS: usize = 2_000;
     let brokers = brokers();
     let (input, output, app) = (unique("orders"), unique("agg-out"), unique("hot"));
@@ -839,6 +841,7 @@ fn expected_counts(events: &[Envelope]) -> HashMap<(String, i64), u64> {
 /// the internal topics are laid out as configured.
 #[test]
 fn two_processors_split_partitions_and_survive_a_rebalance() {
+    let _one = crate::support::one_kill_test_at_a_time();
     const HALF: usize = 3_000;
     let brokers = brokers();
     let (input, output, app) = (unique("orders"), unique("agg-out"), unique("pair"));

@@ -392,6 +392,7 @@ fn wanted(expected: &BTreeMap<(String, i64), u64>) -> BTreeMap<(String, i64), BT
 /// repartitioned records from aborted transactions are recognised by their event id), so the
 /// test asserts one distinct value per window, not one record. On Kafka the record is hidden.
 async fn killed_3_times(kind: Kind, seed: u64, threads: u32) {
+    let _one = crate::support::one_kill_test_at_a_time();
     let s = scenario(kind, seed);
     exactly_kafka::ensure_topics(&brokers(), &[&s.input], 3)
         .await
@@ -474,6 +475,7 @@ async fn a_session_job_table_on_two_threads_killed_3_times_sends_exact_final_res
 /// `init_transactions` aborts what it left open.
 #[tokio::test(flavor = "multi_thread")]
 async fn two_processors_of_a_regrouping_job_rebalance_and_every_result_is_final_and_exact() {
+    let _one = crate::support::one_kill_test_at_a_time();
     let kind = Kind::Hopping;
     let s = scenario(kind, 21);
     exactly_kafka::ensure_topics(&brokers(), &[&s.input], 3)
@@ -568,6 +570,7 @@ fn enrichment(orders: &str, products: &str, output: &str) -> exactly_stream::dsl
 /// value per order.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stream_table_join_killed_3_times_enriches_every_order_once() {
+    let _one = crate::support::one_kill_test_at_a_time();
     const PRODUCTS: usize = 200;
     const ORDERS: usize = 10_000;
     let brokers = brokers();

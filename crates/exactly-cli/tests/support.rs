@@ -11,6 +11,18 @@ use tokio::sync::watch;
 
 pub const EXACTLY: &str = env!("CARGO_BIN_EXE_exactly");
 
+/// Held by the tests that kill processes of a multi-member group on the broker, so they run one
+/// at a time: two of them at once on 2 cores starve each other's members of CPU past their
+/// session timeouts, and the rebalances that follow are the load's, not the test's.
+static BROKER_KILL_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Takes [`BROKER_KILL_TESTS`] (a test that failed while holding it does not hold up the rest).
+pub fn one_kill_test_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    BROKER_KILL_TESTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 pub fn event(aggregate: &str, n: usize, payload: &[u8]) -> Envelope {
     Envelope {
         event_id: uuid::Uuid::now_v7(),
