@@ -81,6 +81,14 @@ pub struct SinkCounters {
     pub files: AtomicU64,
 }
 
+/// The keys of what the table holds within the horizon: read back from its files, and added
+/// after each of this sink's appends.
+struct Committed {
+    keys: KeySet,
+    /// Files whose keys were read.
+    loaded: HashSet<String>,
+}
+
 /// Notes every rebalance; the loop re-reads the log's positions after one.
 struct SinkContext {
     rebalanced: AtomicBool,
@@ -198,9 +206,11 @@ pub async fn run(
     let producer: FutureProducer<exactly_kafka::TokenContext> =
         exactly_kafka::producer_config(&config.kafka, false)
             .create_with_context(exactly_kafka::TokenContext)?;
-    let mut keys = KeySet::new(config.dedupe_horizon_ms);
-    let mut loaded = HashSet::new();
-    load_keys(&target, &config, &mut keys, &mut loaded).await?;
+    let mut keys = Committed {
+        keys: KeySet::new(config.dedupe_horizon_ms),
+        loaded: HashSet::new(),
+    };
+    load_keys(&target, &config, &mut keys).await?;
     let mut batch = Batch::new();
     tracing::info!(
         "delta sink {} from {:?} into {} at version {:?}",
@@ -217,16 +227,7 @@ pub async fn run(
             m = consumer.recv() => Some(m),
         };
         if consumer.context().rebalanced.swap(false, Ordering::SeqCst) {
-            resync(
-                &mut target,
-                &config,
-                &mut batch,
-                &mut keys,
-                &mut loaded,
-                &mut stop,
-            )
-            .await?;
-            position_assigned(&consumer, &target, &mut batch).await?;
+            resync(&consumer, &mut target, &config, &mut batch, &mut keys, &mut stop).await?;
             // The record that came with the rebalance is judged like any other below.
         }
         match received {
@@ -251,16 +252,7 @@ pub async fn run(
                     if matches!(lost, AppendError::Failed(_)) {
                         tokio::time::sleep(Duration::from_secs(1)).await;
                     }
-                    resync(
-                        &mut target,
-                        &config,
-                        &mut batch,
-                        &mut keys,
-                        &mut loaded,
-                        &mut stop,
-                    )
-                    .await?;
-                    position_assigned(&consumer, &target, &mut batch).await?;
+                    resync(&consumer, &mut target, &config, &mut batch, &mut keys, &mut stop).await?;
                 }
             }
         }
@@ -305,13 +297,14 @@ async fn sleep_until(due: Option<Instant>) {
     }
 }
 
-/// Drops the buffer, reads the log's newest version and the keys of files added since.
+/// Drops the buffer, reads the log's newest version and the keys of files added since, and
+/// seeks the assigned partitions to the log's positions.
 async fn resync(
+    consumer: &StreamConsumer<SinkContext>,
     target: &mut DeltaTarget,
     config: &SinkConfig,
     batch: &mut Batch,
-    keys: &mut KeySet,
-    loaded: &mut HashSet<String>,
+    keys: &mut Committed,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), DeltaSinkError> {
     *batch = Batch::new();
@@ -327,22 +320,24 @@ async fn resync(
             }
         }
     }
-    load_keys(target, config, keys, loaded).await
+    load_keys(target, config, keys).await?;
+    position_assigned(consumer, target, batch).await
 }
 
 async fn load_keys(
     target: &DeltaTarget,
     config: &SinkConfig,
-    keys: &mut KeySet,
-    loaded: &mut HashSet<String>,
+    keys: &mut Committed,
 ) -> Result<(), DeltaSinkError> {
     let now = exactly_kafka::now();
     let since = now.0.saturating_sub(config.dedupe_horizon_ms);
-    let recent = target.recent_keys(&config.layout, since, loaded).await?;
+    let recent = target
+        .recent_keys(&config.layout, since, &mut keys.loaded)
+        .await?;
     let n = recent.len();
     for (at, text) in recent {
         if let Ok(key) = text.parse::<IdempotencyKey>() {
-            keys.observe(&key, UnixMillis(at.min(now.0)));
+            keys.keys.observe(&key, UnixMillis(at.min(now.0)));
         }
     }
     if n > 0 {
@@ -365,7 +360,7 @@ async fn take(
     consumer: &StreamConsumer<SinkContext>,
     target: &DeltaTarget,
     config: &SinkConfig,
-    keys: &KeySet,
+    keys: &Committed,
     batch: &mut Batch,
     m: &OwnedMessage,
 ) -> Result<(), DeltaSinkError> {
@@ -406,7 +401,7 @@ async fn take(
         InputKind::Envelope => match exactly_kafka::decode_message(m) {
             Err(e) => Err(format!("not an exactly event: {e}")),
             Ok(delivery) => {
-                if keys.contains(&delivery.key) || batch.keys.contains(&delivery.key) {
+                if keys.keys.contains(&delivery.key) || batch.keys.contains(&delivery.key) {
                     return Ok(());
                 }
                 let row = config.layout.envelope_row(&delivery, origin);
@@ -447,7 +442,7 @@ async fn append(
     counters: &SinkCounters,
     producer: &FutureProducer<exactly_kafka::TokenContext>,
     batch: &mut Batch,
-    keys: &mut KeySet,
+    keys: &mut Committed,
 ) -> Result<(), AppendError> {
     for tp in &batch.moved {
         let log = position_of(target, tp)
@@ -497,7 +492,7 @@ async fn append(
     };
     let now = exactly_kafka::now();
     for key in batch.keys.drain() {
-        keys.observe(&key, now);
+        keys.keys.observe(&key, now);
     }
     let (rows, parked) = (batch.rows.len() as u64, batch.parked.len() as u64);
     counters.written.fetch_add(rows, Ordering::Relaxed);
