@@ -341,7 +341,7 @@ async fn a_member_joining_and_leaving_mid_stream_loses_nothing_and_applies_nothi
     let producer_events = events.clone();
     let producer_brokers = brokers.clone();
     let producer_topic = topic.clone();
-    // A steady stream for about 12 s, so the rebalances land while records flow.
+    // A steady stream for about 24 s, so the rebalances land while records flow.
     let producing = tokio::spawn(async move {
         let producer: FutureProducer = exactly_kafka::producer_config(&producer_brokers, false)
             .create()
@@ -362,14 +362,24 @@ async fn a_member_joining_and_leaving_mid_stream_loses_nothing_and_applies_nothi
                     .await
                     .expect("produce");
             }
-            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            tokio::time::sleep(std::time::Duration::from_millis(400)).await;
         }
     });
     let first = Member::join(&url, &brokers, &group, &topic).await;
     let second = Member::join(&url, &brokers, &group, &topic).await;
     tokio::time::sleep(std::time::Duration::from_secs(4)).await;
     let third = Member::join(&url, &brokers, &group, &topic).await;
-    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    // It leaves once it has applied something from the partitions the rebalance gave it (on a
+    // loaded machine the broker's rebalance takes longer than any fixed wait).
+    let joined = exactly_testkit::eventually(std::time::Duration::from_secs(60), || async {
+        third.counters.applied.load(Ordering::Relaxed) > 0
+    })
+    .await;
+    assert!(
+        joined,
+        "the third member held no partition within 60 s of joining"
+    );
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let third = third.leave().await;
     producing.await.expect("producer");
     let client = exactly_postgres::connect(&url).await.expect("connect");
