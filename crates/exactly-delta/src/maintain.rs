@@ -52,19 +52,18 @@ pub async fn compact(
     let table = target.table();
     let snapshot = table.snapshot().map_err(failed)?;
     let small = i64::try_from(target_file_size / 2).unwrap_or(i64::MAX);
-    let mut groups: BTreeMap<Vec<(String, Option<String>)>, Vec<deltalake::kernel::Remove>> = BTreeMap::new();
-    let mut paths: HashMap<String, deltalake::Path> = HashMap::new();
+    type Small = (deltalake::kernel::Remove, deltalake::Path);
+    let mut groups: BTreeMap<Vec<(String, Option<String>)>, Vec<Small>> = BTreeMap::new();
     for file in snapshot.log_data() {
         if file.size() >= small {
             continue;
         }
         let mut partition: Vec<(String, Option<String>)> = file.partition_values_map().into_iter().collect();
         partition.sort();
-        paths.insert(file.path().into_owned(), file.object_store_path());
         groups
             .entry(partition)
             .or_default()
-            .push(file.remove_action(false));
+            .push((file.remove_action(false), file.object_store_path()));
     }
     groups.retain(|_, files| files.len() >= min_files.max(2));
     if groups.is_empty() {
@@ -81,13 +80,7 @@ pub async fn compact(
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_deref()))
             .collect();
-        for remove in removes {
-            let path = paths.get(&remove.path).ok_or_else(|| {
-                failed(deltalake::DeltaTableError::Generic(format!(
-                    "no path for {}",
-                    remove.path
-                )))
-            })?;
+        for (remove, path) in removes {
             for batch in target.read_file(path, None).await? {
                 let mut columns: Vec<ArrayRef> = Vec::with_capacity(schema.fields().len());
                 for field in schema.fields() {
@@ -113,7 +106,7 @@ pub async fn compact(
         }
         report.partitions += 1;
         report.removed += removes.len();
-        actions.extend(removes.iter().cloned().map(Action::Remove));
+        actions.extend(removes.iter().map(|(remove, _)| Action::Remove(remove.clone())));
     }
     let adds = writer.flush().await.map_err(failed)?;
     report.added = adds.len();

@@ -162,6 +162,14 @@ struct Parked {
 }
 
 impl Batch {
+    /// The log says partition `tp` goes on from offset `p`.
+    fn position(&mut self, tp: Tp, p: i64) {
+        self.gaps.expect(&tp, p);
+        self.base.insert(tp.clone(), p);
+        self.next.insert(tp.clone(), p);
+        self.positioned.insert(tp);
+    }
+
     fn new() -> Self {
         Batch {
             rows: Vec::new(),
@@ -248,6 +256,10 @@ pub async fn run(
             match append(&mut target, &config, &counters, &producer, &mut batch, &mut keys).await {
                 Ok(()) => commit_group_offsets(&consumer, &batch),
                 Err(lost) => {
+                    if matches!(lost, AppendError::Conflict(_)) {
+                        counters.conflicts.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("exactly_delta_commit_conflicts_total").increment(1);
+                    }
                     tracing::warn!("delta sink: {lost}; reading the positions from the log again");
                     if matches!(lost, AppendError::Failed(_)) {
                         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -282,10 +294,7 @@ async fn position_assigned(
         {
             continue;
         }
-        batch.positioned.insert(tp.clone());
-        batch.gaps.expect(&tp, p);
-        batch.base.insert(tp.clone(), p);
-        batch.next.insert(tp, p);
+        batch.position(tp, p);
     }
     Ok(())
 }
@@ -365,11 +374,9 @@ async fn take(
     m: &OwnedMessage,
 ) -> Result<(), DeltaSinkError> {
     let tp: Tp = (m.topic().to_owned(), m.partition());
-    if batch.positioned.insert(tp.clone()) {
+    if !batch.positioned.contains(&tp) {
         let p = position_of(target, &tp).await?;
-        batch.gaps.expect(&tp, p);
-        batch.base.insert(tp.clone(), p);
-        batch.next.insert(tp.clone(), p);
+        batch.position(tp.clone(), p);
         if m.offset() < p {
             // The group's offset is behind the log (a stop between an append and the group
             // commit): go to the log's position at once. (Past it, the gap rule reads back.)
@@ -449,8 +456,6 @@ async fn append(
             .await
             .map_err(|e| AppendError::Failed(deltalake::DeltaTableError::Generic(e.to_string())))?;
         if batch.base.get(tp) != Some(&log) {
-            counters.conflicts.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("exactly_delta_commit_conflicts_total").increment(1);
             return Err(AppendError::Conflict(format!(
                 "{}/{}: the log moved to {log} while this sink read from {:?}",
                 tp.0,
@@ -480,16 +485,7 @@ async fn append(
             faults.fires(FaultPoint::DeltaAfterFilesBeforeLog);
         })
         .await;
-    let appended = match appended {
-        Ok(a) => a,
-        Err(e) => {
-            if matches!(e, AppendError::Conflict(_)) {
-                counters.conflicts.fetch_add(1, Ordering::Relaxed);
-                metrics::counter!("exactly_delta_commit_conflicts_total").increment(1);
-            }
-            return Err(e);
-        }
-    };
+    let appended = appended?;
     let now = exactly_kafka::now();
     for key in batch.keys.drain() {
         keys.keys.observe(&key, now);
