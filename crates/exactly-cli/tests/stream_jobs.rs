@@ -759,3 +759,107 @@ async fn a_job_table_on_an_application_the_built_in_job_ran_is_refused() {
     };
     fresh.prepare_topics(1).await.expect("a new application");
 }
+
+/// A stream–table join started on topics written before it (a backfill, or a restart from
+/// committed positions both topics are behind): each product renamed 5 times, 10 s apart,
+/// every topic written in full before the processor starts, the products topic first. Each
+/// order is enriched with the name its product had at the order's time, as one run in
+/// timestamp order does (Kafka Streams' task-level timestamp order), whichever of the two
+/// topics the consumer happens to fetch first. Before tasks took their records in timestamp
+/// order, the orders fetched before their partition's product updates were enriched with
+/// nothing or with a later name.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_join_over_topics_written_before_it_starts_enriches_each_order_as_of_its_time() {
+    const PRODUCTS: usize = 20;
+    const ROUNDS: i64 = 5;
+    const ORDERS_PER_ROUND: usize = 100;
+    let brokers = brokers();
+    let (orders, products, output, app) = (
+        unique("backfill-orders"),
+        unique("backfill-products"),
+        unique("backfill-out"),
+        unique("backfill-app"),
+    );
+    exactly_kafka::ensure_topics(&brokers, &[&orders, &products], 3)
+        .await
+        .expect("topics");
+    let producer: ThreadedProducer<DefaultProducerContext> = exactly_kafka::producer_config(&brokers, false)
+        .create()
+        .expect("producer");
+    let base = exactly_kafka::now().0 - 3_600_000;
+    for round in 0..ROUNDS {
+        for p in 0..PRODUCTS {
+            let (key, name) = (format!("P-{p}"), format!("\"product {p} v{round}\""));
+            send(
+                &producer,
+                BaseRecord::to(&products)
+                    .key(&key)
+                    .payload(&name)
+                    .timestamp(base + round * 10_000),
+            );
+        }
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(41);
+    let mut expected = BTreeMap::new();
+    for round in 0..ROUNDS {
+        for i in 0..ORDERS_PER_ROUND {
+            let id = format!("O-{round}-{i}");
+            let p = rng.random_range(0..PRODUCTS);
+            let product = format!("P-{p}");
+            let value = serde_json::json!({ "id": id, "qty": 1 }).to_string();
+            send(
+                &producer,
+                BaseRecord::to(&orders)
+                    .key(&product)
+                    .payload(&value)
+                    .timestamp(base + round * 10_000 + 5_000),
+            );
+            expected.insert(
+                id.clone(),
+                BTreeSet::from([serde_json::json!({
+                    "order": id, "product": product, "qty": 1, "name": format!("product {p} v{round}")
+                })
+                .to_string()]),
+            );
+        }
+    }
+    producer.flush(Duration::from_secs(60)).expect("flush");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = exactly_stream::StreamConfig {
+        topology: Some(std::sync::Arc::new(enrichment(&orders, &products, &output))),
+        ..join_config(&brokers, &app, &orders, &dir.path().join("state"))
+    };
+    config.prepare_topics(3).await.expect("topics");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let counters = std::sync::Arc::new(exactly_stream::StreamCounters::default());
+    let (s, c) = (stop.clone(), counters.clone());
+    let processor = std::thread::spawn(move || {
+        exactly_stream::Processor::new(config, c)
+            .expect("processor")
+            .run(&s)
+            .expect("run")
+    });
+    let total = PRODUCTS * ROUNDS as usize + expected.len();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (counters.counted.load(std::sync::atomic::Ordering::Relaxed) as usize) < total {
+        assert!(
+            Instant::now() < deadline && !processor.is_finished(),
+            "processed {} of {total} records in 120 s",
+            counters.counted.load(std::sync::atomic::Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    processor.join().expect("the processor stopped");
+    let mut got: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for r in read_topic(&brokers, &output, 3, "read_committed") {
+        let key = String::from_utf8(r.key.expect("a key")).expect("utf-8");
+        let value: serde_json::Value = serde_json::from_slice(&r.payload).expect("json");
+        got.entry(key).or_default().insert(value.to_string());
+    }
+    assert!(
+        got == expected,
+        "every order enriched with its product's name at its time: {}",
+        difference(&got, &expected)
+    );
+}

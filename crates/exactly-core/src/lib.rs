@@ -10,6 +10,8 @@
 //!   records are visible.
 //! - [`offset_gap`]: reading a gap in a partition's offsets twice, so a broker that served past
 //!   records it had not stored yet cannot make a consumer step over them.
+//! - [`task_order`]: which record a task reading several partitions (a join) takes next: the
+//!   earliest-stamped, waiting for a partition that is behind.
 //! - [`window`]: tumbling windows with grace and retention, and hot-key salting.
 //! - [`windowing`]: the stream DSL's window kinds (tumbling, hopping, session) and when each closes.
 //! - [`aggregate`]: the aggregations of config-file stream jobs (count, sum, min, max, distinct).
@@ -49,6 +51,7 @@ pub mod ports;
 pub mod recipes;
 pub mod record;
 pub mod sql_template;
+pub mod task_order;
 pub mod time;
 pub mod wal;
 pub mod window;

@@ -324,6 +324,15 @@ impl Layout {
         fields
     }
 
+    /// How many columns a row has (without building their names).
+    fn fields_len(&self) -> usize {
+        let own = match self.input {
+            InputKind::Envelope => 7,
+            InputKind::Plain => 2,
+        };
+        own + 3 + self.columns.len().max(1) + 1
+    }
+
     /// The Arrow schema of a batch of rows.
     pub fn arrow_schema(&self) -> SchemaRef {
         let fields: Vec<Field> = self
@@ -342,23 +351,34 @@ impl Layout {
             .collect()
     }
 
-    /// An event: its envelope, where it came from, and its payload.
-    pub fn envelope_row(&self, delivery: &exactly_core::Delivery, origin: Origin<'_>) -> Result<Row, String> {
-        let e = &delivery.envelope;
-        let mut headers = serde_json::Map::new();
-        for (name, value) in &e.headers {
-            headers.insert(name.clone(), String::from_utf8_lossy(value).into_owned().into());
-        }
-        let mut cells = vec![
-            Cell::Text(delivery.key.to_string()),
+    /// An event (its key's text form, its envelope, taken apart rather than copied), where it
+    /// came from, and its payload.
+    pub fn envelope_row(
+        &self,
+        key: String,
+        e: exactly_core::Envelope,
+        origin: Origin<'_>,
+    ) -> Result<Row, String> {
+        let headers = if e.headers.is_empty() {
+            "{}".to_owned()
+        } else {
+            let mut headers = serde_json::Map::new();
+            for (name, value) in e.headers {
+                headers.insert(name, String::from_utf8_lossy(&value).into_owned().into());
+            }
+            serde_json::Value::Object(headers).to_string()
+        };
+        let mut cells = Vec::with_capacity(self.fields_len());
+        cells.extend([
+            Cell::Text(key),
             Cell::Text(e.event_id.to_string()),
-            Cell::Text(e.event_type.clone()),
-            Cell::Text(e.aggregate_type.clone()),
-            Cell::Text(e.aggregate_id.clone()),
+            Cell::Text(e.event_type),
+            Cell::Text(e.aggregate_type),
+            Cell::Text(e.aggregate_id),
             micros(e.occurred_at.0)?,
-            Cell::Text(serde_json::Value::Object(headers).to_string()),
-        ];
-        self.finish(&mut cells, origin, &e.payload)?;
+            Cell::Text(headers),
+        ]);
+        self.finish(&mut cells, origin, Payload::Owned(e.payload))?;
         cells.push(days(e.occurred_at.0));
         Ok(Row(cells))
     }
@@ -374,13 +394,14 @@ impl Layout {
                     .to_owned(),
             ),
         };
-        let mut cells = vec![key, record.timestamp_ms.map_or(Ok(Cell::Null), micros)?];
-        self.finish(&mut cells, origin, record.payload)?;
+        let mut cells = Vec::with_capacity(self.fields_len());
+        cells.extend([key, record.timestamp_ms.map_or(Ok(Cell::Null), micros)?]);
+        self.finish(&mut cells, origin, Payload::Borrowed(record.payload))?;
         cells.push(days(record.timestamp_ms.unwrap_or(now_ms)));
         Ok(Row(cells))
     }
 
-    fn finish(&self, cells: &mut Vec<Cell>, origin: Origin<'_>, payload: &[u8]) -> Result<(), String> {
+    fn finish(&self, cells: &mut Vec<Cell>, origin: Origin<'_>, payload: Payload<'_>) -> Result<(), String> {
         cells.extend([
             Cell::Text(origin.topic.to_owned()),
             Cell::Int(origin.partition),
@@ -389,12 +410,17 @@ impl Layout {
         if self.columns.is_empty() {
             // Checked, and kept as it came (a parse into values and back would cost more than
             // the rest of the row).
-            serde_json::from_slice::<serde::de::IgnoredAny>(payload)
+            serde_json::from_slice::<serde::de::IgnoredAny>(payload.bytes())
                 .map_err(|e| format!("the payload is not JSON: {e}"))?;
-            let text = std::str::from_utf8(payload).map_err(|e| format!("the payload is not UTF-8: {e}"))?;
-            cells.push(Cell::Text(text.to_owned()));
+            let text = match payload {
+                Payload::Owned(bytes) => String::from_utf8(bytes).map_err(|e| e.utf8_error()),
+                Payload::Borrowed(bytes) => std::str::from_utf8(bytes).map(str::to_owned),
+            }
+            .map_err(|e| format!("the payload is not UTF-8: {e}"))?;
+            cells.push(Cell::Text(text));
             return Ok(());
         }
+        let payload = payload.bytes();
         let value: serde_json::Value =
             serde_json::from_slice(payload).map_err(|e| format!("the payload is not JSON: {e}"))?;
         for column in &self.columns {
@@ -418,6 +444,21 @@ impl Layout {
             arrays.push(array(*kind, cells));
         }
         RecordBatch::try_new(self.arrow_schema(), arrays)
+    }
+}
+
+/// A payload the row may take over, or one it copies.
+enum Payload<'a> {
+    Owned(Vec<u8>),
+    Borrowed(&'a [u8]),
+}
+
+impl Payload<'_> {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Payload::Owned(b) => b,
+            Payload::Borrowed(b) => b,
+        }
     }
 }
 
@@ -556,6 +597,19 @@ mod tests {
         assert!(row(&l, r#"{"b":1"#).expect_err("cut short").contains("not JSON"));
         let batch = l.batch(&[r]).expect("a batch");
         assert_eq!(batch.schema().field(5).name(), "payload");
+    }
+
+    #[test]
+    fn a_row_is_sized_for_its_layout() {
+        for input in [InputKind::Envelope, InputKind::Plain] {
+            for columns in ["", "a:long", "a:long,b:string:/x/y,c:json"] {
+                let l = Layout {
+                    input,
+                    ..layout(columns)
+                };
+                assert_eq!(l.fields_len(), l.fields().len(), "{input} {columns:?}");
+            }
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use exactly_core::{IdempotencyKey, KeySet, OffsetGapCheck, UnixMillis};
 use exactly_kafka::{FaultPoint, Faults, GapFollowed, KafkaSettings};
+use futures::FutureExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -133,6 +134,10 @@ impl ConsumerContext for SinkContext {
 
 type Tp = (String, i32);
 
+/// At most this many records are taken per turn of the loop without looking at the stop signal
+/// and the flush timer.
+const DRAIN: usize = 10_000;
+
 /// The buffer and what the loop knows of each partition since the last (re)sync.
 struct Batch {
     rows: Vec<Row>,
@@ -229,26 +234,48 @@ pub async fn run(
     );
     loop {
         let due = batch.since.map(|s| s + config.flush_interval);
-        let received = tokio::select! {
+        let mut received = tokio::select! {
             _ = stop.changed() => return Ok(()),
             _ = sleep_until(due) => None,
             m = consumer.recv() => Some(m),
         };
-        if consumer.context().rebalanced.swap(false, Ordering::SeqCst) {
-            resync(&consumer, &mut target, &config, &mut batch, &mut keys, &mut stop).await?;
-            // The record that came with the rebalance is judged like any other below.
-        }
-        match received {
-            Some(Ok(m)) => {
-                // Owned: the row is built across awaits (the log's position of a partition new here).
-                let m = m.detach();
-                take(&consumer, &target, &config, &keys, &mut batch, &m).await?
+        // What the client has ready is taken without arming the select again: one turn of
+        // the loop per record would cost more than the record.
+        for _ in 0..DRAIN {
+            if consumer.context().rebalanced.swap(false, Ordering::SeqCst) {
+                resync(&consumer, &mut target, &config, &mut batch, &mut keys, &mut stop).await?;
+                // The record that came with the rebalance is judged like any other below.
             }
-            Some(Err(e)) => {
-                tracing::warn!("delta sink: {e}");
-                continue;
+            let unpositioned = match received.take() {
+                Some(Ok(m)) => {
+                    if batch
+                        .positioned
+                        .iter()
+                        .any(|(t, p)| *p == m.partition() && t == m.topic())
+                    {
+                        take(&consumer, &config, &keys, &mut batch, &m);
+                        None
+                    } else {
+                        Some(m.detach())
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!("delta sink: {e}");
+                    None
+                }
+                None => None,
+            };
+            if let Some(m) = unpositioned {
+                ensure_positioned(&consumer, &target, &mut batch, &m).await?;
+                take(&consumer, &config, &keys, &mut batch, &m);
             }
-            None => {}
+            if batch.rows.len() + batch.parked.len() >= config.flush_records {
+                break;
+            }
+            match consumer.recv().now_or_never() {
+                Some(next) => received = Some(next),
+                None => break,
+            }
         }
         let full = batch.rows.len() + batch.parked.len() >= config.flush_records;
         let late = batch.since.is_some_and(|s| s.elapsed() >= config.flush_interval);
@@ -363,40 +390,50 @@ async fn position_of(target: &DeltaTarget, tp: &Tp) -> Result<i64, DeltaSinkErro
     Ok(position.unwrap_or(0))
 }
 
-/// One record: checked against the log's position and the offsets before it, then buffered as
-/// a row, skipped as a repeat, or parked.
-async fn take(
+/// Puts partition `tp` at the log's position before its first record since the last sync
+/// (the only step of a record that waits on the table).
+async fn ensure_positioned(
     consumer: &StreamConsumer<SinkContext>,
     target: &DeltaTarget,
-    config: &SinkConfig,
-    keys: &Committed,
     batch: &mut Batch,
     m: &OwnedMessage,
 ) -> Result<(), DeltaSinkError> {
     let tp: Tp = (m.topic().to_owned(), m.partition());
-    if !batch.positioned.contains(&tp) {
-        let p = position_of(target, &tp).await?;
-        batch.position(tp.clone(), p);
-        if m.offset() < p {
-            // The group's offset is behind the log (a stop between an append and the group
-            // commit): go to the log's position at once. (Past it, the gap rule reads back.)
-            let _ = consumer.seek(&tp.0, tp.1, Offset::Offset(p), Duration::from_secs(10));
-        }
+    let p = position_of(target, &tp).await?;
+    batch.position(tp.clone(), p);
+    if m.offset() < p {
+        // The group's offset is behind the log (a stop between an append and the group
+        // commit): go to the log's position at once. (Past it, the gap rule reads back.)
+        let _ = consumer.seek(&tp.0, tp.1, Offset::Offset(p), Duration::from_secs(10));
     }
+    Ok(())
+}
+
+/// Judges one record of a positioned partition: skipped (before the position, a repeat, a
+/// gap read again), buffered as a row, or buffered to be parked.
+fn take(
+    consumer: &StreamConsumer<SinkContext>,
+    config: &SinkConfig,
+    keys: &Committed,
+    batch: &mut Batch,
+    m: &impl Message,
+) {
+    let tp: Tp = (m.topic().to_owned(), m.partition());
     if batch.next.get(&tp).is_some_and(|next| m.offset() < *next) {
-        return Ok(());
+        return;
     }
     let verdict = batch.gaps.observe(&tp, m.offset());
     match exactly_kafka::follow_gap_verdict(consumer, m, verdict) {
         GapFollowed::Take => {}
-        GapFollowed::Rereading => return Ok(()),
+        GapFollowed::Rereading => return,
         GapFollowed::SeekFailed => {
             batch.gaps.refetch_failed(&tp);
-            return Ok(());
+            return;
         }
     }
-    batch.next.insert(tp.clone(), m.offset() + 1);
-    batch.moved.insert(tp.clone());
+    if !batch.moved.contains(&tp) {
+        batch.moved.insert(tp.clone());
+    }
     batch.since.get_or_insert_with(Instant::now);
     let origin = Origin {
         topic: m.topic(),
@@ -408,12 +445,16 @@ async fn take(
         InputKind::Envelope => match exactly_kafka::decode_message(m) {
             Err(e) => Err(format!("not an exactly event: {e}")),
             Ok(delivery) => {
-                if keys.keys.contains(&delivery.key) || batch.keys.contains(&delivery.key) {
-                    return Ok(());
+                let key = delivery.key;
+                if keys.keys.contains(&key) || batch.keys.contains(&key) {
+                    batch.next.insert(tp, m.offset() + 1);
+                    return;
                 }
-                let row = config.layout.envelope_row(&delivery, origin);
+                let row = config
+                    .layout
+                    .envelope_row(key.to_string(), delivery.envelope, origin);
                 if row.is_ok() {
-                    batch.keys.insert(delivery.key);
+                    batch.keys.insert(key);
                 }
                 row
             }
@@ -430,7 +471,7 @@ async fn take(
     match row {
         Ok(row) => batch.rows.push(row),
         Err(reason) => batch.parked.push(Parked {
-            topic: tp.0,
+            topic: tp.0.clone(),
             partition: tp.1,
             offset: m.offset(),
             key: m.key().map(<[u8]>::to_vec),
@@ -438,7 +479,7 @@ async fn take(
             reason,
         }),
     }
-    Ok(())
+    batch.next.insert(tp, m.offset() + 1);
 }
 
 /// Parks what does not fit (acknowledged before the append), then appends the rows with the

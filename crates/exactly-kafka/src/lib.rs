@@ -14,6 +14,7 @@ mod consumer;
 mod eos;
 mod error;
 mod faults;
+mod fetched;
 mod gap;
 mod oauth;
 mod relay;
@@ -36,6 +37,7 @@ pub use eos::{
 };
 pub use error::KafkaFlowError;
 pub use faults::{FaultPoint, Faults};
+pub use fetched::fetched_watermarks;
 pub use gap::{follow_gap_verdict, GapFollowed};
 pub use oauth::{generate as oauth_token, refresh as refresh_oauth_token, TokenContext, TokenError};
 pub use relay::{now, BatchReport, Relay, RelayConfig, RelayCounters};

@@ -14,12 +14,14 @@
 
 pub mod changelog;
 pub mod dsl;
+mod ordered;
 mod processor;
 mod restore;
 mod store;
 mod task;
 mod topology_task;
 
+pub use ordered::MAX_TASK_IDLE;
 pub use processor::{
     probe_restore_mode, GroupBy, Guarantee, Processor, ProcessorError, StreamConfig, StreamCounters,
     DEAD_ORIGIN_HEADER, DEAD_REASON_HEADER,

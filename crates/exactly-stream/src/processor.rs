@@ -34,6 +34,7 @@ use rdkafka::Offset;
 
 use crate::changelog::{records_for, TXN_HEADER};
 use crate::dsl::{InputRecord, MemoryState, Subtopology, Topology};
+use crate::ordered::OrderedInputs;
 use crate::restore::{RestoreStats, Restorer};
 use crate::store::{Batch, Change, StateStore};
 use crate::task::{Counted, Input, WindowedCount};
@@ -799,6 +800,9 @@ pub struct Processor {
     restorer: Restorer,
     /// Partitions whose restore could not start, and when it was last tried.
     restore_failed: BTreeMap<i32, Instant>,
+    /// Tasks reading several topics (a join) take their records in timestamp order: fetched
+    /// records wait here until then.
+    ordered: Option<OrderedInputs>,
 }
 
 /// Why a commit was refused because this member no longer owns what it processed: the group
@@ -840,6 +844,7 @@ impl Processor {
         let consumer = new_consumer(&config, &shared)?;
         let epoch = exactly_kafka::now().0.max(0) as u64;
         let restorer = Restorer::new(&config, restore_mode)?;
+        let config_topics = config.counted_topics();
         Ok(Processor {
             config,
             consumer,
@@ -853,6 +858,7 @@ impl Processor {
             faults: exactly_kafka::Faults::none(),
             restorer,
             restore_failed: BTreeMap::new(),
+            ordered: OrderedInputs::for_topics(config_topics),
         })
     }
 
@@ -874,6 +880,9 @@ impl Processor {
                 // Partitions start anew where the group or their state puts them.
                 self.gaps = OffsetGapCheck::default();
                 self.expect_positioned();
+                if let Some(ordered) = &mut self.ordered {
+                    ordered.clear();
+                }
                 if open_since.take().is_some() {
                     self.abort()?;
                 }
@@ -885,18 +894,25 @@ impl Processor {
                     if !gap_checked(&mut self.gaps, &self.consumer, &m) {
                         continue;
                     }
-                    if open_since.is_none() {
-                        if self.transactional() {
-                            self.producer
-                                .begin_transaction()
-                                .map_err(fail("begin transaction"))?;
-                        }
-                        open_since = Some(Instant::now());
+                    let unordered = match &mut self.ordered {
+                        Some(ordered) => ordered.push(m),
+                        None => Some(m),
+                    };
+                    if let Some(m) = unordered {
+                        self.begin(&mut open_since)?;
+                        self.process(&m)?;
                     }
-                    self.process(&m)?;
                 }
                 Some(Err(e)) => tracing::debug!("consumer: {e}"),
                 None => {}
+            }
+            // A join's tasks: every record that is the earliest of its task now.
+            while open_since.is_none_or(|t| t.elapsed() < self.config.commit_interval) {
+                let Some(m) = self.ordered.as_mut().and_then(|o| o.take(&self.consumer)) else {
+                    break;
+                };
+                self.begin(&mut open_since)?;
+                self.process(&m)?;
             }
             if open_since.is_some_and(|t| t.elapsed() >= self.config.commit_interval) {
                 open_since = None;
@@ -905,6 +921,20 @@ impl Processor {
         }
         if open_since.is_some() {
             self.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Opens a transaction (exactly once) for the record about to be processed, unless one is
+    /// open.
+    fn begin(&self, open_since: &mut Option<Instant>) -> Result<(), ProcessorError> {
+        if open_since.is_none() {
+            if self.transactional() {
+                self.producer
+                    .begin_transaction()
+                    .map_err(fail("begin transaction"))?;
+            }
+            *open_since = Some(Instant::now());
         }
         Ok(())
     }
@@ -1076,6 +1106,9 @@ impl Processor {
     /// Hands the partitions just put at a known offset to the gap check.
     fn expect_positioned(&mut self) {
         for (topic, partition, offset) in std::mem::take(&mut lock(&self.shared).positioned) {
+            if let Some(ordered) = &mut self.ordered {
+                ordered.positioned(&topic, partition, offset);
+            }
             self.gaps.expect(&(topic, partition), offset);
         }
     }
@@ -1085,7 +1118,7 @@ impl Processor {
     }
 
     /// Routes a record: salted input goes to the repartition topic; everything else is counted.
-    fn process(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Result<(), ProcessorError> {
+    fn process(&self, m: &impl Message) -> Result<(), ProcessorError> {
         if let Some(topology) = &self.config.topology {
             return self.process_topology(topology, m);
         }
@@ -1109,11 +1142,7 @@ impl Processor {
     /// Runs a record through the topology: in its task (the counted topic), or, in stage one,
     /// statelessly; its outputs go out in the open transaction, repartitioned records to the
     /// application's internal topic; a record the topology refuses is parked.
-    fn process_topology(
-        &self,
-        topology: &Topology,
-        m: &rdkafka::message::BorrowedMessage<'_>,
-    ) -> Result<(), ProcessorError> {
+    fn process_topology(&self, topology: &Topology, m: &impl Message) -> Result<(), ProcessorError> {
         let partition = m.partition();
         let header_list: Vec<(&str, Option<&[u8]>)> = m
             .headers()
@@ -1205,7 +1234,7 @@ impl Processor {
 
     /// What the count needs from an input record: its grouping key, idempotency key and event
     /// time; an error is the reason to park it.
-    fn read_input(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Result<Repartitioned, String> {
+    fn read_input(&self, m: &impl Message) -> Result<Repartitioned, String> {
         let delivery = decode_message(m).map_err(|e| e.to_string())?;
         let payload = &delivery.envelope.payload;
         let key = match &self.config.group_by {
@@ -1225,7 +1254,7 @@ impl Processor {
     /// Salted mode, stage one: sends the record's count input to the repartition topic, keyed
     /// by its salted key (so the default partitioner spreads one key's salts), inside the open
     /// transaction; its input offset commits with it.
-    fn forward(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Result<(), ProcessorError> {
+    fn forward(&self, m: &impl Message) -> Result<(), ProcessorError> {
         let partition = m.partition();
         {
             let mut shared = lock(&self.shared);
@@ -1251,11 +1280,7 @@ impl Processor {
     }
 
     /// Counts one record in its task.
-    fn count(
-        &self,
-        m: &rdkafka::message::BorrowedMessage<'_>,
-        input: Repartitioned,
-    ) -> Result<(), ProcessorError> {
+    fn count(&self, m: &impl Message, input: Repartitioned) -> Result<(), ProcessorError> {
         let Repartitioned {
             key,
             idempotency_key,
@@ -1314,7 +1339,7 @@ impl Processor {
     /// Parks an input that cannot be counted on the dead-letter topic, with its bytes, its
     /// headers and the reason, inside the open transaction (so it is parked exactly once, and
     /// its offset commits with the state).
-    fn unreadable(&self, m: &rdkafka::message::BorrowedMessage<'_>, why: &str) -> Result<(), ProcessorError> {
+    fn unreadable(&self, m: &impl Message, why: &str) -> Result<(), ProcessorError> {
         let origin = format!("{}/{}@{}", m.topic(), m.partition(), m.offset());
         tracing::warn!("{origin} parked on {}: {why}", self.config.dead_letter_topic());
         let mut headers = OwnedHeaders::new();
@@ -1553,8 +1578,12 @@ impl Processor {
         // claim it committed.
         self.epoch = (exactly_kafka::now().0.max(0) as u64).max(self.epoch + 1);
         self.seq = 0;
-        // Every partition is put back: what it hands next is a redelivery, not a gap.
+        // Every partition is put back: what it hands next is a redelivery, not a gap, and
+        // what was buffered comes again.
         self.gaps = OffsetGapCheck::default();
+        if let Some(ordered) = &mut self.ordered {
+            ordered.clear();
+        }
         let mut shared = lock(&self.shared);
         shared.forwarded.clear();
         let input = shared.config.input.clone();
@@ -1594,6 +1623,9 @@ impl Processor {
                     Ok(()) => {
                         if let Offset::Offset(offset) = offset {
                             self.gaps.expect(&(counted.clone(), *partition), offset);
+                            if let Some(ordered) = &mut self.ordered {
+                                ordered.positioned(counted, *partition, offset);
+                            }
                         }
                     }
                 }
