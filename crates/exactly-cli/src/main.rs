@@ -6,12 +6,6 @@
 mod operate;
 mod status;
 
-/// mimalloc rather than glibc's malloc: the per-record paths allocate small, short-lived
-/// buffers on one thread and free them on another (librdkafka's, tokio's), where glibc spends
-/// a quarter of the Delta sink's time (`exactly bench sink-delta`).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::net::SocketAddr;
 use std::process::ExitCode;
 
