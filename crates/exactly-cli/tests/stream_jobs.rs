@@ -545,6 +545,33 @@ fn join_config(
     crate::stream::config_for(brokers, app, "0", orders, "", state)
 }
 
+/// A join test's topics (`<prefix>-orders`, `-products`, `-out`, the application `-app`;
+/// the two inputs created with 3 partitions) and a producer.
+struct JoinTopics {
+    orders: String,
+    products: String,
+    output: String,
+    app: String,
+    producer: ThreadedProducer<DefaultProducerContext>,
+}
+
+async fn join_topics(brokers: &str, prefix: &str) -> JoinTopics {
+    let name = |what: &str| unique(&format!("{prefix}-{what}"));
+    let (orders, products) = (name("orders"), name("products"));
+    exactly_kafka::ensure_topics(brokers, &[&orders, &products], 3)
+        .await
+        .expect("topics");
+    JoinTopics {
+        orders,
+        products,
+        output: name("out"),
+        app: name("app"),
+        producer: exactly_kafka::producer_config(brokers, false)
+            .create()
+            .expect("producer"),
+    }
+}
+
 /// Orders (key: product id, value: quantity) enriched with the product's name from a table.
 fn enrichment(orders: &str, products: &str, output: &str) -> exactly_stream::dsl::Topology {
     use exactly_stream::dsl::{Consumed, Json, Produced, StreamsBuilder, Utf8};
@@ -574,18 +601,13 @@ async fn a_stream_table_join_killed_3_times_enriches_every_order_once() {
     const PRODUCTS: usize = 200;
     const ORDERS: usize = 10_000;
     let brokers = brokers();
-    let (orders, products, output, app) = (
-        unique("join-orders"),
-        unique("join-products"),
-        unique("join-out"),
-        unique("join-app"),
-    );
-    exactly_kafka::ensure_topics(&brokers, &[&orders, &products], 3)
-        .await
-        .expect("topics");
-    let producer: ThreadedProducer<DefaultProducerContext> = exactly_kafka::producer_config(&brokers, false)
-        .create()
-        .expect("producer");
+    let JoinTopics {
+        orders,
+        products,
+        output,
+        app,
+        producer,
+    } = join_topics(&brokers, "join").await;
     let send =
         |topic: &str, key: &str, value: &str| send(&producer, BaseRecord::to(topic).key(key).payload(value));
     for p in 0..PRODUCTS {
@@ -774,18 +796,13 @@ async fn a_join_over_topics_written_before_it_starts_enriches_each_order_as_of_i
     const ROUNDS: i64 = 5;
     const ORDERS_PER_ROUND: usize = 100;
     let brokers = brokers();
-    let (orders, products, output, app) = (
-        unique("backfill-orders"),
-        unique("backfill-products"),
-        unique("backfill-out"),
-        unique("backfill-app"),
-    );
-    exactly_kafka::ensure_topics(&brokers, &[&orders, &products], 3)
-        .await
-        .expect("topics");
-    let producer: ThreadedProducer<DefaultProducerContext> = exactly_kafka::producer_config(&brokers, false)
-        .create()
-        .expect("producer");
+    let JoinTopics {
+        orders,
+        products,
+        output,
+        app,
+        producer,
+    } = join_topics(&brokers, "backfill").await;
     let base = exactly_kafka::now().0 - 3_600_000;
     for round in 0..ROUNDS {
         for p in 0..PRODUCTS {
