@@ -700,15 +700,10 @@ async fn a_stream_table_join_killed_3_times_enriches_every_order_once() {
     while Instant::now() < deadline {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let (b, o) = (brokers.clone(), output.clone());
-        let Ok(read) = std::panic::catch_unwind(move || read_topic(&b, &o, 3, "read_committed")) else {
+        let Ok(read) = std::panic::catch_unwind(move || enriched(&b, &o)) else {
             continue;
         };
-        got.clear();
-        for r in read {
-            let key = String::from_utf8(r.key.expect("a key")).expect("utf-8");
-            let value: serde_json::Value = serde_json::from_slice(&r.payload).expect("json");
-            got.entry(key).or_default().insert(value.to_string());
-        }
+        got = read;
         if got.len() >= ORDERS {
             break;
         }
@@ -719,6 +714,17 @@ async fn a_stream_table_join_killed_3_times_enriches_every_order_once() {
         "every order enriched once, with its product's name: {}",
         difference(&got, &expected)
     );
+}
+
+/// A join's output: order id → every distinct enrichment sent for it.
+fn enriched(brokers: &str, output: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let mut got: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for r in read_topic(brokers, output, 3, "read_committed") {
+        let key = String::from_utf8(r.key.expect("a key")).expect("utf-8");
+        let value: serde_json::Value = serde_json::from_slice(&r.payload).expect("json");
+        got.entry(key).or_default().insert(value.to_string());
+    }
+    got
 }
 
 /// What two maps of sets differ in, briefly: a failure message of 10,000 entries is cut off
@@ -868,12 +874,7 @@ async fn a_join_over_topics_written_before_it_starts_enriches_each_order_as_of_i
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     processor.join().expect("the processor stopped");
-    let mut got: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for r in read_topic(&brokers, &output, 3, "read_committed") {
-        let key = String::from_utf8(r.key.expect("a key")).expect("utf-8");
-        let value: serde_json::Value = serde_json::from_slice(&r.payload).expect("json");
-        got.entry(key).or_default().insert(value.to_string());
-    }
+    let got = enriched(&brokers, &output);
     assert!(
         got == expected,
         "every order enriched with its product's name at its time: {}",
