@@ -194,6 +194,19 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum SinkCommand {
+    /// A results topic (a stream job's output) into a PostgreSQL table, one row per key: the
+    /// later record (or the larger version) wins, each partition's position is written with
+    /// the rows, so a restart or a second member applies nothing twice.
+    Postgres {
+        #[command(flatten)]
+        sink: settings::PgSinkSettings,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        #[arg(long, default_value = "127.0.0.1:9468")]
+        metrics_addr: SocketAddr,
+        #[arg(long)]
+        no_metrics: bool,
+    },
     /// Topics into a Delta Lake table: the data and the Kafka positions commit together in the
     /// Delta log, so a restart, a rebalance or a second writer never writes a record twice.
     Delta {
@@ -421,6 +434,29 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             memory::bound_resident_memory();
             check_kafka(&kafka).await?;
             exactly_daemon::delta_sink::delta_sink(&sink, &kafka, stop_on_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sink {
+            what:
+                SinkCommand::Postgres {
+                    sink,
+                    kafka,
+                    metrics_addr,
+                    no_metrics,
+                },
+        } => {
+            let kafka = kafka.settings()?;
+            serve_metrics_unless(no_metrics, metrics_addr, "postgres sink")?;
+            check_kafka(&kafka).await?;
+            let instance = sink.instance_id();
+            let table = sink::TableSink {
+                name: &sink.name,
+                group: &sink.name,
+                instance_id: instance.as_deref(),
+                topics: &sink.topics,
+                spec: sink.spec(),
+            };
+            sink::sink_table(&sink.database, &kafka, table, stop_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Delta {

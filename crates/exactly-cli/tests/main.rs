@@ -20,6 +20,7 @@ mod operate;
 mod payloads;
 mod relay;
 mod run;
+mod sink_postgres;
 mod sql_functions;
 mod sql_handler;
 mod stream;

@@ -68,7 +68,7 @@ fn results(brokers: &str, topic: &str) -> BTreeMap<(String, i64), BTreeSet<u64>>
 }
 
 /// The window kinds the broker tests run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
     Tumbling,
     Hopping,
@@ -132,6 +132,9 @@ impl Kind {
 
 /// One run's input and what it must give.
 struct Scenario {
+    /// Hopping runs also carry the final results into this PostgreSQL database's
+    /// `job_results`, in the same process.
+    database: Option<String>,
     input: String,
     output: String,
     app: String,
@@ -183,6 +186,7 @@ fn scenario(kind: Kind, seed: u64) -> Scenario {
         ));
     }
     Scenario {
+        database: None,
         input: unique("job-orders"),
         output: unique("job-out"),
         app: unique("job-agg"),
@@ -221,6 +225,13 @@ flush_interval_ms = 500
         ),
         _ => String::new(),
     };
+    let (sink_database, table) = match &s.database {
+        Some(url) => (
+            format!("sink_database = \"{url}\"\n"),
+            "table = \"job_results\"\n",
+        ),
+        None => (String::new(), ""),
+    };
     std::fs::write(
         &config,
         sink + &format!(
@@ -238,7 +249,7 @@ state_dir = "{state}"
 commit_interval_ms = 100
 dynamic_membership = true
 num_stream_threads = {threads}
-
+{sink_database}
 [stream.orders-agg.job]
 input = "{input}"
 key = "/product_id"
@@ -247,7 +258,7 @@ window = {window}
 aggregate = "count"
 emit = "final"
 output = "{output}"
-"#,
+{table}"#,
             app = s.app,
             input = s.input,
             output = s.output,
@@ -374,6 +385,30 @@ async fn settled_lake(
     }
 }
 
+/// The rows of `job_results` once it holds `expected` windows (or 120 s passed).
+async fn settled_rows(url: &str, expected: usize) -> BTreeMap<(String, i64), u64> {
+    let client = exactly_postgres::connect(url).await.expect("connect");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let rows: BTreeMap<(String, i64), u64> = client
+            .query("SELECT key, window_start, count FROM job_results", &[])
+            .await
+            .map(|rows| {
+                rows.iter()
+                    .map(|r| {
+                        let count: i64 = r.get(2);
+                        ((r.get(0), r.get(1)), u64::try_from(count).expect("a count"))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if rows.len() >= expected || Instant::now() > deadline {
+            return rows;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 fn wanted(expected: &BTreeMap<(String, i64), u64>) -> BTreeMap<(String, i64), BTreeSet<u64>> {
     expected
         .iter()
@@ -393,7 +428,10 @@ fn wanted(expected: &BTreeMap<(String, i64), u64>) -> BTreeMap<(String, i64), BT
 /// test asserts one distinct value per window, not one record. On Kafka the record is hidden.
 async fn killed_3_times(kind: Kind, seed: u64, threads: u32) {
     let _one = crate::support::one_kill_test_at_a_time();
-    let s = scenario(kind, seed);
+    let mut s = scenario(kind, seed);
+    if kind == Kind::Hopping {
+        s.database = Some(exactly_testkit::fresh_pg_database().await);
+    }
     exactly_kafka::ensure_topics(&brokers(), &[&s.input], 3)
         .await
         .expect("topics");
@@ -420,6 +458,10 @@ async fn killed_3_times(kind: Kind, seed: u64, threads: u32) {
         Kind::Tumbling => Some(settled_lake(&dir.path().join("results"), s.expected.len()).await),
         _ => None,
     };
+    let rows = match &s.database {
+        Some(url) => Some(settled_rows(url, s.expected.len()).await),
+        None => None,
+    };
     drop(job);
     assert_eq!(
         got,
@@ -433,6 +475,12 @@ async fn killed_3_times(kind: Kind, seed: u64, threads: u32) {
             "the Delta table holds the same final results"
         );
         eprintln!("{rows} rows in the Delta table for {} windows", s.expected.len());
+    }
+    if let Some(rows) = rows {
+        assert_eq!(
+            rows, s.expected,
+            "the PostgreSQL table holds one row per window, with its final count"
+        );
     }
     if threads > 1 {
         // Every thread held tasks: each has task stores of its own.

@@ -53,6 +53,7 @@ pub mod record;
 pub mod sql_template;
 pub mod task_order;
 pub mod time;
+pub mod upsert;
 pub mod wal;
 pub mod window;
 pub mod windowing;

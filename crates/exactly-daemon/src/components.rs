@@ -246,6 +246,28 @@ async fn wal_relay(
     relay.run(stop).await.context("wal relay stopped")
 }
 
+/// A job table's results table, created when absent. Results arrive in their key's partition
+/// in order, so the later one wins.
+async fn job_results_table(url: &str, table: &str, shape: &exactly_stream::dsl::ResultColumns) -> Result<()> {
+    use exactly_stream::dsl::ResultType;
+    let client = exactly_postgres::connect(url).await?;
+    let columns: Vec<(&str, &str)> = shape
+        .columns
+        .iter()
+        .map(|(name, ty)| {
+            let sql = match ty {
+                ResultType::Text => "TEXT",
+                ResultType::Integer => "BIGINT",
+                ResultType::Number => "NUMERIC",
+            };
+            (*name, sql)
+        })
+        .collect();
+    exactly_postgres::upsert::create_table_if_absent(&client, table, &columns, &shape.key_columns)
+        .await
+        .with_context(|| format!("creating the results table {table}"))
+}
+
 /// `exactly stream`: runs one processor until SIGINT/SIGTERM, and with `sink_database` the
 /// UPSERT sink of its results beside it.
 pub async fn stream(
@@ -287,6 +309,10 @@ pub async fn stream(
         .prepare_topics(partitions)
         .await
         .with_context(|| format!("preparing topics on {}", config.kafka.brokers))?;
+    let table = settings.job.as_ref().and_then(|job| {
+        let table = job.table.clone()?;
+        Some((table, job.result_columns()))
+    });
     let sink = settings.sink_database.map(|url| {
         let (kafka, topic) = (config.kafka.clone(), config.output.clone());
         let group = format!("{}-sink", config.application_id);
@@ -297,7 +323,28 @@ pub async fn stream(
             .map(|_| format!("{group}-{}", config.instance));
         let stop = stop.clone();
         tokio::spawn(async move {
-            crate::sink::sink_counts(&url, &kafka, &topic, &group, instance.as_deref(), stop).await
+            let Some((table, shape)) = table else {
+                return crate::sink::sink_counts(&url, &kafka, &topic, &group, instance.as_deref(), stop)
+                    .await;
+            };
+            job_results_table(&url, &table, &shape).await?;
+            let sink = crate::sink::TableSink {
+                name: &group,
+                group: &group,
+                instance_id: instance.as_deref(),
+                topics: std::slice::from_ref(&topic),
+                spec: exactly_postgres::upsert::UpsertSpec {
+                    table: table.clone(),
+                    key_columns: shape.key_columns.iter().map(|c| (*c).to_owned()).collect(),
+                    conflict: exactly_core::upsert::Conflict::LastWins,
+                    key_fields: shape
+                        .key_fields
+                        .iter()
+                        .map(|(c, f)| ((*c).to_owned(), (*f).to_owned()))
+                        .collect(),
+                },
+            };
+            crate::sink::sink_table(&url, &kafka, sink, stop).await
         })
     });
     let counters = std::sync::Arc::new(exactly_stream::StreamCounters::default());

@@ -520,11 +520,20 @@ fn validate(
         if let Some(job) = &stream.job {
             job.topology(exactly_stream::dsl::JOB_NAME)
                 .map_err(|e| locate.error(&["stream", name, "job"], format!("{e}")))?;
-            if stream.sink_database.is_some() {
-                return Err(locate.error(
-                    &["stream", name, "sink_database"],
-                    "the PostgreSQL sink reads the built-in job's partial counts; a job table's results are final per key: read its output topic",
-                ));
+            match (&stream.sink_database, &job.table) {
+                (Some(_), None) => {
+                    return Err(locate.error(
+                        &["stream", name, "sink_database"],
+                        "a job table's results go into the table its `table` names: set `table` in [stream.NAME.job]",
+                    ))
+                }
+                (None, Some(_)) => {
+                    return Err(locate.error(
+                        &["stream", name, "job", "table"],
+                        "the results table is in the stream's `sink_database`: set it (a postgres:// URL)",
+                    ))
+                }
+                _ => {}
             }
         }
         let checked = stream
@@ -698,6 +707,37 @@ output = "orders-per-product"
             .expect_err("refused")
             .to_string();
         assert!(error.contains("is not a JSON pointer"), "{error}");
+
+        // A results table needs the stream's database, and the database a table.
+        let with_table = text.replace(
+            "output = \"orders-per-product\"",
+            "output = \"orders-per-product\"\ntable = \"orders_per_product\"",
+        );
+        let error = load_text(&with_table, &[]).expect_err("no database").to_string();
+        assert!(
+            error.contains("stream.orders-agg.job.table") && error.contains("sink_database"),
+            "{error}"
+        );
+        let with_database = |t: &str| {
+            t.replace(
+                "[stream.orders-agg.job]",
+                "[stream.orders-agg]\nsink_database = \"postgres://db/results\"\n\n[stream.orders-agg.job]",
+            )
+        };
+        let config = load_text(&with_database(&with_table), &[]).expect("loads");
+        let job = config.stream["orders-agg"].job.as_ref().expect("a job");
+        assert_eq!(job.table.as_deref(), Some("orders_per_product"));
+        let error = load_text(&with_database(text), &[])
+            .expect_err("no table")
+            .to_string();
+        assert!(error.contains("set `table`"), "{error}");
+        let error = load_text(
+            &with_database(&with_table.replace("orders_per_product\"", "orders per product\"")),
+            &[],
+        )
+        .expect_err("not an identifier")
+        .to_string();
+        assert!(error.contains("not a plain identifier"), "{error}");
     }
 
     #[test]

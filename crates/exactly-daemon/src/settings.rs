@@ -623,8 +623,9 @@ pub struct StreamSettings {
     #[arg(long, default_value_t = defaults::one())]
     #[serde(default = "defaults::one")]
     pub min_insync_replicas: i32,
-    /// Also upsert the window results into this PostgreSQL database's `order_counts` (what
-    /// `exactly sink-counts` does, in the same process).
+    /// Also upsert the results into this PostgreSQL database, in the same process: the
+    /// built-in job's partial counts into `order_counts` (what `exactly sink-counts` does), a
+    /// job table's results into its `table`.
     #[arg(long)]
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sink_database: Option<String>,
@@ -723,6 +724,74 @@ impl KafkaArgs {
             &self.brokers,
             self.kafka_properties.iter().cloned(),
         )?)
+    }
+}
+
+/// The PostgreSQL UPSERT sink: `exactly sink postgres` (docs/stream-dsl.md, "Into PostgreSQL").
+#[derive(Debug, Clone, clap::Args, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PgSinkSettings {
+    /// The sink's name: its consumer group and the id of its positions and parked records in
+    /// the database.
+    #[arg(long, default_value = "pg-sink")]
+    pub name: String,
+    /// The database of the table (postgres://…; the password from PGPASSWORD or a passfile,
+    /// not the command line).
+    #[arg(long, env = "EXACTLY_DATABASE")]
+    pub database: String,
+    /// Distinguishes members of one sink: the static member id is `<name>-<instance>`.
+    #[arg(long, default_value_t = defaults::instance())]
+    #[serde(default = "defaults::instance")]
+    pub instance: String,
+    /// Join the group as a dynamic member (by default a static one).
+    #[arg(long)]
+    #[serde(default)]
+    pub dynamic_membership: bool,
+    /// Results topics to read (read_committed); repeat the flag for several.
+    #[arg(long = "topic", required = true)]
+    pub topics: Vec<String>,
+    /// The table (`name` or `schema.name`); it must exist, with a UNIQUE constraint on the key
+    /// columns. Each record's value is a JSON object whose fields fill the columns of the same
+    /// names (columns with a default are left to it); a tombstone deletes its key's row.
+    #[arg(long)]
+    pub table: String,
+    /// A column of the table's UNIQUE key; repeat for several.
+    #[arg(long = "key-column", required = true)]
+    pub key_columns: Vec<String>,
+    /// The row with the larger value here wins; none: the later record in the topic wins.
+    #[arg(long)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_column: Option<String>,
+    /// `COLUMN=FIELD`: a tombstone's key object names this key column FIELD.
+    #[arg(long = "key-field", value_name = "COLUMN=FIELD", value_parser = parse_key_field)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub key_fields: Vec<(String, String)>,
+}
+
+fn parse_key_field(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((c, f)) if !c.is_empty() && !f.is_empty() => Ok((c.to_owned(), f.to_owned())),
+        _ => Err(format!("{text:?}: give COLUMN=FIELD")),
+    }
+}
+
+impl PgSinkSettings {
+    /// The table and its keys as the sink applies them.
+    pub fn spec(&self) -> exactly_postgres::upsert::UpsertSpec {
+        exactly_postgres::upsert::UpsertSpec {
+            table: self.table.clone(),
+            key_columns: self.key_columns.clone(),
+            conflict: match &self.version_column {
+                Some(v) => exactly_core::upsert::Conflict::LargerWins(v.clone()),
+                None => exactly_core::upsert::Conflict::LastWins,
+            },
+            key_fields: self.key_fields.clone(),
+        }
+    }
+
+    /// The static member id, unless a dynamic member.
+    pub fn instance_id(&self) -> Option<String> {
+        (!self.dynamic_membership).then(|| format!("{}-{}", self.name, self.instance))
     }
 }
 

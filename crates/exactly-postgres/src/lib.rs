@@ -26,6 +26,7 @@ pub mod operate;
 mod outbox;
 pub mod recipes;
 mod sql_handler;
+pub mod upsert;
 pub mod wal;
 
 pub use db::{connect, redact_url, PgTarget, ReconnectingClient, SslMode};

@@ -303,6 +303,21 @@ DROP INDEX IF EXISTS outbox_pending_by_aggregate;
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (id) WHERE status IN ('NEW', 'SENDING');
 "#,
     ),
+    (
+        6,
+        r#"
+-- The UPSERT sink's positions: per sink, topic and partition the next offset to apply, written
+-- in the transaction that applies the rows before it, so a record read again changes nothing.
+CREATE TABLE IF NOT EXISTS exactly_sink_positions (
+    sink        TEXT NOT NULL,
+    topic       TEXT NOT NULL,
+    partition   INTEGER NOT NULL,
+    next_offset BIGINT NOT NULL,
+    updated_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
+    PRIMARY KEY (sink, topic, partition)
+);
+"#,
+    ),
 ];
 
 /// Brings the schema up to date; safe to call from several processes at once.

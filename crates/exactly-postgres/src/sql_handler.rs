@@ -129,23 +129,28 @@ impl PgHandler for SqlHandler {
 /// connection, a serialization failure, a deadlock, a lock timeout or a changed schema (a
 /// dropped table: an operator's fix away) retries.
 pub fn handler_error(error: tokio_postgres::Error) -> HandlerError {
-    let Some(code) = error.code() else {
-        return HandlerError::Retryable(error.to_string());
-    };
-    let retry = matches!(
-        code.code().get(..2),
-        Some("08" | "40" | "42" | "53" | "57" | "58" | "XX")
-    ) || *code == SqlState::LOCK_NOT_AVAILABLE;
     let message = database_message(&error);
-    if retry {
+    if is_retryable(&error) {
         HandlerError::Retryable(message)
     } else {
         HandlerError::Rejected(message)
     }
 }
 
+/// Whether `handler_error` retries it: the connection, the server or a concurrent
+/// transaction failed, not the statement's data.
+pub(crate) fn is_retryable(error: &tokio_postgres::Error) -> bool {
+    let Some(code) = error.code() else {
+        return true;
+    };
+    matches!(
+        code.code().get(..2),
+        Some("08" | "40" | "42" | "53" | "57" | "58" | "XX")
+    ) || *code == SqlState::LOCK_NOT_AVAILABLE
+}
+
 /// The server's message with its SQLSTATE (and detail), or the client's error.
-fn database_message(error: &tokio_postgres::Error) -> String {
+pub(crate) fn database_message(error: &tokio_postgres::Error) -> String {
     match error.as_db_error() {
         Some(db) => match db.detail() {
             Some(detail) => format!("{} ({}): {detail}", db.message(), db.code().code()),

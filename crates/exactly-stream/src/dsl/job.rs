@@ -55,6 +55,32 @@ pub struct JobSpec {
     /// Where copies of late records go (none: dropped and counted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub late_topic: Option<String>,
+    /// A PostgreSQL table (in the stream's `sink_database`) that also holds the results, one
+    /// row per key and window ([`JobSpec::result_columns`]), created when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table: Option<String>,
+}
+
+/// The type of a result column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResultType {
+    /// Text (the grouping key).
+    Text,
+    /// A 64-bit integer (window bounds, counts).
+    Integer,
+    /// Any number (a sum, min or max of numbers that may have fractions).
+    Number,
+}
+
+/// The columns of a job's results: every field of an output value, by name and type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResultColumns {
+    /// Name and type of each column, in the output value's order.
+    pub columns: Vec<(&'static str, ResultType)>,
+    /// The columns that identify a result: the key, and the window start.
+    pub key_columns: Vec<&'static str>,
+    /// A tombstone's key names `window_start` `start` (an update-mode session merged away).
+    pub key_fields: Vec<(&'static str, &'static str)>,
 }
 
 /// `filter = { pointer = "/status", equals = "paid" }`.
@@ -166,6 +192,9 @@ pub enum JobError {
         /// What was given.
         pointer: String,
     },
+    /// A table name that is not a plain identifier.
+    #[error("table {0:?} is not a plain identifier (letters, digits, _ and $, not starting with a digit; schema.table allowed)")]
+    Table(String),
     /// Emitting final results needs windows.
     #[error("emit = \"final\" needs a window: without one a key's result is never final")]
     FinalWithoutWindow,
@@ -191,6 +220,32 @@ fn payload_json(envelope: &Envelope) -> Result<Value, String> {
 }
 
 impl JobSpec {
+    /// The columns a table of this job's results has.
+    pub fn result_columns(&self) -> ResultColumns {
+        let value = match self.aggregate {
+            AggregateSpec::Count | AggregateSpec::CountDistinct(_) => ResultType::Integer,
+            AggregateSpec::Sum(_) | AggregateSpec::Min(_) | AggregateSpec::Max(_) => ResultType::Number,
+        };
+        let field = self.aggregate.field();
+        if self.window.is_none() {
+            return ResultColumns {
+                columns: vec![("key", ResultType::Text), (field, value)],
+                key_columns: vec!["key"],
+                key_fields: vec![],
+            };
+        }
+        ResultColumns {
+            columns: vec![
+                ("key", ResultType::Text),
+                ("window_start", ResultType::Integer),
+                ("window_end", ResultType::Integer),
+                (field, value),
+            ],
+            key_columns: vec!["key", "window_start"],
+            key_fields: vec![("window_start", "start")],
+        }
+    }
+
     /// Every setting checked, without building.
     pub fn check(&self) -> Result<(), JobError> {
         if let Some(k) = self.key.as_deref().filter(|k| !k.is_empty()) {
@@ -201,6 +256,11 @@ impl JobSpec {
         }
         if let Some(p) = self.aggregate.aggregation().pointer() {
             pointer("aggregate", p)?;
+        }
+        if let Some(t) = &self.table {
+            if exactly_core::recipes::quoted_identifier(t).is_none() {
+                return Err(JobError::Table(t.clone()));
+            }
         }
         self.windows()?;
         if self.window.is_none() && self.emit == EmitSpec::Final {

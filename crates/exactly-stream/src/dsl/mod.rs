@@ -60,7 +60,9 @@ pub use codec::{Codec, Json, NoKey, Raw, Utf8};
 pub use consumed::{Consumed, Grouped, Produced};
 pub use driver::{partition_for, Parked, TestDriver};
 pub use graph::{InputRecord, OutputRecord, Processed, Subtopology, Topology, LATE_REASON};
-pub use job::{AggregateSpec, EmitSpec, FilterSpec, JobError, JobSpec, WindowSpec, JOB_NAME};
+pub use job::{
+    AggregateSpec, EmitSpec, FilterSpec, JobError, JobSpec, ResultColumns, ResultType, WindowSpec, JOB_NAME,
+};
 pub use join_ops::JoinWindows;
 pub use state::{Entries, MemoryState, StateAccess, StateError};
 pub use stream::{
