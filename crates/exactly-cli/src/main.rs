@@ -448,15 +448,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             let kafka = kafka.settings()?;
             serve_metrics_unless(no_metrics, metrics_addr, "postgres sink")?;
             check_kafka(&kafka).await?;
-            let instance = sink.instance_id();
-            let table = sink::TableSink {
-                name: &sink.name,
-                group: &sink.name,
-                instance_id: instance.as_deref(),
-                topics: &sink.topics,
-                spec: sink.spec(),
-            };
-            sink::sink_table(&sink.database, &kafka, table, stop_on_signal()).await?;
+            sink::postgres_sink(&sink, &kafka, stop_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Delta {

@@ -193,3 +193,20 @@ pub async fn sink_table(
     }
     Ok(())
 }
+
+/// `exactly sink postgres`: the sink of `settings`, its group and positions named after it.
+pub async fn postgres_sink(
+    settings: &crate::settings::PgSinkSettings,
+    kafka: &exactly_kafka::KafkaSettings,
+    stop: watch::Receiver<bool>,
+) -> Result<()> {
+    let instance = settings.instance_id();
+    let sink = TableSink {
+        name: &settings.name,
+        group: &settings.name,
+        instance_id: instance.as_deref(),
+        topics: &settings.topics,
+        spec: settings.spec(),
+    };
+    sink_table(&settings.database, kafka, sink, stop).await
+}
