@@ -405,3 +405,64 @@ async fn a_record_that_does_not_fit_the_columns_is_parked_and_its_partition_goes
         "both misfits parked with their reason: {dead:?}"
     );
 }
+
+/// The sink takes what the client has ready in turns of at most 10,000 records; it used to take
+/// one more record at the end of a full turn and drop it, so every 10,000 records a partition
+/// showed a gap, was sought back and read again (with a warning blaming the broker). 30,000
+/// records already in one partition: written once each, and nothing read again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_read_in_long_turns_is_never_sought_back() {
+    use std::sync::atomic::Ordering;
+    const EVENTS: u64 = 30_000;
+    let topic = unique("delta-turns");
+    exactly_kafka::ensure_topics(&brokers(), &[&topic], 1)
+        .await
+        .expect("topic");
+    let producer = producer();
+    for n in 0..EVENTS as usize {
+        send(&producer, &topic, &event(&format!("A-{}", n % 50), n, b""), true);
+    }
+    producer.flush(Duration::from_secs(60)).expect("flush");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let name = unique("delta-turns-sink");
+    let config = exactly_delta::SinkConfig {
+        kafka: exactly_kafka::KafkaSettings::new(&brokers()),
+        topics: vec![topic.clone()],
+        table_uri: dir.path().join("table").to_string_lossy().into_owned(),
+        storage_options: Default::default(),
+        name: name.clone(),
+        group: name,
+        instance_id: None,
+        layout: exactly_delta::Layout {
+            input: exactly_delta::InputKind::Envelope,
+            columns: Vec::new(),
+            partition_by: None,
+        },
+        flush_records: 100_000,
+        flush_interval: Duration::from_secs(1),
+        target_file_size: 128 * 1024 * 1024,
+        dedupe_horizon_ms: 3_600_000,
+        dead_letter_topic: unique("delta-turns-dead"),
+        faults: exactly_kafka::Faults::none(),
+    };
+    let counters = std::sync::Arc::new(exactly_delta::SinkCounters::default());
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(exactly_delta::run(config, counters.clone(), stop));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while counters.written.load(Ordering::Relaxed) < EVENTS {
+        assert!(
+            Instant::now() < deadline && !running.is_finished(),
+            "the sink wrote {} of {EVENTS} records in 120 s",
+            counters.written.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = stop_tx.send(true);
+    running.await.expect("joined").expect("the sink stopped cleanly");
+    assert_eq!(counters.written.load(Ordering::Relaxed), EVENTS);
+    assert_eq!(
+        counters.reread.load(Ordering::Relaxed),
+        0,
+        "no partition sought back to a record the sink had taken and dropped"
+    );
+}

@@ -80,6 +80,8 @@ pub struct SinkCounters {
     pub bytes: AtomicU64,
     /// Parquet files committed.
     pub files: AtomicU64,
+    /// Times a partition was read again from an offset the client had passed over.
+    pub reread: AtomicU64,
 }
 
 /// The keys of what the table holds within the horizon: read back from its files, and added
@@ -241,7 +243,15 @@ pub async fn run(
         };
         // What the client has ready is taken without arming the select again: one turn of
         // the loop per record would cost more than the record.
-        for _ in 0..DRAIN {
+        for turn in 0..DRAIN {
+            // Only a record this turn judges is taken from the client: one taken and dropped
+            // would be a gap, read again at the cost of a seek.
+            if turn > 0 {
+                match consumer.recv().now_or_never() {
+                    Some(next) => received = Some(next),
+                    None => break,
+                }
+            }
             if consumer.context().rebalanced.swap(false, Ordering::SeqCst) {
                 resync(&consumer, &mut target, &config, &mut batch, &mut keys, &mut stop).await?;
                 // The record that came with the rebalance is judged like any other below.
@@ -253,7 +263,7 @@ pub async fn run(
                         .iter()
                         .any(|(t, p)| *p == m.partition() && t == m.topic())
                     {
-                        take(&consumer, &config, &keys, &mut batch, &m);
+                        take(&consumer, &config, &keys, &counters, &mut batch, &m);
                         None
                     } else {
                         Some(m.detach())
@@ -267,14 +277,10 @@ pub async fn run(
             };
             if let Some(m) = unpositioned {
                 ensure_positioned(&consumer, &target, &mut batch, &m).await?;
-                take(&consumer, &config, &keys, &mut batch, &m);
+                take(&consumer, &config, &keys, &counters, &mut batch, &m);
             }
             if batch.rows.len() + batch.parked.len() >= config.flush_records {
                 break;
-            }
-            match consumer.recv().now_or_never() {
-                Some(next) => received = Some(next),
-                None => break,
             }
         }
         let full = batch.rows.len() + batch.parked.len() >= config.flush_records;
@@ -415,6 +421,7 @@ fn take(
     consumer: &StreamConsumer<SinkContext>,
     config: &SinkConfig,
     keys: &Committed,
+    counters: &SinkCounters,
     batch: &mut Batch,
     m: &impl Message,
 ) {
@@ -425,7 +432,11 @@ fn take(
     let verdict = batch.gaps.observe(&tp, m.offset());
     match exactly_kafka::follow_gap_verdict(consumer, m, verdict) {
         GapFollowed::Take => {}
-        GapFollowed::Rereading => return,
+        GapFollowed::Rereading => {
+            counters.reread.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("exactly_delta_gaps_reread_total").increment(1);
+            return;
+        }
         GapFollowed::SeekFailed => {
             batch.gaps.refetch_failed(&tp);
             return;
