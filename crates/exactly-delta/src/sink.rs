@@ -26,7 +26,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
-use crate::schema::{InputKind, Layout, Origin, PlainRecord, Row};
+use crate::schema::{InputKind, Layout, Origin, PlainRecord, Rows};
 use crate::table::{AppendError, DeltaTarget};
 use crate::DeltaSinkError;
 
@@ -142,7 +142,7 @@ const DRAIN: usize = 10_000;
 
 /// The buffer and what the loop knows of each partition since the last (re)sync.
 struct Batch {
-    rows: Vec<Row>,
+    rows: Rows,
     keys: HashSet<IdempotencyKey>,
     parked: Vec<Parked>,
     /// The next offset per partition after what the buffer holds (or skipped).
@@ -177,9 +177,9 @@ impl Batch {
         self.positioned.insert(tp);
     }
 
-    fn new() -> Self {
+    fn new(layout: &Layout) -> Self {
         Batch {
-            rows: Vec::new(),
+            rows: layout.rows(),
             keys: HashSet::new(),
             parked: Vec::new(),
             next: HashMap::new(),
@@ -226,7 +226,7 @@ pub async fn run(
         loaded: HashSet::new(),
     };
     load_keys(&target, &config, &mut keys).await?;
-    let mut batch = Batch::new();
+    let mut batch = Batch::new(&config.layout);
     tracing::info!(
         "delta sink {} from {:?} into {} at version {:?}",
         config.name,
@@ -349,7 +349,7 @@ async fn resync(
     keys: &mut Committed,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), DeltaSinkError> {
-    *batch = Batch::new();
+    *batch = Batch::new(&config.layout);
     loop {
         match target.refresh().await {
             Ok(()) => break,
@@ -452,7 +452,7 @@ fn take(
         offset: m.offset(),
     };
     let payload = m.payload().unwrap_or_default();
-    let row = match config.layout.input {
+    let pushed = match config.layout.input {
         InputKind::Envelope => match exactly_kafka::decode_message(m) {
             Err(e) => Err(format!("not an exactly event: {e}")),
             Ok(delivery) => {
@@ -461,13 +461,13 @@ fn take(
                     batch.next.insert(tp, m.offset() + 1);
                     return;
                 }
-                let row = config
+                let pushed = config
                     .layout
-                    .envelope_row(key.to_string(), delivery.envelope, origin);
-                if row.is_ok() {
+                    .push_envelope(&mut batch.rows, &key, &delivery.envelope, origin);
+                if pushed.is_ok() {
                     batch.keys.insert(key);
                 }
-                row
+                pushed
             }
         },
         InputKind::Plain => {
@@ -476,11 +476,13 @@ fn take(
                 timestamp_ms: m.timestamp().to_millis(),
                 payload,
             };
-            config.layout.plain_row(record, origin, exactly_kafka::now().0)
+            config
+                .layout
+                .push_plain(&mut batch.rows, record, origin, exactly_kafka::now().0)
         }
     };
-    match row {
-        Ok(row) => batch.rows.push(row),
+    match pushed {
+        Ok(()) => {}
         Err(reason) => batch.parked.push(Parked {
             topic: tp.0.clone(),
             partition: tp.1,
@@ -521,9 +523,10 @@ async fn append(
             .await
             .map_err(|e| AppendError::Failed(deltalake::DeltaTableError::Generic(format!("parking: {e}"))))?;
     }
+    let written = batch.rows.len() as u64;
     let rows = config
         .layout
-        .batch(&batch.rows)
+        .batch(&mut batch.rows)
         .map_err(|e| AppendError::Failed(e.into()))?;
     let positions: Vec<(String, i32, i64)> = batch
         .moved
@@ -542,7 +545,7 @@ async fn append(
     for key in batch.keys.drain() {
         keys.keys.observe(&key, now);
     }
-    let (rows, parked) = (batch.rows.len() as u64, batch.parked.len() as u64);
+    let (rows, parked) = (written, batch.parked.len() as u64);
     counters.written.fetch_add(rows, Ordering::Relaxed);
     counters.parked.fetch_add(parked, Ordering::Relaxed);
     counters.commits.fetch_add(1, Ordering::Relaxed);
@@ -569,7 +572,6 @@ async fn append(
             batch.base.insert(tp, *next);
         }
     }
-    batch.rows.clear();
     batch.parked.clear();
     batch.since = None;
     Ok(())
