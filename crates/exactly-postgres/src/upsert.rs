@@ -243,12 +243,26 @@ impl UpsertSink {
                 Ok(RowChange::Upsert(row)) => run.push((*r, Value::Object(row))),
                 Ok(RowChange::Delete(key)) => {
                     self.upsert_run(&mut tx, &mut run, &mut applied).await?;
-                    match tx
+                    let sp = tx.savepoint("delete").await.map_err(PgError::at("savepoint"))?;
+                    match sp
                         .execute(&self.delete_sql, &[&Value::Object(key).to_string()])
                         .await
                     {
-                        Ok(_) => applied.deleted += 1,
-                        Err(e) => return Err(PgError::at("delete a row")(e)),
+                        Ok(_) => {
+                            sp.commit().await.map_err(PgError::at("release savepoint"))?;
+                            applied.deleted += 1;
+                        }
+                        Err(e) if is_retryable(&e) => return Err(PgError::at("delete a row")(e)),
+                        Err(e) => {
+                            // A key the table cannot compare (text for a BIGINT column).
+                            sp.rollback()
+                                .await
+                                .map_err(PgError::at("roll back to savepoint"))?;
+                            let reason =
+                                format!("the table refused the tombstone's key: {}", database_message(&e));
+                            self.park(&tx, r, &reason).await?;
+                            applied.parked += 1;
+                        }
                     }
                 }
                 Err(reason) => {
