@@ -1079,3 +1079,50 @@ async fn a_join_over_topics_written_before_it_starts_enriches_each_order_as_of_i
         difference(&got, &expected)
     );
 }
+
+/// A results table the sink cannot write (here: no UNIQUE constraint on its key columns) stops
+/// the job with the reason, instead of leaving it running without its sink.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_results_table_the_sink_cannot_key_stops_the_job_with_the_reason() {
+    let url = exactly_testkit::fresh_pg_database().await;
+    let client = exactly_postgres::connect(&url).await.expect("connect");
+    client
+        .batch_execute(
+            "CREATE TABLE job_results (key TEXT, window_start BIGINT, window_end BIGINT, count BIGINT)",
+        )
+        .await
+        .expect("table");
+    let mut s = scenario(Kind::Tumbling, 7);
+    s.database = Some(url);
+    exactly_kafka::ensure_topics(&brokers(), &[&s.input], 3)
+        .await
+        .expect("topics");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = write_config(dir.path(), &s, Kind::Hopping, "0", &free_address(), 1);
+    let mut run = Command::new(EXACTLY)
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start exactly run");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(status) = run.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = run.kill();
+            panic!("exactly run still running 90 s after its sink failed");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut run.stderr.take().expect("stderr"), &mut stderr).expect("read");
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("UNIQUE constraint on exactly the key columns"),
+        "{stderr}"
+    );
+}

@@ -309,6 +309,9 @@ pub async fn stream(
         .prepare_topics(partitions)
         .await
         .with_context(|| format!("preparing topics on {}", config.kafka.brokers))?;
+    // Set when the job stops: on a signal, when a stream thread fails, or when the sink does
+    // (a sink that cannot write must not leave the job running without it).
+    let stop_flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(*stop.borrow()));
     let table = settings.job.as_ref().and_then(|job| {
         let table = job.table.clone()?;
         Some((table, job.result_columns()))
@@ -322,7 +325,8 @@ pub async fn stream(
             .as_ref()
             .map(|_| format!("{group}-{}", config.instance));
         let stop = stop.clone();
-        tokio::spawn(async move {
+        let job_stop = stop_flag.clone();
+        let sink = async move {
             let Some((table, shape)) = table else {
                 return crate::sink::sink_counts(&url, &kafka, &topic, &group, instance.as_deref(), stop)
                     .await;
@@ -345,10 +349,17 @@ pub async fn stream(
                 },
             };
             crate::sink::sink_table(&url, &kafka, sink, stop).await
+        };
+        tokio::spawn(async move {
+            let result = sink.await;
+            if let Err(e) = &result {
+                tracing::error!("the results sink stopped: {e:#}; stopping the stream job");
+                job_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            result
         })
     });
     let counters = std::sync::Arc::new(exactly_stream::StreamCounters::default());
-    let stop_flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(*stop.borrow()));
     let flag = stop_flag.clone();
     let mut signal = stop;
     tokio::spawn(async move {
