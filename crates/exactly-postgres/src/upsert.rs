@@ -243,23 +243,12 @@ impl UpsertSink {
                 Ok(RowChange::Upsert(row)) => run.push((*r, Value::Object(row))),
                 Ok(RowChange::Delete(key)) => {
                     self.upsert_run(&mut tx, &mut run, &mut applied).await?;
-                    let sp = tx.savepoint("delete").await.map_err(PgError::at("savepoint"))?;
-                    match sp
-                        .execute(&self.delete_sql, &[&Value::Object(key).to_string()])
-                        .await
-                    {
-                        Ok(_) => {
-                            sp.commit().await.map_err(PgError::at("release savepoint"))?;
-                            applied.deleted += 1;
-                        }
-                        Err(e) if is_retryable(&e) => return Err(PgError::at("delete a row")(e)),
-                        Err(e) => {
-                            // A key the table cannot compare (text for a BIGINT column).
-                            sp.rollback()
-                                .await
-                                .map_err(PgError::at("roll back to savepoint"))?;
-                            let reason =
-                                format!("the table refused the tombstone's key: {}", database_message(&e));
+                    let key = Value::Object(key).to_string();
+                    // A key the table cannot compare (text for a BIGINT column) is refused.
+                    match in_savepoint(&mut tx, &self.delete_sql, &key, "delete a row").await? {
+                        Ok(()) => applied.deleted += 1,
+                        Err(refused) => {
+                            let reason = format!("the table refused the tombstone's key: {refused}");
                             self.park(&tx, r, &reason).await?;
                             applied.parked += 1;
                         }
@@ -339,34 +328,20 @@ impl UpsertSink {
             return Ok(());
         }
         let rows = Value::Array(run.iter().map(|(_, v)| v.clone()).collect()).to_string();
-        let sp = tx.savepoint("run").await.map_err(PgError::at("savepoint"))?;
-        match sp.execute(&self.upsert_sql, &[&rows]).await {
-            Ok(_) => {
-                sp.commit().await.map_err(PgError::at("release savepoint"))?;
-                applied.upserted += run.len();
-                run.clear();
-                return Ok(());
-            }
-            Err(e) if is_retryable(&e) => return Err(PgError::at("upsert rows")(e)),
-            Err(_) => sp
-                .rollback()
-                .await
-                .map_err(PgError::at("roll back to savepoint"))?,
+        if in_savepoint(tx, &self.upsert_sql, &rows, "upsert rows")
+            .await?
+            .is_ok()
+        {
+            applied.upserted += run.len();
+            run.clear();
+            return Ok(());
         }
         for (record, row) in run.drain(..) {
             let one = Value::Array(vec![row]).to_string();
-            let sp = tx.savepoint("row").await.map_err(PgError::at("savepoint"))?;
-            match sp.execute(&self.upsert_sql, &[&one]).await {
-                Ok(_) => {
-                    sp.commit().await.map_err(PgError::at("release savepoint"))?;
-                    applied.upserted += 1;
-                }
-                Err(e) if is_retryable(&e) => return Err(PgError::at("upsert a row")(e)),
-                Err(e) => {
-                    sp.rollback()
-                        .await
-                        .map_err(PgError::at("roll back to savepoint"))?;
-                    let reason = format!("the table refused the row: {}", database_message(&e));
+            match in_savepoint(tx, &self.upsert_sql, &one, "upsert a row").await? {
+                Ok(()) => applied.upserted += 1,
+                Err(refused) => {
+                    let reason = format!("the table refused the row: {refused}");
                     self.park(tx, &record, &reason).await?;
                     applied.parked += 1;
                 }
@@ -403,5 +378,33 @@ impl UpsertSink {
         .await
         .map_err(PgError::at("park a record"))?;
         Ok(())
+    }
+}
+
+/// Runs `sql` with its one parameter inside a savepoint: `Ok(Ok(()))` applied; `Ok(Err(why))`
+/// the statement's data was refused (the savepoint rolled back, the transaction goes on); `Err`
+/// a retryable failure (the connection, a deadlock): the whole transaction is to be run again.
+async fn in_savepoint(
+    tx: &mut Transaction<'_>,
+    sql: &str,
+    param: &str,
+    what: &'static str,
+) -> Result<Result<(), String>, PgError> {
+    let sp = tx
+        .savepoint("exactly_sink")
+        .await
+        .map_err(PgError::at("savepoint"))?;
+    match sp.execute(sql, &[&param]).await {
+        Ok(_) => {
+            sp.commit().await.map_err(PgError::at("release savepoint"))?;
+            Ok(Ok(()))
+        }
+        Err(e) if is_retryable(&e) => Err(PgError::at(what)(e)),
+        Err(e) => {
+            sp.rollback()
+                .await
+                .map_err(PgError::at("roll back to savepoint"))?;
+            Ok(Err(database_message(&e)))
+        }
     }
 }
