@@ -10,6 +10,7 @@
 //! within the dedupe horizon ([`sink`]). Records that do not fit the layout ([`schema`]) go to
 //! the dead-letter topic with their reason before the append that moves past them.
 
+mod appender;
 pub mod maintain;
 pub mod schema;
 pub mod sink;
@@ -51,6 +52,10 @@ pub enum DeltaSinkError {
     /// The dead-letter topic could not be created.
     #[error("creating the dead-letter topic: {0}")]
     DeadLetterTopic(#[source] exactly_kafka::KafkaFlowError),
+    /// The task that appends stopped without an answer (it panicked), or the loop broke its
+    /// order (a bug): the sink stops rather than guess where the table is.
+    #[error("the append task: {0}")]
+    Appender(String),
     /// Kafka refused the client or the subscription.
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),

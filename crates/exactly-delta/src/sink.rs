@@ -18,16 +18,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use exactly_core::{IdempotencyKey, KeySet, OffsetGapCheck, UnixMillis};
-use exactly_kafka::{FaultPoint, Faults, GapFollowed, KafkaSettings};
+use exactly_kafka::{Faults, GapFollowed, KafkaSettings};
 use futures::FutureExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::FutureProducer;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::watch;
 
+use crate::appender::{Appender, Job, Move, Outcome, Parked};
 use crate::schema::{InputKind, Layout, Origin, PlainRecord, Rows};
-use crate::table::{AppendError, DeltaTarget};
+use crate::table::{AppendError, Appended, DeltaTarget};
 use crate::DeltaSinkError;
 
 /// Everything a Delta sink needs.
@@ -147,25 +148,18 @@ struct Batch {
     parked: Vec<Parked>,
     /// The next offset per partition after what the buffer holds (or skipped).
     next: HashMap<Tp, i64>,
-    /// Partitions whose position moved since the last append.
+    /// Partitions whose position moved since the last hand-off to the appender.
     moved: HashSet<Tp>,
-    /// The log's position each partition's buffered records start from: an append is made
-    /// only while the log still says so (another writer may have moved it, and a commit
-    /// rebased over that writer's commits would not see it).
+    /// The log's position each partition's buffered records start from (after the running
+    /// append, if any): an append is made only while the log still says so (another writer may
+    /// have moved it, and a commit rebased over that writer's commits would not see it).
     base: HashMap<Tp, i64>,
     /// Partitions checked against the log since the last sync.
     positioned: HashSet<Tp>,
     gaps: OffsetGapCheck<Tp>,
     since: Option<Instant>,
-}
-
-struct Parked {
-    topic: String,
-    partition: i32,
-    offset: i64,
-    key: Option<Vec<u8>>,
-    payload: Vec<u8>,
-    reason: String,
+    /// The keys of the append running, until it ends: repeats of them are skipped too.
+    appending: HashSet<IdempotencyKey>,
 }
 
 impl Batch {
@@ -188,19 +182,60 @@ impl Batch {
             positioned: HashSet::new(),
             gaps: OffsetGapCheck::default(),
             since: None,
+            appending: HashSet::new(),
         }
+    }
+
+    fn len(&self) -> usize {
+        self.rows.len() + self.parked.len()
+    }
+
+    /// The buffer as an append job; the next buffer starts where this one ends.
+    fn hand_off(&mut self, layout: &Layout) -> Result<Job, DeltaSinkError> {
+        let rows = layout
+            .batch(&mut self.rows)
+            .map_err(|e| DeltaSinkError::Appender(format!("building the batch: {e}")))?;
+        let mut moves = Vec::with_capacity(self.moved.len());
+        for tp in self.moved.drain() {
+            let (Some(base), Some(next)) = (self.base.get(&tp).copied(), self.next.get(&tp).copied()) else {
+                continue;
+            };
+            self.base.insert(tp.clone(), next);
+            moves.push(Move {
+                topic: tp.0,
+                partition: tp.1,
+                base,
+                next,
+            });
+        }
+        self.appending = std::mem::take(&mut self.keys);
+        self.since = None;
+        Ok(Job {
+            rows,
+            moves,
+            parked: std::mem::take(&mut self.parked),
+        })
     }
 }
 
+/// What the loop keeps between records.
+struct Sink {
+    config: SinkConfig,
+    counters: Arc<SinkCounters>,
+    keys: Committed,
+    batch: Batch,
+    appender: Appender,
+}
+
 /// Runs the sink until `stop`: what is buffered then is dropped (it is read again on the next
-/// start), so a stop never writes a partial batch.
+/// start), so a stop never writes a partial batch; an append already running is waited for.
 pub async fn run(
     config: SinkConfig,
     counters: Arc<SinkCounters>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), DeltaSinkError> {
     config.layout.validate().map_err(DeltaSinkError::Layout)?;
-    let mut target = DeltaTarget::open(
+    let target = DeltaTarget::open(
         &config.table_uri,
         &config.storage_options,
         &config.layout,
@@ -226,7 +261,6 @@ pub async fn run(
         loaded: HashSet::new(),
     };
     load_keys(&target, &config, &mut keys).await?;
-    let mut batch = Batch::new(&config.layout);
     tracing::info!(
         "delta sink {} from {:?} into {} at version {:?}",
         config.name,
@@ -234,13 +268,37 @@ pub async fn run(
         config.table_uri,
         target.version()
     );
+    let appender = Appender::new(
+        target,
+        producer,
+        config.dead_letter_topic.clone(),
+        config.faults.clone(),
+    );
+    let mut sink = Sink {
+        batch: Batch::new(&config.layout),
+        config,
+        counters,
+        keys,
+        appender,
+    };
     loop {
-        let due = batch.since.map(|s| s + config.flush_interval);
+        let due = sink.batch.since.map(|s| s + sink.config.flush_interval);
         let mut received = tokio::select! {
-            _ = stop.changed() => return Ok(()),
+            _ = stop.changed() => {
+                // An append running is let end (committed or not, never cut off).
+                let _ = sink.appender.idle().await?;
+                return Ok(());
+            }
             _ = sleep_until(due) => None,
+            ended = sink.appender.finish(), if sink.appender.running() => {
+                ended?;
+                None
+            }
             m = consumer.recv() => Some(m),
         };
+        if sink.appender.ended() {
+            sink.settle(&consumer, &mut stop).await?;
+        }
         // What the client has ready is taken without arming the select again: one turn of
         // the loop per record would cost more than the record.
         for turn in 0..DRAIN {
@@ -253,17 +311,13 @@ pub async fn run(
                 }
             }
             if consumer.context().rebalanced.swap(false, Ordering::SeqCst) {
-                resync(&consumer, &mut target, &config, &mut batch, &mut keys, &mut stop).await?;
+                sink.resync(&consumer, &mut stop).await?;
                 // The record that came with the rebalance is judged like any other below.
             }
             let unpositioned = match received.take() {
                 Some(Ok(m)) => {
-                    if batch
-                        .positioned
-                        .iter()
-                        .any(|(t, p)| *p == m.partition() && t == m.topic())
-                    {
-                        take(&consumer, &config, &keys, &counters, &mut batch, &m);
+                    if sink.positioned(&m) {
+                        sink.take(&consumer, &m);
                         None
                     } else {
                         Some(m.detach())
@@ -276,32 +330,141 @@ pub async fn run(
                 None => None,
             };
             if let Some(m) = unpositioned {
-                ensure_positioned(&consumer, &target, &mut batch, &m).await?;
-                take(&consumer, &config, &keys, &counters, &mut batch, &m);
+                // Positioning reads the log: the running append ends first.
+                sink.settle(&consumer, &mut stop).await?;
+                if !sink.positioned(&m) {
+                    let (_, target) = sink.appender.idle().await?;
+                    ensure_positioned(&consumer, target, &mut sink.batch, &m).await?;
+                }
+                sink.take(&consumer, &m);
             }
-            if batch.rows.len() + batch.parked.len() >= config.flush_records {
+            if sink.batch.len() >= sink.config.flush_records {
                 break;
             }
         }
-        let full = batch.rows.len() + batch.parked.len() >= config.flush_records;
-        let late = batch.since.is_some_and(|s| s.elapsed() >= config.flush_interval);
-        if (full || late) && !batch.moved.is_empty() {
-            match append(&mut target, &config, &counters, &producer, &mut batch, &mut keys).await {
-                Ok(()) => commit_group_offsets(&consumer, &batch),
-                Err(lost) => {
-                    if matches!(lost, AppendError::Conflict(_)) {
-                        counters.conflicts.fetch_add(1, Ordering::Relaxed);
-                        metrics::counter!("exactly_delta_commit_conflicts_total").increment(1);
-                    }
-                    tracing::warn!("delta sink: {lost}; reading the positions from the log again");
-                    if matches!(lost, AppendError::Failed(_)) {
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                    resync(&consumer, &mut target, &config, &mut batch, &mut keys, &mut stop).await?;
-                }
+        let full = sink.batch.len() >= sink.config.flush_records;
+        let late = sink
+            .batch
+            .since
+            .is_some_and(|s| s.elapsed() >= sink.config.flush_interval);
+        if (full || late) && !sink.batch.moved.is_empty() {
+            // One append at a time: the next starts from where the running one ends.
+            if sink.settle(&consumer, &mut stop).await? {
+                let written = sink.batch.rows.len() as u64;
+                let job = sink.batch.hand_off(&sink.config.layout)?;
+                sink.appender.start(job, written)?;
             }
         }
     }
+}
+
+impl Sink {
+    /// Whether the record's partition was checked against the log since the last sync.
+    fn positioned(&self, m: &impl Message) -> bool {
+        self.batch
+            .positioned
+            .iter()
+            .any(|(t, p)| *p == m.partition() && t == m.topic())
+    }
+
+    fn take(&mut self, consumer: &StreamConsumer<SinkContext>, m: &impl Message) {
+        take(
+            consumer,
+            &self.config,
+            &self.keys,
+            &self.counters,
+            &mut self.batch,
+            m,
+        );
+    }
+
+    /// Waits for the running append, if any, and follows how it ended: the group's offsets
+    /// and the dedupe keys after a commit, the log's positions again after a loss. False when
+    /// the positions were read again (the buffer was dropped).
+    async fn settle(
+        &mut self,
+        consumer: &StreamConsumer<SinkContext>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<bool, DeltaSinkError> {
+        let (outcome, _) = self.appender.idle().await?;
+        let Some(outcome) = outcome else {
+            return Ok(true);
+        };
+        let appending = std::mem::take(&mut self.batch.appending);
+        match outcome.result {
+            Ok(appended) => {
+                let now = exactly_kafka::now();
+                for key in appending {
+                    self.keys.keys.observe(&key, now);
+                }
+                record_append(&self.counters, &outcome, appended);
+                commit_group_offsets(consumer, &outcome.moves);
+                Ok(true)
+            }
+            Err(lost) => {
+                if matches!(lost, AppendError::Conflict(_)) {
+                    self.counters.conflicts.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("exactly_delta_commit_conflicts_total").increment(1);
+                }
+                tracing::warn!("delta sink: {lost}; reading the positions from the log again");
+                if matches!(lost, AppendError::Failed(_)) {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                self.resync(consumer, stop).await?;
+                Ok(false)
+            }
+        }
+    }
+
+    /// Drops the buffer, reads the log's newest version and the keys of files added since, and
+    /// seeks the assigned partitions to the log's positions (after the running append ends).
+    async fn resync(
+        &mut self,
+        consumer: &StreamConsumer<SinkContext>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<(), DeltaSinkError> {
+        let (outcome, target) = self.appender.idle().await?;
+        // A commit that ended meanwhile is counted; its keys are read back from its files.
+        if let Some(outcome) = outcome {
+            if let Ok(appended) = &outcome.result {
+                record_append(&self.counters, &outcome, *appended);
+            }
+        }
+        self.batch = Batch::new(&self.config.layout);
+        loop {
+            match target.refresh().await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!("delta sink: reading the log (will retry): {e}");
+                    tokio::select! {
+                        _ = stop.changed() => return Ok(()),
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+        }
+        load_keys(target, &self.config, &mut self.keys).await?;
+        position_assigned(consumer, target, &mut self.batch).await
+    }
+}
+
+/// Counts a committed append.
+fn record_append(counters: &SinkCounters, outcome: &Outcome, appended: Appended) {
+    let (rows, parked) = (outcome.written, outcome.parked);
+    counters.written.fetch_add(rows, Ordering::Relaxed);
+    counters.parked.fetch_add(parked, Ordering::Relaxed);
+    counters.commits.fetch_add(1, Ordering::Relaxed);
+    counters.files.fetch_add(appended.files as u64, Ordering::Relaxed);
+    counters
+        .bytes
+        .fetch_add(appended.bytes.max(0) as u64, Ordering::Relaxed);
+    metrics::counter!("exactly_delta_records_written_total").increment(rows);
+    metrics::counter!("exactly_delta_records_parked_total").increment(parked);
+    metrics::counter!("exactly_delta_commits_total").increment(1);
+    metrics::counter!("exactly_delta_files_written_total").increment(appended.files as u64);
+    metrics::counter!("exactly_delta_bytes_written_total").increment(appended.bytes.max(0) as u64);
+    metrics::histogram!("exactly_delta_commit_seconds").record(outcome.started.elapsed().as_secs_f64());
+    metrics::gauge!("exactly_delta_table_version").set(appended.version as f64);
 }
 
 /// Seeks every assigned partition to the log's position (the beginning where the log has
@@ -337,33 +500,6 @@ async fn sleep_until(due: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at.into()).await,
         None => std::future::pending().await,
     }
-}
-
-/// Drops the buffer, reads the log's newest version and the keys of files added since, and
-/// seeks the assigned partitions to the log's positions.
-async fn resync(
-    consumer: &StreamConsumer<SinkContext>,
-    target: &mut DeltaTarget,
-    config: &SinkConfig,
-    batch: &mut Batch,
-    keys: &mut Committed,
-    stop: &mut watch::Receiver<bool>,
-) -> Result<(), DeltaSinkError> {
-    *batch = Batch::new(&config.layout);
-    loop {
-        match target.refresh().await {
-            Ok(()) => break,
-            Err(e) => {
-                tracing::warn!("delta sink: reading the log (will retry): {e}");
-                tokio::select! {
-                    _ = stop.changed() => return Ok(()),
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-            }
-        }
-    }
-    load_keys(target, config, keys).await?;
-    position_assigned(consumer, target, batch).await
 }
 
 async fn load_keys(
@@ -457,7 +593,7 @@ fn take(
             Err(e) => Err(format!("not an exactly event: {e}")),
             Ok(delivery) => {
                 let key = delivery.key;
-                if keys.keys.contains(&key) || batch.keys.contains(&key) {
+                if keys.keys.contains(&key) || batch.keys.contains(&key) || batch.appending.contains(&key) {
                     batch.next.insert(tp, m.offset() + 1);
                     return;
                 }
@@ -495,134 +631,11 @@ fn take(
     batch.next.insert(tp, m.offset() + 1);
 }
 
-/// Parks what does not fit (acknowledged before the append), then appends the rows with the
-/// positions they reached.
-async fn append(
-    target: &mut DeltaTarget,
-    config: &SinkConfig,
-    counters: &SinkCounters,
-    producer: &FutureProducer<exactly_kafka::TokenContext>,
-    batch: &mut Batch,
-    keys: &mut Committed,
-) -> Result<(), AppendError> {
-    for tp in &batch.moved {
-        let log = position_of(target, tp)
-            .await
-            .map_err(|e| AppendError::Failed(deltalake::DeltaTableError::Generic(e.to_string())))?;
-        if batch.base.get(tp) != Some(&log) {
-            return Err(AppendError::Conflict(format!(
-                "{}/{}: the log moved to {log} while this sink read from {:?}",
-                tp.0,
-                tp.1,
-                batch.base.get(tp)
-            )));
-        }
-    }
-    for p in &batch.parked {
-        park(producer, &config.dead_letter_topic, p)
-            .await
-            .map_err(|e| AppendError::Failed(deltalake::DeltaTableError::Generic(format!("parking: {e}"))))?;
-    }
-    let written = batch.rows.len() as u64;
-    let rows = config
-        .layout
-        .batch(&mut batch.rows)
-        .map_err(|e| AppendError::Failed(e.into()))?;
-    let positions: Vec<(String, i32, i64)> = batch
-        .moved
-        .iter()
-        .filter_map(|tp| batch.next.get(tp).map(|n| (tp.0.clone(), tp.1, *n)))
-        .collect();
-    let faults = config.faults.clone();
-    let started = Instant::now();
-    let appended = target
-        .append(rows, &positions, || {
-            faults.fires(FaultPoint::DeltaAfterFilesBeforeLog);
-        })
-        .await;
-    let appended = appended?;
-    let now = exactly_kafka::now();
-    for key in batch.keys.drain() {
-        keys.keys.observe(&key, now);
-    }
-    let (rows, parked) = (written, batch.parked.len() as u64);
-    counters.written.fetch_add(rows, Ordering::Relaxed);
-    counters.parked.fetch_add(parked, Ordering::Relaxed);
-    counters.commits.fetch_add(1, Ordering::Relaxed);
-    counters.files.fetch_add(appended.files as u64, Ordering::Relaxed);
-    counters
-        .bytes
-        .fetch_add(appended.bytes.max(0) as u64, Ordering::Relaxed);
-    metrics::counter!("exactly_delta_records_written_total").increment(rows);
-    metrics::counter!("exactly_delta_records_parked_total").increment(parked);
-    metrics::counter!("exactly_delta_commits_total").increment(1);
-    metrics::counter!("exactly_delta_files_written_total").increment(appended.files as u64);
-    metrics::counter!("exactly_delta_bytes_written_total").increment(appended.bytes.max(0) as u64);
-    metrics::histogram!("exactly_delta_commit_seconds").record(started.elapsed().as_secs_f64());
-    metrics::gauge!("exactly_delta_table_version").set(appended.version as f64);
-    tracing::debug!(
-        "delta sink: version {}: {rows} rows, {parked} parked, {} files ({} bytes) in {:?}",
-        appended.version,
-        appended.files,
-        appended.bytes,
-        started.elapsed()
-    );
-    for tp in batch.moved.drain() {
-        if let Some(next) = batch.next.get(&tp) {
-            batch.base.insert(tp, *next);
-        }
-    }
-    batch.parked.clear();
-    batch.since = None;
-    Ok(())
-}
-
-async fn park(
-    producer: &FutureProducer<exactly_kafka::TokenContext>,
-    topic: &str,
-    p: &Parked,
-) -> Result<(), rdkafka::error::KafkaError> {
-    tracing::warn!(
-        "{}/{}@{} parked on {topic}: {}",
-        p.topic,
-        p.partition,
-        p.offset,
-        p.reason
-    );
-    let (partition, offset) = (p.partition.to_string(), p.offset.to_string());
-    let headers = OwnedHeaders::new()
-        .insert(Header {
-            key: "exactly-parked-reason",
-            value: Some(p.reason.as_bytes()),
-        })
-        .insert(Header {
-            key: "exactly-origin-topic",
-            value: Some(p.topic.as_bytes()),
-        })
-        .insert(Header {
-            key: "exactly-origin-partition",
-            value: Some(partition.as_bytes()),
-        })
-        .insert(Header {
-            key: "exactly-origin-offset",
-            value: Some(offset.as_bytes()),
-        });
-    let mut record = FutureRecord::to(topic).payload(&p.payload).headers(headers);
-    if let Some(key) = &p.key {
-        record = record.key(key);
-    }
-    producer
-        .send(record, Duration::from_secs(30))
-        .await
-        .map(|_| ())
-        .map_err(|(e, _)| e)
-}
-
 /// The group's offsets follow the log (for lag and for a faster start); the log decides.
-fn commit_group_offsets(consumer: &StreamConsumer<SinkContext>, batch: &Batch) {
+fn commit_group_offsets(consumer: &StreamConsumer<SinkContext>, moves: &[Move]) {
     let mut list = TopicPartitionList::new();
-    for ((topic, partition), next) in &batch.next {
-        let _ = list.add_partition_offset(topic, *partition, Offset::Offset(*next));
+    for m in moves {
+        let _ = list.add_partition_offset(&m.topic, m.partition, Offset::Offset(m.next));
     }
     if list.count() > 0 {
         if let Err(e) = consumer.commit(&list, CommitMode::Async) {
