@@ -187,7 +187,7 @@ pub fn refusal_detail(key: &IdempotencyKey, epoch: Option<u64>, verdict: Sequenc
 #[derive(Debug, Clone)]
 pub struct KeySet {
     retention_ms: i64,
-    seen: HashMap<IdempotencyKey, UnixMillis>,
+    seen: HashMap<IdempotencyKey, UnixMillis, ahash::RandomState>,
     by_time: VecDeque<(UnixMillis, IdempotencyKey)>,
 }
 
@@ -196,7 +196,7 @@ impl KeySet {
     pub fn new(retention_ms: i64) -> Self {
         KeySet {
             retention_ms,
-            seen: HashMap::new(),
+            seen: HashMap::default(),
             by_time: VecDeque::new(),
         }
     }

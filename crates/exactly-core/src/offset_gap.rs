@@ -55,13 +55,13 @@ struct Expected {
 /// The offsets a consumer was handed, per partition (`P`: a topic and partition).
 #[derive(Debug, Clone)]
 pub struct OffsetGapCheck<P> {
-    partitions: HashMap<P, Expected>,
+    partitions: HashMap<P, Expected, ahash::RandomState>,
 }
 
 impl<P> Default for OffsetGapCheck<P> {
     fn default() -> Self {
         OffsetGapCheck {
-            partitions: HashMap::new(),
+            partitions: HashMap::default(),
         }
     }
 }

@@ -137,6 +137,10 @@ impl ConsumerContext for SinkContext {
 
 type Tp = (String, i32);
 
+/// Maps and sets looked up per record: keyed fast hashing (a record costs several lookups).
+type FastMap<K, V> = HashMap<K, V, ahash::RandomState>;
+type FastSet<K> = HashSet<K, ahash::RandomState>;
+
 /// At most this many records are taken per turn of the loop without looking at the stop signal
 /// and the flush timer.
 const DRAIN: usize = 10_000;
@@ -144,22 +148,22 @@ const DRAIN: usize = 10_000;
 /// The buffer and what the loop knows of each partition since the last (re)sync.
 struct Batch {
     rows: Rows,
-    keys: HashSet<IdempotencyKey>,
+    keys: FastSet<IdempotencyKey>,
     parked: Vec<Parked>,
     /// The next offset per partition after what the buffer holds (or skipped).
-    next: HashMap<Tp, i64>,
+    next: FastMap<Tp, i64>,
     /// Partitions whose position moved since the last hand-off to the appender.
-    moved: HashSet<Tp>,
+    moved: FastSet<Tp>,
     /// The log's position each partition's buffered records start from (after the running
     /// append, if any): an append is made only while the log still says so (another writer may
     /// have moved it, and a commit rebased over that writer's commits would not see it).
-    base: HashMap<Tp, i64>,
+    base: FastMap<Tp, i64>,
     /// Partitions checked against the log since the last sync.
-    positioned: HashSet<Tp>,
+    positioned: FastSet<Tp>,
     gaps: OffsetGapCheck<Tp>,
     since: Option<Instant>,
     /// The keys of the append running, until it ends: repeats of them are skipped too.
-    appending: HashSet<IdempotencyKey>,
+    appending: FastSet<IdempotencyKey>,
 }
 
 impl Batch {
@@ -174,15 +178,15 @@ impl Batch {
     fn new(layout: &Layout) -> Self {
         Batch {
             rows: layout.rows(),
-            keys: HashSet::new(),
+            keys: FastSet::default(),
             parked: Vec::new(),
-            next: HashMap::new(),
-            moved: HashSet::new(),
-            base: HashMap::new(),
-            positioned: HashSet::new(),
+            next: FastMap::default(),
+            moved: FastSet::default(),
+            base: FastMap::default(),
+            positioned: FastSet::default(),
             gaps: OffsetGapCheck::default(),
             since: None,
-            appending: HashSet::new(),
+            appending: FastSet::default(),
         }
     }
 
