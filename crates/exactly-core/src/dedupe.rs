@@ -204,12 +204,14 @@ impl KeySet {
     /// New keys are recorded at `now`; keys still retained are duplicates.
     pub fn observe(&mut self, key: &IdempotencyKey, now: UnixMillis) -> Verdict {
         self.expire(now);
-        if self.seen.contains_key(key) {
-            return Verdict::Duplicate;
+        match self.seen.entry(key.clone()) {
+            std::collections::hash_map::Entry::Occupied(_) => Verdict::Duplicate,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(now);
+                self.by_time.push_back((now, key.clone()));
+                Verdict::New
+            }
         }
-        self.seen.insert(key.clone(), now);
-        self.by_time.push_back((now, key.clone()));
-        Verdict::New
     }
 
     /// Forgets keys recorded more than the retention ago; returns how many.

@@ -597,15 +597,19 @@ fn take(
             Err(e) => Err(format!("not an exactly event: {e}")),
             Ok(delivery) => {
                 let key = delivery.key;
-                if keys.keys.contains(&key) || batch.keys.contains(&key) || batch.appending.contains(&key) {
+                // Recorded before the row is added (one lookup), taken back if it does not fit.
+                if keys.keys.contains(&key)
+                    || batch.appending.contains(&key)
+                    || !batch.keys.insert(key.clone())
+                {
                     batch.next.insert(tp, m.offset() + 1);
                     return;
                 }
                 let pushed = config
                     .layout
                     .push_envelope(&mut batch.rows, &key, &delivery.envelope, origin);
-                if pushed.is_ok() {
-                    batch.keys.insert(key);
+                if pushed.is_err() {
+                    batch.keys.remove(&key);
                 }
                 pushed
             }
