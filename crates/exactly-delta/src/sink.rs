@@ -289,8 +289,12 @@ pub async fn run(
         let due = sink.batch.since.map(|s| s + sink.config.flush_interval);
         let mut received = tokio::select! {
             _ = stop.changed() => {
-                // An append running is let end (committed or not, never cut off).
-                let _ = sink.appender.idle().await?;
+                // An append running is let end (committed or not, never cut off), and counted.
+                if let (Some(outcome), _) = sink.appender.idle().await? {
+                    if let Ok(appended) = &outcome.result {
+                        record_append(&sink.counters, &outcome, *appended);
+                    }
+                }
                 return Ok(());
             }
             _ = sleep_until(due) => None,
