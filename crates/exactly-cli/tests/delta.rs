@@ -466,3 +466,73 @@ async fn a_partition_read_in_long_turns_is_never_sought_back() {
         "no partition sought back to a record the sink had taken and dropped"
     );
 }
+
+/// A sink stopped while an append runs (held here between its Parquet files and its log entry)
+/// lets the append end, never cuts it off, and counts it: the table and the sink's totals both
+/// hold every record. The totals used to miss an append that ended while the sink stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sink_stopped_while_it_appends_lets_the_append_end_and_counts_it() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    const EVENTS: u64 = 300;
+    let topic = unique("delta-stop");
+    exactly_kafka::ensure_topics(&brokers(), &[&topic], 1)
+        .await
+        .expect("topic");
+    let producer = producer();
+    for n in 0..EVENTS as usize {
+        send(&producer, &topic, &event(&format!("A-{}", n % 20), n, b""), true);
+    }
+    producer.flush(Duration::from_secs(60)).expect("flush");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uri = dir.path().join("table").to_string_lossy().into_owned();
+    let name = unique("delta-stop-sink");
+    let appending = Arc::new(AtomicBool::new(false));
+    let held = appending.clone();
+    let config = exactly_delta::SinkConfig {
+        kafka: exactly_kafka::KafkaSettings::new(&brokers()),
+        topics: vec![topic.clone()],
+        table_uri: uri.clone(),
+        storage_options: Default::default(),
+        name: name.clone(),
+        group: name,
+        instance_id: None,
+        layout: exactly_delta::Layout {
+            input: exactly_delta::InputKind::Envelope,
+            columns: Vec::new(),
+            partition_by: None,
+        },
+        flush_records: 100_000,
+        flush_interval: Duration::from_millis(200),
+        target_file_size: 128 * 1024 * 1024,
+        dedupe_horizon_ms: 3_600_000,
+        dead_letter_topic: unique("delta-stop-dead"),
+        faults: exactly_kafka::Faults::new(move |point| {
+            if point == exactly_kafka::FaultPoint::DeltaAfterFilesBeforeLog {
+                held.store(true, Ordering::SeqCst);
+                std::thread::sleep(Duration::from_secs(2));
+            }
+            false
+        }),
+    };
+    let counters = Arc::new(exactly_delta::SinkCounters::default());
+    let (stop_tx, stop) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(exactly_delta::run(config, counters.clone(), stop));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !appending.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline && !running.is_finished(),
+            "no append started in 120 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop_tx.send(true);
+    running.await.expect("joined").expect("the sink stopped cleanly");
+    let (rows, _) = table_rows(&uri).await;
+    assert_eq!(rows.len() as u64, EVENTS, "the running append committed");
+    assert_eq!(
+        counters.written.load(Ordering::Relaxed),
+        EVENTS,
+        "the sink's totals count the append that ended while it stopped"
+    );
+}
