@@ -406,29 +406,30 @@ async fn a_record_that_does_not_fit_the_columns_is_parked_and_its_partition_goes
     );
 }
 
-/// The sink takes what the client has ready in turns of at most 10,000 records; it used to take
-/// one more record at the end of a full turn and drop it, so every 10,000 records a partition
-/// showed a gap, was sought back and read again (with a warning blaming the broker). 30,000
-/// records already in one partition: written once each, and nothing read again.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_partition_read_in_long_turns_is_never_sought_back() {
-    use std::sync::atomic::Ordering;
-    const EVENTS: u64 = 30_000;
-    let topic = unique("delta-turns");
+/// A one-partition topic holding `events` envelopes (`prefix` names it), and the configuration
+/// of an in-process sink of envelope columns reading it into `uri`, appending after
+/// `flush_interval`, with the lab's `faults`.
+async fn one_partition_sink(
+    prefix: &str,
+    events: u64,
+    uri: &str,
+    flush_interval: Duration,
+    faults: exactly_kafka::Faults,
+) -> exactly_delta::SinkConfig {
+    let topic = unique(prefix);
     exactly_kafka::ensure_topics(&brokers(), &[&topic], 1)
         .await
         .expect("topic");
     let producer = producer();
-    for n in 0..EVENTS as usize {
+    for n in 0..events as usize {
         send(&producer, &topic, &event(&format!("A-{}", n % 50), n, b""), true);
     }
     producer.flush(Duration::from_secs(60)).expect("flush");
-    let dir = tempfile::tempdir().expect("tempdir");
-    let name = unique("delta-turns-sink");
-    let config = exactly_delta::SinkConfig {
+    let name = unique(&format!("{prefix}-sink"));
+    exactly_delta::SinkConfig {
         kafka: exactly_kafka::KafkaSettings::new(&brokers()),
-        topics: vec![topic.clone()],
-        table_uri: dir.path().join("table").to_string_lossy().into_owned(),
+        topics: vec![topic],
+        table_uri: uri.to_owned(),
         storage_options: Default::default(),
         name: name.clone(),
         group: name,
@@ -439,12 +440,32 @@ async fn a_partition_read_in_long_turns_is_never_sought_back() {
             partition_by: None,
         },
         flush_records: 100_000,
-        flush_interval: Duration::from_secs(1),
+        flush_interval,
         target_file_size: 128 * 1024 * 1024,
         dedupe_horizon_ms: 3_600_000,
-        dead_letter_topic: unique("delta-turns-dead"),
-        faults: exactly_kafka::Faults::none(),
-    };
+        dead_letter_topic: unique(&format!("{prefix}-dead")),
+        faults,
+    }
+}
+
+/// The sink takes what the client has ready in turns of at most 10,000 records; it used to take
+/// one more record at the end of a full turn and drop it, so every 10,000 records a partition
+/// showed a gap, was sought back and read again (with a warning blaming the broker). 30,000
+/// records already in one partition: written once each, and nothing read again.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_partition_read_in_long_turns_is_never_sought_back() {
+    use std::sync::atomic::Ordering;
+    const EVENTS: u64 = 30_000;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let uri = dir.path().join("table").to_string_lossy().into_owned();
+    let config = one_partition_sink(
+        "delta-turns",
+        EVENTS,
+        &uri,
+        Duration::from_secs(1),
+        exactly_kafka::Faults::none(),
+    )
+    .await;
     let counters = std::sync::Arc::new(exactly_delta::SinkCounters::default());
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let running = tokio::spawn(exactly_delta::run(config, counters.clone(), stop));
@@ -475,46 +496,18 @@ async fn a_sink_stopped_while_it_appends_lets_the_append_end_and_counts_it() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
     const EVENTS: u64 = 300;
-    let topic = unique("delta-stop");
-    exactly_kafka::ensure_topics(&brokers(), &[&topic], 1)
-        .await
-        .expect("topic");
-    let producer = producer();
-    for n in 0..EVENTS as usize {
-        send(&producer, &topic, &event(&format!("A-{}", n % 20), n, b""), true);
-    }
-    producer.flush(Duration::from_secs(60)).expect("flush");
     let dir = tempfile::tempdir().expect("tempdir");
     let uri = dir.path().join("table").to_string_lossy().into_owned();
-    let name = unique("delta-stop-sink");
     let appending = Arc::new(AtomicBool::new(false));
     let held = appending.clone();
-    let config = exactly_delta::SinkConfig {
-        kafka: exactly_kafka::KafkaSettings::new(&brokers()),
-        topics: vec![topic.clone()],
-        table_uri: uri.clone(),
-        storage_options: Default::default(),
-        name: name.clone(),
-        group: name,
-        instance_id: None,
-        layout: exactly_delta::Layout {
-            input: exactly_delta::InputKind::Envelope,
-            columns: Vec::new(),
-            partition_by: None,
-        },
-        flush_records: 100_000,
-        flush_interval: Duration::from_millis(200),
-        target_file_size: 128 * 1024 * 1024,
-        dedupe_horizon_ms: 3_600_000,
-        dead_letter_topic: unique("delta-stop-dead"),
-        faults: exactly_kafka::Faults::new(move |point| {
-            if point == exactly_kafka::FaultPoint::DeltaAfterFilesBeforeLog {
-                held.store(true, Ordering::SeqCst);
-                std::thread::sleep(Duration::from_secs(2));
-            }
-            false
-        }),
-    };
+    let faults = exactly_kafka::Faults::new(move |point| {
+        if point == exactly_kafka::FaultPoint::DeltaAfterFilesBeforeLog {
+            held.store(true, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        false
+    });
+    let config = one_partition_sink("delta-stop", EVENTS, &uri, Duration::from_millis(200), faults).await;
     let counters = Arc::new(exactly_delta::SinkCounters::default());
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let running = tokio::spawn(exactly_delta::run(config, counters.clone(), stop));
