@@ -45,13 +45,18 @@ pub(crate) struct Job {
     pub(crate) parked: Vec<Parked>,
 }
 
-/// How an append ended.
-pub(crate) struct Outcome {
-    pub(crate) result: Result<Appended, AppendError>,
+/// What an append moves, kept by the loop while it runs.
+pub(crate) struct Started {
     pub(crate) moves: Vec<Move>,
     pub(crate) written: u64,
     pub(crate) parked: u64,
-    pub(crate) started: Instant,
+    pub(crate) at: Instant,
+}
+
+/// How an append ended.
+pub(crate) struct Outcome {
+    pub(crate) result: Result<Appended, AppendError>,
+    pub(crate) started: Started,
 }
 
 type Running = JoinHandle<(DeltaTarget, Result<Appended, AppendError>)>;
@@ -59,7 +64,7 @@ type Running = JoinHandle<(DeltaTarget, Result<Appended, AppendError>)>;
 /// The table, and the append running on it, if any.
 pub(crate) struct Appender {
     target: Option<DeltaTarget>,
-    running: Option<(Running, Outcome)>,
+    running: Option<(Running, Started)>,
     ended: Option<Outcome>,
     producer: FutureProducer<exactly_kafka::TokenContext>,
     dead_letter_topic: String,
@@ -102,13 +107,12 @@ impl Appender {
             return Ok(());
         };
         let joined = task.await;
-        let Some((_, mut outcome)) = self.running.take() else {
+        let Some((_, started)) = self.running.take() else {
             return Ok(());
         };
         let (target, result) = joined.map_err(|e| DeltaSinkError::Appender(e.to_string()))?;
         self.target = Some(target);
-        outcome.result = result;
-        self.ended = Some(outcome);
+        self.ended = Some(Outcome { result, started });
         Ok(())
     }
 
@@ -127,7 +131,7 @@ impl Appender {
 
     /// Starts appending `job` (after [`Appender::idle`]: an append already running is a bug
     /// of the loop, refused).
-    pub(crate) fn start(&mut self, job: Job, written: u64) -> Result<(), DeltaSinkError> {
+    pub(crate) fn start(&mut self, job: Job) -> Result<(), DeltaSinkError> {
         if self.ended.is_some() {
             return Err(DeltaSinkError::Appender(
                 "an append started before the last one's outcome was taken".into(),
@@ -138,12 +142,11 @@ impl Appender {
                 "an append started while another ran".into(),
             ));
         };
-        let outcome = Outcome {
-            result: Err(AppendError::Conflict("not ended".into())),
+        let started = Started {
             moves: job.moves.clone(),
-            written,
+            written: job.rows.num_rows() as u64,
             parked: job.parked.len() as u64,
-            started: Instant::now(),
+            at: Instant::now(),
         };
         let (producer, topic, faults) = (
             self.producer.clone(),
@@ -155,7 +158,7 @@ impl Appender {
             let result = append(&mut target, job, &producer, &topic, &faults).await;
             (target, result)
         });
-        self.running = Some((task, outcome));
+        self.running = Some((task, started));
         Ok(())
     }
 }

@@ -28,7 +28,7 @@ use tokio::sync::watch;
 
 use crate::appender::{Appender, Job, Move, Outcome, Parked};
 use crate::schema::{InputKind, Layout, Origin, PlainRecord, Rows};
-use crate::table::{AppendError, Appended, DeltaTarget};
+use crate::table::{AppendError, DeltaTarget};
 use crate::DeltaSinkError;
 
 /// Everything a Delta sink needs.
@@ -201,8 +201,12 @@ impl Batch {
             .map_err(|e| DeltaSinkError::Appender(format!("building the batch: {e}")))?;
         let mut moves = Vec::with_capacity(self.moved.len());
         for tp in self.moved.drain() {
+            // A partition moves only once positioned, which sets both.
             let (Some(base), Some(next)) = (self.base.get(&tp).copied(), self.next.get(&tp).copied()) else {
-                continue;
+                return Err(DeltaSinkError::Appender(format!(
+                    "{}/{} moved without a position from the log",
+                    tp.0, tp.1
+                )));
             };
             self.base.insert(tp.clone(), next);
             moves.push(Move {
@@ -291,9 +295,7 @@ pub async fn run(
             _ = stop.changed() => {
                 // An append running is let end (committed or not, never cut off), and counted.
                 if let (Some(outcome), _) = sink.appender.idle().await? {
-                    if let Ok(appended) = &outcome.result {
-                        record_append(&sink.counters, &outcome, *appended);
-                    }
+                    record_append(&sink.counters, &outcome);
                 }
                 return Ok(());
             }
@@ -358,9 +360,8 @@ pub async fn run(
         if (full || late) && !sink.batch.moved.is_empty() {
             // One append at a time: the next starts from where the running one ends.
             if sink.settle(&consumer, &mut stop).await? {
-                let written = sink.batch.rows.len() as u64;
                 let job = sink.batch.hand_off(&sink.config.layout)?;
-                sink.appender.start(job, written)?;
+                sink.appender.start(job)?;
             }
         }
     }
@@ -399,14 +400,14 @@ impl Sink {
             return Ok(true);
         };
         let appending = std::mem::take(&mut self.batch.appending);
+        record_append(&self.counters, &outcome);
         match outcome.result {
-            Ok(appended) => {
+            Ok(_) => {
                 let now = exactly_kafka::now();
                 for key in appending {
                     self.keys.keys.observe(&key, now);
                 }
-                record_append(&self.counters, &outcome, appended);
-                commit_group_offsets(consumer, &outcome.moves);
+                commit_group_offsets(consumer, &outcome.started.moves);
                 Ok(true)
             }
             Err(lost) => {
@@ -434,9 +435,7 @@ impl Sink {
         let (outcome, target) = self.appender.idle().await?;
         // A commit that ended meanwhile is counted; its keys are read back from its files.
         if let Some(outcome) = outcome {
-            if let Ok(appended) = &outcome.result {
-                record_append(&self.counters, &outcome, *appended);
-            }
+            record_append(&self.counters, &outcome);
         }
         self.batch = Batch::new(&self.config.layout);
         loop {
@@ -456,9 +455,12 @@ impl Sink {
     }
 }
 
-/// Counts a committed append.
-fn record_append(counters: &SinkCounters, outcome: &Outcome, appended: Appended) {
-    let (rows, parked) = (outcome.written, outcome.parked);
+/// Counts an append that committed (one that did not, nothing).
+fn record_append(counters: &SinkCounters, outcome: &Outcome) {
+    let Ok(appended) = &outcome.result else {
+        return;
+    };
+    let (rows, parked) = (outcome.started.written, outcome.started.parked);
     counters.written.fetch_add(rows, Ordering::Relaxed);
     counters.parked.fetch_add(parked, Ordering::Relaxed);
     counters.commits.fetch_add(1, Ordering::Relaxed);
@@ -471,7 +473,7 @@ fn record_append(counters: &SinkCounters, outcome: &Outcome, appended: Appended)
     metrics::counter!("exactly_delta_commits_total").increment(1);
     metrics::counter!("exactly_delta_files_written_total").increment(appended.files as u64);
     metrics::counter!("exactly_delta_bytes_written_total").increment(appended.bytes.max(0) as u64);
-    metrics::histogram!("exactly_delta_commit_seconds").record(outcome.started.elapsed().as_secs_f64());
+    metrics::histogram!("exactly_delta_commit_seconds").record(outcome.started.at.elapsed().as_secs_f64());
     metrics::gauge!("exactly_delta_table_version").set(appended.version as f64);
 }
 
