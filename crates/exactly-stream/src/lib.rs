@@ -18,6 +18,7 @@ mod ordered;
 mod processor;
 mod restore;
 mod store;
+mod store_writer;
 mod task;
 mod topology_task;
 

@@ -4,9 +4,11 @@
 //! The processing loop hands each newly assigned task to the [`Restorer`] and calls
 //! [`Restorer::step`] between polls of its group consumer, so the group never waits for a
 //! restore and the member keeps polling. A step reads what the restore consumer has for at most
-//! its budget, and writes the changes known to have committed into the task's store with the
-//! changelog offset to resume from ([`StreamingRestore`]): memory holds one write batch and,
-//! in marker mode, at most one transaction's changes per task, whatever the changelog's size.
+//! its budget, and hands the changes known to have committed, a slice at a time, to the task's
+//! store writer, which writes each with the changelog offset to resume from on a thread of its
+//! own while the next slice is read ([`StreamingRestore`], `store_writer`): memory holds two
+//! slices (one read, one written) and, in marker mode, one transaction's changes per task,
+//! whatever the changelog's size.
 //! A restore cut short (the partition revoked, the process killed) resumes from that offset
 //! when the task comes back, not from the start.
 //!
@@ -30,10 +32,13 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use crate::changelog::{entry_of, TXN_HEADER};
 use crate::processor::{ProcessorError, StreamConfig};
-use crate::store::{Batch, Change, StateStore};
+use crate::store::{Batch, StateStore};
+use crate::store_writer::{Records, StoreWriter};
 
-/// Changes written to a store in one local transaction during a restore.
+/// Changes written to a store in one local transaction during a restore (a slice) ...
 const WRITE_BATCH: usize = 10_000;
+/// ... or this many bytes of keys and values, whichever comes first (large entries).
+const WRITE_BATCH_BYTES: usize = 2 * 1024 * 1024;
 /// Every this many write batches one is durable (fsync): a restore killed in between resumes
 /// from the last durable one; the others cost no fsync.
 const DURABLE_EVERY: u32 = 8;
@@ -57,7 +62,7 @@ pub struct RestoreStats {
     pub elapsed: Duration,
     /// Of which waiting for the broker (polls, end checks).
     pub read: Duration,
-    /// Of which writing the store.
+    /// Writing the store (parsing included), on its own thread beside the reading.
     pub write: Duration,
     /// Where the restore began reading (0, or where an interrupted one stopped).
     pub resumed_at: i64,
@@ -65,10 +70,13 @@ pub struct RestoreStats {
 
 /// A task being restored.
 struct Restoring {
-    store: StateStore,
+    /// Writes the store on its own thread while the next slice is read.
+    writer: StoreWriter,
     restore: StreamingRestore<String, String>,
-    /// Changes read and known committed, not yet written.
-    batch: Batch,
+    /// Records read and known committed, not yet handed to the writer.
+    pending: Records,
+    /// Their keys' and values' bytes.
+    pending_bytes: usize,
     /// The offset after the last record read (what the reader has passed).
     position: i64,
     /// The partition's end was reported since the last record.
@@ -201,9 +209,10 @@ impl Restorer {
         self.tasks.insert(
             partition,
             Restoring {
-                store,
+                writer: StoreWriter::start(store, partition)?,
                 restore: StreamingRestore::new(self.mode, from),
-                batch: Batch::default(),
+                pending: Records::new(),
+                pending_bytes: 0,
                 position: from,
                 at_end: false,
                 since_durable: 0,
@@ -223,17 +232,16 @@ impl Restorer {
     /// Stops restoring `partition` (revoked): what was read is written with its resume offset,
     /// so the restore continues from there if the task comes back.
     pub fn stop(&mut self, partition: i32) {
-        let Some(mut task) = self.tasks.remove(&partition) else {
+        let Some(task) = self.tasks.remove(&partition) else {
             return;
         };
-        if let Err(e) = flush(&mut task, Flush::Stopped) {
+        let (records, resume) = (task.stats.records, task.restore.resume_offset());
+        if let Err(e) = finish(task, false) {
             tracing::warn!("partition {partition}: keeping its restore's progress failed: {e}");
         }
         self.unassign(partition);
         tracing::info!(
-            "partition {partition}: restore stopped (revoked) after {} records; it resumes at changelog offset {}",
-            task.stats.records,
-            task.restore.resume_offset()
+            "partition {partition}: restore stopped (revoked) after {records} records; it resumes at changelog offset {resume}"
         );
     }
 
@@ -267,13 +275,18 @@ impl Restorer {
                     task.at_end = false;
                     metrics::counter!("exactly_stream_restored_records_total").increment(1);
                     for (key, value) in task.restore.push(m.offset(), entry) {
-                        match Change::from_changelog(&key, value.as_deref()) {
-                            Some(change) => task.batch.changes.push(change),
-                            None => task.stats.dropped += 1,
-                        }
+                        task.pending_bytes += key.len() + value.as_ref().map_or(0, String::len);
+                        task.pending.push((key, value));
                     }
-                    if task.batch.changes.len() >= WRITE_BATCH {
-                        flush(task, Flush::Batch)?;
+                    if task.pending.len() >= WRITE_BATCH || task.pending_bytes >= WRITE_BATCH_BYTES {
+                        if let Err(e) = hand_over(task) {
+                            // Its store could not be written: the restore starts again (from
+                            // the file's last durable resume offset) at a later turn.
+                            let partition = m.partition();
+                            self.tasks.remove(&partition);
+                            self.unassign(partition);
+                            return Err(e);
+                        }
                     }
                 }
                 Some(Err(KafkaError::PartitionEOF(p))) => {
@@ -343,45 +356,41 @@ impl Restorer {
         }
         let mut restored = Vec::new();
         for partition in done {
-            if let Some(mut task) = self.tasks.remove(&partition) {
-                flush(&mut task, Flush::Complete)?;
+            if let Some(task) = self.tasks.remove(&partition) {
                 self.unassign(partition);
-                task.stats.dropped += task.restore.dropped();
-                task.stats.elapsed = task.started.elapsed();
-                restored.push((partition, task.store, task.stats));
+                let (store, stats) = finish(task, true)?;
+                restored.push((partition, store, stats));
             }
         }
         Ok(restored)
     }
 }
 
-/// Why a restore writes its batch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Flush {
-    /// The batch is full.
-    Batch,
-    /// The partition was revoked: durable, so the restore resumes here.
-    Stopped,
-    /// The store is current: durable, and no resume offset any more.
-    Complete,
-}
-
-/// Writes the task's batch with the offset its restore resumes from (none once complete).
-fn flush(task: &mut Restoring, why: Flush) -> Result<(), ProcessorError> {
-    let writing = Instant::now();
-    let batch = std::mem::take(&mut task.batch);
-    let resume = (why != Flush::Complete).then(|| task.restore.resume_offset());
+/// Hands the task's pending records to its writer with the offset its restore resumes from.
+fn hand_over(task: &mut Restoring) -> Result<(), ProcessorError> {
+    let records = std::mem::take(&mut task.pending);
+    task.pending_bytes = 0;
     task.since_durable += 1;
-    let durable = why != Flush::Batch || task.since_durable >= DURABLE_EVERY;
+    let durable = task.since_durable >= DURABLE_EVERY;
     if durable {
         task.since_durable = 0;
     }
-    task.store
-        .commit_restoring(&batch, resume, durable)
-        .map_err(store_error)?;
-    task.stats.entries += batch.changes.len();
-    task.stats.write += writing.elapsed();
-    Ok(())
+    task.writer.write(records, task.restore.resume_offset(), durable)
+}
+
+/// Writes the task's last records durably and waits for its writer: `complete`, the store is
+/// current (no resume offset any more); otherwise the restore resumes here if the task comes
+/// back.
+fn finish(mut task: Restoring, complete: bool) -> Result<(StateStore, RestoreStats), ProcessorError> {
+    let records = std::mem::take(&mut task.pending);
+    let resume = (!complete).then(|| task.restore.resume_offset());
+    let written = task.writer.finish(records, resume)?;
+    let mut stats = task.stats;
+    stats.entries = written.entries;
+    stats.dropped = written.dropped + task.restore.dropped();
+    stats.write = written.busy;
+    stats.elapsed = task.started.elapsed();
+    Ok((written.store, stats))
 }
 
 /// Restores task `partition`'s store to the changelog's end, on its own (tools, benches): the

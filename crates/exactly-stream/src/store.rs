@@ -223,6 +223,17 @@ impl StateStore {
         resume_at: Option<i64>,
         durable: bool,
     ) -> Result<(), StoreError> {
+        self.commit_changes(&batch.changes, resume_at, durable)
+    }
+
+    /// [`StateStore::commit_restoring`] of changes made one at a time (a restore's writer
+    /// parses each changelog record as it is written, not a slice's copy first).
+    pub fn commit_changes<C: std::borrow::Borrow<Change>>(
+        &self,
+        changes: impl IntoIterator<Item = C>,
+        resume_at: Option<i64>,
+        durable: bool,
+    ) -> Result<(), StoreError> {
         let mut tx = self.db.begin_write().map_err(at("begin"))?;
         if !durable {
             tx.set_durability(redb::Durability::None)
@@ -247,8 +258,8 @@ impl StateStore {
             let mut offsets = tx.open_table(OFFSETS).map_err(at("open offsets"))?;
             let mut meta = tx.open_table(META).map_err(at("open meta"))?;
             let mut entries = tx.open_table(ENTRIES).map_err(at("open entries"))?;
-            for change in &batch.changes {
-                match change {
+            for change in changes {
+                match change.borrow() {
                     Change::Count {
                         window_start,
                         key,
