@@ -218,9 +218,11 @@ impl StreamConfig {
             .strip_prefix(self.application_id.as_str())
             .and_then(|t| t.strip_prefix('-'))
             .filter(|t| {
-                self.topology
-                    .as_ref()
-                    .is_some_and(|top| top.internal_topics().iter().any(|i| i == t))
+                self.topology.as_ref().is_some_and(|top| {
+                    top.subtopologies()
+                        .iter()
+                        .any(|s| s.internal_sources.iter().any(|i| i == t))
+                })
             })
             .unwrap_or(topic)
     }
@@ -803,6 +805,9 @@ pub struct Processor {
     /// Tasks reading several topics (a join) take their records in timestamp order: fetched
     /// records wait here until then.
     ordered: Option<OrderedInputs>,
+    /// The topics whose partitions are tasks ([`StreamConfig::counted_topics`], asked per
+    /// record).
+    counted_topics: Vec<String>,
 }
 
 /// Why a commit was refused because this member no longer owns what it processed: the group
@@ -858,7 +863,8 @@ impl Processor {
             faults: exactly_kafka::Faults::none(),
             restorer,
             restore_failed: BTreeMap::new(),
-            ordered: OrderedInputs::for_topics(config_topics),
+            ordered: OrderedInputs::for_topics(config_topics.clone()),
+            counted_topics: config_topics,
         })
     }
 
@@ -1163,7 +1169,7 @@ impl Processor {
                     .saturating_add(self.config.max_event_time_skew_ms),
             ),
         };
-        let in_task = self.config.counted_topics().iter().any(|t| t == m.topic());
+        let in_task = self.counted_topics.iter().any(|t| t == m.topic());
         let processed = {
             let mut shared = lock(&self.shared);
             if in_task {
@@ -1374,7 +1380,7 @@ impl Processor {
         self.counters.unreadable.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("exactly_stream_dead_letters_total").increment(1);
         let mut shared = lock(&self.shared);
-        if self.config.counted_topics().iter().any(|t| t == m.topic()) {
+        if self.counted_topics.iter().any(|t| t == m.topic()) {
             if let Some(slot) = shared.tasks.get_mut(&m.partition()) {
                 slot.touched = true;
                 slot.count.skip(m.topic(), m.partition(), m.offset());
