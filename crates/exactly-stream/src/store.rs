@@ -5,7 +5,9 @@ use std::path::Path;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use exactly_core::UnixMillis;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use std::sync::{Mutex, PoisonError};
+
+use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, TableDefinition};
 
 /// (window start, key) → count.
 const COUNTS: TableDefinition<'static, (i64, &str), u64> = TableDefinition::new("counts");
@@ -182,9 +184,16 @@ pub struct Batch {
     pub changes: Vec<Change>,
 }
 
+/// The topology entries as one read transaction sees them.
+type EntriesReader = ReadOnlyTable<(&'static str, &'static [u8]), &'static [u8]>;
+
 /// The local windowed state.
 pub struct StateStore {
     db: Database,
+    /// The topology entries as of the last commit, kept open between lookups (a read
+    /// transaction and table opened per lookup cost more than the lookup); every commit drops
+    /// it, so a lookup never sees less than what was committed.
+    entries_reader: Mutex<Option<EntriesReader>>,
 }
 
 impl StateStore {
@@ -204,7 +213,10 @@ impl StateStore {
             tx.open_table(ENTRIES).map_err(at("create entries"))?;
         }
         tx.commit().map_err(at("commit"))?;
-        Ok(StateStore { db })
+        Ok(StateStore {
+            db,
+            entries_reader: Mutex::new(None),
+        })
     }
 
     /// Applies `batch` in one local transaction: all of it or none.
@@ -324,17 +336,38 @@ impl StateStore {
                 }
             }
         }
-        tx.commit().map_err(at("commit"))
+        let committed = tx.commit().map_err(at("commit"));
+        // Whether or not it committed, the next lookup reads afresh.
+        *self.entries_reader.lock().unwrap_or_else(PoisonError::into_inner) = None;
+        committed
+    }
+
+    /// Runs `read` on the topology entries as last committed.
+    fn read_entries<T>(
+        &self,
+        read: impl FnOnce(&EntriesReader) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut cached = self.entries_reader.lock().unwrap_or_else(PoisonError::into_inner);
+        let table = match cached.take() {
+            Some(table) => table,
+            None => {
+                let tx = self.db.begin_read().map_err(at("begin read"))?;
+                tx.open_table(ENTRIES).map_err(at("open entries"))?
+            }
+        };
+        let out = read(&table);
+        *cached = Some(table);
+        out
     }
 
     /// The value at `key` in a topology store.
     pub fn entry(&self, store: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let tx = self.db.begin_read().map_err(at("begin read"))?;
-        let entries = tx.open_table(ENTRIES).map_err(at("open entries"))?;
-        Ok(entries
-            .get((store, key))
-            .map_err(at("read entry"))?
-            .map(|v| v.value().to_vec()))
+        self.read_entries(|entries| {
+            Ok(entries
+                .get((store, key))
+                .map_err(at("read entry"))?
+                .map(|v| v.value().to_vec()))
+        })
     }
 
     /// The entries of a topology store with `from <= key < to`, in key order.
@@ -342,17 +375,17 @@ impl StateStore {
         if from >= to {
             return Ok(Vec::new());
         }
-        let tx = self.db.begin_read().map_err(at("begin read"))?;
-        let entries = tx.open_table(ENTRIES).map_err(at("open entries"))?;
-        let mut out = Vec::new();
-        for item in entries
-            .range((store, from)..(store, to))
-            .map_err(at("range entries"))?
-        {
-            let (k, v) = item.map_err(at("read entry"))?;
-            out.push((k.value().1.to_vec(), v.value().to_vec()));
-        }
-        Ok(out)
+        self.read_entries(|entries| {
+            let mut out = Vec::new();
+            for item in entries
+                .range((store, from)..(store, to))
+                .map_err(at("range entries"))?
+            {
+                let (k, v) = item.map_err(at("read entry"))?;
+                out.push((k.value().1.to_vec(), v.value().to_vec()));
+            }
+            Ok(out)
+        })
     }
 
     /// The count of `key` in the window starting at `window_start` (0 when absent).
@@ -557,6 +590,42 @@ mod tests {
             store.restore_position().expect("position"),
             None,
             "a store that processes is no restore in progress"
+        );
+    }
+
+    fn entry(key: &[u8], value: Option<&[u8]>) -> Change {
+        Change::Entry {
+            store: "agg".into(),
+            key: key.to_vec(),
+            value: value.map(<[u8]>::to_vec),
+        }
+    }
+
+    #[test]
+    fn a_lookup_after_a_commit_sees_it_though_readers_are_kept_between_commits() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = StateStore::open(&dir.path().join("s.redb")).expect("open");
+        store
+            .commit(&Batch {
+                changes: vec![entry(b"a", Some(b"1"))],
+            })
+            .expect("commit");
+        assert_eq!(store.entry("agg", b"a").expect("read"), Some(b"1".to_vec()));
+        // The reader kept by that lookup must not hide the next commits, of either kind.
+        store
+            .commit(&Batch {
+                changes: vec![entry(b"a", Some(b"2")), entry(b"b", Some(b"3"))],
+            })
+            .expect("commit");
+        assert_eq!(store.entry("agg", b"a").expect("read"), Some(b"2".to_vec()));
+        assert_eq!(store.entries("agg", b"a", b"c").expect("range").len(), 2);
+        store
+            .commit_changes([entry(b"a", None)], Some(4), false)
+            .expect("commit while restoring");
+        assert_eq!(store.entry("agg", b"a").expect("read"), None);
+        assert_eq!(
+            store.entries("agg", b"a", b"c").expect("range"),
+            vec![(b"b".to_vec(), b"3".to_vec())]
         );
     }
 
