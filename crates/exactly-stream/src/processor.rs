@@ -217,13 +217,7 @@ impl StreamConfig {
         topic
             .strip_prefix(self.application_id.as_str())
             .and_then(|t| t.strip_prefix('-'))
-            .filter(|t| {
-                self.topology.as_ref().is_some_and(|top| {
-                    top.subtopologies()
-                        .iter()
-                        .any(|s| s.internal_sources.iter().any(|i| i == t))
-                })
-            })
+            .filter(|t| self.topology.as_ref().is_some_and(|top| top.is_internal(t)))
             .unwrap_or(topic)
     }
 

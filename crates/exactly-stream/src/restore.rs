@@ -236,7 +236,7 @@ impl Restorer {
             return;
         };
         let (records, resume) = (task.stats.records, task.restore.resume_offset());
-        if let Err(e) = finish(task, false) {
+        if let Err(e) = finish(task, Ending::Revoked) {
             tracing::warn!("partition {partition}: keeping its restore's progress failed: {e}");
         }
         self.unassign(partition);
@@ -358,7 +358,7 @@ impl Restorer {
         for partition in done {
             if let Some(task) = self.tasks.remove(&partition) {
                 self.unassign(partition);
-                let (store, stats) = finish(task, true)?;
+                let (store, stats) = finish(task, Ending::Complete)?;
                 restored.push((partition, store, stats));
             }
         }
@@ -378,12 +378,19 @@ fn hand_over(task: &mut Restoring) -> Result<(), ProcessorError> {
     task.writer.write(records, task.restore.resume_offset(), durable)
 }
 
-/// Writes the task's last records durably and waits for its writer: `complete`, the store is
-/// current (no resume offset any more); otherwise the restore resumes here if the task comes
-/// back.
-fn finish(mut task: Restoring, complete: bool) -> Result<(StateStore, RestoreStats), ProcessorError> {
+/// How a task's restore ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// The partition was revoked: the restore resumes here if the task comes back.
+    Revoked,
+    /// The store is current: no resume offset any more.
+    Complete,
+}
+
+/// Writes the task's last records durably and waits for its writer.
+fn finish(mut task: Restoring, ending: Ending) -> Result<(StateStore, RestoreStats), ProcessorError> {
     let records = std::mem::take(&mut task.pending);
-    let resume = (!complete).then(|| task.restore.resume_offset());
+    let resume = (ending == Ending::Revoked).then(|| task.restore.resume_offset());
     let written = task.writer.finish(records, resume)?;
     let mut stats = task.stats;
     stats.entries = written.entries;

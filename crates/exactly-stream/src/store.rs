@@ -1,12 +1,11 @@
 //! The redb-backed windowed state store and the changelog form of its changes.
 
 use std::path::Path;
+use std::sync::{Mutex, PoisonError};
 
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
 use exactly_core::UnixMillis;
-use std::sync::{Mutex, PoisonError};
-
 use redb::{Database, ReadOnlyTable, ReadableDatabase, ReadableTable, TableDefinition};
 
 /// (window start, key) → count.

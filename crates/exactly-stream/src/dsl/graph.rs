@@ -276,6 +276,13 @@ impl Topology {
             .collect()
     }
 
+    /// Whether `topic` (unprefixed) is one of the topology's own topics.
+    pub fn is_internal(&self, topic: &str) -> bool {
+        self.subtopologies
+            .iter()
+            .any(|s| s.internal_sources.iter().any(|t| t == topic))
+    }
+
     /// The topology's own topics (repartition), unprefixed.
     pub fn internal_topics(&self) -> Vec<String> {
         self.subtopologies
